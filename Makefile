@@ -1,0 +1,31 @@
+# Two commands do everything from a fresh clone:
+#   make demo   create .venv if missing, install, run the main job on CPU
+#   make test   create .venv if missing, install, run the whole test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_OUT ?= demo-output
+
+.PHONY: env test demo lint clean
+
+env: $(STAMP)
+
+# Re-install only when the pins or the package metadata change; otherwise `make env` is a no-op.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+test: env
+	$(PY) -m pytest
+
+demo: env
+	$(VENV)/bin/openmm-reversible demo --output $(DEMO_OUT)
+
+lint: env
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info

@@ -1,0 +1,146 @@
+"""TorchPotential: the differentiable twin of an OpenMM System.
+
+One :class:`~openmm_reversible.potential.base.Term` per OpenMM Force, each built by a factory
+registered for the force's class name (``@register("HarmonicBondForce")``). The total energy
+``E(positions, box)`` is float64 by default; forces, Hessian-vector products and parameter VJPs
+come from autograd.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import openmm
+import torch
+from torch import nn
+
+from ..units import DTYPE, box_tensor, positions_tensor
+from .base import ParameterTable, Term, UnsupportedForceError
+
+TermFactory = Callable[[openmm.Force, int, openmm.System], Term]
+_FACTORIES: dict[str, TermFactory] = {}
+
+IGNORED_FORCES = ("CMMotionRemover", "MonteCarloBarostat", "MonteCarloAnisotropicBarostat",
+                  "MonteCarloFlexibleBarostat", "MonteCarloMembraneBarostat")
+"""Forces that contribute no energy: accepted and reported as ignored."""
+
+
+def register(openmm_class: str) -> Callable[[TermFactory], TermFactory]:
+    """Register ``factory(force, force_index, system) -> Term`` for an OpenMM force class."""
+
+    def deco(factory: TermFactory) -> TermFactory:
+        _FACTORIES[openmm_class] = factory
+        return factory
+
+    return deco
+
+
+def supported_forces() -> list[str]:
+    """Names of the OpenMM force classes the twin supports (energies) or ignores."""
+    _load_terms()
+    return sorted(_FACTORIES) + list(IGNORED_FORCES)
+
+
+def _load_terms() -> None:
+    # Importing the term modules fills the registry.
+    from . import bonded, custom, nonbonded  # noqa: F401
+
+
+def build_term(force: openmm.Force, index: int, system: openmm.System) -> Term | None:
+    """The twin of one force, ``None`` for an ignored one; UnsupportedForceError otherwise."""
+    _load_terms()
+    name = force.__class__.__name__
+    if name in IGNORED_FORCES:
+        return None
+    if name not in _FACTORIES:
+        raise UnsupportedForceError(
+            f"Unsupported force {name} (force {index}); supported: "
+            f"{', '.join(supported_forces())}")
+    return _FACTORIES[name](force, index, system)
+
+
+class TorchPotential(nn.Module):
+    """Energy of an OpenMM System as a torch module.
+
+    Parameters
+    ----------
+    system : openmm.System
+        The System to mirror. Every force must be supported or ignorable.
+    parameters : openmm_reversible.parameters.ParameterSet, optional
+        Trainable force-field parameters; binds XML values into the terms' tables.
+
+    Examples
+    --------
+    >>> pot = TorchPotential(system)
+    >>> energy = pot(positions, box)            # kJ/mol, positions (N, 3) nm, box (3, 3) nm
+    >>> forces = -torch.autograd.grad(energy, positions)[0]
+    """
+
+    def __init__(self, system: openmm.System, parameters=None):
+        super().__init__()
+        if any(system.isVirtualSite(i) for i in range(system.getNumParticles())):
+            raise UnsupportedForceError(
+                "System has virtual sites, which the torch twin does not support yet; "
+                "use a model without virtual sites (e.g. 3-site water)")
+        terms, ignored = [], []
+        for index, force in enumerate(system.getForces()):
+            term = build_term(force, index, system)
+            if term is None:
+                ignored.append(force.__class__.__name__)
+            else:
+                terms.append(term)
+        self.terms = nn.ModuleList(terms)
+        self.ignored = ignored
+        masses = [system.getParticleMass(i).value_in_unit(openmm.unit.dalton)
+                  for i in range(system.getNumParticles())]
+        self.register_buffer("masses", torch.tensor(masses, dtype=DTYPE))
+        self.parameters_set = parameters
+        if parameters is not None:
+            parameters.bind(self)
+
+    @property
+    def n_atoms(self) -> int:
+        return int(self.masses.shape[0])
+
+    def sites(self) -> torch.Tensor | None:
+        """Current values of the bound XML parameter sites (None without a ParameterSet)."""
+        return None if self.parameters_set is None else self.parameters_set()
+
+    def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None) -> torch.Tensor:
+        """Total potential energy, kJ/mol (0-dim tensor).
+
+        Parameters
+        ----------
+        positions : torch.Tensor, shape (n_atoms, 3), nm
+        box : torch.Tensor, shape (3, 3), nm, or None for non-periodic systems
+        """
+        sites = self.sites()
+        energy = positions.new_zeros(())
+        for term in self.terms:
+            energy = energy + term(positions, box, sites)
+        return energy
+
+    def energies(self, positions: torch.Tensor, box: torch.Tensor | None = None
+                 ) -> dict[int, torch.Tensor]:
+        """Energy of each term keyed by its force index in the System, kJ/mol."""
+        sites = self.sites()
+        return {term.force_index: term(positions, box, sites) for term in self.terms}
+
+    def term_for_force(self, index: int) -> Term:
+        for term in self.terms:
+            if term.force_index == index:
+                return term
+        raise KeyError(f"no term for force {index}")
+
+
+def state_tensors(state: openmm.State, dtype=DTYPE) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Positions (nm) and box (nm, or None if the state has no periodic box) from an OpenMM State."""
+    pos = positions_tensor(state.getPositions(asNumpy=True), dtype=dtype)
+    box = box_tensor(np.asarray(state.getPeriodicBoxVectors(asNumpy=True)
+                                .value_in_unit(openmm.unit.nanometer)), dtype=dtype)
+    return pos, box
+
+
+__all__ = ["TorchPotential", "Term", "ParameterTable", "UnsupportedForceError", "register",
+           "supported_forces", "build_term", "state_tensors", "IGNORED_FORCES"]
