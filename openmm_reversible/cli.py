@@ -14,7 +14,10 @@ import sys
 from . import __version__
 
 # name -> (module, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {}
+COMMANDS: dict[str, tuple[str, str]] = {
+    "verify": ("openmm_reversible.verify",
+               "compare the torch twin of a serialized System with OpenMM, force by force"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

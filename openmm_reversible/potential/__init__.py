@@ -135,7 +135,7 @@ class TorchPotential(nn.Module):
 
 
 def state_tensors(state: openmm.State, dtype=DTYPE) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Positions (nm) and box (nm, or None if the state has no periodic box) from an OpenMM State."""
+    """Positions and periodic box vectors (both nm) of an OpenMM State as tensors."""
     pos = positions_tensor(state.getPositions(asNumpy=True), dtype=dtype)
     box = box_tensor(np.asarray(state.getPeriodicBoxVectors(asNumpy=True)
                                 .value_in_unit(openmm.unit.nanometer)), dtype=dtype)
