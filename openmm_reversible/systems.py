@@ -1,0 +1,108 @@
+"""Ready-made molecular systems built with OpenMM's own force fields and Modeller.
+
+Used by the tests, benchmarks, tutorials and the demo so that they all run on the same real
+systems (no hand-written coordinates). Every builder is deterministic.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import openmm
+from openmm import app, unit
+
+NONBONDED_METHODS = {
+    "NoCutoff": app.NoCutoff,
+    "CutoffNonPeriodic": app.CutoffNonPeriodic,
+    "CutoffPeriodic": app.CutoffPeriodic,
+    "RF": app.CutoffPeriodic,  # OpenMM's CutoffPeriodic is reaction-field electrostatics
+    "Ewald": app.Ewald,
+    "PME": app.PME,
+}
+
+
+@dataclass
+class MolecularSystem:
+    """A System with its topology and a starting configuration.
+
+    Attributes
+    ----------
+    system : openmm.System
+    topology : openmm.app.Topology
+    positions : ndarray, shape (n_atoms, 3), nm
+    box : ndarray, shape (3, 3), nm, or None when not periodic
+    """
+
+    system: openmm.System
+    topology: app.Topology
+    positions: np.ndarray
+    box: np.ndarray | None
+
+
+def openmm_data_file(name: str) -> str:
+    """Path of a file shipped in OpenMM's ``app/data`` directory (e.g. ``"test.pdb"``)."""
+    return os.path.join(os.path.dirname(app.__file__), "data", name)
+
+
+def nonbonded_method(name: str):
+    """OpenMM nonbonded method constant from its name (``"RF"`` = ``CutoffPeriodic``)."""
+    try:
+        return NONBONDED_METHODS[name]
+    except KeyError:
+        raise ValueError(f"unknown nonbonded method {name!r}; "
+                         f"choose from {', '.join(NONBONDED_METHODS)}") from None
+
+
+def _box_array(topology: app.Topology) -> np.ndarray | None:
+    vectors = topology.getPeriodicBoxVectors()
+    if vectors is None:
+        return None
+    return np.array([[v[0], v[1], v[2]] for v in vectors.value_in_unit(unit.nanometer)])
+
+
+def water_box(n_waters: int = 216, forcefield: tuple[str, ...] = ("amber14/tip3p.xml",),
+              nonbonded: str = "RF", cutoff: float = 0.9, rigid: bool = False,
+              model: str = "tip3p", **create_system_kwargs) -> MolecularSystem:
+    """A cubic box of ``n_waters`` water molecules from OpenMM's pre-equilibrated water.
+
+    Parameters
+    ----------
+    n_waters : int
+        Number of molecules (216 gives a ~1.87 nm box, so cutoffs up to 0.93 nm).
+    forcefield : tuple of str
+        ForceField XML files (OpenMM's bundled names or paths).
+    nonbonded : str
+        One of ``NoCutoff, CutoffNonPeriodic, CutoffPeriodic, RF, Ewald, PME``.
+    cutoff : float, nm
+    rigid : bool
+        Rigid (constrained) or flexible water.
+    model : str
+        Water model name for Modeller (``tip3p``, ``tip4pew``, ...).
+    """
+    ff = app.ForceField(*forcefield)
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(ff, model=model, numAdded=n_waters)
+    return _create(ff, modeller.topology, modeller.positions, nonbonded, cutoff,
+                   rigidWater=rigid, **create_system_kwargs)
+
+
+def villin(nonbonded: str = "PME", cutoff: float = 1.0, **create_system_kwargs
+           ) -> MolecularSystem:
+    """Villin headpiece in water (OpenMM's ``test.pdb``) with amber14 + TIP3P."""
+    pdb = app.PDBFile(openmm_data_file("test.pdb"))
+    ff = app.ForceField("amber14-all.xml", "amber14/tip3p.xml")
+    return _create(ff, pdb.topology, pdb.positions, nonbonded, cutoff, **create_system_kwargs)
+
+
+def _create(ff: app.ForceField, topology: app.Topology, positions, nonbonded: str,
+            cutoff: float, **kwargs) -> MolecularSystem:
+    method = nonbonded_method(nonbonded)
+    if method != app.NoCutoff:
+        kwargs["nonbondedCutoff"] = cutoff * unit.nanometer
+    kwargs.setdefault("constraints", None)
+    system = ff.createSystem(topology, nonbondedMethod=method, **kwargs)
+    pos = np.asarray(positions.value_in_unit(unit.nanometer), dtype=float)
+    box = _box_array(topology) if system.usesPeriodicBoundaryConditions() else None
+    return MolecularSystem(system, topology, pos, box)
