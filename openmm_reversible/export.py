@@ -1,0 +1,95 @@
+"""Write trained parameter values back into the user's ForceField XML files.
+
+The export edits the *original text* of each file that holds parameter sites: only the numbers
+of the sites change (written with the shortest decimal that reads back as the same float64),
+and everything else - comments, element and attribute order, whitespace, the other attributes,
+the ``parameterize``/``parameter_eval`` tags themselves - is kept byte for byte. Values are
+located by the position of their element's start tag in the text
+(:mod:`openmm_reversible.parameters` records it), never by re-serialising an XML tree, so the
+exported file differs from the original only where a value moved and can be trained again.
+
+Files are written atomically: a temporary file in the destination directory is renamed over
+the target with ``os.replace``, so an interrupted export never leaves a truncated force field.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import InputError
+from .parameters import ParameterSet, is_bundled
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        if path.exists():
+            os.chmod(temporary, path.stat().st_mode & 0o7777)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None = None,
+              strip_markup: bool = False) -> list[Path]:
+    """Write the current parameter values into copies of (or over) the original XML files.
+
+    Parameters
+    ----------
+    parameter_set : ParameterSet
+        The trained parameters; its current values are written.
+    path_or_dir : path, optional
+        An existing directory: each file holding sites is written there under its own name.
+        A file path: the single file holding sites is written there (an InputError if the
+        sites span several files). None: the original files are overwritten in place (refused
+        for OpenMM's bundled files).
+    strip_markup : bool
+        Also remove the ``parameterize``/``parameter_eval`` attributes. Keep them (the default)
+        to train the file again; remove them for a file to load in plain OpenMM when a residue
+        template's ``<Atom>`` is tagged (OpenMM reads every attribute there as a number, so it
+        rejects the tags; it ignores them elsewhere).
+
+    Returns
+    -------
+    list of pathlib.Path
+        The files written, in the order the force field loads them.
+    """
+    texts = parameter_set.texts(strip_markup=strip_markup)
+    indices = parameter_set.site_files()
+    sources = [parameter_set.files[i] for i in indices]
+    if path_or_dir is None:
+        bundled = [s.name for s in sources if is_bundled(s)]
+        if bundled:
+            raise InputError(f"{', '.join(bundled)} is one of OpenMM's bundled files and is "
+                             "not overwritten; pass a directory to write the trained copy to")
+        targets = sources
+    elif Path(path_or_dir).is_dir():
+        targets = [Path(path_or_dir) / s.name for s in sources]
+        names = [t.name for t in targets]
+        if len(set(names)) != len(names):
+            raise InputError(f"the files holding parameters share a name ({', '.join(names)}); "
+                             "export them one directory each or rename them")
+    elif len(sources) == 1:
+        targets = [Path(path_or_dir)]
+        if not targets[0].parent.is_dir():
+            raise InputError(f"directory {str(targets[0].parent)!r} does not exist; "
+                             "create it first")
+    else:
+        raise InputError(f"parameters live in {len(sources)} files "
+                         f"({', '.join(s.name for s in sources)}) but {str(path_or_dir)!r} "
+                         "is not a directory; pass an existing directory")
+    for index, target in zip(indices, targets, strict=True):
+        _atomic_write(target, texts[index])
+    return targets
+
+
+export_forcefield = write_xml
+"""Alias of :func:`write_xml`, the name the training loop uses."""
+
+__all__ = ["write_xml", "export_forcefield"]
