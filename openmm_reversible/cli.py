@@ -17,6 +17,11 @@ from . import __version__
 COMMANDS: dict[str, tuple[str, str]] = {
     "verify": ("openmm_reversible.verify",
                "compare the torch twin of a serialized System with OpenMM, force by force"),
+    "gradcheck": ("openmm_reversible.gradcheck",
+                  "compare reversible, BPTT and finite-difference gradients of a tagged "
+                  "force field"),
+    "benchmark": ("openmm_reversible.benchmarks",
+                  "run a benchmark (forces, gradient, memory) and print its results"),
 }
 
 

@@ -62,15 +62,17 @@ def _box_array(topology: app.Topology) -> np.ndarray | None:
     return np.array([[v[0], v[1], v[2]] for v in vectors.value_in_unit(unit.nanometer)])
 
 
-def water_box(n_waters: int = 216, forcefield: tuple[str, ...] = ("amber14/tip3p.xml",),
-              nonbonded: str = "RF", cutoff: float = 0.9, rigid: bool = False,
-              model: str = "tip3p", **create_system_kwargs) -> MolecularSystem:
-    """A cubic box of ``n_waters`` water molecules from OpenMM's pre-equilibrated water.
+def water_box(n_waters: int | None = 216,
+              forcefield: tuple[str, ...] = ("amber14/tip3p.xml",), nonbonded: str = "RF",
+              cutoff: float = 0.9, rigid: bool = False, model: str = "tip3p",
+              box_size: float | None = None, **create_system_kwargs) -> MolecularSystem:
+    """A cubic box of water molecules from OpenMM's pre-equilibrated water.
 
     Parameters
     ----------
-    n_waters : int
-        Number of molecules (216 gives a ~1.87 nm box, so cutoffs up to 0.93 nm).
+    n_waters : int or None
+        Number of molecules (216 gives a 1.95 nm box, so cutoffs up to 0.97 nm). ``None``
+        with ``box_size`` fills a box of that edge instead.
     forcefield : tuple of str
         ForceField XML files (OpenMM's bundled names or paths).
     nonbonded : str
@@ -80,10 +82,18 @@ def water_box(n_waters: int = 216, forcefield: tuple[str, ...] = ("amber14/tip3p
         Rigid (constrained) or flexible water.
     model : str
         Water model name for Modeller (``tip3p``, ``tip4pew``, ...).
+    box_size : float, nm, optional
+        Edge of the cubic box to fill (used when ``n_waters`` is None; 3.0 nm gives 887
+        TIP3P molecules, 2661 atoms).
     """
+    if (n_waters is None) == (box_size is None):
+        raise ValueError("give exactly one of n_waters and box_size")
     ff = app.ForceField(*forcefield)
     modeller = app.Modeller(app.Topology(), [])
-    modeller.addSolvent(ff, model=model, numAdded=n_waters)
+    if n_waters is not None:
+        modeller.addSolvent(ff, model=model, numAdded=n_waters)
+    else:
+        modeller.addSolvent(ff, model=model, boxSize=openmm.Vec3(box_size, box_size, box_size))
     return _create(ff, modeller.topology, modeller.positions, nonbonded, cutoff,
                    rigidWater=rigid, **create_system_kwargs)
 

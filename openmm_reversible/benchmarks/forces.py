@@ -1,0 +1,110 @@
+"""``benchmark forces``: cost of the twin's forces and VJPs against an OpenMM CPU step.
+
+System: the 3 nm flexible TIP3P box (2661 atoms, reaction field, 1.0 nm cutoff) with the water
+oxygen's charge, sigma and epsilon trainable (hydrogen charge tied to keep molecules neutral).
+Reported, in milliseconds (median of ``repeats``):
+
+- ``torch_force_ms``: energy and forces by autograd;
+- ``torch_force_vjp_ms``: forces with their graph, then both vector-Jacobian products the
+  adjoint needs (w.r.t. positions and w.r.t. parameters) in one backward call;
+- ``openmm_step_ms``: one LangevinMiddleIntegrator step (1 fs) on OpenMM's CPU platform;
+- ratios of the torch timings to the OpenMM step.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import openmm
+import torch
+from openmm import unit
+
+from ..parameters import ParameterSet
+from ..potential import TorchPotential
+from ..systems import water_box
+from ..units import DTYPE
+
+WATER_SELECTION = [("NonbondedForce/Atom", "tip3p-O", ("charge", "sigma", "epsilon"))]
+WATER_TIES = {("NonbondedForce/Atom", "tip3p-H", "charge"): "-0.5*PARM['Atom/charge/tip3p-O']"}
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (neighbour list build, allocator)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * float(np.median(times))
+
+
+def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
+            openmm_steps: int = 200) -> dict:
+    """Time the twin and OpenMM on the same flexible water box; returns the JSON record."""
+    msys = water_box(None, box_size=box_size, forcefield=("tip3p.xml",), nonbonded="RF",
+                     cutoff=cutoff, rigid=False)
+    params = ParameterSet.select("tip3p.xml", msys.topology, select=WATER_SELECTION,
+                                 ties=WATER_TIES, **params_kwargs(cutoff))
+    potential = TorchPotential(params.system, parameters=params)
+    x = torch.tensor(msys.positions, dtype=DTYPE)
+    box = torch.tensor(msys.box, dtype=DTYPE)
+    weights = [p for p in potential.parameters() if p.requires_grad]
+    cotangent = torch.randn(x.shape, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
+
+    def force():
+        xr = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(potential(xr, box), xr)
+        return g
+
+    def force_vjp():
+        xr = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(potential(xr, box), xr, create_graph=True)
+        return torch.autograd.grad(g, [xr, *weights], cotangent)
+
+    torch_force_ms = _median_ms(force, repeats)
+    torch_force_vjp_ms = _median_ms(force_vjp, repeats)
+
+    integrator = openmm.LangevinMiddleIntegrator(295.15 * unit.kelvin, 1.0 / unit.picosecond,
+                                                 1.0 * unit.femtosecond)
+    context = openmm.Context(params.system, integrator,
+                             openmm.Platform.getPlatformByName("CPU"))
+    context.setPeriodicBoxVectors(*msys.box)
+    context.setPositions(msys.positions)
+    context.setVelocitiesToTemperature(295.15 * unit.kelvin, 1)
+    integrator.step(20)
+    context.getState(getEnergy=True)
+    t0 = time.perf_counter()
+    integrator.step(openmm_steps)
+    context.getState(getEnergy=True)  # forces the queued steps to finish
+    openmm_step_ms = 1e3 * (time.perf_counter() - t0) / openmm_steps
+    return {
+        "benchmark": "forces",
+        "n_atoms": potential.n_atoms,
+        "cutoff_nm": cutoff,
+        "torch_threads": torch.get_num_threads(),
+        "torch_force_ms": round(torch_force_ms, 3),
+        "torch_force_vjp_ms": round(torch_force_vjp_ms, 3),
+        "openmm_step_ms": round(openmm_step_ms, 3),
+        "force_over_openmm_step": round(torch_force_ms / openmm_step_ms, 3),
+        "force_vjp_over_openmm_step": round(torch_force_vjp_ms / openmm_step_ms, 3),
+        "goal_force_vjp_over_openmm_step": 3.0,
+    }
+
+
+def params_kwargs(cutoff: float) -> dict:
+    """createSystem arguments of the benchmark's water box (flexible, reaction field)."""
+    return {"nonbondedMethod": openmm.app.CutoffPeriodic,
+            "nonbondedCutoff": cutoff * unit.nanometer, "rigidWater": False,
+            "constraints": None}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--box-size", type=float, default=3.0,
+                        help="edge of the water box, nm (default 3.0: 2661 atoms)")
+    parser.add_argument("--cutoff", type=float, default=1.0, help="cutoff, nm (default 1.0)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+
+
+def run(args) -> dict:
+    return measure(box_size=args.box_size, cutoff=args.cutoff, repeats=args.repeats)

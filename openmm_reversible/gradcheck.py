@@ -1,0 +1,253 @@
+"""``openmm-reversible gradcheck``: check reversible gradients of a force field on a structure.
+
+For every trainable parameter of a tagged ForceField XML (``parameterize`` /
+``parameter_eval``, see :mod:`openmm_reversible.parameters`), the gradient of a trajectory loss
+is computed three ways on the same short simulation (same initial state, same noise seed):
+
+- by reversible simulation (the method used for training);
+- by backpropagation through time (plain autograd through every step: the ground truth);
+- by central finite differences with common random numbers (forward runs only).
+
+Gradients are with respect to the trainable variables of the ParameterSet (each parameter
+scaled by its start value, so a gradient is the change of the loss per unit *relative* change
+of the parameter). The command prints them with the largest relative errors,
+``rel_error_bptt`` and ``rel_error_fd``, and exits 0 when both are within tolerance, 1 when
+not, 2 for bad input.
+
+Relative error of one parameter: ``|g - g_ref| / max(|g_ref|, 1e-3·max_k |g_ref,k|)``, so a
+parameter with a negligible gradient is judged on the scale of the largest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import openmm
+import openmm.app as app
+import torch
+
+from .errors import InputError
+from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from .trajectory import Trajectory
+from .units import box_tensor, positions_tensor
+
+LOSSES = ("energy", "kinetic", "rdf")
+NONBONDED_METHODS = {"NoCutoff": app.NoCutoff, "CutoffNonPeriodic": app.CutoffNonPeriodic,
+                     "CutoffPeriodic": app.CutoffPeriodic, "Ewald": app.Ewald, "PME": app.PME}
+RDF_R_MAX = 0.9
+"""Largest RDF radius, nm (lowered to half the box width for small boxes)."""
+
+
+def energy_loss(traj: Trajectory, potential) -> torch.Tensor:
+    """Mean potential energy of the snapshots per atom, kJ/mol."""
+    energies = torch.stack([potential(x, traj.box) for x in traj.positions])
+    return energies.mean() / traj.n_atoms
+
+
+def kinetic_loss(traj: Trajectory, potential) -> torch.Tensor:
+    """Mean kinetic energy of the snapshots per atom, kJ/mol."""
+    return traj.kinetic_energy().mean() / traj.n_atoms
+
+
+def rdf_loss(topology: app.Topology, box: torch.Tensor | None
+             ) -> Callable[[Trajectory, object], torch.Tensor]:
+    """``∫ (g(r) - 1)² dr`` (nm) of the oxygen–oxygen RDF, or of all atoms without oxygens."""
+    from .observables.rdf import rdf
+    from .observables.selection import atom_indices
+
+    if box is None:
+        raise InputError("--loss rdf needs a periodic box: give a PDB with a CRYST1 record")
+    atoms = [a.index for a in topology.atoms()]
+    oxygens = atom_indices(topology, element="O") if any(
+        a.element is not None and a.element.symbol == "O" for a in topology.atoms()) else atoms
+    volume = abs(float(torch.linalg.det(box)))
+    widths = [volume / float(torch.linalg.norm(torch.linalg.cross(box[i], box[j])))
+              for i, j in ((1, 2), (2, 0), (0, 1))]
+    r_range, bin_width = (0.2, min(RDF_R_MAX, 0.5 * min(widths))), 0.02
+
+    def loss(traj: Trajectory, potential) -> torch.Tensor:
+        _, g = rdf(traj.positions, traj.box, selections=(oxygens, oxygens), r_range=r_range,
+                   bin_width=bin_width)
+        return ((g - 1.0) ** 2).sum() * bin_width
+
+    return loss
+
+
+@dataclass(frozen=True)
+class GradientCheck:
+    """Gradients of one loss by three methods, per trainable variable.
+
+    Attributes
+    ----------
+    names : list of str
+        Name of each variable.
+    reversible, bptt, finite_difference : numpy.ndarray, shape (n,)
+        d loss / d variable.
+    loss : float
+        Loss at the current parameters.
+    reconstruction_error : float, nm
+        Largest state reconstruction error met by the reverse pass.
+    """
+
+    names: list[str]
+    reversible: np.ndarray
+    bptt: np.ndarray
+    finite_difference: np.ndarray
+    loss: float
+    reconstruction_error: float
+
+    @property
+    def rel_error_bptt(self) -> float:
+        return relative_error(self.reversible, self.bptt)
+
+    @property
+    def rel_error_fd(self) -> float:
+        return relative_error(self.reversible, self.finite_difference)
+
+    def as_dict(self) -> dict:
+        return {"loss": self.loss, "reconstruction_error": self.reconstruction_error,
+                "parameters": [{"name": n, "reversible": float(r), "bptt": float(b),
+                                "finite_difference": float(f)}
+                               for n, r, b, f in zip(self.names, self.reversible, self.bptt,
+                                                     self.finite_difference, strict=True)],
+                "rel_error_bptt": self.rel_error_bptt, "rel_error_fd": self.rel_error_fd}
+
+
+def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
+    """Largest per-entry relative error (see the module docstring for the floor)."""
+    scale = np.maximum(np.abs(reference), 1e-3 * np.abs(reference).max())
+    scale = np.where(scale > 0, scale, 1.0)
+    return float(np.max(np.abs(value - reference) / scale))
+
+
+def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
+                    velocities: torch.Tensor, box: torch.Tensor | None,
+                    names: Sequence[str] | None = None, fd_step: float = 1e-6
+                    ) -> GradientCheck:
+    """Reversible, BPTT and central finite-difference gradients of ``sim``'s loss.
+
+    Parameters
+    ----------
+    sim : ReversibleSimulation
+        In reversible mode; a BPTT twin with the same settings is made internally.
+    positions, velocities : torch.Tensor, shape (N, 3), nm and nm/ps
+    box : torch.Tensor, shape (3, 3), nm, or None
+    names : sequence of str, optional
+        One name per scalar trainable variable (default ``"<parameter name>[i]"``).
+    fd_step : float
+        Absolute step of the central differences in each variable.
+    """
+    params = sim.trainable_parameters()
+    if not params:
+        raise InputError("the potential has no trainable parameters; tag some with "
+                         "parameterize=\"...\" in the force field XML")
+    bptt = ReversibleSimulation(sim.potential, sim.integrator, sim.n_steps, sim.snapshot_every,
+                                sim.loss_fn, masses=sim.masses, mode="bptt")
+
+    def flat_gradient(simulation: ReversibleSimulation) -> tuple[float, np.ndarray]:
+        for p in params:
+            p.grad = None
+        loss = simulation(positions, velocities, box)
+        loss.backward()
+        return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in params]).cpu().numpy()
+
+    loss, reversible = flat_gradient(sim)
+    reconstruction_error = float(sim.info["reconstruction_error"])
+    _, through_time = flat_gradient(bptt)
+    fd = []
+    with torch.no_grad():
+        for p in params:
+            flat = p.view(-1)
+            for i in range(flat.numel()):
+                values = []
+                for sign in (1.0, -1.0):
+                    flat[i] += sign * fd_step
+                    values.append(float(sim(positions, velocities, box)))
+                    flat[i] -= sign * fd_step
+                fd.append((values[0] - values[1]) / (2.0 * fd_step))
+    if names is None:
+        names = [f"{name}[{i}]" for name, p in sim.potential.named_parameters()
+                 if p.requires_grad for i in range(p.numel())]
+    return GradientCheck(list(names), reversible, through_time, np.asarray(fd), loss,
+                         reconstruction_error)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--forcefield", action="append", required=True, metavar="FF.xml",
+                        help="ForceField XML with parameterize tags (repeat for several files, "
+                             "in load order; bundled names such as tip3p.xml work)")
+    parser.add_argument("--pdb", required=True, metavar="COORDS",
+                        help="PDB file with the structure (CRYST1 gives the periodic box)")
+    parser.add_argument("--steps", type=int, required=True, help="simulation steps")
+    parser.add_argument("--loss", choices=LOSSES, default="energy",
+                        help="mean potential energy, mean kinetic energy, or O-O RDF deviation "
+                             "from 1 (default: energy)")
+    parser.add_argument("--snapshot-every", type=int, default=None,
+                        help="steps between loss snapshots (default: steps // 5, at least 1)")
+    parser.add_argument("--timestep", type=float, default=0.001, help="ps (default 0.001)")
+    parser.add_argument("--friction", type=float, default=1.0, help="1/ps (default 1)")
+    parser.add_argument("--temperature", type=float, default=295.15, help="K (default 295.15)")
+    parser.add_argument("--seed", type=int, default=0, help="noise and velocity seed")
+    parser.add_argument("--nonbonded-method", choices=sorted(NONBONDED_METHODS), default=None,
+                        help="default: CutoffPeriodic (reaction field) with a box, else "
+                             "NoCutoff")
+    parser.add_argument("--cutoff", type=float, default=0.9, help="nm (default 0.9)")
+    parser.add_argument("--fd-step", type=float, default=1e-6,
+                        help="finite-difference step in the scaled variables (default 1e-6)")
+    parser.add_argument("--tol-bptt", type=float, default=1e-8,
+                        help="tolerance on rel_error_bptt (default 1e-8)")
+    parser.add_argument("--tol-fd", type=float, default=1e-4,
+                        help="tolerance on rel_error_fd (default 1e-4)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .parameters import ParameterSet
+    from .potential import TorchPotential
+
+    if args.steps < 1:
+        raise InputError(f"--steps must be >= 1, got {args.steps}")
+    snapshot_every = args.snapshot_every or max(1, args.steps // 5)
+    pdb = app.PDBFile(args.pdb)
+    vectors = pdb.topology.getPeriodicBoxVectors()
+    method = args.nonbonded_method or ("CutoffPeriodic" if vectors is not None else "NoCutoff")
+    if vectors is None and method in ("CutoffPeriodic", "Ewald", "PME"):
+        raise InputError(f"--nonbonded-method {method} needs a periodic box, but {args.pdb} "
+                         "has no CRYST1 record")
+    kwargs = {"nonbondedMethod": NONBONDED_METHODS[method], "constraints": None,
+              "rigidWater": False, "removeCMMotion": False}
+    if method != "NoCutoff":
+        kwargs["nonbondedCutoff"] = args.cutoff * openmm.unit.nanometer
+    parameters = ParameterSet.from_forcefield(args.forcefield, pdb.topology, **kwargs)
+    potential = TorchPotential(parameters.system, parameters=parameters)
+    box = None if vectors is None else box_tensor(vectors)
+    positions = positions_tensor(pdb.getPositions())
+    integrator = LangevinMiddleIntegrator(args.timestep, args.friction, args.temperature,
+                                          args.seed)
+    # State 0 never uses the noise of "step 0", so it seeds the initial velocities.
+    velocities = integrator.noise(0, potential.masses)
+    loss_fn = {"energy": energy_loss, "kinetic": kinetic_loss}.get(args.loss) \
+        or rdf_loss(pdb.topology, box)
+    sim = ReversibleSimulation(potential, integrator, args.steps, snapshot_every, loss_fn)
+    result = check_gradients(sim, positions, velocities, box, parameters.trainable_keys,
+                             args.fd_step)
+    ok = result.rel_error_bptt <= args.tol_bptt and result.rel_error_fd <= args.tol_fd
+    if args.json:
+        print(json.dumps(result.as_dict() | {"ok": ok, "loss_name": args.loss,
+                                             "steps": args.steps}))
+    else:
+        width = max(len(n) for n in result.names)
+        print(f"loss {args.loss} = {result.loss:.10g} after {args.steps} steps "
+              f"(reconstruction error {result.reconstruction_error:.2e} nm)")
+        print(f"{'parameter':<{width}}  {'reversible':>16}  {'bptt':>16}  {'finite diff':>16}")
+        for name, r, b, f in zip(result.names, result.reversible, result.bptt,
+                                 result.finite_difference, strict=True):
+            print(f"{name:<{width}}  {r:16.9e}  {b:16.9e}  {f:16.9e}")
+        print(f"rel_error_bptt {result.rel_error_bptt:.3e} (tol {args.tol_bptt:g})  "
+              f"rel_error_fd {result.rel_error_fd:.3e} (tol {args.tol_fd:g})  "
+              f"{'ok' if ok else 'FAILED'}")
+    return 0 if ok else 1

@@ -1,0 +1,391 @@
+"""Gradients of a trajectory loss by reversible simulation, as a drop-in autograd operation.
+
+:class:`ReversibleSimulation` runs a window of Langevin-middle dynamics and returns the loss of
+its snapshots; ``loss.backward()`` then fills ``.grad`` of every parameter of the potential
+(classical force-field parameters or neural-network weights alike), and of the initial
+positions and velocities when they require grad.
+
+How (the same shape as an adjoint ODE solver):
+
+- **Forward** runs under ``no_grad`` and stores only the states at the loss snapshots (every
+  ``snapshot_every`` steps) and, optionally, sparse resynchronisation states (every
+  ``resync_every`` steps). Memory is independent of the number of steps between them.
+- **Backward** differentiates the loss with respect to the stored frames (``g_x``, ``g_v``, and
+  its direct parameter dependence), then runs the dynamics backward with the exact algebraic
+  inverse of each step (:class:`~.langevin.LangevinMiddleIntegrator`), reconstructing every
+  state, while the adjoint state ``(λx, λv)`` is carried back. For the step producing state
+  ``n`` from ``(x, v)`` with ``v' = v + Δt·a(x)``::
+
+      λv' = c·λv_n + Δt(1 + c)/2·λx_n
+      λx_{n-1} = λx_n + (∂a/∂x)ᵀ(Δt·λv')      λv_{n-1} = λv'      ∇θ += (∂a/∂θ)ᵀ(Δt·λv')
+
+  Both vector-Jacobian products come from one ``torch.autograd.grad`` call through the force
+  graph at the reconstructed positions (double backward), so each reverse step costs one force
+  evaluation plus one backward pass. At every snapshot ``g_x``, ``g_v`` are added to the adjoint.
+
+  These are the first-order form of the recurrences in DESIGN.md: with ``A = 2λv'/Δt`` the
+  parameter term ``(Δt²/2)(∂a/∂θ)ᵀA`` is the same, and ``B``, ``C``, ``D``, ``φ`` re-express the
+  same linear recurrence in second-order form.
+- **Truncation** (``truncation=T``): the adjoint of each snapshot is propagated only ``T`` steps
+  back (its contribution to earlier states is dropped). Snapshots whose windows end at the same
+  state share one adjoint, so an untruncated run carries exactly one.
+- **Resynchronisation**: round-off in the reverse pass is amplified by ``1/c`` per step and by
+  the chaos of the dynamics. When the reverse pass reaches a stored state (a resync state or a
+  loss snapshot, both exact) it measures ``max |x_reconstructed - x_stored|`` and continues from
+  the stored state. The largest such error is reported in :attr:`ReversibleSimulation.info`.
+
+``mode="bptt"`` gives the same loss by plain autograd through every step (memory grows with the
+number of steps): the ground truth the reversible gradient is tested against on short runs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import InputError
+from ..trajectory import Trajectory
+from ..units import box_tensor, positions_tensor
+from .forces import Potential, accelerations
+from .langevin import LangevinMiddleIntegrator
+
+LossFunction = Callable[[Trajectory, Any], torch.Tensor]
+"""``loss_fn(trajectory, potential) -> scalar tensor``."""
+
+MODES = ("reversible", "bptt")
+
+
+class ReversibleSimulation:
+    """A differentiable simulation window: ``loss = sim(positions, velocities, box)``.
+
+    Parameters
+    ----------
+    potential : nn.Module
+        ``potential(positions, box) -> energy`` (kJ/mol). Its parameters that require grad
+        receive gradients.
+    integrator : LangevinMiddleIntegrator
+        Step size, friction, temperature and noise seed.
+    n_steps : int
+        Steps in the window.
+    snapshot_every : int
+        Steps between loss snapshots; the snapshots are at ``start_step + k·snapshot_every``,
+        ``k = 1 … n_steps // snapshot_every``.
+    loss_fn : callable
+        ``loss_fn(trajectory: Trajectory, potential) -> scalar tensor``. May depend on
+        positions, velocities and (through the potential, e.g. frame energies) parameters.
+    truncation : int, optional
+        Truncation window T in steps: each snapshot's adjoint is propagated T steps back.
+        ``None`` (default) for the exact, untruncated gradient.
+    resync_every : int, optional
+        Store the exact state every K steps in the forward pass, and resynchronise the reverse
+        pass there. Loss snapshots are always resynchronisation points.
+    masses : torch.Tensor, shape (N,), amu, optional
+        Particle masses; default ``potential.masses``.
+    mode : {"reversible", "bptt"}
+        Gradient by reversible simulation, or by backpropagation through time (for checks; no
+        truncation).
+
+    Attributes
+    ----------
+    info : dict
+        After a call (and after backward): ``forward_s`` and ``backward_s`` (seconds),
+        ``reconstruction_error`` (nm, the largest ``max |x_rec - x_stored|`` met in the reverse
+        pass, over resync states, snapshots and the initial state), ``velocity_error`` (nm/ps,
+        the same for velocities) and ``n_resyncs``.
+    trajectory : Trajectory
+        The snapshots of the last call (detached).
+    final_state : tuple of torch.Tensor
+        Positions and velocities after ``n_steps`` (detached), to start the next window.
+
+    Examples
+    --------
+    >>> integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=7)
+    >>> sim = ReversibleSimulation(potential, integrator, n_steps=1000, snapshot_every=100,
+    ...                            loss_fn=lambda traj, pot: traj.kinetic_energy().mean())
+    >>> loss = sim(positions, velocities, box)
+    >>> loss.backward()            # fills p.grad for p in potential.parameters()
+    """
+
+    def __init__(self, potential: nn.Module, integrator: LangevinMiddleIntegrator, n_steps: int,
+                 snapshot_every: int, loss_fn: LossFunction, truncation: int | None = None,
+                 resync_every: int | None = None, masses: torch.Tensor | None = None,
+                 mode: str = "reversible"):
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if int(n_steps) < 1:
+            raise InputError(f"n_steps must be >= 1, got {n_steps}")
+        if not 1 <= int(snapshot_every) <= int(n_steps):
+            raise InputError(f"snapshot_every must be between 1 and n_steps={n_steps}, "
+                             f"got {snapshot_every}")
+        if truncation is not None and int(truncation) < 1:
+            raise InputError(f"truncation must be >= 1 step or None, got {truncation}")
+        if resync_every is not None and int(resync_every) < 1:
+            raise InputError(f"resync_every must be >= 1 step or None, got {resync_every}")
+        if mode == "bptt" and truncation is not None:
+            raise InputError("truncation is only available in mode='reversible'; "
+                             "use truncation=None with mode='bptt'")
+        if masses is None:
+            masses = getattr(potential, "masses", None)
+            if masses is None:
+                raise InputError("the potential has no 'masses' attribute; pass masses= "
+                                 "(tensor of shape (N,), amu)")
+        masses = torch.as_tensor(masses)
+        if not bool((masses > 0).all()):
+            raise InputError("every mass must be > 0 amu (massless particles and virtual "
+                             "sites are not supported by the integrator)")
+        self.potential = potential
+        self.integrator = integrator
+        self.n_steps = int(n_steps)
+        self.snapshot_every = int(snapshot_every)
+        self.loss_fn = loss_fn
+        self.truncation = None if truncation is None else int(truncation)
+        self.resync_every = None if resync_every is None else int(resync_every)
+        self.masses = masses
+        self.mode = mode
+        self.info: dict[str, float | int | str] = {}
+        self.trajectory: Trajectory | None = None
+        self.final_state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __repr__(self) -> str:
+        return (f"ReversibleSimulation(n_steps={self.n_steps}, "
+                f"snapshot_every={self.snapshot_every}, truncation={self.truncation}, "
+                f"resync_every={self.resync_every}, mode={self.mode!r}, {self.integrator!r})")
+
+    @property
+    def n_snapshots(self) -> int:
+        return self.n_steps // self.snapshot_every
+
+    def trainable_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The potential's parameters that require grad, in ``potential.parameters()`` order."""
+        return tuple(p for p in self.potential.parameters() if p.requires_grad)
+
+    def __call__(self, positions, velocities, box=None, start_step: int = 0) -> torch.Tensor:
+        """Run the window and return the loss (0-dim tensor, differentiable).
+
+        Parameters
+        ----------
+        positions : torch.Tensor, shape (N, 3), nm (or array / Quantity)
+        velocities : torch.Tensor, shape (N, 3), nm/ps (or array / Quantity)
+        box : torch.Tensor, shape (3, 3), nm, or None
+            Constant over the window; no gradient is computed with respect to it.
+        start_step : int
+            Global index of the initial state; the noise of step n depends on
+            ``(integrator.seed, n)``, so consecutive windows continue one noise stream.
+        """
+        dtype, device = self.masses.dtype, self.masses.device
+        if not isinstance(positions, torch.Tensor):
+            positions = positions_tensor(positions, dtype=dtype, device=device)
+        if not isinstance(velocities, torch.Tensor):
+            velocities = positions_tensor(velocities, dtype=dtype, device=device)
+        if box is not None and not isinstance(box, torch.Tensor):
+            box = box_tensor(box, dtype=dtype, device=device)
+        if box is not None:
+            box = box.detach()
+        n_atoms = self.masses.shape[0]
+        for name, t in (("positions", positions), ("velocities", velocities)):
+            if tuple(t.shape) != (n_atoms, 3):
+                raise InputError(f"{name} has shape {tuple(t.shape)}; expected ({n_atoms}, 3) "
+                                 "to match the masses")
+        if self.mode == "bptt":
+            return self._bptt(positions, velocities, box, int(start_step))
+        return _ReversibleFunction.apply(self, int(start_step), box, positions, velocities,
+                                         *self.trainable_parameters())
+
+    # -- shared pieces ---------------------------------------------------------------------
+
+    def _trajectory(self, xs: torch.Tensor, vs: torch.Tensor, box: torch.Tensor | None,
+                    start_step: int) -> Trajectory:
+        steps = start_step + self.snapshot_every * torch.arange(
+            1, self.n_snapshots + 1, device=xs.device)
+        return Trajectory(positions=xs, velocities=vs, box=box, steps=steps,
+                          timestep=self.integrator.timestep, masses=self.masses,
+                          temperature=self.integrator.temperature)
+
+    def _loss(self, traj: Trajectory) -> torch.Tensor:
+        loss = self.loss_fn(traj, self.potential)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise InputError("loss_fn must return a scalar tensor, got "
+                             f"{type(loss).__name__} of shape {getattr(loss, 'shape', None)}")
+        return loss.reshape(())
+
+    def _remember(self, xs, vs, box, start_step, x, v) -> None:
+        self.trajectory = self._trajectory(xs.detach(), vs.detach(), box, start_step)
+        self.final_state = (x.detach(), v.detach())
+
+    # -- backpropagation through time ----------------------------------------------------------
+
+    def _bptt(self, positions, velocities, box, start_step) -> torch.Tensor:
+        t0 = time.perf_counter()
+        integ, masses = self.integrator, self.masses
+        inv_masses = 1.0 / masses
+        x, v = positions, velocities
+        xs, vs = [], []
+        for k in range(1, self.n_steps + 1):
+            a, x = accelerations(self.potential, x, box, inv_masses, create_graph=True)
+            x, v = integ.step(x, v, a, start_step + k, masses)
+            if k % self.snapshot_every == 0:
+                xs.append(x)
+                vs.append(v)
+        xs, vs = torch.stack(xs), torch.stack(vs)
+        loss = self._loss(self._trajectory(xs, vs, box, start_step))
+        self._remember(xs, vs, box, start_step, x, v)
+        self.info = {"mode": "bptt", "forward_s": time.perf_counter() - t0}
+        return loss
+
+
+@dataclass
+class _Adjoint:
+    """Cotangents ``(λx, λv)`` of the current reverse-pass state, for the snapshots whose
+    truncation windows end at state ``stop``."""
+
+    x: torch.Tensor
+    v: torch.Tensor
+    stop: int
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    """Forward under no_grad storing snapshots; backward by reverse dynamics (module docs)."""
+
+    @staticmethod
+    def forward(ctx, sim: ReversibleSimulation, start_step: int, box, positions, velocities,
+                *params):
+        t0 = time.perf_counter()
+        integ, masses = sim.integrator, sim.masses
+        inv_masses = 1.0 / masses
+        last = sim.n_snapshots * sim.snapshot_every
+        first_needed = _first_needed_step(sim)
+        x, v = positions.detach(), velocities.detach()
+        xs, vs, resync = [], [], {}
+        for k in range(1, sim.n_steps + 1):
+            a, _ = accelerations(sim.potential, x, box, inv_masses)
+            x, v = integ.step(x, v, a, start_step + k, masses)
+            if k % sim.snapshot_every == 0:
+                xs.append(x)
+                vs.append(v)
+            elif sim.resync_every and k % sim.resync_every == 0 and first_needed < k < last:
+                resync[start_step + k] = (x, v)
+        xs, vs = torch.stack(xs), torch.stack(vs)
+        with torch.enable_grad():
+            loss = sim._loss(sim._trajectory(xs, vs, box, start_step)).detach()
+        sim._remember(xs, vs, box, start_step, x, v)
+        sim.info = {"mode": "reversible", "forward_s": time.perf_counter() - t0}
+        ctx.sim, ctx.start_step, ctx.box, ctx.resync = sim, start_step, box, resync
+        ctx.initial = (positions.detach(), velocities.detach())
+        ctx.save_for_backward(xs, vs, *params)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        t0 = time.perf_counter()
+        sim, start, box = ctx.sim, ctx.start_step, ctx.box
+        xs, vs, *params = ctx.saved_tensors
+        integ, masses, potential = sim.integrator, sim.masses, sim.potential
+        inv_masses = 1.0 / masses
+        dt = integ.timestep
+
+        # Cotangents of the stored frames and the loss's direct parameter dependence.
+        frames_x = xs.detach().requires_grad_(True)
+        frames_v = vs.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = sim._loss(sim._trajectory(frames_x, frames_v, box, start))
+            grads = torch.autograd.grad(loss, [frames_x, frames_v, *params], grad_loss,
+                                        allow_unused=True)
+        g_x = _or_zeros(grads[0], xs)
+        g_v = _or_zeros(grads[1], vs)
+        param_grads = [_or_zeros(g, p) for g, p in zip(grads[2:], params, strict=True)]
+
+        snapshot_index = {start + (i + 1) * sim.snapshot_every: i for i in range(xs.shape[0])}
+        stop_state = start + _first_needed_step(sim)
+        adjoints: dict[int, _Adjoint] = {}
+        x_err = v_err = 0.0
+        n_resyncs = 0
+        top = n = start + sim.n_snapshots * sim.snapshot_every
+        x, v = xs[-1], vs[-1]
+        with torch.no_grad():
+            while True:
+                exact = ctx.resync.get(n)
+                if n in snapshot_index:
+                    exact = (xs[snapshot_index[n]], vs[snapshot_index[n]])
+                elif n == start:
+                    exact = ctx.initial
+                if exact is not None and n != top:
+                    x_err = _worst(x_err, x - exact[0])
+                    v_err = _worst(v_err, v - exact[1])
+                    x, v = exact
+                    n_resyncs += 1
+                if n in snapshot_index:
+                    i = snapshot_index[n]
+                    stop = start if sim.truncation is None else max(start, n - sim.truncation)
+                    if stop in adjoints:
+                        adjoints[stop].x = adjoints[stop].x + g_x[i]
+                        adjoints[stop].v = adjoints[stop].v + g_v[i]
+                    else:
+                        adjoints[stop] = _Adjoint(g_x[i].clone(), g_v[i].clone(), stop)
+                if n == stop_state:
+                    break
+                x, kicked = integ.reverse_drift(x, v, n, masses)
+                if adjoints:
+                    a = _adjoint_step(potential, integ, x, box, inv_masses, params,
+                                      list(adjoints.values()), param_grads, dt)
+                else:
+                    a, _ = accelerations(potential, x, box, inv_masses)
+                v = integ.reverse_kick(kicked, a)
+                n -= 1
+                if n > start:
+                    adjoints.pop(n, None)
+
+        sim.info.update(backward_s=time.perf_counter() - t0, reconstruction_error=x_err,
+                        velocity_error=v_err, n_resyncs=n_resyncs)
+        at_start = adjoints.get(start)
+        grad_x0 = grad_v0 = None
+        if ctx.needs_input_grad[3]:
+            grad_x0 = at_start.x if at_start is not None else torch.zeros_like(xs[0])
+        if ctx.needs_input_grad[4]:
+            grad_v0 = at_start.v if at_start is not None else torch.zeros_like(vs[0])
+        return (None, None, None, grad_x0, grad_v0, *param_grads)
+
+
+def _first_needed_step(sim: ReversibleSimulation) -> int:
+    """Earliest step (relative to the window start) that the reverse pass must reach."""
+    if sim.truncation is None:
+        return 0
+    return max(0, sim.snapshot_every - sim.truncation)
+
+
+def _worst(current: float, difference: torch.Tensor) -> float:
+    """Running maximum of ``|difference|`` that keeps a NaN (a diverged reconstruction)."""
+    err = float(difference.abs().max())
+    return current if (err <= current or current != current) else err
+
+
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _adjoint_step(potential: Potential, integ: LangevinMiddleIntegrator, x: torch.Tensor,
+                  box: torch.Tensor | None, inv_masses: torch.Tensor,
+                  params: list[torch.Tensor], adjoints: list[_Adjoint],
+                  param_grads: list[torch.Tensor], dt: float) -> torch.Tensor:
+    """Carry every live adjoint back over one kick at the reconstructed positions ``x``.
+
+    Updates the adjoints and ``param_grads`` in place and returns the (detached) accelerations
+    at ``x`` for the reverse kick. One force graph serves all adjoints; each adjoint needs its
+    own position VJP, the parameter VJPs come out of the same calls.
+    """
+    with torch.enable_grad():
+        a, leaf = accelerations(potential, x, box, inv_masses, create_graph=True)
+        for j, adj in enumerate(adjoints):
+            kicked = integ.kick_cotangent(adj.x, adj.v)
+            vjps = torch.autograd.grad(a, [leaf, *params], dt * kicked, allow_unused=True,
+                                       retain_graph=j < len(adjoints) - 1)
+            adj.x = adj.x + vjps[0]
+            adj.v = kicked
+            for k, g in enumerate(vjps[1:]):
+                if g is not None:
+                    param_grads[k] += g
+    return a.detach()
