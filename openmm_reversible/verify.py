@@ -24,6 +24,7 @@ from openmm import app, unit
 
 from .errors import InputError
 from .potential import IGNORED_FORCES, TorchPotential
+from .potential.torchforce import concrete_force, deserialize_system
 from .units import DTYPE
 
 ENERGY_TOL = 1e-6
@@ -89,7 +90,8 @@ def load_system(path: str) -> openmm.System:
     with open(path) as fh:
         text = fh.read()
     try:
-        obj = openmm.XmlSerializer.deserialize(text)
+        obj = deserialize_system(text) if "<System" in text[:2000] \
+            else openmm.XmlSerializer.deserialize(text)
     except Exception as exc:
         raise InputError(f"{path} is not a serialized OpenMM System ({exc}); write one with "
                          "openmm.XmlSerializer.serialize(system)") from None
@@ -145,8 +147,8 @@ def verify(system: openmm.System, positions: np.ndarray, box: np.ndarray | None 
     platform : str
         OpenMM platform for the reference values ("Reference" is double precision).
     """
-    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
-    forces = system.getForces()
+    system = deserialize_system(openmm.XmlSerializer.serialize(system))
+    forces = [concrete_force(f) for f in system.getForces()]
     if len(forces) > 32:
         raise InputError(f"System has {len(forces)} forces; verify compares at most 32 "
                          "(one OpenMM force group each)")

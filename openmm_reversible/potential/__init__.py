@@ -44,12 +44,15 @@ def supported_forces() -> list[str]:
 
 def _load_terms() -> None:
     # Importing the term modules fills the registry.
-    from . import bonded, custom, nonbonded  # noqa: F401
+    from . import bonded, custom, nonbonded, torchforce  # noqa: F401
 
 
 def build_term(force: openmm.Force, index: int, system: openmm.System) -> Term | None:
     """The twin of one force, ``None`` for an ignored one; UnsupportedForceError otherwise."""
     _load_terms()
+    from .torchforce import concrete_force
+
+    force = concrete_force(force)
     name = force.__class__.__name__
     if name in IGNORED_FORCES:
         return None

@@ -1,0 +1,98 @@
+"""Directed neighbour pairs for machine-learning potentials, eager and TorchScript alike.
+
+Many-body models (message passing, three-body terms) need, for every atom ``i``, the atoms
+``j`` within a cutoff and the minimum-image displacement ``d_ij = x_j - x_i``. :class:`PairSearch`
+returns them as a *directed* list (both ``i→j`` and ``j→i``), differentiable in positions and
+box vectors: the list only selects indices, the geometry is recomputed in torch.
+
+Two ways to find candidate pairs, the same interactions either way (pairs beyond the cutoff are
+dropped, so any superset of the true pairs gives the same energy):
+
+- eager (training, the reversible integrator): the project's
+  :class:`~openmm_reversible.potential.neighbors.NeighborList`, an O(N) cell list with a skin;
+- TorchScript (the model exported into OpenMM's TorchForce): every pair, in pure torch, O(N²)
+  memory, which is fine up to a few thousand atoms on a GPU.
+
+Both use the minimum-image convention, so the cutoff must not exceed half the shortest box
+width; :func:`check_cutoff` says so when it does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..potential.neighbors import NeighborList, minimum_image
+
+
+def box_widths(box: torch.Tensor) -> torch.Tensor:
+    """Perpendicular widths of a periodic box, shape (3,), nm (volume / area of each face)."""
+    volume = torch.abs(torch.linalg.det(box))
+    areas = torch.stack([torch.linalg.norm(torch.linalg.cross(box[1], box[2])),
+                         torch.linalg.norm(torch.linalg.cross(box[2], box[0])),
+                         torch.linalg.norm(torch.linalg.cross(box[0], box[1]))])
+    return volume / areas
+
+
+def check_cutoff(cutoff: float, box: torch.Tensor | None) -> None:
+    """Raise if ``cutoff`` (nm) exceeds half the shortest width of ``box`` (minimum image)."""
+    if box is not None:
+        half = 0.5 * float(box_widths(box.detach()).min())
+        if cutoff > half:
+            raise ValueError(
+                "cutoff " + str(cutoff) + " nm exceeds half the shortest box width ("
+                + str(half) + " nm); the minimum-image convention would miss "
+                "periodic images: use a larger box (replicate the cell) or a shorter cutoff")
+
+
+def all_pairs(n_atoms: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every ordered pair ``(i, j)``, ``i != j``, as two long tensors of length N(N-1)."""
+    index = torch.arange(n_atoms, device=device)
+    i = index.repeat_interleave(n_atoms)
+    j = index.repeat(n_atoms)
+    keep = i != j
+    return i[keep], j[keep]
+
+
+class PairSearch(nn.Module):
+    """Directed pairs within ``cutoff`` and their minimum-image displacements.
+
+    Parameters
+    ----------
+    cutoff : float, nm
+        Pairs with ``r < cutoff`` are returned.
+    skin : float, nm
+        Verlet skin of the eager neighbour list (rebuilt when an atom moves more than skin/2).
+
+    Notes
+    -----
+    ``forward(positions, box)`` returns ``(i, j, d, r)``: centre and neighbour indices (long,
+    shape (P,)), displacements ``x_j - x_i`` (P, 3) nm and distances (P,) nm, in a
+    deterministic order (the same pairs in the same order for the same configuration).
+    """
+
+    def __init__(self, cutoff: float, skin: float = 0.05):
+        super().__init__()
+        self.cutoff = float(cutoff)
+        self.verlet = NeighborList(self.cutoff, skin)
+
+    @torch.jit.unused
+    def _verlet_candidates(self, positions: torch.Tensor, box: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        i, j = self.verlet.pairs(positions, box)
+        return torch.cat([i, j]), torch.cat([j, i])
+
+    def forward(self, positions: torch.Tensor, box: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        if torch.jit.is_scripting():
+            check_cutoff(self.cutoff, box)
+            i, j = all_pairs(positions.shape[0], positions.device)
+        else:
+            check_cutoff(self.cutoff, box)
+            i, j = self._verlet_candidates(positions, box)
+        d = minimum_image(positions[j] - positions[i], box)
+        r2 = (d * d).sum(-1)
+        keep = r2.detach() < self.cutoff * self.cutoff
+        i, j, d = i[keep], j[keep], d[keep]
+        # Distances are > 0 for every kept pair (i != j), so the square root is smooth here.
+        return i, j, d, torch.sqrt(r2[keep])

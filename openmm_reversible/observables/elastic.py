@@ -1,0 +1,165 @@
+"""Stress and elastic constants of solids: virial stress and the stress-fluctuation method.
+
+Strain is homogeneous and applied to positions and box alike (rows): ``x → x·F``,
+``box → box·F``. It is written in Voigt form ``e = (e_xx, e_yy, e_zz, 2e_yz, 2e_xz, 2e_xy)``
+(engineering shears) of the Lagrangian strain ``η = ½(FᵀF − I)``, with the symmetric stretch
+``F = (I + 2η)^½ = I + η − η²/2 + O(η³)``, exact to the second order that the derivatives here
+need. In this form ``U(e) = U₀ + V σ_α e_α + ½ V C_αβ e_α e_β + …``.
+
+Instantaneous stress (tension positive, the negative of the pressure tensor of
+:mod:`.density`)::
+
+    σ = (∂U/∂ε − Σ m v ⊗ v) / V
+
+Isothermal elastic constants by the stress-fluctuation method (J. F. Lutsko, J. Appl. Phys.
+65, 2991 (1989); in Voigt form, NVT at fixed box)::
+
+    C_αβ = ⟨C^B_αβ⟩ − (V / kT) [⟨σ^B_α σ^B_β⟩ − ⟨σ^B_α⟩⟨σ^B_β⟩] + (N kT / V) K_αβ
+
+- Born term ``C^B = (1/V) ∂²U/∂e∂e`` and Born stress ``σ^B = (1/V) ∂U/∂e``, both by autograd
+  through the potential (exact for any twice-differentiable energy: pair, many-body, ML);
+- fluctuation term: the covariance of the Born stress over the frames (it carries the
+  internal relaxation of non-Bravais crystals such as diamond);
+- kinetic term: ``K = diag(2, 2, 2, 1, 1, 1)``, the ideal-gas contribution.
+
+These are second derivatives of the free energy with respect to Lagrangian strain; at zero
+stress they equal the stress–strain coefficients that experiments report. All functions are
+differentiable in the frames and the potential's parameters (the Born term's parameter
+gradient is a third derivative of the energy, which autograd provides), so they can be
+training targets.
+"""
+
+from __future__ import annotations
+
+import torch
+from openmm import unit
+
+from ..units import KB
+from ._frames import box_of_frame, check_box, check_frames, volumes
+from .density import kinetic_tensor, virial
+from .energy import Potential
+
+GPA_PER_KJ_MOL_NM3 = (1 * unit.kilojoule_per_mole / unit.nanometer ** 3
+                      / unit.AVOGADRO_CONSTANT_NA).value_in_unit(unit.pascal) * 1e-9
+"""1 kJ/mol/nm³ expressed in GPa (≈ 1.66054e-3)."""
+
+VOIGT = ((0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1))
+"""Cartesian index pairs of the Voigt components 1…6 (xx, yy, zz, yz, xz, xy)."""
+
+_KINETIC = (2.0, 2.0, 2.0, 1.0, 1.0, 1.0)
+
+
+def voigt_strain_tensor(e: torch.Tensor) -> torch.Tensor:
+    """Symmetric strain tensor η (3, 3) from Voigt components (engineering shears)."""
+    rows = [[e[0], 0.5 * e[5], 0.5 * e[4]],
+            [0.5 * e[5], e[1], 0.5 * e[3]],
+            [0.5 * e[4], 0.5 * e[3], e[2]]]
+    return torch.stack([torch.stack(row) for row in rows])
+
+
+def deformation(e: torch.Tensor) -> torch.Tensor:
+    """Stretch ``F = I + η − η²/2`` for Voigt Lagrangian strain ``e`` (second-order exact)."""
+    eta = voigt_strain_tensor(e)
+    return torch.eye(3, dtype=e.dtype, device=e.device) + eta - 0.5 * eta @ eta
+
+
+def stress_tensor(potential: Potential, positions: torch.Tensor, velocities: torch.Tensor,
+                  box, masses: torch.Tensor) -> torch.Tensor:
+    """Instantaneous virial stress of every frame, kinetic part included, GPa.
+
+    Parameters
+    ----------
+    potential : callable
+        ``potential(positions (N, 3), box (3, 3)) -> energy``, kJ/mol.
+    positions : torch.Tensor, shape (n_frames, n_atoms, 3), nm
+    velocities : torch.Tensor, shape (n_frames, n_atoms, 3), nm/ps
+    box : torch.Tensor, shape (3, 3) or (n_frames, 3, 3), nm
+    masses : torch.Tensor, shape (n_atoms,), amu
+
+    Returns
+    -------
+    torch.Tensor, shape (n_frames, 3, 3), GPa
+        ``σ = (∂U/∂ε − Σ m v ⊗ v) / V`` (tension positive; equals minus the pressure tensor).
+    """
+    positions = check_frames(positions)
+    box = check_box(box, positions.shape[0], positions, required=True)
+    total = -(kinetic_tensor(velocities, masses) + virial(potential, positions, box))
+    volume = volumes(box)
+    volume = volume[:, None, None] if volume.ndim == 1 else volume
+    return total / volume * GPA_PER_KJ_MOL_NM3
+
+
+def born_terms(potential: Potential, positions: torch.Tensor, box
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Born stress ``(1/V) ∂U/∂e`` and Born matrix ``(1/V) ∂²U/∂e∂e`` of every frame, GPa.
+
+    Parameters
+    ----------
+    potential : callable
+        ``potential(positions (N, 3), box (3, 3)) -> energy``, kJ/mol; twice differentiable.
+    positions : torch.Tensor, shape (n_frames, n_atoms, 3), nm
+    box : torch.Tensor, shape (3, 3) or (n_frames, 3, 3), nm
+
+    Returns
+    -------
+    stress : torch.Tensor, shape (n_frames, 6), GPa
+        Configurational stress in Voigt order (xx, yy, zz, yz, xz, xy).
+    born : torch.Tensor, shape (n_frames, 6, 6), GPa
+        Affine (unrelaxed) elastic constants of each frame, symmetric.
+    """
+    positions = check_frames(positions)
+    n_frames = positions.shape[0]
+    box = check_box(box, n_frames, positions, required=True)
+    stresses, borns = [], []
+    for s in range(n_frames):
+        e = positions.new_zeros(6, requires_grad=True)
+        stretch = deformation(e)
+        frame_box = box_of_frame(box, s)
+        energy = potential(positions[s] @ stretch, frame_box @ stretch)
+        (first,) = torch.autograd.grad(energy, e, create_graph=True)
+        rows = [torch.autograd.grad(first[a], e, create_graph=True)[0] for a in range(6)]
+        volume = torch.abs(torch.linalg.det(frame_box))
+        stresses.append(first / volume)
+        borns.append(torch.stack(rows) / volume)
+    return (torch.stack(stresses) * GPA_PER_KJ_MOL_NM3,
+            torch.stack(borns) * GPA_PER_KJ_MOL_NM3)
+
+
+def elastic_constants(potential: Potential, positions: torch.Tensor, box, temperature: float
+                      ) -> torch.Tensor:
+    """Isothermal elastic constants by the stress-fluctuation method, GPa.
+
+    Parameters
+    ----------
+    potential : callable
+        ``potential(positions (N, 3), box (3, 3)) -> energy``, kJ/mol; twice differentiable.
+    positions : torch.Tensor, shape (n_frames, n_atoms, 3), nm
+        Frames sampled from the canonical ensemble at ``temperature`` in a fixed box.
+    box : torch.Tensor, shape (3, 3), nm
+        The (fixed) box of every frame.
+    temperature : float, K
+
+    Returns
+    -------
+    torch.Tensor, shape (6, 6), GPa
+        ``C = ⟨C^B⟩ − (V/kT) Cov(σ^B) + (N kT/V) diag(2, 2, 2, 1, 1, 1)``; with one frame the
+        covariance is zero and ``C`` is the Born term plus the kinetic term (at 0 K: the affine,
+        unrelaxed constants).
+    """
+    positions = check_frames(positions)
+    box = torch.as_tensor(box, dtype=positions.dtype, device=positions.device)
+    if box.shape != (3, 3):
+        raise ValueError(f"elastic_constants needs one fixed box of shape (3, 3), got "
+                         f"{tuple(box.shape)} (the method assumes constant volume and shape)")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 K, got {temperature}")
+    stress, born = born_terms(potential, positions, box)
+    kT = KB * float(temperature)
+    volume = torch.abs(torch.linalg.det(box))
+    fluct = stress - stress.mean(0)
+    covariance = fluct.T @ fluct / stress.shape[0]
+    # Cov is in GPa²; V/kT converts one GPa back to kJ/mol/nm³.
+    fluctuation = volume / kT * covariance / GPA_PER_KJ_MOL_NM3
+    kinetic = positions.shape[1] * kT / volume * GPA_PER_KJ_MOL_NM3 * torch.diag(
+        torch.tensor(_KINETIC, dtype=positions.dtype, device=positions.device))
+    return born.mean(0) - fluctuation + kinetic

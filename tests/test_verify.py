@@ -1,0 +1,103 @@
+"""`openmm-reversible verify`: the twin against OpenMM on real systems, and the exit codes."""
+
+import json
+
+import numpy as np
+import openmm
+import pytest
+from openmm import app, unit
+
+from openmm_reversible.cli import main
+from openmm_reversible.systems import villin, water_box
+from openmm_reversible.verify import verify
+
+
+def _write_inputs(tmp_path, msys):
+    sys_path = tmp_path / "system.xml"
+    sys_path.write_text(openmm.XmlSerializer.serialize(msys.system))
+    ctx = openmm.Context(msys.system, openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("Reference"))
+    if msys.box is not None:
+        ctx.setPeriodicBoxVectors(*msys.box)
+    ctx.setPositions(msys.positions)
+    state_path = tmp_path / "state.xml"
+    state_path.write_text(openmm.XmlSerializer.serialize(ctx.getState(getPositions=True)))
+    return str(sys_path), str(state_path)
+
+
+@pytest.mark.parametrize("nonbonded", ["RF", "PME"])
+def test_flexible_water_box_within_tolerance(tmp_path, capsys, nonbonded):
+    msys = water_box(216, nonbonded=nonbonded, cutoff=0.9, rigid=False,
+                     **({"ewaldErrorTolerance": 1e-6} if nonbonded == "PME" else {}))
+    sys_path, state_path = _write_inputs(tmp_path, msys)
+    assert main(["verify", sys_path, state_path, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] is True
+    assert {"energy_openmm", "energy_torch", "energy_rel_error", "force_rel_rms_error",
+            "per_force"} <= set(out)
+    names = {f["name"] for f in out["per_force"]}
+    assert {"HarmonicBondForce", "HarmonicAngleForce", "NonbondedForce"} <= names
+    cmm = [f for f in out["per_force"] if f["name"] == "CMMotionRemover"]
+    assert cmm and cmm[0]["ignored"] is True
+    assert out["energy_rel_error"] <= 1e-5 and out["force_rel_rms_error"] <= 1e-5
+
+
+@pytest.mark.slow
+def test_villin_amber14_pme():
+    msys = villin(nonbonded="PME", cutoff=1.0, ewaldErrorTolerance=1e-6)
+    report = verify(msys.system, msys.positions, msys.box)
+    bad = [(r.name, r.energy_rel_error, r.force_rel_rms_error)
+           for r in report.per_force if not r.ok]
+    assert report.ok, bad
+
+
+def test_pdb_coordinates_accepted(tmp_path, capsys):
+    msys = water_box(216, nonbonded="RF")
+    sys_path, _ = _write_inputs(tmp_path, msys)
+    pdb_path = tmp_path / "coords.pdb"
+    with open(pdb_path, "w") as fh:
+        app.PDBFile.writeFile(msys.topology, msys.positions * unit.nanometer, fh)
+    # PDB has only 3 decimals in Å; the comparison is still at one configuration for both codes.
+    assert main(["verify", sys_path, str(pdb_path)]) == 0
+    assert "NonbondedForce" in capsys.readouterr().out
+
+
+def test_unsupported_force_exit_2(tmp_path, capsys):
+    system = openmm.System()
+    for _ in range(2):
+        system.addParticle(1.0)
+    gb = openmm.GBSAOBCForce()
+    for _ in range(2):
+        gb.addParticle(0.0, 0.15, 1.0)
+    system.addForce(gb)
+    path = tmp_path / "gb.xml"
+    path.write_text(openmm.XmlSerializer.serialize(system))
+    state = tmp_path / "c.pdb"
+    top = app.Topology()
+    chain = top.addChain()
+    res = top.addResidue("AR", chain)
+    for name in ("AR1", "AR2"):
+        top.addAtom(name, app.element.argon, res)
+    with open(state, "w") as fh:
+        app.PDBFile.writeFile(top, np.array([[0, 0, 0], [0.3, 0, 0]]) * unit.nanometer, fh)
+    assert main(["verify", str(path), str(state)]) == 2
+    err = capsys.readouterr().err
+    assert "Unsupported force GBSAOBCForce" in err and "NonbondedForce" in err
+    assert "Traceback" not in err
+
+
+def test_bad_inputs_exit_2(tmp_path, capsys):
+    assert main(["verify", str(tmp_path / "missing.xml"), "x.pdb"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    not_system = tmp_path / "integrator.xml"
+    not_system.write_text(openmm.XmlSerializer.serialize(openmm.VerletIntegrator(0.001)))
+    assert main(["verify", str(not_system), str(not_system)]) == 2
+    assert "not a System" in capsys.readouterr().err
+    msys = water_box(216, nonbonded="RF")
+    sys_path, _ = _write_inputs(tmp_path, msys)
+    small = water_box(100, nonbonded="RF")
+    pdb_path = tmp_path / "small.pdb"
+    with open(pdb_path, "w") as fh:
+        app.PDBFile.writeFile(small.topology, small.positions * unit.nanometer, fh)
+    assert main(["verify", sys_path, str(pdb_path)]) == 2
+    assert "atoms but the System has 648" in capsys.readouterr().err
