@@ -22,6 +22,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "force field"),
     "benchmark": ("openmm_reversible.benchmarks",
                   "run a benchmark (forces, gradient, memory) and print its results"),
+    "fit": ("openmm_reversible.fit", "train tagged force-field parameters from a TOML config"),
+    "export": ("openmm_reversible.export",
+               "write a fit's trained values into copies of the original ForceField XML"),
+    "validate": ("openmm_reversible.validate", "check a trained force field in plain OpenMM"),
+    "demo": ("openmm_reversible.demo",
+             "fit flexible 3-site water to RDFs and the heat of vaporisation (make demo)"),
 }
 
 

@@ -15,25 +15,11 @@ the target with ``os.replace``, so an interrupted export never leaves a truncate
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import InputError
+from .files import atomic_write_text
 from .parameters import ParameterSet, is_bundled
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        if path.exists():
-            os.chmod(temporary, path.stat().st_mode & 0o7777)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
 
 
 def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None = None,
@@ -85,7 +71,7 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
                          f"({', '.join(s.name for s in sources)}) but {str(path_or_dir)!r} "
                          "is not a directory; pass an existing directory")
     for index, target in zip(indices, targets, strict=True):
-        _atomic_write(target, texts[index])
+        atomic_write_text(target, texts[index])
     return targets
 
 
@@ -93,3 +79,44 @@ export_forcefield = write_xml
 """Alias of :func:`write_xml`, the name the training loop uses."""
 
 __all__ = ["write_xml", "export_forcefield"]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("config", metavar="CONFIG.toml", help="the fit's TOML config")
+    parser.add_argument("--from", dest="fit_dir", required=True, metavar="FIT_DIR",
+                        help="output directory of `openmm-reversible fit` (its checkpoint.pt)")
+    parser.add_argument("--output", "-o", required=True, metavar="DIR",
+                        help="directory to write the trained ForceField XML into")
+    parser.add_argument("--plain", action="store_true",
+                        help="drop the parameterize/parameter_eval tags (a file that any "
+                             "OpenMM loads, but that cannot be trained again)")
+
+
+def run(args) -> int:
+    """CLI: write the values of a fit's checkpoint into copies of the original XML files."""
+    import torch
+
+    from .config import load_config
+    from .sampler import build_structure, create_system_kwargs
+
+    config = load_config(args.config)
+    checkpoint = Path(args.fit_dir) / "checkpoint.pt"
+    if not checkpoint.is_file():
+        raise InputError(f"--from {args.fit_dir}: no checkpoint.pt there; pass the output "
+                         "directory of `openmm-reversible fit`")
+    saved = torch.load(checkpoint, weights_only=True)
+    topology, _ = build_structure(config)
+    parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
+                                              **create_system_kwargs(config))
+    if saved["sites"] != parameters.names:
+        raise InputError(f"{checkpoint} holds parameters {saved['sites']} but the config's force "
+                         f"field has {parameters.names}; pass the config the fit used")
+    with torch.no_grad():
+        parameters.scaled.copy_(saved["scaled"])
+    output = Path(args.output)
+    output.mkdir(parents=True, exist_ok=True)
+    for path in write_xml(parameters, output, strip_markup=args.plain):
+        print(path)
+    for key, value in parameters.values().items():
+        print(f"  {key} = {value!r}")
+    return 0

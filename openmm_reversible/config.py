@@ -1,0 +1,418 @@
+"""The fitting configuration: a TOML file read into frozen dataclasses, checked before any work.
+
+A config file has one table per concern::
+
+    [forcefield]   files = ["water.xml"]           ForceField XML, tagged with parameterize
+    [structure]    water_box = 216 | pdb = "x.pdb"  what to simulate (Modeller builds boxes)
+    [system]       nonbonded_method, cutoff, ...   arguments of ForceField.createSystem
+    [simulation]   temperature, friction, timestep, pressure, platform, seed
+    [schedule]     epochs, equilibration_steps, bulk_steps, windows, window_steps, optimiser
+    [failure]      what to do when a simulation blows up (retries, new noise, smaller step)
+    [[targets]]    one table per observable with its target and weight
+
+Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
+value (a negative time step, a cutoff larger than half the box, a missing target file) raises
+:class:`~openmm_reversible.errors.InputError` naming the key (``schedule.epocs: unknown key; did
+you mean 'epochs'?``), so a bad config fails before anything is simulated or written.
+
+Relative paths are resolved against the directory of the config file. Units are OpenMM's MD
+units (nm, ps, K, kJ/mol) except where a key says otherwise (pressure in bar, density in
+g/cm³, diffusion coefficient in nm²/ps).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from openmm import app
+
+from .errors import InputError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "ReactionField",
+                     "Ewald", "PME")
+"""Accepted ``system.nonbonded_method`` values; ``ReactionField`` is OpenMM's
+``CutoffPeriodic`` (reaction-field electrostatics with periodic boundaries)."""
+
+CONSTRAINTS = ("none", "HBonds", "AllBonds", "HAngles")
+PLATFORMS = ("auto", "Reference", "CPU", "CUDA", "OpenCL", "HIP")
+OPTIMIZERS = ("adam", "sgd")
+FAILURE_ACTIONS = ("renoise", "shrink_lr", "stop")
+OBSERVABLES = ("rdf", "enthalpy_of_vaporization", "density", "pressure", "diffusion")
+SCALAR_UNITS = {"enthalpy_of_vaporization": "kJ/mol", "density": "g/cm^3", "pressure": "bar",
+                "diffusion": "nm^2/ps"}
+"""Units of the ``value`` of each scalar target."""
+DEFAULT_TOLERANCES = {"enthalpy_of_vaporization": 1.0, "density": 0.01, "pressure": 100.0,
+                      "diffusion": 1e-4}
+"""Error of a scalar target that costs ``weight`` (loss term ``weight·(error/tolerance)²``)."""
+
+
+def _positive(value) -> str | None:
+    return None if value > 0 else "must be > 0"
+
+
+def _non_negative(value) -> str | None:
+    return None if value >= 0 else "must be >= 0"
+
+
+def _one_of(*choices):
+    def check(value) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(map(str, choices))}"
+    return check
+
+
+def _spec(default=dataclasses.MISSING, check=None, doc: str = ""):
+    """A dataclass field with a value check (returns an error text or None) and a description."""
+    kwargs = {"metadata": {"check": check, "doc": doc}}
+    if isinstance(default, list):
+        kwargs["default_factory"] = lambda: list(default)
+    elif default is not dataclasses.MISSING:
+        kwargs["default"] = default
+    return field(**kwargs)
+
+
+@dataclass(frozen=True)
+class ForceFieldConfig:
+    files: list[str] = _spec(doc="ForceField XML files, paths relative to the config or "
+                                 "OpenMM's bundled names; at least one tagged with parameterize")
+
+
+@dataclass(frozen=True)
+class StructureConfig:
+    pdb: str | None = _spec(None, doc="PDB file with the starting structure")
+    water_box: int | None = _spec(None, _positive, "number of water molecules in a cubic box")
+    model: str = _spec("tip3p", doc="water model Modeller uses for water_box / padding")
+    padding: float | None = _spec(None, _positive, "nm of water added around the PDB solute")
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    nonbonded_method: str = _spec("ReactionField", _one_of(*NONBONDED_METHODS))
+    cutoff: float = _spec(1.0, _positive, "nm")
+    reaction_field_dielectric: float = _spec(78.3, _positive)
+    ewald_error_tolerance: float = _spec(5e-4, _positive)
+    rigid_water: bool = _spec(False)
+    constraints: str = _spec("none", _one_of(*CONSTRAINTS))
+    remove_cm_motion: bool = _spec(False)
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    temperature: float = _spec(check=_positive, doc="K")
+    friction: float = _spec(1.0, _positive, "1/ps")
+    timestep: float = _spec(0.001, _positive, "ps")
+    pressure: float | None = _spec(None, _positive, "bar; NPT sampling with a MonteCarloBarostat")
+    barostat_interval: int = _spec(25, _positive, "steps between barostat moves")
+    platform: str = _spec("auto", _one_of(*PLATFORMS), "auto: CUDA when present, else CPU")
+    seed: int = _spec(1, _non_negative)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    epochs: int = _spec(check=_positive)
+    equilibration_steps: int = _spec(1000, _non_negative, "OpenMM steps at the start of an epoch")
+    bulk_steps: int = _spec(500, _non_negative, "OpenMM steps before each reversible window")
+    windows: int = _spec(1, _positive, "reversible windows per epoch")
+    window_steps: int = _spec(100, _positive, "steps of one reversible window")
+    snapshot_every: int = _spec(10, _positive, "steps between loss snapshots in a window")
+    truncation: int | None = _spec(None, _positive, "adjoint truncation, steps")
+    resync_every: int | None = _spec(None, _positive, "steps between stored resync states")
+    optimizer: str = _spec("adam", _one_of(*OPTIMIZERS))
+    learning_rate: float = _spec(0.01, _positive, "step on parameters scaled to their start")
+
+
+@dataclass(frozen=True)
+class FailureConfig:
+    action: str = _spec("renoise", _one_of(*FAILURE_ACTIONS),
+                        "renoise: retry with new noise; shrink_lr: also shrink the step")
+    max_retries: int = _spec(2, _non_negative)
+    lr_factor: float = _spec(0.5, lambda v: None if 0 < v < 1 else "must be in (0, 1)")
+    max_temperature: float | None = _spec(None, _positive,
+                                          "K; hotter is an explosion (default 3 × temperature)")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    observable: str = _spec(check=_one_of(*OBSERVABLES))
+    weight: float = _spec(1.0, _non_negative)
+    value: float | None = _spec(None, doc="scalar target, units in SCALAR_UNITS")
+    file: str | None = _spec(None, doc="rdf: two-column text file, r (nm) and g(r)")
+    atoms: list[str] = _spec([], doc="rdf: the two atom names of the pair, e.g. ['O', 'H']")
+    name: str | None = _spec(None, doc="label in logs and plots")
+    r_max: float | None = _spec(None, _positive, "rdf: largest r used, nm")
+    bandwidth: float | None = _spec(None, _positive,
+                                    "rdf: Gaussian smoothing width, nm (default: bin width)")
+    tolerance: float | None = _spec(None, _positive,
+                                    "scalar targets: the error that costs weight × 1 "
+                                    "(default DEFAULT_TOLERANCES), units of value")
+    gas_energy: float | None = _spec(None, doc="enthalpy_of_vaporization: potential energy "
+                                               "of one isolated molecule, kJ/mol (default: "
+                                               "k_B T/2 per internal harmonic mode)")
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.observable == "rdf":
+            return "rdf_" + "".join(self.atoms)
+        return self.observable
+
+    @property
+    def scale(self) -> float:
+        """Tolerance of a scalar target (given or default), units of ``value``."""
+        return self.tolerance or DEFAULT_TOLERANCES[self.observable]
+
+    def rdf_data(self) -> tuple[np.ndarray, np.ndarray]:
+        """Target RDF (r in nm, g) read from ``file``."""
+        data = np.loadtxt(self.file, ndmin=2)
+        return data[:, 0], data[:, 1]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """A whole fitting configuration. Build it with :func:`load_config`."""
+
+    forcefield: ForceFieldConfig
+    structure: StructureConfig
+    simulation: SimulationConfig
+    schedule: ScheduleConfig
+    system: SystemConfig = field(default_factory=SystemConfig)
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    targets: list[TargetConfig] = field(default_factory=list)
+    path: str | None = None
+    """The config file this was read from (absolute), None when built from a dict."""
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(FitConfig) if f.name != "path"}
+
+
+def _type_ok(value, annotation) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def _type_name(annotation) -> str:
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _unknown(key: str, known, where: str) -> InputError:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    return InputError(f"{where}: unknown key{hint}")
+
+
+def _build(cls, table, where: str):
+    """Instantiate dataclass ``cls`` from a TOML table, checking keys, types and values."""
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: must be a table ([{where}]), got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in table:
+        if key not in fields:
+            raise _unknown(key, fields, f"{where}.{key}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in table:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise InputError(f"{where}.{name}: required key is missing")
+            continue
+        value = table[name]
+        if not _type_ok(value, hints[name]):
+            raise InputError(f"{where}.{name}: expected {_type_name(hints[name])}, "
+                             f"got {value!r}")
+        if hints[name] is float and value is not None:
+            value = float(value)
+        check = f.metadata.get("check")
+        if check is not None and value is not None:
+            problem = check(value)
+            if problem:
+                raise InputError(f"{where}.{name} = {value!r}: {problem}")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _resolve(path: str, base: Path) -> str:
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
+
+
+def _resolve_forcefield(name: str, base: Path, where: str) -> str:
+    local = Path(_resolve(name, base))
+    if local.is_file():
+        return str(local)
+    bundled = Path(os.path.dirname(app.__file__)) / "data" / name
+    if bundled.is_file():
+        return name  # OpenMM finds its own data files by name
+    raise InputError(f"{where}: file {name!r} not found (looked in {base} and in OpenMM's "
+                     f"bundled force fields)")
+
+
+def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | None
+                  ) -> TargetConfig:
+    if t.observable == "rdf":
+        if len(t.atoms) != 2:
+            raise InputError(f"{where}.atoms: an rdf target needs two atom names, e.g. "
+                             f"atoms = ['O', 'H'], got {t.atoms}")
+        if t.file is None:
+            raise InputError(f"{where}.file: an rdf target needs a file with columns r (nm), g")
+        for key in ("value", "tolerance", "gas_energy"):
+            if getattr(t, key) is not None:
+                raise InputError(f"{where}.{key}: an rdf target takes its target from 'file'; "
+                                 f"remove {key!r}")
+        path = _resolve(t.file, base)
+        if not os.path.isfile(path):
+            raise InputError(f"{where}.file: {path} does not exist")
+        try:
+            data = np.loadtxt(path, ndmin=2)
+        except ValueError as exc:
+            raise InputError(f"{where}.file: {path} is not a numeric table ({exc})") from None
+        if data.shape[1] < 2 or data.shape[0] < 3 or not np.all(np.isfinite(data[:, :2])):
+            raise InputError(f"{where}.file: {path} needs >= 3 rows of finite r (nm), g columns")
+        spacing = np.diff(data[:, 0])
+        if np.any(spacing <= 0) or np.ptp(spacing) > 1e-6 * spacing.mean() + 1e-9:
+            raise InputError(f"{where}.file: r (first column) of {path} must be bin centres "
+                             f"with a uniform spacing")
+        return dataclasses.replace(t, file=path)
+    for key in ("file", "r_max", "bandwidth"):
+        if getattr(t, key) is not None:
+            raise InputError(f"{where}.{key}: only rdf targets take {key!r}")
+    if t.atoms:
+        raise InputError(f"{where}.atoms: only rdf targets take 'atoms'")
+    if t.gas_energy is not None and t.observable != "enthalpy_of_vaporization":
+        raise InputError(f"{where}.gas_energy: only enthalpy_of_vaporization targets take it")
+    if t.value is None:
+        raise InputError(f"{where}.value: a {t.observable} target needs a value in "
+                         f"{SCALAR_UNITS[t.observable]}")
+    if t.observable == "density" and pressure is None:
+        raise InputError(f"{where}: a density target needs NPT sampling; set "
+                         f"simulation.pressure (bar)")
+    if t.observable in ("density", "diffusion") and t.value <= 0:
+        raise InputError(f"{where}.value = {t.value}: must be > 0")
+    return t
+
+
+def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
+                     path: str | None = None) -> FitConfig:
+    """Validate a parsed config (the TOML document as a dict) and build a :class:`FitConfig`.
+
+    Parameters
+    ----------
+    data : dict
+        The parsed document.
+    base_dir : path
+        Directory against which relative file names are resolved.
+    path : str, optional
+        Where the document came from (kept in :attr:`FitConfig.path`).
+
+    Raises
+    ------
+    InputError
+        On any unknown key, wrong type, impossible value or missing file; the message names the
+        key.
+    """
+    base = Path(base_dir).resolve()
+    for key in data:
+        if key not in _SECTIONS:
+            raise _unknown(key, _SECTIONS, key)
+    for name, f in _SECTIONS.items():
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and name not in data:
+            raise InputError(f"{name}: required table [{name}] is missing")
+    ff = _build(ForceFieldConfig, data["forcefield"], "forcefield")
+    if not ff.files:
+        raise InputError("forcefield.files: name at least one ForceField XML file")
+    ff = ForceFieldConfig([_resolve_forcefield(n, base, f"forcefield.files[{i}]")
+                           for i, n in enumerate(ff.files)])
+    structure = _build(StructureConfig, data["structure"], "structure")
+    if (structure.pdb is None) == (structure.water_box is None):
+        raise InputError("structure: give exactly one of 'pdb' (a file) or 'water_box' "
+                         "(a number of water molecules)")
+    if structure.padding is not None and structure.pdb is None:
+        raise InputError("structure.padding: only used with 'pdb' (water around a solute)")
+    if structure.pdb is not None:
+        pdb = _resolve(structure.pdb, base)
+        if not os.path.isfile(pdb):
+            raise InputError(f"structure.pdb: {pdb} does not exist")
+        structure = dataclasses.replace(structure, pdb=pdb)
+    system = _build(SystemConfig, data.get("system", {}), "system")
+    simulation = _build(SimulationConfig, data["simulation"], "simulation")
+    if simulation.pressure is not None and system.nonbonded_method in ("NoCutoff",
+                                                                      "CutoffNonPeriodic"):
+        raise InputError(f"simulation.pressure: NPT needs a periodic system, but "
+                         f"system.nonbonded_method is {system.nonbonded_method}")
+    schedule = _build(ScheduleConfig, data["schedule"], "schedule")
+    if schedule.snapshot_every > schedule.window_steps:
+        raise InputError(f"schedule.snapshot_every = {schedule.snapshot_every}: larger than "
+                         f"schedule.window_steps = {schedule.window_steps}, so a window would "
+                         f"have no loss snapshot")
+    if schedule.window_steps % schedule.snapshot_every:
+        raise InputError(f"schedule.window_steps = {schedule.window_steps}: must be a multiple "
+                         f"of schedule.snapshot_every = {schedule.snapshot_every}")
+    failure = _build(FailureConfig, data.get("failure", {}), "failure")
+    raw_targets = data.get("targets", [])
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise InputError("targets: give at least one [[targets]] table")
+    targets = [_check_target(_build(TargetConfig, t, f"targets[{i}]"), base, f"targets[{i}]",
+                             simulation.pressure)
+               for i, t in enumerate(raw_targets)]
+    labels = [t.label for t in targets]
+    duplicates = sorted({x for x in labels if labels.count(x) > 1})
+    if duplicates:
+        raise InputError(f"targets: duplicate target {duplicates[0]!r}; give each a distinct "
+                         f"'name'")
+    if not any(t.weight > 0 for t in targets):
+        raise InputError("targets: every weight is 0, nothing to fit")
+    return FitConfig(forcefield=ff, structure=structure, system=system, simulation=simulation,
+                     schedule=schedule, failure=failure, targets=targets, path=path)
+
+
+def load_config(path: str | os.PathLike) -> FitConfig:
+    """Read and validate a TOML fitting config.
+
+    Parameters
+    ----------
+    path : path
+        The TOML file. Relative paths inside it are relative to its directory.
+
+    Raises
+    ------
+    InputError
+        If the file is missing, is not valid TOML, or fails validation (see
+        :func:`config_from_dict`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML ({exc})") from None
+    return config_from_dict(data, path.resolve().parent, str(path.resolve()))
+
+
+def to_dict(config: FitConfig) -> dict:
+    """The config as plain data (for logs and checkpoints)."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,60 @@
+"""``openmm-reversible fit CONFIG.toml [--resume] [--output DIR]``: train force-field parameters.
+
+The config (:mod:`openmm_reversible.config`) is validated in full before anything runs or is
+written; the training loop is :class:`openmm_reversible.train.Trainer`. After every epoch DIR
+holds the trained ForceField XML, ``log.jsonl``, ``training.png`` and ``checkpoint.pt``;
+``--resume`` continues from the checkpoint. Exit codes: 0 finished, 1 training failed (the last
+good parameters stay in DIR), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="TOML fitting config (see examples/water/water.toml)")
+    parser.add_argument("--output", "-o", default=None,
+                        help="output directory (default: fit-output next to the config)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from DIR/checkpoint.pt")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override schedule.epochs (e.g. to extend a finished fit)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def output_directory(config_path: str, output: str | None) -> Path:
+    """``--output`` or, by default, ``fit-output`` beside the config file."""
+    return Path(output) if output else Path(config_path).resolve().parent / "fit-output"
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .errors import InputError
+    from .train import Trainer, TrainingFailed
+
+    config = load_config(args.config)
+    if args.epochs is not None:
+        if args.epochs < 1:
+            raise InputError(f"--epochs {args.epochs}: must be >= 1")
+        config = dataclasses.replace(
+            config, schedule=dataclasses.replace(config.schedule, epochs=args.epochs))
+    output = output_directory(args.config, args.output)
+    trainer = Trainer(config, output, resume=args.resume, progress=not args.no_progress)
+    try:
+        result = trainer.run()
+    except TrainingFailed as exc:
+        print(f"openmm-reversible fit: training failed: {exc}")
+        return 1
+    last = result.records[-1] if result.records else None
+    if last is not None:
+        print(f"epoch {last['epoch']}: loss {last['loss']:.6g}")
+        for key, value in result.parameters.items():
+            print(f"  {key} = {value:.6g}")
+    print(f"trained force field: {', '.join(str(p) for p in result.files['forcefield'])}")
+    print(f"log: {result.files['log']}  plot: {result.files['plot']}")
+    return 0

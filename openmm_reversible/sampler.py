@@ -1,0 +1,408 @@
+"""Sampling in plain OpenMM: the fast part of every epoch.
+
+Training alternates two kinds of dynamics. Most steps — equilibration after a parameter update
+and the bulk sampling between loss windows — need no gradient and run in OpenMM on its fastest
+platform (CUDA when present, else CPU). Only the short reversible windows run in torch, starting
+from states that OpenMM hands over (:meth:`Sampler.state`).
+
+Both must simulate the *same* force field. After each optimiser step the current values are
+written into the force-field text, OpenMM builds a System from it exactly as it would from the
+exported file (:meth:`ParameterSet.create_system`), and the per-item parameters of that System
+are copied into the sampling System's forces and pushed with ``updateParametersInContext``
+(:func:`copy_parameters`). The Context — and with it the barostat, the neighbour lists and the
+random-number stream — survives parameter updates. Each epoch starts with
+:meth:`Sampler.restart` from a saved state and a seed derived from the epoch, so a resumed
+training run repeats an uninterrupted one.
+
+A simulation that blows up (NaN coordinates, or a kinetic temperature far above the bath) raises
+:class:`SimulationExploded` with the step at which it was detected.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import openmm
+from openmm import app, unit
+
+from .config import FitConfig
+from .errors import InputError
+from .units import KB
+
+_OPENMM_METHODS = {
+    "NoCutoff": app.NoCutoff, "CutoffNonPeriodic": app.CutoffNonPeriodic,
+    "CutoffPeriodic": app.CutoffPeriodic, "ReactionField": app.CutoffPeriodic,
+    "Ewald": app.Ewald, "PME": app.PME,
+}
+_CONSTRAINTS = {"none": None, "HBonds": app.HBonds, "AllBonds": app.AllBonds,
+                "HAngles": app.HAngles}
+
+# Per-item parameters of each force class: (count, getter, setter, packed). ``packed`` setters
+# take the parameters as one sequence (CustomNonbondedForce.setParticleParameters(i, params)),
+# the others take the getter's values spread out (setBondParameters(i, p1, p2, length, k)).
+_ITEM_ACCESSORS: dict[str, list[tuple[str, str, str, bool]]] = {
+    "NonbondedForce": [("getNumParticles", "getParticleParameters", "setParticleParameters",
+                        False),
+                       ("getNumExceptions", "getExceptionParameters", "setExceptionParameters",
+                        False)],
+    "HarmonicBondForce": [("getNumBonds", "getBondParameters", "setBondParameters", False)],
+    "HarmonicAngleForce": [("getNumAngles", "getAngleParameters", "setAngleParameters", False)],
+    "PeriodicTorsionForce": [("getNumTorsions", "getTorsionParameters", "setTorsionParameters",
+                              False)],
+    "RBTorsionForce": [("getNumTorsions", "getTorsionParameters", "setTorsionParameters",
+                        False)],
+    "CustomBondForce": [("getNumBonds", "getBondParameters", "setBondParameters", False)],
+    "CustomAngleForce": [("getNumAngles", "getAngleParameters", "setAngleParameters", False)],
+    "CustomTorsionForce": [("getNumTorsions", "getTorsionParameters", "setTorsionParameters",
+                            False)],
+    "CustomNonbondedForce": [("getNumParticles", "getParticleParameters",
+                              "setParticleParameters", True)],
+    "CustomExternalForce": [("getNumParticles", "getParticleParameters",
+                             "setParticleParameters", False)],
+    "GBSAOBCForce": [("getNumParticles", "getParticleParameters", "setParticleParameters",
+                      False)],
+}
+_NO_PARAMETERS = ("CMMotionRemover", "MonteCarloBarostat", "MonteCarloAnisotropicBarostat",
+                  "MonteCarloFlexibleBarostat", "MonteCarloMembraneBarostat")
+
+
+_PLATFORM_PROPERTIES = {
+    "CPU": {"DeterministicForces": "true"},
+    "CUDA": {"Precision": "double", "DeterministicForces": "true"},
+    "OpenCL": {"Precision": "double"},
+    "HIP": {"Precision": "double", "DeterministicForces": "true"},
+}
+"""Reproducible sampling: the same state and seed give the same trajectory."""
+
+
+class SimulationExploded(RuntimeError):
+    """The OpenMM simulation produced NaN or ran away; ``step`` is where it was detected."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"simulation exploded at OpenMM step {step}: {reason}")
+        self.step = step
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class SampledState:
+    """A state handed from OpenMM to the reversible windows, MD units.
+
+    Attributes
+    ----------
+    positions : ndarray, shape (N, 3), nm
+        Not wrapped into the box.
+    velocities : ndarray, shape (N, 3), nm/ps
+    box : ndarray, shape (3, 3), nm, or None when not periodic
+    step : int
+        OpenMM's step counter.
+    """
+
+    positions: np.ndarray
+    velocities: np.ndarray
+    box: np.ndarray | None
+    step: int
+
+
+def select_platform(name: str = "auto") -> openmm.Platform:
+    """The OpenMM platform ``name``; ``"auto"`` is CUDA when present, else CPU.
+
+    Raises
+    ------
+    InputError
+        If the platform is not available in this OpenMM installation.
+    """
+    available = [openmm.Platform.getPlatform(i).getName()
+                 for i in range(openmm.Platform.getNumPlatforms())]
+    if name == "auto":
+        name = "CUDA" if "CUDA" in available else "CPU" if "CPU" in available else "Reference"
+    if name not in available:
+        raise InputError(f"simulation.platform: OpenMM platform {name!r} is not available "
+                         f"here (available: {', '.join(available)})")
+    return openmm.Platform.getPlatformByName(name)
+
+
+def create_system_kwargs(config: FitConfig) -> dict:
+    """Keyword arguments of ``ForceField.createSystem`` for the config's ``[system]`` table."""
+    s = config.system
+    kwargs = {"nonbondedMethod": _OPENMM_METHODS[s.nonbonded_method],
+              "constraints": _CONSTRAINTS[s.constraints], "rigidWater": s.rigid_water,
+              "removeCMMotion": s.remove_cm_motion}
+    if s.nonbonded_method != "NoCutoff":
+        kwargs["nonbondedCutoff"] = s.cutoff * unit.nanometer
+    if s.nonbonded_method in ("Ewald", "PME"):
+        kwargs["ewaldErrorTolerance"] = s.ewald_error_tolerance
+    return kwargs
+
+
+def configure_system(system: openmm.System, config: FitConfig) -> openmm.System:
+    """Apply the ``[system]`` settings that ``createSystem`` does not take (in place).
+
+    The reaction-field dielectric is a property of the NonbondedForce, not an argument of
+    ``ForceField.createSystem``; every System the fit builds passes through here.
+    """
+    for force in system.getForces():
+        if isinstance(force, openmm.NonbondedForce):
+            force.setReactionFieldDielectric(config.system.reaction_field_dielectric)
+    return system
+
+
+def build_structure(config: FitConfig, forcefield_files: list[str] | None = None
+                    ) -> tuple[app.Topology, np.ndarray]:
+    """Topology and starting positions (nm) of the config's ``[structure]``.
+
+    A ``water_box`` is filled by OpenMM's Modeller from its pre-equilibrated water; a ``pdb``
+    is read as is, or surrounded by ``padding`` nm of water.
+
+    Parameters
+    ----------
+    config : FitConfig
+    forcefield_files : list of str, optional
+        Files whose templates Modeller uses (default: the config's force field).
+    """
+    s = config.structure
+    files = forcefield_files or config.forcefield.files
+    try:
+        forcefield = app.ForceField(*files)
+    except Exception as exc:
+        raise InputError(f"forcefield.files: OpenMM cannot load {files} ({exc})") from None
+    if s.water_box is not None:
+        modeller = app.Modeller(app.Topology(), [])
+        modeller.addSolvent(forcefield, model=s.model, numAdded=s.water_box)
+    else:
+        pdb = app.PDBFile(s.pdb)
+        modeller = app.Modeller(pdb.topology, pdb.positions)
+        if s.padding is not None:
+            modeller.addSolvent(forcefield, model=s.model, padding=s.padding * unit.nanometer)
+    positions = np.asarray(modeller.positions.value_in_unit(unit.nanometer), dtype=float)
+    return modeller.topology, positions
+
+
+def copy_parameters(source: openmm.System, target: openmm.System,
+                    context: openmm.Context | None = None) -> None:
+    """Copy every per-item parameter of ``source``'s forces into ``target``'s.
+
+    The two Systems must have the same forces in the same order with the same items (as two
+    Systems built from one topology by one force field are). With a ``context`` built from
+    ``target``, the new values are pushed into it with ``updateParametersInContext`` and the
+    global parameters of Custom forces with ``setParameter``.
+
+    Raises
+    ------
+    InputError
+        If the Systems differ in structure, or a force has no known parameter accessors.
+    """
+    src_forces = [f for f in source.getForces() if type(f).__name__ not in _NO_PARAMETERS]
+    dst_forces = [f for f in target.getForces() if type(f).__name__ not in _NO_PARAMETERS]
+    if [type(f) for f in src_forces] != [type(f) for f in dst_forces]:
+        raise InputError("cannot copy parameters between Systems with different forces: "
+                         f"{[type(f).__name__ for f in src_forces]} vs "
+                         f"{[type(f).__name__ for f in dst_forces]}")
+    for src, dst in zip(src_forces, dst_forces, strict=True):
+        name = type(src).__name__
+        if name not in _ITEM_ACCESSORS:
+            raise InputError(f"cannot update {name} in a running simulation (supported: "
+                             f"{', '.join(sorted(_ITEM_ACCESSORS))})")
+        for count, getter, setter, packed in _ITEM_ACCESSORS[name]:
+            n = getattr(src, count)()
+            if n != getattr(dst, count)():
+                raise InputError(f"{name}: {count[6:]} differ ({n} vs {getattr(dst, count)()})")
+            get, put = getattr(src, getter), getattr(dst, setter)
+            for i in range(n):
+                if packed:
+                    put(i, get(i))
+                else:
+                    put(i, *get(i))
+        if hasattr(src, "getNumGlobalParameters"):
+            for k in range(src.getNumGlobalParameters()):
+                dst.setGlobalParameterDefaultValue(k, src.getGlobalParameterDefaultValue(k))
+                if context is not None:
+                    context.setParameter(src.getGlobalParameterName(k),
+                                         src.getGlobalParameterDefaultValue(k))
+        if context is not None:
+            dst.updateParametersInContext(context)
+
+
+def _openmm_seed(seed: int) -> int:
+    """A positive 31-bit seed (OpenMM draws a random one for 0)."""
+    return int(seed) % 2147483646 + 1
+
+
+def _degrees_of_freedom(system: openmm.System) -> int:
+    n = sum(1 for i in range(system.getNumParticles())
+            if system.getParticleMass(i).value_in_unit(unit.dalton) > 0)
+    dof = 3 * n - system.getNumConstraints()
+    if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()):
+        dof -= 3
+    return dof
+
+
+class Sampler:
+    """An OpenMM simulation (Langevin-middle, optionally NPT) whose parameters can be updated.
+
+    Parameters
+    ----------
+    system : openmm.System
+        The System to sample; copied, and a MonteCarloBarostat added when ``pressure`` is given.
+    positions : ndarray, shape (N, 3), nm
+    box : ndarray, shape (3, 3), nm, or None
+    temperature : float, K
+    friction : float, 1/ps
+    timestep : float, ps
+    pressure : float, bar, optional
+        NPT at this pressure; NVT when None.
+    barostat_interval : int
+        Steps between Monte Carlo volume moves.
+    platform : str
+        OpenMM platform name or ``"auto"``.
+    seed : int
+        Seed of OpenMM's random numbers (integrator noise, barostat, initial velocities).
+    max_temperature : float, K, optional
+        Kinetic temperature above which the simulation counts as exploded (default
+        3 × ``temperature``).
+    check_every : int
+        Steps between explosion checks.
+    """
+
+    def __init__(self, system: openmm.System, positions: np.ndarray, box: np.ndarray | None,
+                 temperature: float, friction: float, timestep: float,
+                 pressure: float | None = None, barostat_interval: int = 25,
+                 platform: str = "auto", seed: int = 1, max_temperature: float | None = None,
+                 check_every: int = 100):
+        self.system = openmm.XmlSerializer.clone(system)
+        if pressure is not None:
+            barostat = openmm.MonteCarloBarostat(pressure * unit.bar, temperature * unit.kelvin,
+                                                 barostat_interval)
+            barostat.setRandomNumberSeed(seed)
+            self.system.addForce(barostat)
+        if box is not None:
+            self.system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+        self.temperature = float(temperature)
+        self.timestep = float(timestep)
+        self.max_temperature = float(max_temperature or 3.0 * temperature)
+        self.check_every = int(check_every)
+        self._dof = _degrees_of_freedom(self.system)
+        self.integrator = openmm.LangevinMiddleIntegrator(temperature, friction, timestep)
+        self.integrator.setRandomNumberSeed(seed)
+        self.platform = select_platform(platform)
+        properties = _PLATFORM_PROPERTIES.get(self.platform.getName(), {})
+        try:
+            self.context = openmm.Context(self.system, self.integrator, self.platform,
+                                          properties)
+        except openmm.OpenMMException as exc:
+            raise InputError(f"OpenMM cannot create the simulation ({exc}); check "
+                             "system.cutoff against the box size and simulation.platform") \
+                from None
+        if box is not None:
+            self.context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+        self.context.setPositions(np.asarray(positions, dtype=float))
+        self.seed = int(seed)
+
+    @property
+    def platform_name(self) -> str:
+        return self.platform.getName()
+
+    def minimize(self, tolerance: float = 10.0, max_iterations: int = 0) -> None:
+        """Local energy minimisation (tolerance in kJ/mol/nm)."""
+        openmm.LocalEnergyMinimizer.minimize(self.context, tolerance, max_iterations)
+
+    def set_velocities(self, seed: int) -> None:
+        """Draw Maxwell–Boltzmann velocities at the bath temperature with ``seed``."""
+        self.context.setVelocitiesToTemperature(self.temperature, int(seed))
+
+    def update_parameters(self, system: openmm.System) -> None:
+        """Take the per-item parameters of ``system`` (same structure) into the simulation."""
+        copy_parameters(system, self.system, self.context)
+
+    def kinetic_temperature(self) -> float:
+        """Instantaneous kinetic temperature, K."""
+        ke = self.context.getState(getEnergy=True).getKineticEnergy()
+        return 2.0 * ke.value_in_unit(unit.kilojoule_per_mole) / (self._dof * KB)
+
+    def step(self, n_steps: int) -> None:
+        """Run ``n_steps`` steps, checking for NaN and runaway temperature every
+        ``check_every`` steps.
+
+        Raises
+        ------
+        SimulationExploded
+            With the OpenMM step at which the problem was detected.
+        """
+        done = 0
+        while done < n_steps:
+            chunk = min(self.check_every, n_steps - done)
+            try:
+                self.integrator.step(chunk)
+            except openmm.OpenMMException as exc:
+                raise SimulationExploded(self.current_step(), str(exc)) from None
+            done += chunk
+            state = self.context.getState(getPositions=True, getEnergy=True)
+            pos = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+            energy = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+            if not (np.all(np.isfinite(pos)) and math.isfinite(energy)):
+                raise SimulationExploded(self.current_step(), "NaN in positions or energy")
+            temperature = 2.0 * state.getKineticEnergy().value_in_unit(
+                unit.kilojoule_per_mole) / (self._dof * KB)
+            if not temperature < self.max_temperature:
+                raise SimulationExploded(
+                    self.current_step(), f"kinetic temperature {temperature:.0f} K exceeds "
+                                         f"{self.max_temperature:.0f} K")
+
+    def current_step(self) -> int:
+        return int(self.context.getStepCount())
+
+    def state(self) -> SampledState:
+        """Positions, velocities and box of the current state (float64 arrays, nm, nm/ps)."""
+        state = self.context.getState(getPositions=True, getVelocities=True)
+        box = None
+        if self.system.usesPeriodicBoundaryConditions():
+            box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True)
+                             .value_in_unit(unit.nanometer), dtype=float)
+        return SampledState(
+            positions=np.asarray(state.getPositions(asNumpy=True)
+                                 .value_in_unit(unit.nanometer), dtype=float),
+            velocities=np.asarray(state.getVelocities(asNumpy=True)
+                                  .value_in_unit(unit.nanometer / unit.picosecond), dtype=float),
+            box=box, step=self.current_step())
+
+    def restart(self, state: SampledState, seed: int) -> None:
+        """Continue from ``state`` with a fresh random-number stream ``seed``.
+
+        The Context is reinitialised, so the integrator noise and the barostat's moves depend
+        only on ``(state, seed)`` and the System: a run restarted from a saved state repeats an
+        uninterrupted one exactly on a deterministic platform (Reference, or CPU with
+        deterministic forces), which OpenMM checkpoints alone do not guarantee.
+        """
+        seed = _openmm_seed(seed)
+        self.integrator.setRandomNumberSeed(seed)
+        for force in self.system.getForces():
+            if isinstance(force, openmm.MonteCarloBarostat):
+                force.setRandomNumberSeed(seed)
+        self.context.reinitialize()
+        if state.box is not None:
+            self.context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in state.box])
+        self.context.setPositions(state.positions)
+        self.context.setVelocities(state.velocities)
+        self.context.setStepCount(state.step)
+
+    @classmethod
+    def from_config(cls, config: FitConfig, system: openmm.System, positions: np.ndarray,
+                    topology: app.Topology) -> Sampler:
+        """A Sampler with the config's ``[simulation]`` and ``[failure]`` settings."""
+        sim = config.simulation
+        box = None
+        if topology.getPeriodicBoxVectors() is not None:
+            box = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer),
+                             dtype=float)
+            half = 0.5 * float(np.min(np.diag(box)))
+            if config.system.nonbonded_method not in ("NoCutoff", "CutoffNonPeriodic") \
+                    and config.system.cutoff > half:
+                raise InputError(f"system.cutoff = {config.system.cutoff} nm: larger than half "
+                                 f"the box ({half:.3f} nm); use a smaller cutoff or a bigger "
+                                 f"box")
+        return cls(system, positions, box, sim.temperature, sim.friction, sim.timestep,
+                   pressure=sim.pressure, barostat_interval=sim.barostat_interval,
+                   platform=sim.platform, seed=sim.seed,
+                   max_temperature=config.failure.max_temperature)

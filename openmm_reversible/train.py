@@ -1,0 +1,606 @@
+"""The training loop: epochs of OpenMM sampling and reversible windows, an optimiser step each.
+
+One epoch (:meth:`Trainer.run_epoch`):
+
+1. push the current parameter values into the OpenMM System (``updateParametersInContext``)
+   and restart the simulation from the state the previous epoch ended in, with noise seeded by
+   ``(seed, epoch, attempt)``;
+2. equilibrate in OpenMM (NPT with a MonteCarloBarostat when ``simulation.pressure`` is set);
+3. for each window: sample ``bulk_steps`` in OpenMM, hand the state to a torch
+   :class:`~openmm_reversible.integrators.ReversibleSimulation`, and back-propagate its loss
+   (gradients accumulate over the windows, each weighted 1/windows);
+4. one optimiser step on the *scaled* parameters (value / start value, as in the reversible
+   simulation paper), then clip them so that σ, ε, force constants and lengths stay positive.
+
+After every epoch the output directory receives, each file written atomically (temporary file
++ rename): the trained ForceField XML (the user's file with only the tagged values changed),
+``checkpoint.pt`` (parameters, optimiser state, simulation state, history), ``log.jsonl`` (one
+JSON object per epoch: each loss term, observables, parameters, gradients, timings) and
+``training.png`` (loss and each observable against its target). A run killed at any moment
+loses at most the epoch in progress, and ``resume=True`` continues exactly where the checkpoint
+left off (bit for bit on a deterministic platform: Reference, or CPU in NVT).
+
+A simulation that produces NaN or runs away stops the epoch with a message naming the step and
+the parameter values; the last good parameters and optimiser state are restored, and the epoch
+is retried with new noise (and, with ``failure.action = "shrink_lr"``, a smaller learning rate)
+up to ``failure.max_retries`` times before :class:`TrainingFailed` is raised.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import SCALAR_UNITS, FitConfig, to_dict
+from .errors import InputError
+from .export import write_xml
+from .files import atomic_write, atomic_write_text
+from .integrators import LangevinMiddleIntegrator, ReversibleSimulation, counter_seed
+from .observables.density import density, pressure
+from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
+from .observables.rdf import rdf
+from .observables.selection import molecules, pair_indices
+from .parameters import ParameterSet
+from .potential import TorchPotential
+from .sampler import (
+    SampledState,
+    Sampler,
+    SimulationExploded,
+    build_structure,
+    configure_system,
+    create_system_kwargs,
+)
+from .trajectory import Trajectory
+from .units import DTYPE, KB
+
+CHECKPOINT = "checkpoint.pt"
+LOG = "log.jsonl"
+PLOT = "training.png"
+CHECKPOINT_VERSION = 1
+
+POSITIVE_ATTRIBUTES = frozenset({"sigma", "epsilon", "k", "length", "radius", "scale"})
+"""XML attributes that must stay > 0 (σ, ε, force constants, equilibrium lengths)."""
+MIN_SCALE = 1e-3
+"""Smallest scaled value (value / start value) of a positive parameter after a step."""
+
+
+class TrainingFailed(RuntimeError):
+    """An epoch failed more often than ``failure.max_retries`` allows."""
+
+
+class _WindowFailed(RuntimeError):
+    """A reversible window produced a non-finite loss, gradient or state."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def _jsonable(value):
+    """Replace non-finite floats (not valid JSON) by None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The epoch records of a ``log.jsonl`` file."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The objective: the config's targets as one loss function of a window's snapshots
+# ---------------------------------------------------------------------------------------------
+
+
+def atoms_named(topology, name: str) -> np.ndarray:
+    """Indices of the atoms whose name or element symbol is ``name`` (``"H"`` finds H1, H2)."""
+    found = [a.index for a in topology.atoms()
+             if a.name == name or (a.element is not None and a.element.symbol == name)]
+    if not found:
+        names = sorted({a.name for a in topology.atoms()})
+        raise InputError(f"no atom is named {name!r} (nor has that element); atom names in "
+                         f"the structure: {', '.join(names[:20])}")
+    return np.asarray(found, dtype=np.int64)
+
+
+def rdf_pairs(topology, atoms: list[str]) -> np.ndarray:
+    """Intermolecular atom pairs for an RDF between two atom names (or element symbols)."""
+    return pair_indices(atoms_named(topology, atoms[0]), atoms_named(topology, atoms[1]),
+                        exclude=molecules(topology))
+
+
+def rdf_target(target) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
+    """Bin centres r (nm), target g(r) and the bins' range (nm) of an rdf target, up to its
+    ``r_max``."""
+    r, g = target.rdf_data()
+    width = float(r[1] - r[0])
+    keep = r + 0.5 * width <= (target.r_max or np.inf) + 1e-12
+    r, g = r[keep], g[keep]
+    return r, g, (float(r[0] - 0.5 * width), float(r[-1] + 0.5 * width))
+
+
+def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
+    """Classical mean potential energy of one isolated molecule, kJ/mol: k_B T / 2 per
+    internal mode (3n - 6, or 3n - 5 for a linear 2-atom molecule), 0 when rigid."""
+    sizes = {len(m) for m in molecules(topology)}
+    if len(sizes) != 1:
+        raise InputError("enthalpy_of_vaporization needs a pure liquid (molecules of one "
+                         f"size), but the structure has molecules of {sorted(sizes)} atoms")
+    n = sizes.pop()
+    modes = 0 if rigid or n == 1 else (1 if n == 2 else 3 * n - 6)
+    return 0.5 * modes * KB * temperature
+
+
+class Objective:
+    """Weighted sum of the config's target terms, as a ``loss_fn(trajectory, potential)``.
+
+    - ``rdf``: ``weight · mean_r (g(r) - g_target(r))²`` on the target file's bins, g from the
+      smooth histogram of the window's snapshots (intermolecular pairs);
+    - scalar targets (``enthalpy_of_vaporization``, ``pressure``): ``weight · ((x - value) /
+      tolerance)²`` with x averaged over the window's snapshots;
+    - ``density`` only with weight 0 (reported: the window's box is fixed, so it carries no
+      gradient).
+
+    After each call, :attr:`last_terms` holds each weighted term and :attr:`last_observables`
+    each observable (a float, or g(r) as a list) for logs and plots.
+    """
+
+    def __init__(self, config: FitConfig, topology):
+        self.config = config
+        self.targets = config.targets
+        self.rdf_setup: dict[str, dict] = {}
+        self._molecules = molecules(topology)
+        rigid = config.system.rigid_water or config.system.constraints != "none"
+        for t in self.targets:
+            if t.observable == "rdf":
+                r, g, r_range = rdf_target(t)
+                self.rdf_setup[t.label] = {
+                    "pairs": rdf_pairs(topology, t.atoms), "r": r,
+                    "target": torch.as_tensor(g, dtype=DTYPE), "r_range": r_range,
+                    "n_bins": len(r), "sigma": t.bandwidth or float(r[1] - r[0])}
+            elif t.observable == "diffusion" or (t.observable == "density" and t.weight > 0):
+                raise InputError(f"targets: {t.observable} cannot be fitted through the "
+                                 f"reversible windows (fixed box, short windows); give it "
+                                 f"weight = 0 to report it, check it with 'openmm-reversible "
+                                 f"validate', or fit pressure instead")
+        self.gas_energy = {t.label: (t.gas_energy if t.gas_energy is not None else
+                                     harmonic_gas_energy(topology, config.simulation.temperature,
+                                                         rigid))
+                           for t in self.targets if t.observable == "enthalpy_of_vaporization"}
+        self.last_terms: dict[str, float] = {}
+        self.last_observables: dict[str, object] = {}
+
+    def observable(self, target, traj: Trajectory, potential) -> torch.Tensor:
+        """The target's observable over the window's snapshots (differentiable)."""
+        if target.observable == "rdf":
+            s = self.rdf_setup[target.label]
+            return rdf(traj.positions, traj.box, pairs=s["pairs"], r_range=s["r_range"],
+                       n_bins=s["n_bins"], sigma=s["sigma"])[1]
+        if target.observable == "enthalpy_of_vaporization":
+            liquid = energy_per_molecule(potential, traj.positions, traj.box,
+                                         len(self._molecules))
+            return enthalpy_of_vaporization(liquid, self.gas_energy[target.label],
+                                            traj.temperature)
+        if target.observable == "density":
+            return density(traj.masses, traj.box)
+        return pressure(potential, traj.positions, traj.velocities, traj.box, traj.masses,
+                        molecules=self._molecules).mean()
+
+    def __call__(self, traj: Trajectory, potential) -> torch.Tensor:
+        total = traj.positions.new_zeros(())
+        terms, observed = {}, {}
+        for t in self.targets:
+            value = self.observable(t, traj, potential)
+            if t.observable == "rdf":
+                term = ((value - self.rdf_setup[t.label]["target"]) ** 2).mean()
+            else:
+                term = ((value - t.value) / t.scale) ** 2
+            total = total + t.weight * term
+            terms[t.label] = float(t.weight * term.detach())
+            value = value.detach()
+            observed[t.label] = value.tolist() if value.ndim else float(value)
+        self.last_terms, self.last_observables = terms, observed
+        return total
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a finished run produced.
+
+    Attributes
+    ----------
+    records : list of dict
+        One record per epoch (as in ``log.jsonl``).
+    parameters : dict of str to float
+        Final values of every parameter site, MD units.
+    files : dict of str to pathlib.Path
+        ``forcefield`` (list of trained XML files), ``log``, ``checkpoint``, ``plot``.
+    """
+
+    records: list[dict]
+    parameters: dict[str, float]
+    files: dict[str, object] = field(default_factory=dict)
+
+
+class Trainer:
+    """Fit the tagged parameters of a force field to targets (see the module docstring).
+
+    Parameters
+    ----------
+    config : FitConfig
+        A validated configuration (:func:`~openmm_reversible.config.load_config`).
+    output : path
+        Output directory; created if missing.
+    resume : bool
+        Continue from ``output/checkpoint.pt``. Without it, an output directory that already
+        holds a checkpoint is refused (so a finished run is never silently overwritten).
+    progress : bool
+        Show progress bars (epochs and windows).
+    """
+
+    def __init__(self, config: FitConfig, output: str | os.PathLike, resume: bool = False,
+                 progress: bool = True):
+        self.config = config
+        self.output = Path(output)
+        self.progress = progress
+        checkpoint_path = self.output / CHECKPOINT
+        checkpoint = None
+        if resume:
+            if not checkpoint_path.is_file():
+                raise InputError(f"--resume: no checkpoint in {self.output}; run without "
+                                 f"--resume to start a new fit")
+            checkpoint = torch.load(checkpoint_path, weights_only=True)
+            self._check_checkpoint(checkpoint)
+        elif checkpoint_path.exists():
+            raise InputError(f"{self.output} already holds a fit ({CHECKPOINT}); pass --resume "
+                             f"to continue it or choose another --output directory")
+
+        topology, positions = build_structure(config)
+        self.topology = topology
+        self.parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
+                                                       **create_system_kwargs(config))
+        configure_system(self.parameters.system, config)
+        self.potential = TorchPotential(self.parameters.system, parameters=self.parameters)
+        self.objective = Objective(config, topology)
+        self.sampler = Sampler.from_config(config, self.parameters.system, positions, topology)
+        sched = config.schedule
+        optimizer_cls = torch.optim.Adam if sched.optimizer == "adam" else torch.optim.SGD
+        self.optimizer = optimizer_cls([self.parameters.scaled], lr=sched.learning_rate)
+        self._positive = torch.tensor(
+            [s.attribute in POSITIVE_ATTRIBUTES and s.start > 0
+             for s in self.parameters.sites if s.trainable], dtype=torch.bool)
+
+        if checkpoint is None:
+            self.epoch = 0
+            self.records: list[dict] = []
+            self.state = self._initial_state()
+        else:
+            self._load_checkpoint(checkpoint)
+
+    # -- setup and checkpoints ------------------------------------------------------------------
+
+    def _initial_state(self) -> SampledState:
+        """Minimised start with Maxwell–Boltzmann velocities."""
+        self.sampler.minimize()
+        self.sampler.set_velocities(self.config.simulation.seed)
+        return self.sampler.state()
+
+    def _check_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint.get("version") != CHECKPOINT_VERSION:
+            raise InputError(f"{self.output / CHECKPOINT} has format version "
+                             f"{checkpoint.get('version')}, this version reads "
+                             f"{CHECKPOINT_VERSION}; start a new fit")
+        saved, current = checkpoint["config"], _comparable(to_dict(self.config))
+        changed = sorted(_changed_keys(saved, current))
+        # Only the number of epochs may grow between runs.
+        changed = [k for k in changed if k != "schedule.epochs"]
+        if changed:
+            raise InputError(f"the config differs from the checkpoint's in {', '.join(changed)}; "
+                             f"resume with the original config (only schedule.epochs may "
+                             f"change) or start a new fit in another directory")
+
+    def _load_checkpoint(self, checkpoint: dict) -> None:
+        if checkpoint["sites"] != self.parameters.names:
+            raise InputError(f"the checkpoint's parameters {checkpoint['sites']} differ from the "
+                             f"force field's {self.parameters.names}; start a new fit")
+        with torch.no_grad():
+            self.parameters.scaled.copy_(checkpoint["scaled"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.epoch = int(checkpoint["epoch"])
+        self.records = list(checkpoint["records"])
+        s = checkpoint["state"]
+        self.state = SampledState(
+            positions=s["positions"].numpy(), velocities=s["velocities"].numpy(),
+            box=None if s["box"] is None else s["box"].numpy(), step=int(s["step"]))
+
+    def _checkpoint(self) -> dict:
+        st = self.state
+        return {
+            "version": CHECKPOINT_VERSION, "epoch": self.epoch,
+            "sites": self.parameters.names,
+            "scaled": self.parameters.scaled.detach().clone(),
+            "optimizer": self.optimizer.state_dict(),
+            "records": self.records,
+            "state": {"positions": torch.from_numpy(st.positions),
+                      "velocities": torch.from_numpy(st.velocities),
+                      "box": None if st.box is None else torch.from_numpy(st.box),
+                      "step": st.step},
+            "config": _comparable(to_dict(self.config)),
+        }
+
+    # -- one epoch ------------------------------------------------------------------------------
+
+    def _seed(self, *stream: int) -> int:
+        seed = self.config.simulation.seed
+        for s in stream:
+            seed = counter_seed(seed, s)
+        return seed
+
+    def _window(self, index: int, state: SampledState, seed: int, totals: dict) -> None:
+        sched, sim_cfg = self.config.schedule, self.config.simulation
+        integrator = LangevinMiddleIntegrator(sim_cfg.timestep, sim_cfg.friction,
+                                              sim_cfg.temperature, seed=seed)
+        simulation = ReversibleSimulation(
+            self.potential, integrator, sched.window_steps, sched.snapshot_every,
+            self.objective, truncation=sched.truncation, resync_every=sched.resync_every)
+        positions = torch.as_tensor(state.positions, dtype=DTYPE)
+        velocities = torch.as_tensor(state.velocities, dtype=DTYPE)
+        box = None if state.box is None else torch.as_tensor(state.box, dtype=DTYPE)
+        loss = simulation(positions, velocities, box)
+        frames = simulation.trajectory.positions
+        finite = torch.isfinite(frames).reshape(frames.shape[0], -1).all(dim=1)
+        if not bool(finite.all()) or not bool(torch.isfinite(loss)):
+            bad = int(torch.nonzero(~finite)[0, 0]) if not bool(finite.all()) else -1
+            step = int(simulation.trajectory.steps[bad]) if bad >= 0 else sched.window_steps
+            raise _WindowFailed(f"reversible window {index + 1} became non-finite by window "
+                                f"step {step} (started at OpenMM step {state.step})")
+        (loss / sched.windows).backward()
+        grad = self.parameters.scaled.grad
+        if grad is None or not bool(torch.isfinite(grad).all()):
+            raise _WindowFailed(f"reversible window {index + 1} (started at OpenMM step "
+                                f"{state.step}) gave a non-finite gradient")
+        totals["loss"] += float(loss.detach()) / sched.windows
+        for name, value in self.objective.last_terms.items():
+            totals["terms"][name] = totals["terms"].get(name, 0.0) + value / sched.windows
+        for name, value in self.objective.last_observables.items():
+            acc = totals["observables"].get(name)
+            scaled = np.asarray(value, dtype=float) / sched.windows
+            totals["observables"][name] = scaled if acc is None else acc + scaled
+        for key in ("forward_s", "backward_s"):
+            totals["timings"][key] += float(simulation.info.get(key, 0.0))
+        totals["reconstruction_error"] = max(totals["reconstruction_error"],
+                                             float(simulation.info.get("reconstruction_error",
+                                                                       0.0)))
+
+    def _attempt(self, attempt: int) -> dict:
+        """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
+        sched = self.config.schedule
+        epoch = self.epoch + 1
+        timings = {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0, "forward_s": 0.0,
+                   "backward_s": 0.0}
+        t = time.perf_counter()
+        self.sampler.update_parameters(self.parameters.create_system())
+        self.sampler.restart(self.state, self._seed(epoch, attempt))
+        timings["push_s"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self.sampler.step(sched.equilibration_steps)
+        timings["equilibrate_s"] = time.perf_counter() - t
+        self.optimizer.zero_grad(set_to_none=False)
+        totals = {"loss": 0.0, "terms": {}, "observables": {}, "timings": timings,
+                  "reconstruction_error": 0.0}
+        windows = tqdm(range(sched.windows), desc=f"epoch {epoch} windows", leave=False,
+                       disable=not self.progress or None, unit="window")
+        for w in windows:
+            t = time.perf_counter()
+            self.sampler.step(sched.bulk_steps)
+            timings["bulk_s"] += time.perf_counter() - t
+            self._window(w, self.sampler.state(), self._seed(epoch, attempt, w + 1), totals)
+        grad = self.parameters.scaled.grad.detach().clone()
+        keys = self.parameters.trainable_keys
+        return {
+            "epoch": epoch, "loss": totals["loss"], "terms": totals["terms"],
+            "observables": {k: v.tolist() for k, v in totals["observables"].items()},
+            "parameters": self.parameters.values(),
+            "gradient": dict(zip(keys, grad.tolist(), strict=True)),
+            "gradient_norm": float(grad.norm()),
+            "learning_rate": self.optimizer.param_groups[0]["lr"],
+            "attempts": attempt + 1,
+            "reconstruction_error": totals["reconstruction_error"],
+            "end_state": self.sampler.state(),
+            "timings": timings,
+        }
+
+    def _describe_parameters(self) -> str:
+        return ", ".join(f"{k} = {v:.6g}" for k, v in self.parameters.values().items())
+
+    def run_epoch(self) -> dict:
+        """Run one epoch (with retries on failure), step the optimiser and save everything.
+
+        Returns
+        -------
+        dict
+            The epoch's record (also appended to ``log.jsonl``). ``parameters`` are the values
+            the epoch was sampled with; ``parameters_after`` those after the optimiser step.
+
+        Raises
+        ------
+        TrainingFailed
+            When every allowed attempt failed; the last good parameters stay in place (and in
+            the files written by the previous epoch).
+        """
+        failure = self.config.failure
+        start = time.perf_counter()
+        good_scaled = self.parameters.scaled.detach().clone()
+        good_optimizer = copy.deepcopy(self.optimizer.state_dict())
+        messages = []
+        record = None
+        for attempt in range(failure.max_retries + 1):
+            try:
+                record = self._attempt(attempt)
+                break
+            except (SimulationExploded, _WindowFailed) as exc:
+                message = (f"epoch {self.epoch + 1}, attempt {attempt + 1}: {exc}; parameters: "
+                           f"{self._describe_parameters()}")
+                messages.append(message)
+                tqdm.write(message)
+                with torch.no_grad():
+                    self.parameters.scaled.copy_(good_scaled)
+                lr = [g["lr"] for g in self.optimizer.param_groups]
+                self.optimizer.load_state_dict(copy.deepcopy(good_optimizer))
+                for group, rate in zip(self.optimizer.param_groups, lr, strict=True):
+                    group["lr"] = rate * (failure.lr_factor if failure.action == "shrink_lr"
+                                          else 1.0)
+                if failure.action == "stop":
+                    break
+        if record is None:
+            raise TrainingFailed("; ".join(messages) + ". The last good parameters are kept"
+                                 f" in {self.output}.")
+        self.optimizer.step()
+        with torch.no_grad():
+            scaled = self.parameters.scaled
+            scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
+        self.state = record.pop("end_state")
+        record["parameters_after"] = self.parameters.values()
+        record["failures"] = messages
+        record["timings"]["total_s"] = time.perf_counter() - start
+        self.epoch += 1
+        self.records.append(_jsonable(record))
+        self._save()
+        return self.records[-1]
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _save(self) -> None:
+        """Trained XML, checkpoint, log and plot, each written atomically."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        write_xml(self.parameters, self.output)
+        atomic_write(self.output / CHECKPOINT,
+                     lambda tmp: torch.save(self._checkpoint(), tmp))
+        atomic_write_text(self.output / LOG,
+                    "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write(self.output / PLOT,
+                     lambda tmp: plot_training(self.records, self.objective, tmp))
+
+    def run(self) -> TrainResult:
+        """Run the remaining epochs of the schedule.
+
+        Returns
+        -------
+        TrainResult
+        """
+        total = self.config.schedule.epochs
+        bar = tqdm(total=total, initial=self.epoch, desc="epochs", unit="epoch",
+                   disable=not self.progress or None)
+        with bar:
+            while self.epoch < total:
+                record = self.run_epoch()
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+                bar.update(1)
+        return TrainResult(records=self.records, parameters=self.parameters.values(),
+                           files={"forcefield": [self.output / Path(f).name for f in
+                                                 (self.parameters.files[i] for i in
+                                                  self.parameters.site_files())],
+                                  "log": self.output / LOG,
+                                  "checkpoint": self.output / CHECKPOINT,
+                                  "plot": self.output / PLOT})
+
+
+def _comparable(config: dict) -> dict:
+    """The config as checkpoint-storable plain data (None for the source path)."""
+    return {k: v for k, v in config.items() if k != "path"}
+
+
+def _changed_keys(old, new, prefix: str = "") -> set[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = set(old) | set(new)
+        out: set[str] = set()
+        for k in keys:
+            out |= _changed_keys(old.get(k), new.get(k), f"{prefix}{k}." if prefix or k
+                                 else "")
+        return out
+    return set() if old == new else {prefix.rstrip(".")}
+
+
+def fit(config: FitConfig, output: str | os.PathLike, resume: bool = False,
+        progress: bool = True) -> TrainResult:
+    """Run a whole fit: :class:`Trainer` ``(config, output, resume, progress).run()``."""
+    return Trainer(config, output, resume=resume, progress=progress).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plot
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_training(records: list[dict], objective: Objective, path: str | os.PathLike) -> None:
+    """Loss per epoch and each observable against its target, as one PNG.
+
+    RDF targets are overlaid (target, first epoch, last epoch); scalar observables are drawn
+    per epoch with the target as a horizontal line.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = objective.targets
+    n = 1 + len(targets)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    axes = axes.ravel()
+    epochs = [r["epoch"] for r in records]
+    ax = axes[0]
+    ax.plot(epochs, [r["loss"] for r in records], "k-o", ms=3, label="total")
+    for t in targets:
+        if t.weight > 0:
+            ax.plot(epochs, [r["terms"].get(t.label) for r in records], "-", lw=1,
+                    label=t.label)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    if all(r["loss"] and r["loss"] > 0 for r in records):
+        ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    for ax, t in zip(axes[1:], targets, strict=False):
+        values = [r["observables"].get(t.label) for r in records]
+        if t.observable == "rdf":
+            setup = objective.rdf_setup[t.label]
+            ax.plot(setup["r"], setup["target"].numpy(), "k-", lw=1.5, label="target")
+            ax.plot(setup["r"], values[0], "C0--", lw=1, label=f"epoch {epochs[0]}")
+            if len(values) > 1:
+                ax.plot(setup["r"], values[-1], "C3-", lw=1, label=f"epoch {epochs[-1]}")
+            ax.set_xlabel("r (nm)")
+            ax.set_ylabel(f"g(r) {'–'.join(t.atoms)}")
+        else:
+            ax.plot(epochs, values, "C0-o", ms=3, label="simulated")
+            ax.axhline(t.value, color="k", lw=1, label="target")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"{t.observable} ({SCALAR_UNITS[t.observable]})")
+        ax.set_title(t.label, fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)

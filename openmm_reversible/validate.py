@@ -1,0 +1,410 @@
+"""Validate a trained force field in plain OpenMM.
+
+``openmm-reversible validate TRAINED.xml [...] --config CONFIG.toml [options]``
+
+Two checks, neither with torch in the simulation loop:
+
+1. **Export round trip.** The System OpenMM builds from the trained XML is compared with the
+   torch twin built from the *original* XML with the trained values set: total energy and
+   forces at the starting structure must agree to the project's contract (relative energy
+   error ≤ 1e-6, ≤ 1e-5 with Ewald/PME; relative RMS force error ≤ 1e-5).
+2. **Observables.** A short OpenMM simulation of the trained model (flexible or ``--rigid``,
+   reaction field or ``--pme``, NVT or NPT with ``--pressure``) reports each target's
+   observable next to its target — density, ΔH_vap, RDF (mdtraj), pressure (molecular virial
+   by a finite volume change) — plus the self-diffusion coefficient from the molecules' mean
+   squared displacement, as a table, ``validation.json`` and ``validation.png``.
+
+Exit code 0 when the round trip is within tolerance, 1 when it is not, 2 for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import mdtraj
+import numpy as np
+import openmm
+import torch
+from openmm import app, unit
+
+from .config import SCALAR_UNITS, FitConfig, load_config
+from .errors import InputError
+from .observables.density import G_CM3_PER_AMU_NM3
+from .observables.selection import molecules
+from .parameters import ParameterSet
+from .potential import TorchPotential
+from .sampler import build_structure, configure_system, create_system_kwargs, select_platform
+from .train import harmonic_gas_energy, rdf_pairs, rdf_target
+from .units import DTYPE, KB
+
+ENERGY_TOL = 1e-6
+ENERGY_TOL_EWALD = 1e-5
+FORCE_TOL = 1e-5
+_VOLUME_STEP = 1e-5
+"""Relative volume change of the finite-difference pressure."""
+
+
+def substitute_files(config: FitConfig, trained: list[str]) -> list[str]:
+    """The config's force-field files with each trained file in place of its namesake.
+
+    Raises
+    ------
+    InputError
+        If a trained file matches no file of the config by name.
+    """
+    files = list(config.forcefield.files)
+    names = [Path(f).name for f in files]
+    for path in trained:
+        path = str(Path(path).resolve())
+        if not os.path.isfile(path):
+            raise InputError(f"trained force field {path} does not exist")
+        name = Path(path).name
+        if name not in names:
+            raise InputError(f"{name} matches none of the config's forcefield.files "
+                             f"({', '.join(names)}); validate the file the fit wrote")
+        files[names.index(name)] = path
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Round trip
+# ---------------------------------------------------------------------------------------------
+
+
+def round_trip(config: FitConfig, trained_files: list[str], topology: app.Topology,
+               positions: np.ndarray) -> dict:
+    """OpenMM (Reference) energy and forces of the trained System vs the twin's.
+
+    Returns
+    -------
+    dict
+        ``energy_openmm``, ``energy_torch`` (kJ/mol), ``energy_rel_error``,
+        ``force_rel_rms_error``, ``tolerance`` and ``ok``.
+    """
+    kwargs = create_system_kwargs(config)
+    trained = ParameterSet.from_forcefield(trained_files, topology, **kwargs)
+    system = configure_system(trained.system, config)
+    original = ParameterSet.from_forcefield(config.forcefield.files, topology, **kwargs)
+    original.set_values({k: v for k, v in trained.values().items()
+                         if k in original.trainable_keys})
+    configure_system(original.system, config)
+    twin = TorchPotential(original.system, parameters=original)
+
+    integrator = openmm.VerletIntegrator(0.001)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    box = topology.getPeriodicBoxVectors()
+    if box is not None:
+        context.setPeriodicBoxVectors(*box)
+    context.setPositions(positions)
+    state = context.getState(getEnergy=True, getForces=True)
+    e_ref = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    f_ref = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
+
+    x = torch.tensor(positions, dtype=DTYPE, requires_grad=True)
+    box_t = None if box is None else torch.tensor(
+        np.asarray(box.value_in_unit(unit.nanometer)), dtype=DTYPE)
+    energy = twin(x, box_t)
+    forces = -torch.autograd.grad(energy, x)[0].detach().numpy()
+    e_torch = float(energy.detach())
+    ewald = config.system.nonbonded_method in ("Ewald", "PME")
+    tol = ENERGY_TOL_EWALD if ewald else ENERGY_TOL
+    e_err = abs(e_torch - e_ref) / max(abs(e_ref), 1e-3)
+    f_err = float(np.sqrt(np.mean((forces - f_ref) ** 2)) /
+                  max(np.sqrt(np.mean(np.asarray(f_ref) ** 2)), 1e-3))
+    return {"energy_openmm": e_ref, "energy_torch": e_torch, "energy_rel_error": e_err,
+            "force_rel_rms_error": f_err, "tolerance": tol,
+            "ok": bool(e_err <= tol and f_err <= FORCE_TOL)}
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Observables from a plain OpenMM simulation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Frames:
+    """What the validation run recorded, MD units."""
+
+    positions: np.ndarray  # (S, N, 3) nm, unwrapped
+    boxes: np.ndarray  # (S, 3, 3) nm
+    energies: np.ndarray  # (S,) kJ/mol
+    pressures: np.ndarray  # (S,) bar
+    times: np.ndarray  # (S,) ps
+
+
+def _molecular_pressure(context: openmm.Context, groups: list[np.ndarray], masses: np.ndarray,
+                        temperature: float) -> float:
+    """Pressure (bar) from the molecular virial: ``N_mol k T / V - ∂U/∂V`` with molecule
+    centres of mass scaled with the box (the move a MonteCarloBarostat makes), by a central
+    finite difference. Uses the bath temperature for the kinetic part."""
+    state = context.getState(getPositions=True)
+    x = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+    box = np.asarray(state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer))
+    volume = float(np.linalg.det(box))
+    energies = []
+    for sign in (1.0, -1.0):
+        factor = (1.0 + sign * _VOLUME_STEP) ** (1.0 / 3.0)
+        moved = x.copy()
+        for g in groups:
+            com = (masses[g, None] * x[g]).sum(0) / masses[g].sum()
+            moved[g] += (factor - 1.0) * com
+        context.setPeriodicBoxVectors(*(box * factor))
+        context.setPositions(moved)
+        energies.append(context.getState(getEnergy=True).getPotentialEnergy()
+                        .value_in_unit(unit.kilojoule_per_mole))
+    context.setPeriodicBoxVectors(*box)
+    context.setPositions(x)
+    du_dv = (energies[0] - energies[1]) / (2.0 * _VOLUME_STEP * volume)
+    kj_mol_nm3_in_bar = (1 * unit.kilojoule_per_mole / unit.nanometer ** 3
+                         / unit.AVOGADRO_CONSTANT_NA).value_in_unit(unit.bar)
+    return (len(groups) * KB * temperature / volume - du_dv) * kj_mol_nm3_in_bar
+
+
+def simulate(system: openmm.System, topology: app.Topology, positions: np.ndarray,
+             config: FitConfig, steps: int, equilibration: int, every: int,
+             pressure: float | None, platform: str, seed: int) -> Frames:
+    """Minimise, equilibrate and record ``steps // every`` frames in plain OpenMM."""
+    sim = config.simulation
+    system = openmm.XmlSerializer.clone(system)
+    if pressure is not None:
+        system.addForce(openmm.MonteCarloBarostat(pressure * unit.bar,
+                                                  sim.temperature * unit.kelvin))
+    timestep = sim.timestep
+    integrator = openmm.LangevinMiddleIntegrator(sim.temperature, sim.friction, timestep)
+    integrator.setRandomNumberSeed(seed)
+    context = openmm.Context(system, integrator, select_platform(platform))
+    box = topology.getPeriodicBoxVectors()
+    if box is not None:
+        context.setPeriodicBoxVectors(*box)
+    context.setPositions(positions)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    context.setVelocitiesToTemperature(sim.temperature, seed)
+    integrator.step(equilibration)
+    groups = molecules(topology)
+    masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
+                       for i in range(system.getNumParticles())])
+    periodic = system.usesPeriodicBoundaryConditions()
+    xs, boxes, energies, pressures, times = [], [], [], [], []
+    for _ in range(max(1, steps // every)):
+        integrator.step(every)
+        state = context.getState(getPositions=True, getEnergy=True)
+        xs.append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        boxes.append(np.asarray(state.getPeriodicBoxVectors(asNumpy=True)
+                                .value_in_unit(unit.nanometer)))
+        energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+        pressures.append(_molecular_pressure(context, groups, masses, sim.temperature)
+                         if periodic else math.nan)
+        times.append(state.getTime().value_in_unit(unit.picosecond))
+    return Frames(np.asarray(xs), np.asarray(boxes), np.asarray(energies),
+                  np.asarray(pressures), np.asarray(times))
+
+
+def diffusion_coefficient(frames: Frames, groups: list[np.ndarray],
+                          masses: np.ndarray) -> float:
+    """Self-diffusion coefficient of the molecules' centres of mass, nm²/ps (Einstein relation,
+    MSD slope / 6 fitted over lag times from 10 % to 50 % of the run; no finite-size
+    correction)."""
+    com = np.stack([(masses[g, None] * frames.positions[:, g]).sum(1) / masses[g].sum()
+                    for g in groups], axis=1)
+    n = len(com)
+    lags = np.arange(max(1, n // 10), max(2, n // 2))
+    if len(lags) < 2:
+        return math.nan
+    msd = np.array([np.mean(np.sum((com[lag:] - com[:-lag]) ** 2, axis=-1)) for lag in lags])
+    dt = frames.times[1] - frames.times[0]
+    slope = np.polyfit(lags * dt, msd, 1)[0]
+    return float(slope / 6.0)
+
+
+def observables(config: FitConfig, topology: app.Topology, system: openmm.System,
+                frames: Frames, rigid: bool) -> list[dict]:
+    """One row per target (and density / diffusion always): name, value, target, unit."""
+    groups = molecules(topology)
+    masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
+                       for i in range(system.getNumParticles())])
+    volumes = np.abs(np.linalg.det(frames.boxes))
+    density = float(np.mean(masses.sum() / volumes) * G_CM3_PER_AMU_NM3)
+    rows = []
+    seen = set()
+    for t in config.targets:
+        seen.add(t.observable)
+        row = {"name": t.label, "observable": t.observable, "target": t.value,
+               "unit": SCALAR_UNITS.get(t.observable, "")}
+        if t.observable == "rdf":
+            r, g_target, r_range = rdf_target(t)
+            traj = mdtraj.Trajectory(frames.positions, mdtraj.Topology.from_openmm(topology))
+            traj.unitcell_vectors = frames.boxes
+            _, g = mdtraj.compute_rdf(traj, rdf_pairs(topology, t.atoms), r_range=r_range,
+                                      n_bins=len(r))
+            row.update(r=r.tolist(), value=g.tolist(), target=g_target.tolist(),
+                       error=float(np.sqrt(np.mean((g - g_target) ** 2))), unit="rms")
+        elif t.observable == "enthalpy_of_vaporization":
+            gas = t.gas_energy if t.gas_energy is not None else \
+                harmonic_gas_energy(topology, config.simulation.temperature, rigid)
+            row["value"] = float(gas - np.mean(frames.energies) / len(groups)
+                                 + KB * config.simulation.temperature)
+        elif t.observable == "density":
+            row["value"] = density
+        elif t.observable == "pressure":
+            row["value"] = float(np.mean(frames.pressures))
+        else:
+            row["value"] = diffusion_coefficient(frames, groups, masses)
+        if t.observable != "rdf":
+            row["error"] = row["value"] - t.value
+        rows.append(row)
+    for name, value in (("density", density),
+                        ("diffusion", diffusion_coefficient(frames, groups, masses))):
+        if name not in seen:
+            rows.append({"name": name, "observable": name, "value": value, "target": None,
+                         "error": None, "unit": SCALAR_UNITS[name]})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The observables as an aligned text table."""
+    lines = [f"{'observable':<28}{'simulated':>14}{'target':>14}{'error':>12}  unit"]
+    for row in rows:
+        if row["observable"] == "rdf":
+            lines.append(f"{row['name']:<28}{'(curve)':>14}{'(curve)':>14}"
+                         f"{row['error']:>12.4g}  rms of g(r)")
+        else:
+            target = "-" if row["target"] is None else f"{row['target']:.5g}"
+            error = "-" if row["error"] is None else f"{row['error']:.4g}"
+            lines.append(f"{row['name']:<28}{row['value']:>14.5g}{target:>14}{error:>12}  "
+                         f"{row['unit']}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str | os.PathLike) -> None:
+    """RDFs overlaid on their targets, and each scalar against its target."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = [r for r in rows if r["observable"] == "rdf"]
+    scalars = [r for r in rows if r["observable"] != "rdf"]
+    n = len(curves) + (1 if scalars else 0)
+    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False)
+    for ax, row in zip(axes[0], curves, strict=False):
+        ax.plot(row["r"], row["target"], "k-", lw=1.5, label="target")
+        ax.plot(row["r"], row["value"], "C3-", lw=1, label="trained (OpenMM)")
+        ax.set_xlabel("r (nm)")
+        ax.set_ylabel("g(r)")
+        ax.set_title(row["name"], fontsize=9)
+        ax.legend(fontsize=7)
+    if scalars:
+        ax = axes[0][-1]
+        labels, ratios = [], []
+        for row in scalars:
+            labels.append(f"{row['name']}\n{row['value']:.4g} {row['unit']}")
+            ratios.append(row["value"] / row["target"] if row["target"] else math.nan)
+        ax.bar(range(len(labels)), [1.0 if math.isnan(q) else q for q in ratios],
+               color=["C7" if math.isnan(q) else "C0" for q in ratios])
+        ax.axhline(1.0, color="k", lw=1)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_ylabel("simulated / target (grey: no target)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def validate(trained: list[str], config: FitConfig, steps: int = 5000,
+             equilibration: int = 2000, every: int = 50, rigid: bool = False,
+             nonbonded: str | None = None, pressure: float | None = None,
+             platform: str | None = None, seed: int = 1) -> dict:
+    """Run both checks; returns a report dict (``round_trip``, ``observables``, ``settings``).
+
+    Parameters
+    ----------
+    trained : list of str
+        Trained ForceField XML files (each replaces the config's file of the same name).
+    config : FitConfig
+        The fitting config (structure, original force field, targets).
+    steps, equilibration, every : int
+        Production steps, equilibration steps and steps between frames.
+    rigid : bool
+        Simulate rigid water (``rigidWater=True``, HBonds constraints, 2 fs step).
+    nonbonded : str, optional
+        Override ``system.nonbonded_method`` for the simulation (e.g. ``"PME"``).
+    pressure : float, bar, optional
+        NPT at this pressure (default: the config's ``simulation.pressure``; NVT if none).
+    platform : str, optional
+        OpenMM platform (default: the config's).
+    """
+    files = substitute_files(config, trained)
+    topology, positions = build_structure(config)
+    check = round_trip(config, files, topology, positions)
+    system_cfg = dataclasses.replace(config.system, rigid_water=rigid or config.system.rigid_water,
+                                     constraints="HBonds" if rigid else config.system.constraints,
+                                     nonbonded_method=nonbonded or config.system.nonbonded_method)
+    sim_cfg = config.simulation
+    if rigid:
+        sim_cfg = dataclasses.replace(sim_cfg, timestep=max(sim_cfg.timestep, 0.002))
+    run_config = dataclasses.replace(config, system=system_cfg, simulation=sim_cfg)
+    system = configure_system(
+        ParameterSet.from_forcefield(files, topology, **create_system_kwargs(run_config)).system,
+        run_config)
+    pressure = sim_cfg.pressure if pressure is None else pressure
+    frames = simulate(system, topology, positions, run_config, steps, equilibration, every,
+                      pressure, platform or sim_cfg.platform, seed)
+    rows = observables(run_config, topology, system, frames, rigid=system_cfg.rigid_water)
+    return {"round_trip": check, "observables": rows,
+            "settings": {"files": files, "steps": steps, "equilibration": equilibration,
+                         "every": every, "rigid": system_cfg.rigid_water,
+                         "nonbonded_method": system_cfg.nonbonded_method,
+                         "pressure_bar": pressure, "timestep_ps": sim_cfg.timestep,
+                         "temperature_K": sim_cfg.temperature}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("trained", nargs="+", help="trained ForceField XML file(s)")
+    parser.add_argument("--config", required=True, help="the fitting config (TOML)")
+    parser.add_argument("--steps", type=int, default=5000, help="production steps")
+    parser.add_argument("--equilibration", type=int, default=2000, help="equilibration steps")
+    parser.add_argument("--every", type=int, default=50, help="steps between frames")
+    parser.add_argument("--rigid", action="store_true", help="rigid water (2 fs step)")
+    parser.add_argument("--nonbonded", choices=("ReactionField", "PME", "CutoffPeriodic",
+                                                "Ewald"), default=None,
+                        help="override the config's nonbonded method")
+    parser.add_argument("--pressure", type=float, default=None,
+                        help="NPT at this pressure, bar (default: the config's)")
+    parser.add_argument("--platform", default=None, help="OpenMM platform (default: config)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--output", "-o", default=None,
+                        help="directory for validation.json and validation.png "
+                             "(default: beside the first trained file)")
+
+
+def run(args: argparse.Namespace) -> int:
+    for name in ("steps", "every"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} {getattr(args, name)}: must be >= 1")
+    if args.equilibration < 0:
+        raise InputError(f"--equilibration {args.equilibration}: must be >= 0")
+    config = load_config(args.config)
+    report = validate(args.trained, config, steps=args.steps, equilibration=args.equilibration,
+                      every=args.every, rigid=args.rigid, nonbonded=args.nonbonded,
+                      pressure=args.pressure, platform=args.platform, seed=args.seed)
+    output = Path(args.output) if args.output else Path(args.trained[0]).resolve().parent
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "validation.json", "w", encoding="utf-8") as fh:
+        json.dump(report, fh, indent=1)
+    plot(report["observables"], output / "validation.png")
+    check = report["round_trip"]
+    verdict = "ok" if check["ok"] else "FAILED"
+    print(f"round trip (trained XML in OpenMM vs torch twin): energy rel. error "
+          f"{check['energy_rel_error']:.2e}, force rel. RMS error "
+          f"{check['force_rel_rms_error']:.2e} (tolerance {check['tolerance']:.0e}): {verdict}")
+    print(format_table(report["observables"]))
+    print(f"wrote {output / 'validation.json'} and {output / 'validation.png'}")
+    return 0 if check["ok"] else 1

@@ -1,0 +1,256 @@
+"""The training loop: parameter recovery, exact resume, export round trip, failure handling.
+
+The system is 64 Lennard-Jones argon atoms (σ 0.34 nm, ε 0.996 kJ/mol, 120 K, reduced density
+0.8) so that every fit takes seconds on the Reference platform. The synthetic targets (Ar–Ar
+RDF and ΔH_vap) are simulated here, in plain OpenMM, with the true parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import re
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import app, unit
+
+from openmm_reversible import fit as fit_cli
+from openmm_reversible.config import load_config
+from openmm_reversible.observables.rdf import rdf
+from openmm_reversible.parameters import ParameterSet
+from openmm_reversible.train import CHECKPOINT, LOG, PLOT, Trainer, TrainingFailed, fit, read_log
+from openmm_reversible.units import KB
+
+SIGMA, EPSILON = 0.34, 0.996  # nm, kJ/mol: the truth the recovery test must find again
+TEMPERATURE = 120.0  # K
+N_SIDE, BOX = 4, 1.47  # 64 atoms in a 1.47 nm cube
+
+XML = """<ForceField>
+ <!-- Lennard-Jones argon for the training tests -->
+ <AtomTypes>
+  <Type name="Ar" class="Ar" element="Ar" mass="39.948"/>
+ </AtomTypes>
+ <Residues>
+  <Residue name="AR">
+   <Atom name="AR" type="Ar"/>
+  </Residue>
+ </Residues>
+ <NonbondedForce coulomb14scale="0.833333" lj14scale="0.5">
+  <Atom type="Ar" charge="0.0" sigma="{sigma}" epsilon="{epsilon}" parameterize="sigma, epsilon"/>
+ </NonbondedForce>
+</ForceField>
+"""
+
+CONFIG = """
+[forcefield]
+files = ["{xml}"]
+
+[structure]
+pdb = "argon.pdb"
+
+[system]
+nonbonded_method = "CutoffPeriodic"
+cutoff = 0.7
+
+[simulation]
+temperature = 120.0
+friction = 5.0
+timestep = 0.004
+platform = "Reference"
+seed = 11
+
+[schedule]
+epochs = {epochs}
+equilibration_steps = 200
+bulk_steps = 100
+windows = 1
+window_steps = {window_steps}
+snapshot_every = 5
+learning_rate = 0.03
+
+[failure]
+max_retries = {retries}
+{failure}
+
+[[targets]]
+observable = "enthalpy_of_vaporization"
+value = {dhvap}
+
+[[targets]]
+observable = "rdf"
+atoms = ["AR", "AR"]
+file = "rdf_ArAr.dat"
+weight = 10.0
+"""
+
+
+def _write_pdb(path) -> None:
+    lines = [f"CRYST1{BOX * 10:9.3f}{BOX * 10:9.3f}{BOX * 10:9.3f}  90.00  90.00  90.00 P 1"
+             "           1"]
+    grid = (np.stack(np.meshgrid(*[np.arange(N_SIDE)] * 3, indexing="ij"), -1)
+            .reshape(-1, 3) + 0.5) * BOX / N_SIDE * 10
+    for k, (x, y, z) in enumerate(grid, start=1):
+        lines.append(f"HETATM{k:5d} AR    AR A{k:4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00"
+                     "          AR")
+    (path / "argon.pdb").write_text("\n".join(lines + ["END"]) + "\n")
+
+
+@pytest.fixture(scope="module")
+def argon(tmp_path_factory):
+    """Directory with argon.pdb, the true force field and targets simulated with it."""
+    path = tmp_path_factory.mktemp("argon")
+    _write_pdb(path)
+    (path / "true.xml").write_text(XML.format(sigma=SIGMA, epsilon=EPSILON))
+    pdb = app.PDBFile(str(path / "argon.pdb"))
+    system = app.ForceField(str(path / "true.xml")).createSystem(
+        pdb.topology, nonbondedMethod=app.CutoffPeriodic, nonbondedCutoff=0.7,
+        removeCMMotion=False)
+    integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE, 5.0, 0.004)
+    integrator.setRandomNumberSeed(3)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(pdb.positions)
+    openmm.LocalEnergyMinimizer.minimize(context)
+    context.setVelocitiesToTemperature(TEMPERATURE, 3)
+    integrator.step(1000)
+    frames, energies = [], []
+    for _ in range(200):
+        integrator.step(10)
+        state = context.getState(getPositions=True, getEnergy=True)
+        frames.append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+        energies.append(state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    box = torch.tensor(np.asarray(state.getPeriodicBoxVectors(asNumpy=True)
+                                  .value_in_unit(unit.nanometer)))
+    n = system.getNumParticles()
+    pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n)])
+    r, g = rdf(torch.tensor(np.array(frames)), box, pairs=pairs, r_range=(0.0, 0.7),
+               bin_width=0.01, sigma=0.0)
+    np.savetxt(path / "rdf_ArAr.dat", np.column_stack([r.numpy(), g.numpy()]))
+    dhvap = -np.mean(energies) / n + KB * TEMPERATURE
+    return path, float(dhvap)
+
+
+def _config(argon, name: str, sigma: float, epsilon: float, epochs: int = 2,
+            window_steps: int = 10, retries: int = 1, failure: str = ""):
+    path, dhvap = argon
+    xml = path / f"{name}.xml"
+    xml.write_text(XML.format(sigma=sigma, epsilon=epsilon))
+    toml = path / f"{name}.toml"
+    toml.write_text(CONFIG.format(xml=xml.name, epochs=epochs, window_steps=window_steps,
+                                  retries=retries, failure=failure, dhvap=dhvap))
+    return load_config(toml)
+
+
+@pytest.mark.slow
+def test_recovers_known_parameters(argon, tmp_path):
+    """Start 3 % off in σ and 8 % off in ε; 8 epochs land within 2 % and 3 % of the truth."""
+    config = _config(argon, "perturbed", SIGMA * 1.03, EPSILON * 0.92, epochs=8,
+                     window_steps=40)
+    result = fit(config, tmp_path / "out", progress=False)
+    sigma = result.parameters["Atom/sigma/Ar"]
+    epsilon = result.parameters["Atom/epsilon/Ar"]
+    assert abs(sigma / SIGMA - 1) < 0.02, sigma
+    assert abs(epsilon / EPSILON - 1) < 0.03, epsilon
+    # The start was further away than the tolerance, so the fit did move the parameters.
+    assert abs(SIGMA * 1.03 / SIGMA - 1) > 0.02 and abs(0.92 - 1) > 0.03
+
+
+def test_resume_equals_uninterrupted(argon, tmp_path):
+    config = _config(argon, "resume", SIGMA * 1.02, EPSILON * 0.95, epochs=2)
+    straight = fit(config, tmp_path / "straight", progress=False)
+    first = fit(dataclasses.replace(config, schedule=dataclasses.replace(config.schedule,
+                                                                         epochs=1)),
+                tmp_path / "split", progress=False)
+    assert len(first.records) == 1
+    resumed = fit(config, tmp_path / "split", resume=True, progress=False)
+    assert [r["epoch"] for r in resumed.records] == [1, 2]
+    for a, b in zip(straight.records, resumed.records, strict=True):
+        assert a["loss"] == b["loss"]
+        assert a["gradient"] == b["gradient"]
+        assert a["parameters_after"] == b["parameters_after"]
+    assert straight.parameters == resumed.parameters
+    assert (tmp_path / "straight" / "resume.xml").read_bytes() == \
+        (tmp_path / "split" / "resume.xml").read_bytes()
+    untimed = [{k: v for k, v in r.items() if k != "timings"}
+               for r in read_log(tmp_path / "straight" / LOG)]
+    assert [{k: v for k, v in r.items() if k != "timings"}
+            for r in read_log(tmp_path / "split" / LOG)] == untimed
+
+
+def test_outputs_and_export_round_trip(argon, tmp_path):
+    config = _config(argon, "export", SIGMA * 1.02, EPSILON * 0.95, epochs=1)
+    out = tmp_path / "out"
+    result = fit(config, out, progress=False)
+    original = (argon[0] / "export.xml").read_text()
+    trained = (out / "export.xml").read_text()
+    # Only the two tagged numbers changed; everything else is byte-for-byte the original.
+    number = r'(sigma|epsilon)="[^"]*"'
+    assert re.sub(number, "", trained) == re.sub(number, "", original)
+    assert trained != original
+    topology = app.PDBFile(str(argon[0] / "argon.pdb")).topology
+    reread = ParameterSet.from_forcefield([str(out / "export.xml")], topology,
+                                          nonbondedMethod=app.CutoffPeriodic,
+                                          nonbondedCutoff=0.7)
+    assert reread.values() == result.parameters
+    (record,) = read_log(out / LOG)
+    assert set(record["terms"]) == {"enthalpy_of_vaporization", "rdf_ARAR"}
+    assert record["loss"] == pytest.approx(sum(record["terms"].values()), rel=1e-12)
+    assert record["gradient_norm"] > 0
+    assert set(record["timings"]) >= {"equilibrate_s", "bulk_s", "forward_s", "backward_s",
+                                      "total_s"}
+    assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / CHECKPOINT).is_file()
+
+
+def test_explosion_retries_and_keeps_last_good_parameters(argon, tmp_path):
+    # Any temperature counts as an explosion: every attempt fails at the first check.
+    config = _config(argon, "explode", SIGMA, EPSILON, epochs=1, retries=2,
+                     failure='action = "shrink_lr"\nmax_temperature = 1.0')
+    trainer = Trainer(config, tmp_path / "out", progress=False)
+    before = trainer.parameters.values()
+    with pytest.raises(TrainingFailed) as info:
+        trainer.run()
+    message = str(info.value)
+    assert message.count("attempt") == 3
+    assert "OpenMM step 100" in message and "Atom/sigma/Ar = 0.34" in message
+    assert trainer.parameters.values() == before
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.03 * 0.5 ** 3)
+    assert not (tmp_path / "out" / CHECKPOINT).exists()
+
+
+def test_output_directory_guards(argon, tmp_path):
+    config = _config(argon, "guard", SIGMA, EPSILON, epochs=1)
+    with pytest.raises(Exception, match="no checkpoint"):
+        Trainer(config, tmp_path / "empty", resume=True, progress=False)
+    fit(config, tmp_path / "done", progress=False)
+    with pytest.raises(Exception, match="already holds a fit"):
+        Trainer(config, tmp_path / "done", progress=False)
+    changed = dataclasses.replace(config, simulation=dataclasses.replace(config.simulation,
+                                                                         seed=99))
+    with pytest.raises(Exception, match="simulation.seed"):
+        Trainer(changed, tmp_path / "done", resume=True, progress=False)
+
+
+def test_fit_command(argon, tmp_path, capsys):
+    _config(argon, "cli", SIGMA, EPSILON, epochs=1)
+    parser = argparse.ArgumentParser()
+    fit_cli.add_arguments(parser)
+    args = parser.parse_args([str(argon[0] / "cli.toml"), "--output", str(tmp_path / "o"),
+                              "--no-progress"])
+    assert fit_cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "Atom/sigma/Ar" in out and "cli.xml" in out
+    record = json.loads((tmp_path / "o" / LOG).read_text().splitlines()[0])
+    assert record["epoch"] == 1
+
+
+def test_stop_action_fails_at_the_first_explosion(argon, tmp_path):
+    config = _config(argon, "stop", SIGMA, EPSILON, epochs=1, retries=2,
+                     failure='action = "stop"\nmax_temperature = 1.0')
+    with pytest.raises(TrainingFailed) as info:
+        fit(config, tmp_path / "out", progress=False)
+    assert str(info.value).count("attempt") == 1
+    assert "kinetic temperature" in str(info.value)
