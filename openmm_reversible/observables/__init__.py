@@ -1,0 +1,79 @@
+"""Observables: differentiable functions of trajectory frames.
+
+Every observable is a plain torch function of tensors in MD units: ``positions``
+(n_frames, n_atoms, 3) nm, ``velocities`` (n_frames, n_atoms, 3) nm/ps, ``box`` (3, 3) nm
+(shared by all frames) or (n_frames, 3, 3), ``masses`` (n_atoms,) amu, ``charges`` (n_atoms,)
+e, and, for energy-based observables, a ``potential(positions (N, 3), box) -> energy kJ/mol``
+such as :class:`~openmm_reversible.potential.TorchPotential`. Gradients flow into every frame
+that enters an observable (and into the potential's parameters), which is all a reversible
+simulation needs: it asks for ∂loss/∂frames and propagates them back through the dynamics.
+
+=====================================  ====================================================
+family                                  functions
+=====================================  ====================================================
+structure (:mod:`.rdf`)                 :func:`rdf` (smooth, mdtraj-normalised g(r))
+energy (:mod:`.energy`)                 :func:`frame_energies`, :func:`energy_per_molecule`,
+                                        :func:`enthalpy_of_vaporization`
+density, pressure (:mod:`.density`)     :func:`density`, :func:`virial`, :func:`kinetic_tensor`,
+                                        :func:`pressure_tensor`, :func:`pressure`
+transport (:mod:`.diffusion`)           :func:`mean_squared_displacement`,
+                                        :func:`self_diffusion_coefficient`, :func:`unwrap`,
+                                        :func:`time_between_frames`
+dielectric (:mod:`.dielectric`)         :func:`dipole_moment`, :func:`static_dielectric`
+solids (:mod:`.elastic`)                :func:`stress_tensor`, :func:`born_terms`,
+                                        :func:`elastic_constants`
+selections (:mod:`.selection`)          :func:`atom_indices`, :func:`pair_indices`,
+                                        :func:`molecules`
+=====================================  ====================================================
+
+With a :class:`~openmm_reversible.trajectory.Trajectory` ``traj``::
+
+    O = atom_indices(topology, element="O")
+    r, g = rdf(traj.positions, traj.box, selections=(O, O), r_range=(0.2, 0.9))
+    hvap = enthalpy_of_vaporization(
+        energy_per_molecule(potential, traj.positions, traj.box, n_molecules=216),
+        gas_energy_per_molecule=0.0, temperature=traj.temperature)
+    p = pressure(potential, traj.positions, traj.velocities, traj.box, traj.masses,
+                 molecules(topology)).mean()
+
+User-defined observables
+------------------------
+Any torch function of the same inputs is an observable; nothing needs registering. Write it
+with differentiable torch operations (no ``.item()``, ``.numpy()`` or in-place edits of its
+inputs), in float64, returning a tensor, e.g. the mean O–H bond length of water::
+
+    def mean_oh_length(positions, box, o, h):
+        d = positions[:, h] - positions[:, o]            # (S, n_bonds, 3), nm
+        return d.norm(dim=-1).mean()
+
+    target = Target(lambda traj: mean_oh_length(traj.positions, traj.box, o, h),
+                    reference=0.09572, units="nm", name="r_OH")
+
+Gradients with respect to the frames (and to parameters the function reads, e.g. through a
+potential) then reach the training loop exactly as for the built-in observables. Check a new
+observable with ``torch.autograd.gradcheck`` on a few float64 frames. Per-frame observables
+(one value per frame) can also be differentiated without a reversible run by ensemble
+reweighting, :mod:`openmm_reversible.reweighting`.
+"""
+
+from .density import density, kinetic_tensor, pressure, pressure_tensor, virial
+from .dielectric import dipole_moment, static_dielectric
+from .diffusion import (
+    mean_squared_displacement,
+    self_diffusion_coefficient,
+    time_between_frames,
+    unwrap,
+)
+from .elastic import born_terms, elastic_constants, stress_tensor
+from .energy import energy_per_molecule, enthalpy_of_vaporization, frame_energies
+from .rdf import rdf
+from .selection import atom_indices, molecules, pair_indices
+
+__all__ = [
+    "atom_indices", "born_terms", "density", "dipole_moment", "elastic_constants",
+    "energy_per_molecule",
+    "enthalpy_of_vaporization", "frame_energies", "kinetic_tensor",
+    "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",
+    "rdf", "self_diffusion_coefficient", "static_dielectric", "time_between_frames", "unwrap",
+    "stress_tensor", "virial",
+]

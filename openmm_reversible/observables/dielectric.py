@@ -1,0 +1,106 @@
+"""Box dipole moment and the static dielectric constant from its fluctuations.
+
+For a periodic system whose electrostatics are summed with a conducting (tin-foil) boundary,
+as PME and Ewald do, the static dielectric constant follows from the fluctuation of the total
+dipole moment M = Σ q_i x_i (Neumann, Mol. Phys. 50, 841 (1983)):
+
+    ε = 1 + g,     g = (⟨M·M⟩ - ⟨M⟩·⟨M⟩) / (3 ε₀ ⟨V⟩ k_B T).
+
+With a reaction field of dielectric ε_RF beyond the cutoff (OpenMM's CutoffPeriodic) the
+same g gives
+
+    (ε - 1)(2 ε_RF + 1) / (2 ε_RF + ε) = g,   i.e.   ε = (2 ε_RF + 1 + 2 g ε_RF) / (2 ε_RF + 1 - g),
+
+which tends to 1 + g as ε_RF → ∞. M is computed from molecules made whole (each atom at the
+minimum image of its molecule's first atom), which for neutral molecules is the sum of the
+molecular dipoles and equals mdtraj's ``dipole_moments``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import scipy.constants
+import torch
+
+from ..errors import InputError
+from ..units import KB
+from ._frames import MoleculeLayout, check_box, check_frames, volumes
+
+ONE_4PI_EPS0 = (scipy.constants.e ** 2 * scipy.constants.N_A
+                / (4 * math.pi * scipy.constants.epsilon_0) * 1e6)
+"""Coulomb constant 1/(4π ε₀), kJ/mol · nm / e² (≈ 138.935)."""
+
+
+def dipole_moment(positions: torch.Tensor, charges: torch.Tensor, box=None,
+                  molecules: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+    """Total dipole moment ``M = Σ q_i x_i`` of every frame, e·nm.
+
+    Parameters
+    ----------
+    positions : torch.Tensor, shape (n_frames, n_atoms, 3), nm
+    charges : torch.Tensor, shape (n_atoms,), e
+        Differentiable (e.g. trainable force-field charges).
+    box : torch.Tensor, shape (3, 3) or (n_frames, 3, 3), nm, optional
+        With ``molecules``, used to make wrapped molecules whole.
+    molecules : list of array-like of int, optional
+        Molecules to make whole before summing; without it, positions are used as given
+        (correct for unwrapped trajectories).
+
+    Returns
+    -------
+    torch.Tensor, shape (n_frames, 3), e·nm
+    """
+    positions = check_frames(positions)
+    n_frames, n_atoms = positions.shape[:2]
+    charges = torch.as_tensor(charges, dtype=positions.dtype, device=positions.device)
+    if charges.shape != (n_atoms,):
+        raise InputError(f"charges must have shape ({n_atoms},), got {tuple(charges.shape)}")
+    if molecules is None:
+        return torch.einsum("n,snk->sk", charges, positions)
+    layout = MoleculeLayout(molecules, n_atoms)
+    box = check_box(box, n_frames, positions)
+    return torch.einsum("n,snk->sk", charges[layout.atoms], layout.whole(positions, box))
+
+
+def static_dielectric(positions: torch.Tensor, charges: torch.Tensor, box,
+                      temperature: float, molecules: Sequence[Sequence[int]] | None = None,
+                      epsilon_rf: float = math.inf) -> torch.Tensor:
+    """Static dielectric constant from box-dipole fluctuations (dimensionless, 0-dim).
+
+    Parameters
+    ----------
+    positions : torch.Tensor, shape (n_frames, n_atoms, 3), nm
+    charges : torch.Tensor, shape (n_atoms,), e
+    box : torch.Tensor, shape (3, 3) or (n_frames, 3, 3), nm
+        The mean volume over frames enters the formula.
+    temperature : float, K
+    molecules : list of array-like of int, optional
+        Make these molecules whole first (needed if the frames are wrapped).
+    epsilon_rf : float, default inf
+        Dielectric constant of the reaction-field continuum; ``inf`` for PME/Ewald
+        (tin-foil boundary).
+
+    Returns
+    -------
+    torch.Tensor, 0-dim
+        Differentiable in positions, charges and box. Needs many frames to converge
+        (nanoseconds for water).
+    """
+    positions = check_frames(positions)
+    if positions.shape[0] < 2:
+        raise InputError("static_dielectric needs at least two frames (a fluctuation)")
+    if not temperature > 0:
+        raise InputError(f"temperature must be positive (K), got {temperature!r}")
+    if not epsilon_rf >= 1:
+        raise InputError(f"epsilon_rf must be >= 1 (or inf for PME), got {epsilon_rf!r}")
+    box = check_box(box, positions.shape[0], positions, required=True)
+    moments = dipole_moment(positions, charges, box, molecules)
+    fluctuation = ((moments - moments.mean(0)) ** 2).sum(-1).mean()
+    g = 4 * math.pi * ONE_4PI_EPS0 * fluctuation / (
+        3 * volumes(box).mean() * KB * float(temperature))
+    if math.isinf(epsilon_rf):
+        return 1 + g
+    a = 2 * epsilon_rf + 1
+    return (a + 2 * g * epsilon_rf) / (a - g)
