@@ -16,11 +16,39 @@ not, 2 for bad input.
 
 Relative error of one parameter: ``|g - g_ref| / max(|g_ref|, 1e-3·max_k |g_ref,k|)``, so a
 parameter with a negligible gradient is judged on the scale of the largest one.
+
+Reweighting baseline (``--reweighting``)
+----------------------------------------
+Every loss here is a function of a window average, ``L = f(ℓ̄)`` with ``ℓ̄`` the mean over the
+snapshots of a per-frame quantity ℓ_s (energy: ``U(x_s)/N``; kinetic: ``K(v_s)/N``; rdf: the
+g(r) of frame s, a vector, with ``f(g) = ∫ (g - 1)² dr``). With ``--reweighting`` the same
+snapshots of the same reversible run are treated as Boltzmann samples at the integrator's
+temperature and the fluctuation formula gives
+
+    ∇θ L ≈ f'(ℓ̄) · (⟨∂ℓ/∂θ⟩ - β (⟨ℓ ∂U/∂θ⟩ - ⟨ℓ⟩⟨∂U/∂θ⟩)),
+
+evaluated by autograd of :func:`~openmm_reversible.reweighting.reweighted_average` (weights
+``softmax(-β U_θ)`` of the frame energies, equal at the current parameters). The JSON gains a
+``reweighting`` entry with these per-parameter gradients, the number of frames and their
+relative difference from the reversible gradient, and the table a column; neither enters the
+exit code.
+
+The two answer different questions. The reversible (= BPTT = finite-difference) gradient is the
+derivative of the loss of *this* trajectory, from its fixed initial state with its fixed noise:
+it includes how the dynamics carry a parameter change forward in time. The reweighting
+gradient is the derivative of the *equilibrium* average, estimated from the snapshots. They
+agree, within statistical error, only for static observables (energy, RDF, density-like
+averages), on windows started from equilibrated states and long compared with the
+observable's relaxation time, with enough snapshots; the kinetic energy at equilibrium does
+not depend on the force field, so both tend to zero for it. For dynamical observables
+(diffusion, time correlations) there is no reweighting formula and only the reversible
+gradient is meaningful.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,6 +60,8 @@ import torch
 
 from .errors import InputError
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from .observables.energy import frame_energies
+from .reweighting import reweighted_average
 from .trajectory import Trajectory
 from .units import box_tensor, positions_tensor
 
@@ -42,20 +72,64 @@ RDF_R_MAX = 0.9
 """Largest RDF radius, nm (lowered to half the box width for small boxes)."""
 
 
-def energy_loss(traj: Trajectory, potential) -> torch.Tensor:
-    """Mean potential energy of the snapshots per atom, kJ/mol."""
-    energies = torch.stack([potential(x, traj.box) for x in traj.positions])
-    return energies.mean() / traj.n_atoms
+@dataclass(frozen=True)
+class FrameLoss:
+    """A loss of a window's snapshots that is a function of one per-frame average.
+
+    ``loss(traj, potential) = reduce(mean_s per_frame(traj, potential)[s])``. Written this way
+    the same loss can be differentiated through the dynamics (call it as a ``loss_fn`` of
+    :class:`~openmm_reversible.integrators.ReversibleSimulation`) and by ensemble reweighting
+    (:meth:`reweighted`).
+
+    Attributes
+    ----------
+    per_frame : callable
+        ``per_frame(traj, potential) -> torch.Tensor`` of shape (S, ...): one value (scalar or
+        array) per snapshot, in the observable's units.
+    reduce : callable
+        ``reduce(average) -> 0-dim tensor``: the loss of the frame average.
+    """
+
+    per_frame: Callable[[Trajectory, object], torch.Tensor]
+    reduce: Callable[[torch.Tensor], torch.Tensor]
+
+    def __call__(self, traj: Trajectory, potential) -> torch.Tensor:
+        return self.reduce(self.per_frame(traj, potential).mean(0))
+
+    def reweighted(self, traj: Trajectory, potential) -> torch.Tensor:
+        """The loss of the Boltzmann-reweighted frame average (0-dim tensor).
+
+        At the current parameters its value equals :meth:`__call__`; its gradient with respect
+        to the potential's parameters is the fluctuation-formula gradient (chain rule through
+        ``reduce``). Frames are treated as constants (detached).
+        """
+        frames = dataclasses.replace(traj, positions=traj.positions.detach(),
+                                     velocities=traj.velocities.detach())
+        energies = frame_energies(potential, frames.positions, frames.box)
+        average = reweighted_average(self.per_frame(frames, potential), energies,
+                                     frames.temperature)
+        return self.reduce(average)
 
 
-def kinetic_loss(traj: Trajectory, potential) -> torch.Tensor:
-    """Mean kinetic energy of the snapshots per atom, kJ/mol."""
-    return traj.kinetic_energy().mean() / traj.n_atoms
+def _identity(average: torch.Tensor) -> torch.Tensor:
+    return average
 
 
-def rdf_loss(topology: app.Topology, box: torch.Tensor | None
-             ) -> Callable[[Trajectory, object], torch.Tensor]:
-    """``∫ (g(r) - 1)² dr`` (nm) of the oxygen–oxygen RDF, or of all atoms without oxygens."""
+energy_loss = FrameLoss(
+    lambda traj, potential: frame_energies(potential, traj.positions, traj.box) / traj.n_atoms,
+    _identity)
+"""Mean potential energy of the snapshots per atom, kJ/mol."""
+
+kinetic_loss = FrameLoss(lambda traj, potential: traj.kinetic_energy() / traj.n_atoms, _identity)
+"""Mean kinetic energy of the snapshots per atom, kJ/mol."""
+
+
+def rdf_loss(topology: app.Topology, box: torch.Tensor | None) -> FrameLoss:
+    """``∫ (g(r) - 1)² dr`` (nm) of the oxygen–oxygen RDF, or of all atoms without oxygens.
+
+    The per-frame quantity is the g(r) of each snapshot; with a fixed box their mean is the
+    g(r) of the window.
+    """
     from .observables.rdf import rdf
     from .observables.selection import atom_indices
 
@@ -69,12 +143,43 @@ def rdf_loss(topology: app.Topology, box: torch.Tensor | None
               for i, j in ((1, 2), (2, 0), (0, 1))]
     r_range, bin_width = (0.2, min(RDF_R_MAX, 0.5 * min(widths))), 0.02
 
-    def loss(traj: Trajectory, potential) -> torch.Tensor:
-        _, g = rdf(traj.positions, traj.box, selections=(oxygens, oxygens), r_range=r_range,
-                   bin_width=bin_width)
+    def per_frame(traj: Trajectory, potential) -> torch.Tensor:
+        return torch.stack([rdf(x[None], traj.box, selections=(oxygens, oxygens),
+                                r_range=r_range, bin_width=bin_width)[1]
+                            for x in traj.positions])
+
+    def reduce(g: torch.Tensor) -> torch.Tensor:
         return ((g - 1.0) ** 2).sum() * bin_width
 
-    return loss
+    return FrameLoss(per_frame, reduce)
+
+
+def reweighting_gradient(loss: FrameLoss, traj: Trajectory, potential,
+                         parameters: Sequence[torch.Tensor]) -> np.ndarray:
+    """Fluctuation-formula gradient of ``loss`` from the snapshots ``traj``, flattened.
+
+    Parameters
+    ----------
+    loss : FrameLoss
+    traj : Trajectory
+        Frames treated as Boltzmann samples at ``traj.temperature`` (K) of ``potential``.
+    potential : callable
+        ``potential(positions, box) -> energy`` kJ/mol, depending on ``parameters``.
+    parameters : sequence of torch.Tensor
+        Leaves that require grad.
+
+    Returns
+    -------
+    numpy.ndarray, shape (total number of parameter entries,)
+        d loss / d parameter, in the order of ``parameters`` (zeros where the loss does not
+        depend on a parameter).
+    """
+    parameters = list(parameters)
+    value = loss.reweighted(traj, potential)
+    grads = torch.autograd.grad(value, parameters, allow_unused=True) \
+        if value.requires_grad else [None] * len(parameters)
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                      for g, p in zip(grads, parameters, strict=True)]).cpu().numpy()
 
 
 @dataclass(frozen=True)
@@ -91,6 +196,11 @@ class GradientCheck:
         Loss at the current parameters.
     reconstruction_error : float, nm
         Largest state reconstruction error met by the reverse pass.
+    reweighting : numpy.ndarray, shape (n,), or None
+        Fluctuation-formula gradient from the snapshots of the same run (module docstring),
+        when requested.
+    n_frames : int
+        Number of loss snapshots of the run.
     """
 
     names: list[str]
@@ -99,6 +209,8 @@ class GradientCheck:
     finite_difference: np.ndarray
     loss: float
     reconstruction_error: float
+    reweighting: np.ndarray | None = None
+    n_frames: int = 0
 
     @property
     def rel_error_bptt(self) -> float:
@@ -108,13 +220,28 @@ class GradientCheck:
     def rel_error_fd(self) -> float:
         return relative_error(self.reversible, self.finite_difference)
 
+    @property
+    def rel_difference_reweighting(self) -> float | None:
+        """Largest relative difference of the reweighting gradient from the reversible one
+        (a statistical comparison, not a test of correctness; None without reweighting)."""
+        if self.reweighting is None:
+            return None
+        return relative_error(self.reweighting, self.reversible)
+
     def as_dict(self) -> dict:
-        return {"loss": self.loss, "reconstruction_error": self.reconstruction_error,
-                "parameters": [{"name": n, "reversible": float(r), "bptt": float(b),
-                                "finite_difference": float(f)}
-                               for n, r, b, f in zip(self.names, self.reversible, self.bptt,
-                                                     self.finite_difference, strict=True)],
-                "rel_error_bptt": self.rel_error_bptt, "rel_error_fd": self.rel_error_fd}
+        out = {"loss": self.loss, "reconstruction_error": self.reconstruction_error,
+               "parameters": [{"name": n, "reversible": float(r), "bptt": float(b),
+                               "finite_difference": float(f)}
+                              for n, r, b, f in zip(self.names, self.reversible, self.bptt,
+                                                    self.finite_difference, strict=True)],
+               "rel_error_bptt": self.rel_error_bptt, "rel_error_fd": self.rel_error_fd}
+        if self.reweighting is not None:
+            out["reweighting"] = {
+                "n_frames": self.n_frames,
+                "parameters": [{"name": n, "gradient": float(g)}
+                               for n, g in zip(self.names, self.reweighting, strict=True)],
+                "rel_difference_reversible": self.rel_difference_reweighting}
+        return out
 
 
 def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
@@ -126,8 +253,8 @@ def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
 
 def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
                     velocities: torch.Tensor, box: torch.Tensor | None,
-                    names: Sequence[str] | None = None, fd_step: float = 1e-6
-                    ) -> GradientCheck:
+                    names: Sequence[str] | None = None, fd_step: float = 1e-6,
+                    reweighting: bool = False) -> GradientCheck:
     """Reversible, BPTT and central finite-difference gradients of ``sim``'s loss.
 
     Parameters
@@ -140,6 +267,9 @@ def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
         One name per scalar trainable variable (default ``"<parameter name>[i]"``).
     fd_step : float
         Absolute step of the central differences in each variable.
+    reweighting : bool
+        Also compute the fluctuation-formula gradient from the snapshots of the reversible run
+        (``sim.loss_fn`` must then be a :class:`FrameLoss`).
     """
     params = sim.trainable_parameters()
     if not params:
@@ -155,8 +285,15 @@ def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
         loss.backward()
         return float(loss.detach()), torch.cat([p.grad.reshape(-1) for p in params]).cpu().numpy()
 
+    if reweighting and not isinstance(sim.loss_fn, FrameLoss):
+        raise InputError("the reweighting gradient needs a loss written as a FrameLoss "
+                         "(a function of the mean of a per-frame quantity); got "
+                         f"{type(sim.loss_fn).__name__}")
     loss, reversible = flat_gradient(sim)
     reconstruction_error = float(sim.info["reconstruction_error"])
+    frames = sim.trajectory
+    reweighted = reweighting_gradient(sim.loss_fn, frames, sim.potential, params) \
+        if reweighting else None
     _, through_time = flat_gradient(bptt)
     fd = []
     with torch.no_grad():
@@ -173,7 +310,7 @@ def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
         names = [f"{name}[{i}]" for name, p in sim.potential.named_parameters()
                  if p.requires_grad for i in range(p.numel())]
     return GradientCheck(list(names), reversible, through_time, np.asarray(fd), loss,
-                         reconstruction_error)
+                         reconstruction_error, reweighted, frames.n_frames)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,6 +339,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tolerance on rel_error_bptt (default 1e-8)")
     parser.add_argument("--tol-fd", type=float, default=1e-4,
                         help="tolerance on rel_error_fd (default 1e-4)")
+    parser.add_argument("--reweighting", action="store_true",
+                        help="also report the ensemble-reweighting (fluctuation-formula) "
+                             "gradient from the run's snapshots; compare it on long runs "
+                             "with many snapshots (not part of the pass/fail test)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -234,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         or rdf_loss(pdb.topology, box)
     sim = ReversibleSimulation(potential, integrator, args.steps, snapshot_every, loss_fn)
     result = check_gradients(sim, positions, velocities, box, parameters.trainable_keys,
-                             args.fd_step)
+                             args.fd_step, reweighting=args.reweighting)
     ok = result.rel_error_bptt <= args.tol_bptt and result.rel_error_fd <= args.tol_fd
     if args.json:
         print(json.dumps(result.as_dict() | {"ok": ok, "loss_name": args.loss,
@@ -243,10 +384,18 @@ def run(args: argparse.Namespace) -> int:
         width = max(len(n) for n in result.names)
         print(f"loss {args.loss} = {result.loss:.10g} after {args.steps} steps "
               f"(reconstruction error {result.reconstruction_error:.2e} nm)")
-        print(f"{'parameter':<{width}}  {'reversible':>16}  {'bptt':>16}  {'finite diff':>16}")
-        for name, r, b, f in zip(result.names, result.reversible, result.bptt,
-                                 result.finite_difference, strict=True):
-            print(f"{name:<{width}}  {r:16.9e}  {b:16.9e}  {f:16.9e}")
+        columns = [result.reversible, result.bptt, result.finite_difference]
+        header = ["reversible", "bptt", "finite diff"]
+        if result.reweighting is not None:
+            columns.append(result.reweighting)
+            header.append("reweighting")
+        print(f"{'parameter':<{width}}" + "".join(f"  {h:>16}" for h in header))
+        for i, name in enumerate(result.names):
+            print(f"{name:<{width}}" + "".join(f"  {c[i]:16.9e}" for c in columns))
+        if result.reweighting is not None:
+            print(f"reweighting from {result.n_frames} snapshots: largest relative difference "
+                  f"from reversible {result.rel_difference_reweighting:.3e} (statistical; "
+                  f"static observables only)")
         print(f"rel_error_bptt {result.rel_error_bptt:.3e} (tol {args.tol_bptt:g})  "
               f"rel_error_fd {result.rel_error_fd:.3e} (tol {args.tol_fd:g})  "
               f"{'ok' if ok else 'FAILED'}")

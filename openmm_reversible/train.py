@@ -45,6 +45,7 @@ from .errors import InputError
 from .export import write_xml
 from .files import atomic_write, atomic_write_text
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation, counter_seed
+from .losses import Loss, Target
 from .observables.density import density, pressure
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
 from .observables.rdf import rdf
@@ -183,6 +184,7 @@ class Objective:
                                      harmonic_gas_energy(topology, config.simulation.temperature,
                                                          rigid))
                            for t in self.targets if t.observable == "enthalpy_of_vaporization"}
+        self.loss = Loss([self._target(t) for t in self.targets])
         self.last_terms: dict[str, float] = {}
         self.last_observables: dict[str, object] = {}
 
@@ -202,20 +204,26 @@ class Objective:
         return pressure(potential, traj.positions, traj.velocities, traj.box, traj.masses,
                         molecules=self._molecules).mean()
 
+    def _target(self, target) -> Target:
+        """The config target as a :class:`~openmm_reversible.losses.Target` on (traj, potential).
+
+        A scalar's ``((x - value) / scale)²`` is an ``l2`` term with weight ``weight / scale²``.
+        """
+        if target.observable == "rdf":
+            reference, weight = self.rdf_setup[target.label]["target"], target.weight
+        else:
+            reference, weight = target.value, target.weight / target.scale ** 2
+
+        def observable(source, target=target):
+            return self.observable(target, *source)
+
+        return Target(observable, reference, weight=weight, kind="l2", name=target.label)
+
     def __call__(self, traj: Trajectory, potential) -> torch.Tensor:
-        total = traj.positions.new_zeros(())
-        terms, observed = {}, {}
-        for t in self.targets:
-            value = self.observable(t, traj, potential)
-            if t.observable == "rdf":
-                term = ((value - self.rdf_setup[t.label]["target"]) ** 2).mean()
-            else:
-                term = ((value - t.value) / t.scale) ** 2
-            total = total + t.weight * term
-            terms[t.label] = float(t.weight * term.detach())
-            value = value.detach()
-            observed[t.label] = value.tolist() if value.ndim else float(value)
-        self.last_terms, self.last_observables = terms, observed
+        total, report = self.loss.evaluate((traj, potential))
+        self.last_terms = {name: r.contribution for name, r in report.items()}
+        self.last_observables = {name: r.value.tolist() if r.value.ndim else float(r.value)
+                                 for name, r in report.items()}
         return total
 
 

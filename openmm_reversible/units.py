@@ -17,6 +17,10 @@ DTYPE = torch.float64
 KB = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
 """Boltzmann constant times Avogadro's number, kJ/mol/K."""
 
+ONE_4PI_EPS0 = 1.0 / (4.0 * np.pi * (1e-6 * 8.8541878128e-12
+                                     / (1.602176634e-19 ** 2 * 6.02214076e23)))
+"""Coulomb constant 1/(4πε₀), kJ·nm/(mol·e²), with the CODATA 2018 values OpenMM uses."""
+
 
 def strip(value, md_unit):
     """Return ``value`` as a plain number/array in ``md_unit`` if it is a Quantity.

@@ -21,16 +21,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import scipy.constants
 import torch
 
 from ..errors import InputError
-from ..units import KB
+from ..units import KB, ONE_4PI_EPS0
 from ._frames import MoleculeLayout, check_box, check_frames, volumes
-
-ONE_4PI_EPS0 = (scipy.constants.e ** 2 * scipy.constants.N_A
-                / (4 * math.pi * scipy.constants.epsilon_0) * 1e6)
-"""Coulomb constant 1/(4π ε₀), kJ/mol · nm / e² (≈ 138.935)."""
 
 
 def dipole_moment(positions: torch.Tensor, charges: torch.Tensor, box=None,

@@ -45,11 +45,7 @@ import torch
 from openmm import unit
 from torch import nn
 
-from ..units import DTYPE
-
-ONE_4PI_EPS0 = 1.0 / (4.0 * math.pi * (1e-6 * 8.8541878128e-12
-                                       / (1.602176634e-19 ** 2 * 6.02214076e23)))
-"""Coulomb constant 1/(4πε₀), kJ·nm/(mol·e²), with the CODATA 2018 values OpenMM uses."""
+from ..units import DTYPE, ONE_4PI_EPS0
 
 PME_ORDER = 5
 """B-spline interpolation order of OpenMM's PME."""

@@ -63,7 +63,7 @@ class NeighborList:
     def __init__(self, cutoff: float, skin: float = 0.1):
         self.cutoff = float(cutoff)
         self.skin = float(skin)
-        self._calc = vesin.NeighborList(cutoff=self.cutoff + self.skin, full_list=False)
+        self._calc: vesin.NeighborList | None = None  # native handle, made on first build
         self._ref_positions: np.ndarray | None = None
         self._ref_box: np.ndarray | None = None
         self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -93,7 +93,15 @@ class NeighborList:
             self._build(x, b, positions.device)
         return self._pairs
 
+    def __getstate__(self) -> dict:
+        # The native cell-list handle can be neither copied nor pickled; a copy makes its own.
+        state = self.__dict__.copy()
+        state["_calc"] = None
+        return state
+
     def _build(self, x: np.ndarray, box: np.ndarray | None, device) -> None:
+        if self._calc is None:
+            self._calc = vesin.NeighborList(cutoff=self.cutoff + self.skin, full_list=False)
         if box is None:
             i, j = self._calc.compute(points=x, box=np.zeros((3, 3)), periodic=False,
                                       quantities="ij")

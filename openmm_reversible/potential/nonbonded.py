@@ -56,10 +56,10 @@ import torch
 from openmm import unit
 
 from ..errors import InputError
+from ..units import ONE_4PI_EPS0
 from . import register
 from .base import ParameterTable, Term, UnsupportedForceError
 from .ewald import (
-    ONE_4PI_EPS0,
     EwaldReciprocal,
     PMEReciprocal,
     add_constant,
@@ -457,10 +457,8 @@ class NonbondedTerm(Term):
         return self._pair_cache[1], self._pair_cache[2]
 
     def __getstate__(self) -> dict:
-        # The neighbour list holds a native cell-list handle that cannot be copied or
-        # pickled; a copy builds its own list on first use.
+        # A copy rebuilds its own pair cache on first use.
         state = self.__dict__.copy()
-        state["_neighbors"] = None
         state["_pair_cache"] = None
         return state
 
