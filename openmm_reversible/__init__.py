@@ -1,3 +1,44 @@
-"""openmm-reversible: train OpenMM force fields through reversible molecular dynamics."""
+"""openmm-reversible: train OpenMM force fields through reversible molecular dynamics.
+
+The public API, in data-flow order::
+
+    from openmm_reversible import (ParameterSet, TorchPotential, LangevinMiddleIntegrator,
+                                   ReversibleSimulation, Trajectory, Target, Loss, write_xml)
+
+    params = ParameterSet.from_forcefield("water.xml", topology, nonbondedMethod=...)
+    potential = TorchPotential(params.system, parameters=params)   # E(x, box), kJ/mol
+    sim = ReversibleSimulation(potential, LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=0),
+                               n_steps=1000, snapshot_every=100, loss_fn=my_loss)
+    loss = sim(positions, velocities, box)
+    loss.backward()                                     # fills params.scaled.grad
+    write_xml(params, "trained/")                       # values written into your own XML
+
+Names are imported lazily so that ``import openmm_reversible`` (and the command line) start fast.
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "ParameterSet": "openmm_reversible.parameters",
+    "TorchPotential": "openmm_reversible.potential",
+    "supported_forces": "openmm_reversible.potential",
+    "LangevinMiddleIntegrator": "openmm_reversible.integrators",
+    "ReversibleSimulation": "openmm_reversible.integrators",
+    "Trajectory": "openmm_reversible.trajectory",
+    "Target": "openmm_reversible.losses",
+    "Loss": "openmm_reversible.losses",
+    "write_xml": "openmm_reversible.export",
+    "InputError": "openmm_reversible.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'openmm_reversible' has no attribute {name!r}")
