@@ -57,7 +57,7 @@ def test_nve_conserves_energy(platform):
 @pytest.mark.parametrize("platform", ["Reference", "CPU"])
 def test_langevin_thermostat_temperature(platform):
     temperature = 300.0
-    modeller, system = water_box(216)
+    modeller, system = water_box(125, cutoff=0.7)
     integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, 5.0 / unit.picosecond,
                                                  2.0 * unit.femtosecond)
     integrator.setRandomNumberSeed(2024)
@@ -65,20 +65,20 @@ def test_langevin_thermostat_temperature(platform):
     ctx.setPositions(modeller.positions)
     openmm.LocalEnergyMinimizer.minimize(ctx, 10.0, 200)
     ctx.setVelocitiesToTemperature(temperature * unit.kelvin, 7)
-    integrator.step(500)
+    integrator.step(300)
     dof = n_dof(system)
     temps = []
-    for _ in range(150):
+    for _ in range(100):
         integrator.step(10)
         ke = ctx.getState(getEnergy=True).getKineticEnergy().value_in_unit(
             unit.kilojoule_per_mole)
         temps.append(2 * ke / (dof * KB))
     temps = np.array(temps)
     # Canonical instantaneous-temperature spread is T*sqrt(2/dof); samples 20 fs apart are
-    # correlated over ~0.1 ps, so take ~30 effective samples and allow 5 standard errors.
+    # correlated over ~0.1 ps, so take ~20 effective samples and allow 5 standard errors.
     sigma = temperature * np.sqrt(2.0 / dof)
     assert temps.std() == pytest.approx(sigma, rel=0.5)
-    assert abs(temps.mean() - temperature) < 5 * sigma / np.sqrt(30)
+    assert abs(temps.mean() - temperature) < 5 * sigma / np.sqrt(20)
 
 
 class _Harmonic(torch.nn.Module):
