@@ -26,6 +26,8 @@ _EXPORTS = {
     "supported_forces": "openmm_reversible.potential",
     "LangevinMiddleIntegrator": "openmm_reversible.integrators",
     "ReversibleSimulation": "openmm_reversible.integrators",
+    "ExactLangevinIntegrator": "openmm_reversible.integrators",
+    "ExactReversibleSimulation": "openmm_reversible.integrators",
     "Trajectory": "openmm_reversible.trajectory",
     "Target": "openmm_reversible.losses",
     "Loss": "openmm_reversible.losses",

@@ -3,7 +3,9 @@
 - ``gradient``: time of a reversible gradient over the forward run alone (:mod:`.gradient`);
 - ``memory``: peak memory of reversible gradients through 1,000 and 20,000 steps and of
   backprop through time (:mod:`.memory`);
-- ``forces``: torch force and VJP cost against an OpenMM step (:mod:`.forces`).
+- ``forces``: torch force and VJP cost against an OpenMM step (:mod:`.forces`);
+- ``exact``: bitwise round trip of the water box in fixed point: information-buffer size,
+  bits per degree of freedom and step, and cost relative to the float mode (:mod:`.exact`).
 
 Each benchmark module exposes ``add_arguments(parser)`` and ``run(args) -> dict``.
 """
@@ -16,7 +18,9 @@ import json
 
 BENCHMARKS = {"gradient": "Time of a reversible gradient relative to the forward run",
               "memory": "Peak memory of reversible gradients vs steps, and of BPTT",
-              "forces": "Cost of the torch forces and VJPs against an OpenMM CPU step"}
+              "forces": "Cost of the torch forces and VJPs against an OpenMM CPU step",
+              "exact": "Bitwise round trip of the water box in fixed point: buffer size, "
+                       "bits per step, cost vs float"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

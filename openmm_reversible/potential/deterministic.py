@@ -267,14 +267,14 @@ def _nonbonded(term: NonbondedTerm, x: torch.Tensor, box: torch.Tensor | None,
                sites: torch.Tensor | None, items: list) -> torch.Tensor:
     """Energy of a pairwise NonbondedForce on leaf pair and exception vectors."""
     if term.periodic:
-        term._check_box(box)
+        term.check_box(box)
     else:
         box = None
     energy = x.new_zeros(())
     if not term.include_direct:
         return energy
     particles, exceptions = term.current_parameters(sites)
-    i, j, shifts = term._interacting_pairs(x, box)
+    i, j, shifts = term.interacting_pairs(x, box)
     d = x[j] - x[i]
     if shifts is not None:
         # Image shift n·box with a fixed order of operations (no matrix product).

@@ -462,7 +462,7 @@ class NonbondedTerm(Term):
         state["_pair_cache"] = None
         return state
 
-    def _interacting_pairs(self, positions: torch.Tensor, box: torch.Tensor | None
+    def interacting_pairs(self, positions: torch.Tensor, box: torch.Tensor | None
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Pairs within the cutoff and their periodic image shifts (no autograd involved).
 
@@ -484,7 +484,7 @@ class NonbondedTerm(Term):
             shifts = torch.round((raw[within] - d[within]) @ torch.linalg.inv(box))
         return i, j, shifts
 
-    def _check_box(self, box: torch.Tensor | None) -> None:
+    def check_box(self, box: torch.Tensor | None) -> None:
         if box is None:
             raise InputError(f"NonbondedForce (force {self.force_index}) uses {self.method}, "
                              "which is periodic, but no box was given; pass the periodic box "
@@ -503,7 +503,7 @@ class NonbondedTerm(Term):
     def pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
                     particles: torch.Tensor) -> torch.Tensor:
         """Lennard-Jones plus direct/cutoff Coulomb energy of the non-excepted pairs, kJ/mol."""
-        i, j, shifts = self._interacting_pairs(positions, box)
+        i, j, shifts = self.interacting_pairs(positions, box)
         d = positions.index_select(0, j) - positions.index_select(0, i)
         if shifts is not None:
             d = d - shifts @ box
@@ -587,7 +587,7 @@ class NonbondedTerm(Term):
             Current values of the bound XML sites.
         """
         if self.periodic:
-            self._check_box(box)
+            self.check_box(box)
         else:
             box = None
         particles, exceptions = self.current_parameters(sites)
