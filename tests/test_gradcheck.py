@@ -3,18 +3,29 @@
 The water box (16 TIP3P molecules, reaction field with a 0.35 nm cutoff) is built by OpenMM's
 Modeller and written to a temporary PDB; the force field is the tagged flexible TIP3P of
 ``tests/data/tip3p_flexible.xml`` (charge, bond and Lennard-Jones parameters trainable).
+The ``--reweighting`` tests check the plumbing and the formula (against
+:func:`openmm_reversible.reweighting.fluctuation_gradient`); the statistical agreement of the
+two gradients is ``tests/test_reweighting_vs_reversible.py``.
 """
 
 import argparse
 import json
 import os
 
+import numpy as np
 import openmm.app as app
 import pytest
+import torch
 
 from openmm_reversible import benchmarks, gradcheck
 from openmm_reversible.benchmarks import memory
 from openmm_reversible.errors import InputError
+from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from openmm_reversible.observables import atom_indices, rdf
+from openmm_reversible.parameters import ParameterSet
+from openmm_reversible.potential import TorchPotential
+from openmm_reversible.reweighting import fluctuation_gradient
+from openmm_reversible.units import box_tensor, positions_tensor
 
 XML = os.path.join(os.path.dirname(__file__), "data", "tip3p_flexible.xml")
 
@@ -93,3 +104,68 @@ def test_memory_measurement_in_process():
                             seed=0)
     assert result["mode"] == "reversible" and result["steps"] == 4
     assert result["peak_mib"] >= result["baseline_mib"] > 0
+
+
+def test_gradcheck_reweighting_entry(water_pdb, capsys):
+    """--reweighting adds per-parameter fluctuation-formula gradients; the check still passes."""
+    code, result = run_json(capsys, "--forcefield", XML, "--pdb", water_pdb, "--steps", "4",
+                            "--snapshot-every", "1", "--cutoff", "0.35", "--reweighting")
+    assert code == 0 and result["ok"] is True
+    entry = result["reweighting"]
+    assert entry["n_frames"] == 4
+    assert [p["name"] for p in entry["parameters"]] == [p["name"] for p in result["parameters"]]
+    assert all(np.isfinite(p["gradient"]) and p["gradient"] != 0 for p in entry["parameters"])
+    assert entry["rel_difference_reversible"] > 0
+    code = gradcheck.run(gradcheck_args("--forcefield", XML, "--pdb", water_pdb, "--steps", "2",
+                                        "--cutoff", "0.35", "--reweighting"))
+    assert code == 0 and "reweighting from 2 snapshots" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def water_frames(water_pdb):
+    """A TorchPotential of the tagged water and 3 snapshots of a short reversible run."""
+    pdb = app.PDBFile(water_pdb)
+    parameters = ParameterSet.from_forcefield(
+        XML, pdb.topology, nonbondedMethod=app.CutoffPeriodic, nonbondedCutoff=0.35,
+        constraints=None, rigidWater=False, removeCMMotion=False)
+    potential = TorchPotential(parameters.system, parameters=parameters)
+    integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=3)
+    sim = ReversibleSimulation(potential, integrator, 6, 2, gradcheck.energy_loss)
+    box = box_tensor(pdb.topology.getPeriodicBoxVectors())
+    with torch.no_grad():
+        sim(positions_tensor(pdb.getPositions()), integrator.noise(0, potential.masses), box)
+    return pdb.topology, potential, sim.trajectory
+
+
+def test_reweighting_gradient_is_the_fluctuation_formula(water_frames):
+    """The autograd route of gradcheck equals reweighting.fluctuation_gradient term by term."""
+    _, potential, traj = water_frames
+    params = [p for p in potential.parameters() if p.requires_grad]
+    ours = gradcheck.reweighting_gradient(gradcheck.energy_loss, traj, potential, params)
+    _, formula = fluctuation_gradient(lambda x, box: potential(x, box) / traj.n_atoms,
+                                      potential, traj.positions, traj.box, traj.temperature,
+                                      params)
+    np.testing.assert_allclose(ours, torch.cat([g.reshape(-1) for g in formula]).numpy(),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_frame_loss_is_the_window_loss(water_frames):
+    """The mean of per-frame g(r) is the window's g(r), so the rdf loss keeps its value."""
+    topology, potential, traj = water_frames
+    loss = gradcheck.rdf_loss(topology, traj.box)
+    oxygens = atom_indices(topology, element="O")
+    _, g = rdf(traj.positions, traj.box, selections=(oxygens, oxygens), r_range=(0.2, 0.5 *
+               float(traj.box[0, 0])), bin_width=0.02)
+    expected = ((g - 1.0) ** 2).sum() * 0.02
+    assert float(loss(traj, potential)) == pytest.approx(float(expected), rel=1e-12)
+    reweighted = float(loss.reweighted(traj, potential).detach())
+    assert reweighted == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_reweighting_needs_a_frame_loss(water_frames):
+    _, potential, traj = water_frames
+    integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=3)
+    sim = ReversibleSimulation(potential, integrator, 2, 1, lambda t, p: t.kinetic_energy().sum())
+    with pytest.raises(InputError, match="FrameLoss"):
+        gradcheck.check_gradients(sim, traj.positions[0], traj.velocities[0], traj.box,
+                                  reweighting=True)
