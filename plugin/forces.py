@@ -101,6 +101,9 @@ def openmmtorch_available() -> bool:
         import openmmtorch  # noqa: F401
     except ImportError:
         return False
+    from openmm_reversible.potential.torchforce import load_openmmtorch_kernels
+
+    load_openmmtorch_kernels()
     return True
 
 

@@ -30,6 +30,25 @@ TORCHFORCE_TYPE = "TorchForce"
 """The ``type`` attribute of a serialized TorchForce."""
 
 
+def load_openmmtorch_kernels() -> None:
+    """Load openmm-torch's platform kernels if importing openmm before torch made them fail.
+
+    OpenMM loads its plugin libraries when ``openmm`` is first imported. openmm-torch's kernel
+    libraries link against torch's shared libraries, which are only on the search path once
+    ``torch`` has been imported; imported the other way round, the kernels fail to load and no
+    platform can run a TorchForce. torch is imported by this module, so loading the failed
+    libraries again now succeeds. Harmless when nothing failed.
+    """
+    prefix = "Error loading library "
+    for failure in openmm.Platform.getPluginLoadFailures():
+        path = failure[len(prefix):].split(": ", 1)[0] if failure.startswith(prefix) else ""
+        if "OpenMMTorch" in path:
+            try:
+                openmm.Platform.loadPluginLibrary(path)
+            except Exception:  # still unloadable (e.g. a missing driver): leave it failed
+                pass
+
+
 class TorchModelTerm(Term):
     """Energy of a TorchScript model in the TorchForce convention, kJ/mol.
 
@@ -80,6 +99,7 @@ def concrete_force(force: openmm.Force) -> openmm.Force:
         import openmmtorch
     except ImportError:
         return force
+    load_openmmtorch_kernels()
     return openmmtorch.TorchForce.cast(force) if openmmtorch.TorchForce.isinstance(force) \
         else force
 

@@ -1,0 +1,191 @@
+"""Diamond from scratch, CPU-sized: Stillinger–Weber prior + SchNet trained through reversible
+windows to zero stress and the elastic constants of diamond (64 atoms, 2×2×2 cells, 298 K,
+γ 4/ps, Δt 0.5 fs), then exported into OpenMM.
+
+The training run is shared by the tests (module fixture); the full 1000-atom version is
+examples/diamond/.
+"""
+
+import json
+
+import numpy as np
+import openmm
+import pytest
+import torch
+from openmm import app, unit
+from openmm_reversible_plugin import create_force, write_forcefield
+
+from openmm_reversible.errors import InputError
+from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from openmm_reversible.ml import (
+    EnergySum,
+    MLPotential,
+    SchNet,
+    StillingerWeber,
+    diamond_lattice,
+    diamond_topology,
+)
+from openmm_reversible.ml.train_elastic import (
+    MODEL_FILE,
+    ElasticTargets,
+    ElasticTrainingSettings,
+    cubic_elastic_observables,
+    train_elastic,
+)
+from openmm_reversible.train import read_log
+
+CARBON = 12.011
+SETTINGS = dict(equilibration_steps=200, epochs=4, window_steps=40, snapshot_every=4,
+                learning_rate=1e-2, prior_learning_rate=3e-3, seed=5)
+TINY = dict(SETTINGS, equilibration_steps=20, window_steps=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small tensors: one thread is fastest, and avoids oversubscribing a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_models():
+    return (SchNet(n_features=8, n_rbf=6, n_interactions=1, seed=2),
+            StillingerWeber(search_cutoff=0.30))
+
+
+def crystal():
+    x, box = diamond_lattice(2)
+    return x, box, np.full(len(x), CARBON)
+
+
+def run(output, epochs, resume=False, schedule=SETTINGS):
+    model, prior = small_models()
+    settings = ElasticTrainingSettings(**{**schedule, "epochs": epochs})
+    return train_elastic(model, *crystal(), prior=prior, settings=settings, output=output,
+                         resume=resume)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    output = tmp_path_factory.mktemp("diamond")
+    return run(output, SETTINGS["epochs"]), output
+
+
+def test_training_reduces_the_loss(trained):
+    result, output = trained
+    losses = [r["loss"] for r in result.history]
+    assert len(losses) == SETTINGS["epochs"]
+    assert all(np.isfinite(losses))
+    # Start: SW at a = 0.3567 nm is ~19 GPa in compression and far from the targets.
+    first, last = result.history[0], result.history[-1]
+    assert first["stress_GPa"][0] < -10.0
+    assert last["loss"] < 0.6 * first["loss"]
+    assert last["terms"]["stress"] < 0.2 * first["terms"]["stress"]
+    # The window's temperature is the bath's (64 atoms, 10 correlated snapshots: ±20 %).
+    assert all(200.0 < r["temperature_K"] < 400.0 for r in result.history)
+    # Reversal in float64 over 40 steps reconstructs the forward states to round-off.
+    assert max(r["reconstruction_error_nm"] for r in result.history) < 1e-9
+    assert read_log(output / "log.jsonl") == json.loads(json.dumps(result.history))
+    assert result.step == SETTINGS["equilibration_steps"] + 4 * SETTINGS["window_steps"]
+
+
+def test_prior_and_model_parameters_are_trained(trained):
+    result, _ = trained
+    prior, model = result.model
+    assert not torch.allclose(prior.scales, torch.ones(7, dtype=torch.float64))
+    fresh_model, _ = small_models()
+    assert float(model.readout[1].weight.detach().abs().max()) > 0.0  # starts at zero
+    assert not torch.equal(model.embedding.weight, fresh_model.embedding.weight)
+
+
+def _openmm_energy_forces(system, positions, box):
+    integrator = openmm.VerletIntegrator(0.0005)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    context.setPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+    context.setPositions(positions)
+    state = context.getState(getEnergy=True, getForces=True)
+    return (state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole),
+            state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer))
+
+
+def _torch_energy_forces(model, positions, box):
+    x = torch.tensor(positions, requires_grad=True)
+    energy = model(x, torch.tensor(box))
+    (gradient,) = torch.autograd.grad(energy, x)
+    return float(energy.detach()), -gradient.numpy()
+
+
+def test_exported_force_reproduces_trained_energy(trained):
+    result, output = trained
+    x = result.positions.numpy()
+    box = diamond_lattice(2)[1]
+    reference_energy, reference_forces = _torch_energy_forces(result.model, x, box)
+    loaded = torch.jit.load(str(output / MODEL_FILE))
+    system = openmm.System()
+    for _ in range(len(x)):
+        system.addParticle(CARBON)
+    system.setDefaultPeriodicBoxVectors(*[openmm.Vec3(*row) for row in box])
+    system.addForce(create_force(loaded))
+    energy, forces = _openmm_energy_forces(system, x, box)
+    assert energy == pytest.approx(reference_energy, rel=1e-10)
+    np.testing.assert_allclose(forces, reference_forces, rtol=1e-8, atol=1e-8)
+
+    path = output / "diamond.xml"
+    write_forcefield(str(path), result.model, {"C": ("C", CARBON, 0)})
+    topology = diamond_topology(len(x), box)
+    system = app.ForceField(str(path)).createSystem(topology, nonbondedMethod=app.CutoffPeriodic)
+    energy, forces = _openmm_energy_forces(system, x, box)
+    assert energy == pytest.approx(reference_energy, rel=1e-10)
+    np.testing.assert_allclose(forces, reference_forces, rtol=1e-8, atol=1e-8)
+
+
+def test_resume_continues_the_run(tmp_path):
+    straight = run(tmp_path / "straight", 2, schedule=TINY)
+    run(tmp_path / "split", 1, schedule=TINY)
+    with pytest.raises(InputError, match="resume=True"):
+        run(tmp_path / "split", 2, schedule=TINY)
+    resumed = run(tmp_path / "split", 2, resume=True, schedule=TINY)
+    assert len(resumed.history) == 2
+    assert resumed.step == straight.step
+    for a, b in zip(resumed.history, straight.history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-12)
+    torch.testing.assert_close(resumed.positions, straight.positions, rtol=0, atol=1e-12)
+    with pytest.raises(InputError, match=r"other settings or targets \(changed: \['seed'\]"):
+        run(tmp_path / "split", 3, resume=True, schedule=dict(TINY, seed=6))
+
+
+def test_elastic_loss_gradient_matches_backprop_through_time():
+    """The loss reaches the parameters directly (Born term) and through the frames; the
+    reversible gradient of both equals backprop-through-time."""
+    model, prior = small_models()
+    with torch.no_grad():  # a non-zero network, so that its weights get gradients everywhere
+        model.readout[1].weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+    x, box, masses = crystal()
+    potential = MLPotential(EnergySum([prior, model]), masses=masses)
+    v = 3.0 * torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    loss_fn = ElasticTargets().loss()
+    grads = {}
+    for mode in ("reversible", "bptt"):
+        potential.zero_grad()
+        sim = ReversibleSimulation(potential, LangevinMiddleIntegrator(0.0005, 4.0, 298.0, 11),
+                                   n_steps=6, snapshot_every=3, mode=mode,
+                                   loss_fn=lambda t, p: loss_fn(cubic_elastic_observables(t, p)))
+        sim(torch.tensor(x), v, torch.tensor(box)).backward()
+        grads[mode] = torch.cat([torch.zeros_like(p).flatten() if p.grad is None
+                                 else p.grad.flatten() for p in potential.parameters()])
+    reference = grads["bptt"]
+    assert float(reference.norm()) > 0
+    assert float((grads["reversible"] - reference).norm() / reference.norm()) < 1e-8
+
+
+def test_settings_and_targets_from_mapping_name_bad_keys():
+    settings = ElasticTrainingSettings.from_mapping({"epochs": 3, "device": "cpu"})
+    assert settings.epochs == 3 and settings.timestep == 0.0005
+    with pytest.raises(InputError, match=r"\[training\] has unknown keys \['epoch'\]"):
+        ElasticTrainingSettings.from_mapping({"epoch": 3})
+    with pytest.raises(InputError, match="fewer than 2 snapshots"):
+        ElasticTrainingSettings(window_steps=10, snapshot_every=10)
+    with pytest.raises(InputError, match="target c12 must be a finite, non-zero"):
+        ElasticTargets.from_mapping({"c12": 0.0})
+    assert ElasticTargets.from_mapping({"c11": 500.0}).c44 == 578.0
