@@ -190,7 +190,7 @@ def verify(system: openmm.System, positions: np.ndarray, box: np.ndarray | None 
         et_t = term_energy[i]
         ft = -torch.autograd.grad(et_t, x, retain_graph=True, allow_unused=True)[0]
         ft = np.zeros_like(positions) if ft is None else ft.detach().numpy()
-        et = float(et_t)
+        et = float(et_t.detach())
         tol = ENERGY_TOL_EWALD if _is_ewald(force) else ENERGY_TOL
         e_err = _rel(abs(et - eo), eo, ENERGY_FLOOR)
         f_err = _rel_rms(ft - fo, fo)

@@ -8,7 +8,7 @@ import pytest
 from openmm import app, unit
 
 from openmm_reversible.cli import main
-from openmm_reversible.systems import villin, water_box
+from openmm_reversible.systems import openmm_data_file, villin, water_box
 from openmm_reversible.verify import verify
 
 
@@ -101,3 +101,21 @@ def test_bad_inputs_exit_2(tmp_path, capsys):
         app.PDBFile.writeFile(small.topology, small.positions * unit.nanometer, fh)
     assert main(["verify", sys_path, str(pdb_path)]) == 2
     assert "atoms but the System has 648" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_villin_charmm36_pme_cmap_urey_bradley_nbfix():
+    """CHARMM36: CMAP, Urey-Bradley (a second bond force), impropers
+    (CustomTorsionForce) and NBFIX/LJ tables (CustomNonbondedForce), with PME."""
+    pdb = app.PDBFile(openmm_data_file("test.pdb"))
+    ff = app.ForceField("charmm36.xml", "charmm36/water.xml")
+    system = ff.createSystem(pdb.topology, nonbondedMethod=app.PME,
+                             nonbondedCutoff=1.0 * unit.nanometer, ewaldErrorTolerance=1e-6,
+                             constraints=None, rigidWater=False)
+    positions = np.asarray(pdb.positions.value_in_unit(unit.nanometer))
+    box = np.array(pdb.topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    report = verify(system, positions, box)
+    names = {r.name for r in report.per_force}
+    assert {"CMAPTorsionForce", "CustomTorsionForce", "CustomNonbondedForce"} <= names
+    assert report.ok, [(r.name, r.energy_rel_error, r.force_rel_rms_error)
+                       for r in report.per_force if not r.ok]
