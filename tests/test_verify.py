@@ -1,6 +1,7 @@
 """`openmm-reversible verify`: the twin against OpenMM on real systems, and the exit codes."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -119,3 +120,70 @@ def test_villin_charmm36_pme_cmap_urey_bradley_nbfix():
     assert {"CMAPTorsionForce", "CustomTorsionForce", "CustomNonbondedForce"} <= names
     assert report.ok, [(r.name, r.energy_rel_error, r.force_rel_rms_error)
                        for r in report.per_force if not r.ok]
+
+
+def o2_in_water(n_o2: int = 6, box_size: float = 2.2):
+    """A box of O2 molecules in flexible TIP3P water (tutorials/data/o2.xml), reaction field."""
+    files = ["tip3p.xml", str(Path(__file__).parent.parent / "tutorials" / "data" / "o2.xml")]
+    ff = app.ForceField(*files)
+    top, positions = app.Topology(), []
+    chain = top.addChain()
+    rng = np.random.default_rng(11)
+    for k in range(n_o2):
+        residue = top.addResidue("OXY", chain)
+        a = top.addAtom("O1", app.element.oxygen, residue)
+        b = top.addAtom("O2", app.element.oxygen, residue)
+        top.addBond(a, b)
+        centre = (np.array([k % 3, (k // 3) % 3, k // 9]) + 0.5) * box_size / 3
+        axis = rng.normal(size=3)
+        axis *= 0.5 * 0.12074 / np.linalg.norm(axis)
+        positions += [centre - axis, centre + axis]
+    modeller = app.Modeller(top, np.array(positions) * unit.nanometer)
+    modeller.addSolvent(ff, boxSize=openmm.Vec3(box_size, box_size, box_size))
+    system = ff.createSystem(modeller.topology, nonbondedMethod=app.CutoffPeriodic,
+                             nonbondedCutoff=0.9 * unit.nanometer, rigidWater=False,
+                             constraints=None)
+    pos = np.asarray(modeller.positions.value_in_unit(unit.nanometer))
+    box = np.array(modeller.topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    return system, pos, box
+
+
+@pytest.mark.parametrize("form", ["lennard-jones", "mie", "buckingham", "double-exponential",
+                                  "lj-soft-core", "buffered-14-7"])
+def test_o2_in_water_with_each_functional_form(form):
+    """The Lennard-Jones part of the NonbondedForce is replaced by a CustomNonbondedForce of
+    each functional form (per-particle parameters from the original σ, ε; same exclusions,
+    long-range correction on); charges stay in the NonbondedForce."""
+    from test_custom import FORMS  # the forms and their global parameters
+
+    system, positions, box = o2_in_water()
+    nb = next(f for f in system.getForces() if isinstance(f, openmm.NonbondedForce))
+    energy, names, _, globals_ = FORMS[form]
+    custom = openmm.CustomNonbondedForce(energy)
+    for name in names:
+        custom.addPerParticleParameter(name)
+    for name, value in globals_.items():
+        custom.addGlobalParameter(name, value)
+    for i in range(nb.getNumParticles()):
+        charge, sigma, epsilon = nb.getParticleParameters(i)
+        sigma = sigma.value_in_unit(unit.nanometer)
+        epsilon = epsilon.value_in_unit(unit.kilojoule_per_mole)
+        if form == "buckingham":  # exp-6 with the same minimum (alpha 13)
+            rm = 2 ** (1 / 6) * sigma
+            custom.addParticle([6 * epsilon / 7 * np.exp(13), 13 / rm, epsilon * 13 * rm**6 / 7])
+        else:
+            custom.addParticle([sigma, epsilon])
+        nb.setParticleParameters(i, charge, sigma, 0.0)
+    for k in range(nb.getNumExceptions()):
+        i, j, qq, sigma, _ = nb.getExceptionParameters(k)
+        custom.addExclusion(i, j)
+        nb.setExceptionParameters(k, i, j, qq, sigma, 0.0)
+    custom.setNonbondedMethod(openmm.CustomNonbondedForce.CutoffPeriodic)
+    custom.setCutoffDistance(0.9)
+    custom.setUseLongRangeCorrection(True)
+    system.addForce(custom)
+    report = verify(system, positions, box)
+    assert report.ok, [(r.name, r.energy_rel_error, r.force_rel_rms_error)
+                       for r in report.per_force if not r.ok]
+    assert any(r.name == "CustomNonbondedForce" and abs(r.energy_openmm) > 1.0
+               for r in report.per_force)
