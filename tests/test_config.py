@@ -43,7 +43,7 @@ def test_example_config_loads():
     assert config.system.nonbonded_method == "ReactionField"
     assert config.simulation.temperature == 295.15
     assert [t.label for t in config.targets] == ["rdf_OO", "rdf_OH",
-                                                "enthalpy_of_vaporization", "density"]
+                                                "enthalpy_of_vaporization", "pressure"]
     assert Path(config.targets[0].file).is_file()
     assert Path(config.forcefield.files[0]).is_absolute()
     assert to_dict(config)["schedule"]["epochs"] == config.schedule.epochs
