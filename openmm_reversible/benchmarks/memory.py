@@ -2,11 +2,11 @@
 
 Each measurement runs in a fresh Python process (so its peak resident set size is its own):
 a reversible gradient through ``--short-steps`` (1,000) and ``--long-steps`` (20,000) steps,
-and backpropagation through time through ``--short-steps``. Loss snapshots are taken every
-``--snapshot-every`` steps in all three. Reports each peak RSS (MiB), the peak after building
-the system (``baseline``), the growth above it, and ``memory_ratio`` = peak(long) /
-peak(short) for the reversible gradient; the method's promise is a ratio close to 1, where
-BPTT grows with the steps.
+and backpropagation through time through ``--short-steps``, each with the same number of loss
+snapshots (``--snapshots``, evenly spaced), so that only the trajectory length differs.
+Reports each peak RSS (MiB), the peak after building the system (``baseline``), the growth
+above it, and ``memory_ratio`` = peak(long) / peak(short) for the reversible gradient; the
+method's promise is a ratio close to 1, where BPTT grows with the steps.
 
 Run one measurement alone with
 ``python -m openmm_reversible.benchmarks.memory --measure reversible --steps 1000``.
@@ -32,8 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--waters", type=int, default=216, help="water molecules (216)")
     parser.add_argument("--short-steps", type=int, default=1000, help="(1000)")
     parser.add_argument("--long-steps", type=int, default=20000, help="(20000)")
-    parser.add_argument("--snapshot-every", type=int, default=100,
-                        help="steps between loss snapshots (100)")
+    parser.add_argument("--snapshots", type=int, default=10,
+                        help="loss snapshots per run, the same for every length (10): the "
+                             "loss's own graph over its snapshots grows with their number, "
+                             "not with the steps between them")
     parser.add_argument("--cutoff", type=float, default=0.9, help="nm (0.9)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -52,8 +54,9 @@ def measure(mode: str, steps: int, waters: int, snapshot_every: int, cutoff: flo
 
 
 def _in_subprocess(mode: str, steps: int, args: argparse.Namespace) -> dict:
+    snapshot_every = max(1, steps // args.snapshots)
     command = [sys.executable, "-m", __name__, "--measure", mode, "--steps", str(steps),
-               "--waters", str(args.waters), "--snapshot-every", str(args.snapshot_every),
+               "--waters", str(args.waters), "--snapshot-every", str(snapshot_every),
                "--cutoff", str(args.cutoff), "--seed", str(args.seed)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -62,6 +65,8 @@ def _in_subprocess(mode: str, steps: int, args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
+    if args.snapshots < 1:
+        raise InputError(f"--snapshots must be >= 1, got {args.snapshots}")
     if not 1 <= args.short_steps <= args.long_steps:
         raise InputError(f"need 1 <= --short-steps <= --long-steps, got {args.short_steps} "
                          f"and {args.long_steps}")
@@ -69,7 +74,8 @@ def run(args: argparse.Namespace) -> dict:
     long = _in_subprocess("reversible", args.long_steps, args)
     bptt = _in_subprocess("bptt", args.short_steps, args)
     return {"benchmark": "memory", "waters": args.waters, "short_steps": args.short_steps,
-            "long_steps": args.long_steps, "baseline_mib": short["baseline_mib"],
+            "long_steps": args.long_steps, "snapshots": args.snapshots,
+            "baseline_mib": short["baseline_mib"],
             "reversible_short_peak_mib": short["peak_mib"],
             "reversible_long_peak_mib": long["peak_mib"],
             "bptt_short_peak_mib": bptt["peak_mib"],
