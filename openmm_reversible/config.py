@@ -130,6 +130,8 @@ class ScheduleConfig:
     resync_every: int | None = _spec(None, _positive, "steps between stored resync states")
     optimizer: str = _spec("adam", _one_of(*OPTIMIZERS))
     learning_rate: float = _spec(0.01, _positive, "step on parameters scaled to their start")
+    lr_decay: float = _spec(1.0, lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
+                            "learning rate multiplied by this after every epoch")
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
 """``openmm-reversible demo --output DIR``: the water fit of ``examples/water``, end to end.
 
 Fits σ_O, ε_O and q_O (q_H = −q_O/2) of flexible 3-site water with reaction-field
-electrostatics — 216 molecules, starting from TIP3P — to the O–O and O–H RDFs of TIP4P-Ew
-water and the experimental ΔH_vap, on the CPU (CUDA when present) in about ten minutes, then
-checks the trained XML in plain OpenMM (:mod:`openmm_reversible.validate`). DIR receives the
-trained ``water_flexible.xml``, ``training.png``, ``log.jsonl``, ``checkpoint.pt``,
+electrostatics — 216 molecules, from a perturbed TIP3P start — to the O–O and O–H RDFs of
+TIP4P-Ew water and the experimental ΔH_vap, on the CPU (CUDA when present) in about ten
+minutes, then checks the trained XML in plain OpenMM (:mod:`openmm_reversible.validate`).
+DIR receives the trained ``water_flexible.xml``, ``training.png``, ``log.jsonl``, ``checkpoint.pt``,
 ``validation.png`` and ``validation.json``. Running the demo again on the same DIR resumes
 (and, when the fit is complete, only repeats the validation).
 """

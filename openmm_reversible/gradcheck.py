@@ -61,6 +61,7 @@ import torch
 from .errors import InputError
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from .observables.energy import frame_energies
+from .potential.neighbors import box_widths
 from .reweighting import reweighted_average
 from .trajectory import Trajectory
 from .units import box_tensor, positions_tensor
@@ -138,10 +139,8 @@ def rdf_loss(topology: app.Topology, box: torch.Tensor | None) -> FrameLoss:
     atoms = [a.index for a in topology.atoms()]
     oxygens = atom_indices(topology, element="O") if any(
         a.element is not None and a.element.symbol == "O" for a in topology.atoms()) else atoms
-    volume = abs(float(torch.linalg.det(box)))
-    widths = [volume / float(torch.linalg.norm(torch.linalg.cross(box[i], box[j])))
-              for i, j in ((1, 2), (2, 0), (0, 1))]
-    r_range, bin_width = (0.2, min(RDF_R_MAX, 0.5 * min(widths))), 0.02
+    half_box = 0.5 * float(box_widths(box).min())
+    r_range, bin_width = (0.2, min(RDF_R_MAX, half_box)), 0.02
 
     def per_frame(traj: Trajectory, potential) -> torch.Tensor:
         return torch.stack([rdf(x[None], traj.box, selections=(oxygens, oxygens),

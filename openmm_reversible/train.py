@@ -52,6 +52,7 @@ from .observables.rdf import rdf
 from .observables.selection import molecules, pair_indices
 from .parameters import ParameterSet
 from .potential import TorchPotential
+from .potential.neighbors import box_widths
 from .sampler import (
     SampledState,
     Sampler,
@@ -192,6 +193,12 @@ class Objective:
         """The target's observable over the window's snapshots (differentiable)."""
         if target.observable == "rdf":
             s = self.rdf_setup[target.label]
+            half_box = 0.5 * float(box_widths(traj.box.detach()).min())
+            if s["r_range"][1] > half_box:
+                raise InputError(
+                    f"targets: the {target.label} range reaches {s['r_range'][1]:.4g} nm, but "
+                    f"the box has shrunk to a half-width of {half_box:.4g} nm; set "
+                    f"r_max = {np.floor(0.95 * half_box * 100) / 100:.2f} (nm) in that target")
             return rdf(traj.positions, traj.box, pairs=s["pairs"], r_range=s["r_range"],
                        n_bins=s["n_bins"], sigma=s["sigma"])[1]
         if target.observable == "enthalpy_of_vaporization":
@@ -485,6 +492,8 @@ class Trainer:
             raise TrainingFailed("; ".join(messages) + ". The last good parameters are kept"
                                  f" in {self.output}.")
         self.optimizer.step()
+        for group in self.optimizer.param_groups:
+            group["lr"] *= self.config.schedule.lr_decay
         with torch.no_grad():
             scaled = self.parameters.scaled
             scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))

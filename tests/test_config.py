@@ -43,7 +43,7 @@ def test_example_config_loads():
     assert config.system.nonbonded_method == "ReactionField"
     assert config.simulation.temperature == 295.15
     assert [t.label for t in config.targets] == ["rdf_OO", "rdf_OH",
-                                                "enthalpy_of_vaporization", "pressure"]
+                                                "enthalpy_of_vaporization", "density"]
     assert Path(config.targets[0].file).is_file()
     assert Path(config.forcefield.files[0]).is_absolute()
     assert to_dict(config)["schedule"]["epochs"] == config.schedule.epochs
@@ -86,6 +86,7 @@ def test_unknown_section(base):
     ("system", "nonbonded_method", "RF", "system.nonbonded_method = 'RF': must be one of"),
     ("system", "rigid_water", 1, "system.rigid_water: expected bool"),
     ("failure", "lr_factor", 1.5, "failure.lr_factor = 1.5: must be in (0, 1)"),
+    ("schedule", "lr_decay", 0.0, "schedule.lr_decay = 0.0: must be in (0, 1]"),
     ("simulation", "platform", "TPU", "simulation.platform = 'TPU': must be one of"),
 ])
 def test_impossible_values_are_named(base, section, key, value, expected):

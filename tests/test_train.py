@@ -20,9 +20,11 @@ from openmm import app, unit
 
 from openmm_reversible import fit as fit_cli
 from openmm_reversible.config import load_config
+from openmm_reversible.errors import InputError
 from openmm_reversible.observables.rdf import rdf
 from openmm_reversible.parameters import ParameterSet
 from openmm_reversible.train import CHECKPOINT, LOG, PLOT, Trainer, TrainingFailed, fit, read_log
+from openmm_reversible.trajectory import Trajectory
 from openmm_reversible.units import KB
 
 SIGMA, EPSILON = 0.34, 0.996  # nm, kJ/mol: the truth the recovery test must find again
@@ -160,6 +162,8 @@ def test_recovers_known_parameters(argon, tmp_path):
 
 def test_resume_equals_uninterrupted(argon, tmp_path):
     config = _config(argon, "resume", SIGMA * 1.02, EPSILON * 0.95, epochs=2)
+    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule,
+                                                                      lr_decay=0.5))
     straight = fit(config, tmp_path / "straight", progress=False)
     first = fit(dataclasses.replace(config, schedule=dataclasses.replace(config.schedule,
                                                                          epochs=1)),
@@ -172,6 +176,8 @@ def test_resume_equals_uninterrupted(argon, tmp_path):
         assert a["gradient"] == b["gradient"]
         assert a["parameters_after"] == b["parameters_after"]
     assert straight.parameters == resumed.parameters
+    # The decayed learning rate is part of the checkpoint.
+    assert [r["learning_rate"] for r in resumed.records] == [0.03, 0.015]
     assert (tmp_path / "straight" / "resume.xml").read_bytes() == \
         (tmp_path / "split" / "resume.xml").read_bytes()
     untimed = [{k: v for k, v in r.items() if k != "timings"}
@@ -203,6 +209,20 @@ def test_outputs_and_export_round_trip(argon, tmp_path):
                                       "total_s"}
     assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / CHECKPOINT).is_file()
+
+
+def test_rdf_range_beyond_a_shrunken_box_names_r_max(argon, tmp_path):
+    config = _config(argon, "shrunk", SIGMA, EPSILON, epochs=1)
+    trainer = Trainer(config, tmp_path / "out", progress=False)
+    (target,) = [t for t in config.targets if t.observable == "rdf"]
+    n = trainer.parameters.system.getNumParticles()
+    traj = Trajectory(positions=torch.rand(2, n, 3, dtype=torch.float64),
+                      velocities=torch.zeros(2, n, 3, dtype=torch.float64),
+                      box=torch.eye(3, dtype=torch.float64) * 1.3, steps=torch.arange(2),
+                      timestep=0.004, masses=torch.ones(n, dtype=torch.float64),
+                      temperature=TEMPERATURE)
+    with pytest.raises(InputError, match=r"rdf_ARAR .* 0\.65 nm; set r_max = 0\.61"):
+        trainer.objective.observable(target, traj, trainer.potential)
 
 
 def test_explosion_retries_and_keeps_last_good_parameters(argon, tmp_path):

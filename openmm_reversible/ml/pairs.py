@@ -22,16 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..potential.neighbors import NeighborList, minimum_image
-
-
-def box_widths(box: torch.Tensor) -> torch.Tensor:
-    """Perpendicular widths of a periodic box, shape (3,), nm (volume / area of each face)."""
-    volume = torch.abs(torch.linalg.det(box))
-    areas = torch.stack([torch.linalg.norm(torch.linalg.cross(box[1], box[2])),
-                         torch.linalg.norm(torch.linalg.cross(box[2], box[0])),
-                         torch.linalg.norm(torch.linalg.cross(box[0], box[1]))])
-    return volume / areas
+from ..potential.neighbors import NeighborList, box_widths, minimum_image
 
 
 def check_cutoff(cutoff: float, box: torch.Tensor | None) -> None:

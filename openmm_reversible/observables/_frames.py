@@ -66,17 +66,6 @@ def volumes(box: torch.Tensor) -> torch.Tensor:
     return torch.linalg.det(box).abs()
 
 
-def widths(box: torch.Tensor) -> torch.Tensor:
-    """Perpendicular widths of the box(es), nm, shape (..., 3): V / |b × c| and cyclic.
-
-    Half the smallest width is the largest distance the minimum-image convention resolves.
-    """
-    a, b, c = box[..., 0, :], box[..., 1, :], box[..., 2, :]
-    areas = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a),
-                         torch.linalg.cross(a, b)], dim=-2).norm(dim=-1)
-    return volumes(box)[..., None] / areas
-
-
 def displacements(positions: torch.Tensor, first: torch.Tensor, second: torch.Tensor,
                   box: torch.Tensor | None, periodic: bool = True) -> torch.Tensor:
     """Displacements ``x[second] - x[first]`` in every frame, shape (S, P, 3), nm.

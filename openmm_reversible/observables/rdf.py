@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ._frames import as_index, check_box, check_frames, displacements, volumes, widths
+from ..potential.neighbors import box_widths
+from ._frames import as_index, check_box, check_frames, displacements, volumes
 from .selection import pair_indices
 
 _TRUNCATE = 8.0
@@ -166,7 +167,7 @@ def rdf(positions: torch.Tensor, box, pairs=None, r_range=(0.0, 1.0),
     if not (sigma >= 0 and math.isfinite(sigma)):
         raise InputError(f"sigma must be a non-negative width in nm, got {sigma!r}")
     if periodic:
-        half = 0.5 * float(widths(box.detach()).min())
+        half = 0.5 * float(box_widths(box.detach()).min())
         if r_max > half:
             raise InputError(
                 f"r_range[1] = {r_max} nm exceeds half the smallest box width ({half:.4f} nm), "

@@ -18,6 +18,17 @@ import torch
 import vesin
 
 
+def box_widths(box: torch.Tensor) -> torch.Tensor:
+    """Perpendicular widths of periodic box(es), nm, shape (..., 3): V / |b × c| and cyclic.
+
+    Half the smallest width is the largest distance the minimum-image convention resolves.
+    """
+    a, b, c = box[..., 0, :], box[..., 1, :], box[..., 2, :]
+    areas = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a),
+                         torch.linalg.cross(a, b)], dim=-2).norm(dim=-1)
+    return torch.linalg.det(box).abs()[..., None] / areas
+
+
 def minimum_image(d: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
     """Apply the minimum-image convention to displacement vectors.
 
