@@ -24,9 +24,10 @@ def box_widths(box: torch.Tensor) -> torch.Tensor:
     Half the smallest width is the largest distance the minimum-image convention resolves.
     """
     a, b, c = box[..., 0, :], box[..., 1, :], box[..., 2, :]
-    areas = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a),
-                         torch.linalg.cross(a, b)], dim=-2).norm(dim=-1)
-    return torch.linalg.det(box).abs()[..., None] / areas
+    faces = torch.stack([torch.linalg.cross(b, c), torch.linalg.cross(c, a),
+                         torch.linalg.cross(a, b)], dim=-2)
+    # (TorchScript-compatible: ml.pairs calls it from scripted models.)
+    return torch.linalg.det(box).abs().unsqueeze(-1) / torch.linalg.vector_norm(faces, dim=-1)
 
 
 def minimum_image(d: torch.Tensor, box: torch.Tensor | None) -> torch.Tensor:
