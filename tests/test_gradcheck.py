@@ -94,7 +94,8 @@ def test_gradient_benchmark_reports_json(capsys):
     assert benchmarks.run(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n_atoms"] == 48 and result["steps"] == 4
-    assert result["gradient_over_forward"] > 1.0
+    # Timings are reported, never asserted (wall clock on a shared machine).
+    assert result["forward_s"] > 0 and result["forward_reverse_s"] > 0
     assert result["reconstruction_error_nm"] < 1e-12
     assert result["gradient_norm"] > 0
 

@@ -450,3 +450,59 @@ def test_exceptions_across_the_boundary(water, periodic):
     positions = water[1].copy()
     positions[1] += _box(system)[0].numpy()
     _compare(system, positions)
+
+
+@pytest.mark.parametrize("case", ["cube", "dodecahedron"])
+def test_cached_images_follow_moves_and_wraps(water, water_dodecahedron, case):
+    """Image shifts cached at the list build stay right after moves and wraps, also when the
+    box is narrower than 2 (cutoff + skin), where some minimum images must change."""
+    topology, x0 = water if case == "cube" else water_dodecahedron
+    box_np = np.eye(3) * 2.0 if case == "cube" else None
+    system = _water_system(topology, app.CutoffPeriodic, cutoff=0.95 if case == "cube" else 0.8)
+    single, force = _nonbonded(system)
+    box = _box(single)
+    if box_np is None:
+        box_np = box.numpy()
+    term = NonbondedTerm(force, 0, single)
+    term(torch.tensor(x0), box)  # builds the list and caches the shifts at x0
+    rng = np.random.default_rng(7)
+    x1 = x0 + rng.uniform(-0.02, 0.02, x0.shape)  # within the skin: no rebuild
+    x1 += rng.integers(-1, 2, (len(x0), 3)) @ box_np  # wrapped by whole box vectors
+    builds = term._pairs.neighbors.n_builds
+    cached = term.interacting_pairs(torch.tensor(x1), box)
+    assert term._pairs.neighbors.n_builds == builds
+    fresh = NonbondedTerm(force, 0, single).interacting_pairs(torch.tensor(x1), box)
+
+    def by_pair(i, j, shifts):
+        pairs = zip(i.tolist(), j.tolist(), strict=True)
+        return dict(zip(pairs, map(tuple, shifts.tolist()), strict=True))
+
+    assert by_pair(*cached) == by_pair(*fresh)
+    errors = relative_errors(*_energy_forces(term, x1, box),
+                             *reference_energy_forces(single, x1))
+    assert errors[0] <= EXACT and errors[1] <= EXACT, errors
+
+
+def test_pair_whose_minimum_image_changed_since_the_list_build():
+    """Two particles almost half a box apart: after moves within the skin the minimum image
+    is the other one, and inside the cutoff. The cached image is 1.079 nm long; the pair must
+    still be found (2.0 nm box, cutoff 0.95 nm, skin 0.1 nm)."""
+    system = openmm.System()
+    system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) * NM for row in np.eye(3) * 2.0))
+    force = openmm.NonbondedForce()
+    force.setNonbondedMethod(openmm.NonbondedForce.CutoffPeriodic)
+    force.setCutoffDistance(0.95)
+    for charge in (1.0, -1.0):
+        system.addParticle(1.0)
+        force.addParticle(charge, 0.3, 0.5)
+    system.addForce(force)
+    term = NonbondedTerm(force, 0, system)
+    box = _box(system)
+    x_ref = np.array([[0.0, 0.0, 0.0], [1.001, 0.0, 0.0]])
+    assert term.interacting_pairs(torch.tensor(x_ref), box)[0].numel() == 0
+    x = x_ref + np.array([[0.04, 0.0, 0.0], [-0.04, 0.0, 0.0]])  # now 0.921 nm apart
+    i, j, shifts = term.interacting_pairs(torch.tensor(x), box)
+    assert term._pairs.neighbors.n_builds == 1
+    assert (i.tolist(), j.tolist(), shifts.tolist()) == ([0], [1], [[0.0, 0.0, 0.0]])
+    errors = relative_errors(*_energy_forces(term, x, box), *reference_energy_forces(system, x))
+    assert errors[0] <= EXACT and errors[1] <= EXACT, errors

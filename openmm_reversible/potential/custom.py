@@ -49,7 +49,7 @@ from . import register
 from .base import ParameterTable, Term, UnsupportedForceError
 from .bonded import bond_angle, bond_length, dihedral_angle
 from .expression import Expression, ExpressionError, TabulatedFunction, tabulated_function
-from .neighbors import NeighborList, minimum_image
+from .neighbors import CutoffPairs, minimum_image
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -400,9 +400,8 @@ class CustomNonbondedTerm(Term):
             & ~np.isin(second * n + first, self.excluded_keys.numpy())
         self.register_buffer("fixed_first", torch.as_tensor(first[keep], dtype=torch.long))
         self.register_buffer("fixed_second", torch.as_tensor(second[keep], dtype=torch.long))
-        self.neighbors = None if self.groups or self.cutoff is None \
-            else NeighborList(self.cutoff, skin)
-        self._listed: tuple | None = None   # (neighbour-list pairs, pairs without exclusions)
+        self.cutoff_pairs = None if self.groups or self.cutoff is None \
+            else CutoffPairs(self.cutoff, skin, n, self.excluded_keys)
         self._classes: tuple | None = None  # (binding count, representatives, pair counts)
         self._levels: tuple | None = None   # (parameter values, quadrature levels)
 
@@ -453,18 +452,20 @@ class CustomNonbondedTerm(Term):
     # ---- pairs
 
     def pairs(self, positions: torch.Tensor, box: torch.Tensor | None
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Candidate pairs (particle 1, particle 2): every interacting pair within the cutoff
-        is among them, excluded pairs are not."""
-        if self.neighbors is None:
-            return self.fixed_first, self.fixed_second
-        listed = self.neighbors.pairs(positions, box if self.periodic else None)
-        if self._listed is None or self._listed[0] is not listed:
-            first, second = listed
-            keys = first * self.n_particles + second
-            keep = ~torch.isin(keys, self.excluded_keys.to(keys.device))
-            self._listed = (listed, (first[keep], second[keep]))
-        return self._listed[1]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Interacting pairs (particle 1, particle 2), excluded pairs left out, within the
+        cutoff if there is one, and their minimum-image displacements, nm (differentiable)."""
+        box = box if self.periodic else None
+        if self.cutoff_pairs is not None:
+            first, second, shifts = self.cutoff_pairs(positions, box)
+            d = positions[second] - positions[first]
+            return first, second, d if shifts is None else d - shifts @ box
+        first, second = self.fixed_first, self.fixed_second
+        d = minimum_image(positions[second] - positions[first], box)
+        if self.cutoff is not None:
+            within = torch.nonzero((d.detach() ** 2).sum(-1) < self.cutoff**2).squeeze(-1)
+            first, second, d = first[within], second[within], d[within]
+        return first, second, d
 
     # ---- long-range correction
 
@@ -577,13 +578,7 @@ class CustomNonbondedTerm(Term):
         particles = self.tables["particles"](sites).to(dtype)
         global_env = _table_env(self.tables["globals"](sites).to(dtype)[0],
                                 self.tables["globals"].columns)
-        first, second = self.pairs(positions, box)
-        d = positions[second] - positions[first]
-        if self.periodic:
-            d = minimum_image(d, box)
-        if self.cutoff is not None:
-            within = torch.nonzero((d.detach() ** 2).sum(-1) < self.cutoff**2).squeeze(-1)
-            first, second, d = first[within], second[within], d[within]
+        first, second, d = self.pairs(positions, box)
         r = torch.linalg.vector_norm(d, dim=-1)
         env = dict(global_env)
         env.update(_table_env(particles, self.tables["particles"].columns, first, "1"))

@@ -135,3 +135,93 @@ class NeighborList:
         self._ref_positions = x.copy()
         self._ref_box = None if box is None else box.copy()
         self.n_builds += 1
+
+
+def image_shifts(raw: torch.Tensor, image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """Integer shifts n (as floats, shape (..., 3)) with ``image = raw - n @ box``."""
+    return torch.round((raw - image) @ torch.linalg.inv(box))
+
+
+class CutoffPairs:
+    """The pairs of a pair-energy term within its cutoff, and their minimum-image shifts.
+
+    Candidates come from a :class:`NeighborList` minus the term's excluded pairs. For periodic
+    boxes the image shift of every candidate is computed once per list build, at the
+    positions of that moment; afterwards an evaluation only needs ``x[j] - x[i] - n @ box``
+    (atoms wrapped into the box since the build move by whole box vectors, which are added
+    to ``n``). Whatever the history, a pair is returned exactly when its minimum-image
+    distance is below the cutoff, with its minimum-image shift: a displacement shorter than
+    half the box width w is the minimum image, and a pair whose cached image is longer than
+    ``w - cutoff`` (the only kind whose minimum image may have moved inside the cutoff) is
+    checked with the full minimum-image convention.
+
+    Parameters
+    ----------
+    cutoff, skin : float, nm
+    n_particles : int
+    excluded_keys : torch.Tensor, long, sorted
+        ``i * n_particles + j`` (i < j) of every pair the term leaves out.
+    """
+
+    def __init__(self, cutoff: float, skin: float, n_particles: int,
+                 excluded_keys: torch.Tensor):
+        self.cutoff = float(cutoff)
+        self.n_particles = int(n_particles)
+        self.excluded_keys = excluded_keys
+        self.neighbors = NeighborList(cutoff, skin)
+        self._cache: tuple | None = None  # (list pairs, i, j, reference positions, shifts)
+
+    def __getstate__(self) -> dict:
+        # A copy rebuilds its own cache on first use.
+        state = self.__dict__.copy()
+        state["_cache"] = None
+        return state
+
+    def _candidates(self, positions: torch.Tensor, box: torch.Tensor | None) -> tuple:
+        listed = self.neighbors.pairs(positions, box)
+        if self._cache is None or self._cache[0] is not listed:
+            i, j = listed
+            excluded = self.excluded_keys.to(i.device)
+            if excluded.numel():
+                # Sorted keys: a binary search finds each pair's would-be slot.
+                key = i * self.n_particles + j
+                slot = torch.searchsorted(excluded, key).clamp(max=excluded.numel() - 1)
+                keep = excluded[slot] != key
+                i, j = i[keep], j[keep]
+            x = shifts = None
+            if box is not None:
+                with torch.no_grad():
+                    x = positions.detach().clone()
+                    raw = x[j] - x[i]
+                    shifts = image_shifts(raw, minimum_image(raw, box), box)
+            self._cache = (listed, i, j, x, shifts)
+        return self._cache[1:]
+
+    def __call__(self, positions: torch.Tensor, box: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Pairs ``i < j`` within the cutoff and, for a periodic ``box``, integer shifts ``n``
+        (float tensor (n_pairs, 3)) such that ``x[j] - x[i] - n @ box`` is the minimum-image
+        displacement: differentiable w.r.t. positions and box when applied by the caller.
+        No autograd is involved here."""
+        i, j, x_ref, shifts = self._candidates(positions, box)
+        with torch.no_grad():
+            x = positions.detach()
+            raw = x[j] - x[i]
+            if box is None:
+                within = torch.nonzero((raw * raw).sum(-1) < self.cutoff ** 2).squeeze(1)
+                return i[within], j[within], None
+            wraps = torch.round((x - x_ref) @ torch.linalg.inv(box))
+            if bool(wraps.any()):
+                shifts = shifts + wraps[j] - wraps[i]
+            d = raw - shifts @ box
+            d2 = (d * d).sum(-1)
+            width = float(box_widths(box).min())
+            suspect = torch.nonzero(d2 > (width - self.cutoff) ** 2).squeeze(1)
+            if suspect.numel():
+                true = minimum_image(raw[suspect], box)
+                shifts = shifts.clone()
+                shifts[suspect] = image_shifts(raw[suspect], true, box)
+                d2 = d2.clone()
+                d2[suspect] = (true * true).sum(-1)
+            within = torch.nonzero(d2 < self.cutoff ** 2).squeeze(1)
+        return i[within], j[within], shifts[within]
