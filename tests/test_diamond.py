@@ -30,6 +30,7 @@ from openmm_reversible.ml.train_elastic import (
     ElasticTargets,
     ElasticTrainingSettings,
     cubic_elastic_observables,
+    evaluate_elastic,
     train_elastic,
 )
 from openmm_reversible.train import read_log
@@ -189,3 +190,23 @@ def test_settings_and_targets_from_mapping_name_bad_keys():
     with pytest.raises(InputError, match="target c12 must be a finite, non-zero"):
         ElasticTargets.from_mapping({"c12": 0.0})
     assert ElasticTargets.from_mapping({"c11": 500.0}).c44 == 578.0
+
+
+def test_evaluation_run_reports_constants_with_errors(trained):
+    result, _ = trained
+    x, box, masses = crystal()
+    settings = ElasticTrainingSettings(**TINY)
+    args = (result.model, result.positions, result.velocities, box, masses, settings)
+    report = evaluate_elastic(*args, steps=16, snapshot_every=2, blocks=2, chunk=3,
+                              start_step=result.step)
+    # Born terms evaluated in other pieces: the same numbers.
+    again = evaluate_elastic(*args, steps=16, snapshot_every=2, blocks=2, chunk=100,
+                             start_step=result.step)
+    for key in ("C11_GPa", "C12_GPa", "C44_GPa", "C44_stderr_GPa", "stress_GPa"):
+        np.testing.assert_allclose(report[key], again[key], rtol=1e-10)
+    assert report["n_snapshots"] == 8 and len(report["stress_GPa"]) == 6
+    assert all(np.isfinite(report[f"{k}_stderr_GPa"]) and report[f"{k}_stderr_GPa"] >= 0
+               for k in ("C11", "C12", "C44"))
+    assert 100 < report["temperature_K"] < 600
+    with pytest.raises(InputError, match="at least 2 blocks"):
+        evaluate_elastic(*args, steps=4, snapshot_every=2, blocks=2)

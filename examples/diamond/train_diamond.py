@@ -5,12 +5,15 @@ The configuration (``diamond.toml`` beside this file) has five tables: ``[crysta
 lattice constant, mass), ``[prior]`` (:class:`~openmm_reversible.ml.StillingerWeber`
 arguments), ``[model]`` (:class:`~openmm_reversible.ml.SchNet` arguments), ``[training]``
 (:class:`~openmm_reversible.ml.train_elastic.ElasticTrainingSettings`) and ``[targets]``
-(:class:`~openmm_reversible.ml.train_elastic.ElasticTargets`).
+(:class:`~openmm_reversible.ml.train_elastic.ElasticTargets`), and an optional sixth,
+``[evaluation]`` (``steps``, ``snapshot_every``, ``blocks``): a long plain run of the trained
+model afterwards that reports its stress and elastic constants with standard errors
+(:func:`~openmm_reversible.ml.train_elastic.evaluate_elastic`).
 
 The output directory receives ``log.jsonl``, ``checkpoint.pt`` and ``model.pt`` from the
-training, then ``diamond_trained.xml`` (a ForceField with the trained model embedded) and
-``system.xml`` (an OpenMM System built from it). The script checks that OpenMM's energy of the
-final configuration equals the torch model's.
+training, ``evaluation.json``, then ``diamond_trained.xml`` (a ForceField with the trained
+model embedded) and ``system.xml`` (an OpenMM System built from it). The script checks that
+OpenMM's energy of the final configuration equals the torch model's.
 
 Usage::
 
@@ -22,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -40,10 +44,12 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from openmm_reversible.files import atomic_write_text
 from openmm_reversible.ml import SchNet, StillingerWeber, diamond_lattice, diamond_topology
 from openmm_reversible.ml.train_elastic import (
     ElasticTargets,
     ElasticTrainingSettings,
+    evaluate_elastic,
     train_elastic,
 )
 
@@ -58,6 +64,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n-cells", type=int, help="override [crystal] n_cells")
     parser.add_argument("--device", help="override [training] device (cpu, cuda)")
     parser.add_argument("--epochs", type=int, help="override [training] epochs")
+    parser.add_argument("--evaluate-steps", type=int,
+                        help="override [evaluation] steps (0: no evaluation run)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the checkpoint in --output")
     return parser.parse_args(argv)
@@ -75,6 +83,13 @@ def load_config(path: Path, args: argparse.Namespace) -> dict:
     for key in ("device", "epochs"):
         if getattr(args, key) is not None:
             config["training"][key] = getattr(args, key)
+    config.setdefault("evaluation", {})
+    unknown = sorted(set(config["evaluation"]) - {"steps", "snapshot_every", "blocks"})
+    if unknown:
+        raise SystemExit(f"{path}: [evaluation] has unknown keys {unknown}; valid keys: "
+                         "blocks, snapshot_every, steps")
+    if args.evaluate_steps is not None:
+        config["evaluation"]["steps"] = args.evaluate_steps
     return config
 
 
@@ -109,6 +124,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label}: loss {record['loss']:.4g}, stress {np.round(record['stress_GPa'], 2)}"
               f" GPa, C11/C12/C44 {record['C11_GPa']:.0f}/{record['C12_GPa']:.0f}/"
               f"{record['C44_GPa']:.0f} GPa")
+    evaluation = config["evaluation"]
+    if evaluation.get("steps", 0) > 0:
+        report = evaluate_elastic(result.model, result.positions.cpu(), result.velocities.cpu(),
+                                  box, masses, settings, start_step=result.step, **evaluation)
+        atomic_write_text(args.output / "evaluation.json", json.dumps(report, indent=1) + "\n")
+        print(f"evaluation over {report['n_snapshots']} snapshots of {report['steps']} steps: "
+              + ", ".join(f"{k} {report[k + '_GPa']:.0f} ± {report[k + '_stderr_GPa']:.0f}"
+                          for k in ("C11", "C12", "C44"))
+              + f" GPa, stress {np.round(report['stress_GPa'], 2)} GPa "
+              f"({report['seconds']:.0f} s; evaluation.json)")
     model = result.model.to("cpu")
     print("trained Stillinger-Weber parameters:", model[0].parameter_dict())
     forcefield_path = args.output / "diamond_trained.xml"

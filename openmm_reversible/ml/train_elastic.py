@@ -58,7 +58,13 @@ from ..errors import InputError
 from ..files import atomic_write, atomic_write_text
 from ..integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from ..losses import Loss, Target
-from ..observables.elastic import VOIGT, elastic_constants, stress_tensor
+from ..observables.elastic import (
+    VOIGT,
+    born_terms,
+    elastic_constants,
+    stress_fluctuation,
+    stress_tensor,
+)
 from ..train import CHECKPOINT, LOG, TrainingFailed
 from ..trajectory import Trajectory
 from ..units import DTYPE, KB
@@ -152,10 +158,105 @@ def cubic_elastic_observables(trajectory: Trajectory, potential: nn.Module
                            trajectory.box, trajectory.masses).mean(0)
     c = elastic_constants(potential, trajectory.positions, trajectory.box,
                           trajectory.temperature)
-    return {"stress": torch.stack([stress[a, b] for a, b in VOIGT]),
-            "C11": torch.diagonal(c)[:3].mean(),
-            "C12": (c[0, 1] + c[0, 2] + c[1, 2]) / 3.0,
+    return {"stress": torch.stack([stress[a, b] for a, b in VOIGT]), **_cubic(c)}
+
+
+def _cubic(c: torch.Tensor) -> dict[str, torch.Tensor]:
+    """C11, C12, C44 of a (6, 6) matrix, each the mean of its three cubic-equivalent entries."""
+    return {"C11": torch.diagonal(c)[:3].mean(), "C12": (c[0, 1] + c[0, 2] + c[1, 2]) / 3.0,
             "C44": torch.diagonal(c)[3:].mean()}
+
+
+def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
+                     settings: ElasticTrainingSettings | None = None, steps: int = 20000,
+                     snapshot_every: int = 20, blocks: int = 5, start_step: int = 0,
+                     chunk: int = 16) -> dict:
+    """Stress and cubic elastic constants of a long plain run: the numbers to judge a model by.
+
+    A training window's estimates come from a few correlated snapshots and scatter by
+    10-20 %; this runs ``steps`` Langevin-middle steps (no gradients) with the dynamics of
+    ``settings`` from the given state, and evaluates the stress-fluctuation formula over all
+    ``steps // snapshot_every`` snapshots. The standard errors are those of the mean of
+    ``blocks`` contiguous blocks, each evaluated on its own.
+
+    Parameters
+    ----------
+    model : nn.Module
+        ``model(positions (N, 3) nm, box (3, 3) nm[, atom_types]) -> energy`` kJ/mol, e.g.
+        the ``model`` of an :class:`ElasticTrainingResult`.
+    positions, velocities : array-like, shape (N, 3), nm and nm/ps
+        Starting state (e.g. the final state of the training).
+    box : array-like, shape (3, 3), nm
+    masses : array-like, shape (N,), amu
+    settings : ElasticTrainingSettings, optional
+        Temperature, friction, timestep, seed and device.
+    steps, snapshot_every, blocks : int
+    start_step : int
+        Index of the starting state in the noise stream.
+    chunk : int
+        Snapshots whose Born terms are evaluated together (memory only; same result).
+
+    Returns
+    -------
+    dict
+        ``C11_GPa``, ``C12_GPa``, ``C44_GPa`` and their ``*_stderr_GPa``; ``stress_GPa``
+        (6 Voigt components of the mean virial stress, kinetic part included) and
+        ``stress_stderr_GPa``; ``temperature_K`` (mean kinetic temperature),
+        ``n_snapshots``, ``steps``, ``seconds``.
+    """
+    settings = ElasticTrainingSettings() if settings is None else settings
+    n_snapshots = steps // snapshot_every
+    if snapshot_every <= 0 or n_snapshots < 2 * blocks or blocks < 2:
+        raise InputError(f"evaluate_elastic needs at least 2 blocks of 2 snapshots: got "
+                         f"steps={steps}, snapshot_every={snapshot_every}, blocks={blocks}")
+    device = torch.device(settings.device)
+
+    def tensor(value):
+        return torch.as_tensor(np.asarray(value, dtype=float), dtype=DTYPE, device=device)
+
+    x, v, box, masses = tensor(positions), tensor(velocities), tensor(box), tensor(masses)
+    potential = MLPotential(model.to(device), masses=masses)
+    integrator = LangevinMiddleIntegrator(settings.timestep, settings.friction,
+                                          settings.temperature, settings.seed)
+    start = time.perf_counter()
+    frames, speeds = [], []
+    step = start_step
+    for _ in range(n_snapshots):
+        x, v = integrator.run(potential, x, v, box, masses, snapshot_every, start_step=step)
+        step += snapshot_every
+        frames.append(x)
+        speeds.append(v)
+    frames, speeds = torch.stack(frames), torch.stack(speeds)
+    stress = torch.cat([stress_tensor(potential, frames[k:k + chunk], speeds[k:k + chunk],
+                                      box, masses).detach()
+                        for k in range(0, n_snapshots, chunk)])
+    pieces = [born_terms(potential, frames[k:k + chunk], box)
+              for k in range(0, n_snapshots, chunk)]
+    born_stress = torch.cat([p[0].detach() for p in pieces])
+    born = torch.cat([p[1].detach() for p in pieces])
+
+    def constants(rows) -> dict[str, float]:
+        c = stress_fluctuation(born_stress[rows], born[rows], x.shape[0], box,
+                               settings.temperature)
+        return {k: float(value) for k, value in _cubic(c).items()}
+
+    whole = constants(slice(None))
+    size = n_snapshots // blocks
+    per_block = [constants(slice(b * size, (b + 1) * size)) for b in range(blocks)]
+    voigt = torch.stack([stress[:, a, b] for a, b in VOIGT], 1)
+    block_stress = torch.stack([voigt[b * size:(b + 1) * size].mean(0) for b in range(blocks)])
+    kinetic = (masses[None, :, None] * speeds ** 2).sum((1, 2)) / (3 * x.shape[0] * KB)
+    result = {f"{k}_GPa": value for k, value in whole.items()}
+    for k in whole:
+        spread = np.std([block[k] for block in per_block], ddof=1)
+        result[f"{k}_stderr_GPa"] = float(spread / math.sqrt(blocks))
+    result.update({
+        "stress_GPa": voigt.mean(0).tolist(),
+        "stress_stderr_GPa": (block_stress.std(0) / math.sqrt(blocks)).tolist(),
+        "temperature_K": float(kinetic.mean()),
+        "n_snapshots": n_snapshots, "steps": steps,
+        "seconds": time.perf_counter() - start})
+    return result
 
 
 @dataclass(frozen=True)

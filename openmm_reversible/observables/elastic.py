@@ -154,12 +154,21 @@ def elastic_constants(potential: Potential, positions: torch.Tensor, box, temper
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 K, got {temperature}")
     stress, born = born_terms(potential, positions, box)
+    return stress_fluctuation(stress, born, positions.shape[1], box, temperature)
+
+
+def stress_fluctuation(stress: torch.Tensor, born: torch.Tensor, n_atoms: int, box,
+                       temperature: float) -> torch.Tensor:
+    """Elastic constants (6, 6), GPa, from the per-frame :func:`born_terms` of ``n_atoms``
+    atoms in the fixed (3, 3) ``box`` (nm) at ``temperature`` (K); see
+    :func:`elastic_constants`. Frames may come in pieces: concatenate their terms first."""
     kT = KB * float(temperature)
-    volume = torch.abs(torch.linalg.det(box))
+    volume = torch.abs(torch.linalg.det(torch.as_tensor(box, dtype=stress.dtype,
+                                                        device=stress.device)))
     fluct = stress - stress.mean(0)
     covariance = fluct.T @ fluct / stress.shape[0]
     # Cov is in GPa²; V/kT converts one GPa back to kJ/mol/nm³.
     fluctuation = volume / kT * covariance / GPA_PER_KJ_MOL_NM3
-    kinetic = positions.shape[1] * kT / volume * GPA_PER_KJ_MOL_NM3 * torch.diag(
-        torch.tensor(_KINETIC, dtype=positions.dtype, device=positions.device))
+    kinetic = n_atoms * kT / volume * GPA_PER_KJ_MOL_NM3 * torch.diag(
+        torch.tensor(_KINETIC, dtype=stress.dtype, device=stress.device))
     return born.mean(0) - fluctuation + kinetic
