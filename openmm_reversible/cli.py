@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "compare reversible, BPTT and finite-difference gradients of a tagged "
                   "force field"),
     "benchmark": ("openmm_reversible.benchmarks",
-                  "run a benchmark (forces, gradient, memory) and print its results"),
+                  "run a benchmark (forces, gradient, memory, exact) and print its results"),
     "fit": ("openmm_reversible.fit", "train tagged force-field parameters from a TOML config"),
     "export": ("openmm_reversible.export",
                "write a fit's trained values into copies of the original ForceField XML"),

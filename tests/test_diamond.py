@@ -198,10 +198,10 @@ def test_evaluation_run_reports_constants_with_errors(trained):
     settings = ElasticTrainingSettings(**TINY)
     args = (result.model, result.positions, result.velocities, box, masses, settings)
     report = evaluate_elastic(*args, steps=16, snapshot_every=2, blocks=2, chunk=3,
-                              start_step=result.step)
+                              start_step=result.step, progress=False)
     # Born terms evaluated in other pieces: the same numbers.
     again = evaluate_elastic(*args, steps=16, snapshot_every=2, blocks=2, chunk=100,
-                             start_step=result.step)
+                             start_step=result.step, progress=False)
     for key in ("C11_GPa", "C12_GPa", "C44_GPa", "C44_stderr_GPa", "stress_GPa"):
         np.testing.assert_allclose(report[key], again[key], rtol=1e-10)
     assert report["n_snapshots"] == 8 and len(report["stress_GPa"]) == 6
@@ -209,4 +209,4 @@ def test_evaluation_run_reports_constants_with_errors(trained):
                for k in ("C11", "C12", "C44"))
     assert 100 < report["temperature_K"] < 600
     with pytest.raises(InputError, match="at least 2 blocks"):
-        evaluate_elastic(*args, steps=4, snapshot_every=2, blocks=2)
+        evaluate_elastic(*args, steps=4, snapshot_every=2, blocks=2, progress=False)

@@ -53,6 +53,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..files import atomic_write, atomic_write_text
@@ -170,7 +171,7 @@ def _cubic(c: torch.Tensor) -> dict[str, torch.Tensor]:
 def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
                      settings: ElasticTrainingSettings | None = None, steps: int = 20000,
                      snapshot_every: int = 20, blocks: int = 5, start_step: int = 0,
-                     chunk: int = 16) -> dict:
+                     chunk: int = 16, progress: bool = True) -> dict:
     """Stress and cubic elastic constants of a long plain run: the numbers to judge a model by.
 
     A training window's estimates come from a few correlated snapshots and scatter by
@@ -195,6 +196,8 @@ def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
         Index of the starting state in the noise stream.
     chunk : int
         Snapshots whose Born terms are evaluated together (memory only; same result).
+    progress : bool
+        Progress bars for the dynamics and the Born terms (on a terminal).
 
     Returns
     -------
@@ -221,7 +224,8 @@ def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
     start = time.perf_counter()
     frames, speeds = [], []
     step = start_step
-    for _ in range(n_snapshots):
+    bar = dict(disable=not progress or None, leave=False)
+    for _ in tqdm(range(n_snapshots), desc="evaluation run", unit="snapshot", **bar):
         x, v = integrator.run(potential, x, v, box, masses, snapshot_every, start_step=step)
         step += snapshot_every
         frames.append(x)
@@ -231,7 +235,8 @@ def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
                                       box, masses).detach()
                         for k in range(0, n_snapshots, chunk)])
     pieces = [born_terms(potential, frames[k:k + chunk], box)
-              for k in range(0, n_snapshots, chunk)]
+              for k in tqdm(range(0, n_snapshots, chunk), desc="Born terms", unit="chunk",
+                            **bar)]
     born_stress = torch.cat([p[0].detach() for p in pieces])
     born = torch.cat([p[1].detach() for p in pieces])
 
