@@ -193,7 +193,8 @@ class Objective:
         """The target's observable over the window's snapshots (differentiable)."""
         if target.observable == "rdf":
             s = self.rdf_setup[target.label]
-            half_box = 0.5 * float(box_widths(traj.box.detach()).min())
+            half_box = (math.inf if traj.box is None
+                        else 0.5 * float(box_widths(traj.box.detach()).min()))
             if s["r_range"][1] > half_box:
                 raise InputError(
                     f"targets: the {target.label} range reaches {s['r_range'][1]:.4g} nm, but "
