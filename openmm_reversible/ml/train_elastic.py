@@ -59,7 +59,9 @@ from ..errors import InputError
 from ..files import atomic_write, atomic_write_text
 from ..integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from ..losses import Loss, Target
+from ..observables.density import kinetic_tensor
 from ..observables.elastic import (
+    GPA_PER_KJ_MOL_NM3,
     VOIGT,
     born_terms,
     elastic_constants,
@@ -231,9 +233,6 @@ def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
         frames.append(x)
         speeds.append(v)
     frames, speeds = torch.stack(frames), torch.stack(speeds)
-    stress = torch.cat([stress_tensor(potential, frames[k:k + chunk], speeds[k:k + chunk],
-                                      box, masses).detach()
-                        for k in range(0, n_snapshots, chunk)])
     pieces = [born_terms(potential, frames[k:k + chunk], box)
               for k in tqdm(range(0, n_snapshots, chunk), desc="Born terms", unit="chunk",
                             **bar)]
@@ -248,7 +247,10 @@ def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
     whole = constants(slice(None))
     size = n_snapshots // blocks
     per_block = [constants(slice(b * size, (b + 1) * size)) for b in range(blocks)]
-    voigt = torch.stack([stress[:, a, b] for a, b in VOIGT], 1)
+    # Virial stress = Born (configurational) stress minus the kinetic term Σ m v ⊗ v / V.
+    kinetic_stress = kinetic_tensor(speeds, masses) / torch.linalg.det(box).abs() \
+        * GPA_PER_KJ_MOL_NM3
+    voigt = born_stress - torch.stack([kinetic_stress[:, a, b] for a, b in VOIGT], 1)
     block_stress = torch.stack([voigt[b * size:(b + 1) * size].mean(0) for b in range(blocks)])
     kinetic = (masses[None, :, None] * speeds ** 2).sum((1, 2)) / (3 * x.shape[0] * KB)
     result = {f"{k}_GPa": value for k, value in whole.items()}
