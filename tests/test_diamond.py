@@ -154,6 +154,15 @@ def test_resume_continues_the_run(tmp_path):
     torch.testing.assert_close(resumed.positions, straight.positions, rtol=0, atol=1e-12)
     with pytest.raises(InputError, match=r"other settings or targets \(changed: \['seed'\]"):
         run(tmp_path / "split", 3, resume=True, schedule=dict(TINY, seed=6))
+    # The schedule and the step sizes may change on resume; the run goes on from the saved state.
+    longer = run(tmp_path / "split", 3, resume=True,
+                 schedule=dict(TINY, window_steps=12, learning_rate=2e-3))
+    assert longer.step == straight.step + 12  # no decorrelation steps in TINY
+    assert longer.history[:2] == resumed.history
+    saved = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)
+    assert [g["lr"] for g in saved["optimizer"]["param_groups"]] == [
+        TINY["prior_learning_rate"], 2e-3]
+    assert saved["settings"]["window_steps"] == 12
 
 
 def test_elastic_loss_gradient_matches_backprop_through_time():

@@ -20,6 +20,7 @@ import argparse
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..integrators.exact import ExactLangevinIntegrator
@@ -59,6 +60,16 @@ def _round_trip_times(exact: ExactLangevinIntegrator, forces, water, steps: int,
     return best[0] / (2 * steps), best[1] / (2 * steps)
 
 
+def _run_in_chunks(advance, n_steps: int, description: str, chunk: int = 1000) -> None:
+    """``advance(k)`` moves the state ``k`` steps; called in chunks under a progress bar (shown
+    on a terminal) so that a 100,000-step run reports where it is."""
+    with tqdm(total=n_steps, desc=description, unit="step", disable=None, leave=False) as bar:
+        for done in range(0, n_steps, chunk):
+            k = min(chunk, n_steps - done)
+            advance(k)
+            bar.update(k)
+
+
 def run(args: argparse.Namespace) -> dict:
     if args.steps < 2:
         raise InputError(f"--steps must be at least 2, got {args.steps}")
@@ -76,14 +87,18 @@ def run(args: argparse.Namespace) -> dict:
                                                        min(args.timing_steps, args.steps))
         half = args.steps // 2
         t0 = time.perf_counter()
-        exact.run(state, forces, box, masses, half)
+        def forward(k):
+            exact.run(state, forces, box, masses, k)
+
+        _run_in_chunks(forward, half, "forward, first half")
         bits_half = float(state.buffer.bit_lengths().mean())
-        exact.run(state, forces, box, masses, args.steps - half)
+        _run_in_chunks(forward, args.steps - half, "forward, second half")
         forward_s = time.perf_counter() - t0
         bits_end = float(state.buffer.bit_lengths().mean())
         buffer_bytes = state.buffer.nbytes
         t0 = time.perf_counter()
-        exact.run_reverse(state, forces, box, masses, args.steps)
+        _run_in_chunks(lambda k: exact.run_reverse(state, forces, box, masses, k), args.steps,
+                       "reverse")
         reverse_s = time.perf_counter() - t0
 
     identical = (state.step == 0 and torch.equal(state.positions, initial[0])

@@ -233,11 +233,11 @@ def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
         frames.append(x)
         speeds.append(v)
     frames, speeds = torch.stack(frames), torch.stack(speeds)
-    pieces = [born_terms(potential, frames[k:k + chunk], box)
-              for k in tqdm(range(0, n_snapshots, chunk), desc="Born terms", unit="chunk",
-                            **bar)]
-    born_stress = torch.cat([p[0].detach() for p in pieces])
-    born = torch.cat([p[1].detach() for p in pieces])
+    pieces = []  # detached at once: each chunk's double-backward graph is freed before the next
+    for k in tqdm(range(0, n_snapshots, chunk), desc="Born terms", unit="chunk", **bar):
+        pieces.append([term.detach() for term in born_terms(potential, frames[k:k + chunk], box)])
+    born_stress = torch.cat([p[0] for p in pieces])
+    born = torch.cat([p[1] for p in pieces])
 
     def constants(rows) -> dict[str, float]:
         c = stress_fluctuation(born_stress[rows], born[rows], x.shape[0], box,
@@ -405,9 +405,16 @@ def _summary(record: dict, epochs: int) -> str:
             f"{record['epoch_s']:.1f} s")
 
 
-def _settings_difference(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ, except ``epochs`` (a resumed run may extend the schedule)."""
-    return sorted(k for k in current if k != "epochs" and saved.get(k) != current[k])
+RESUMABLE = ("epochs", "decorrelation_steps", "window_steps", "snapshot_every", "truncation",
+             "resync_every", "learning_rate", "prior_learning_rate", "device")
+"""Settings a resumed run may change: the schedule, the step sizes and the device. The
+dynamics (temperature, friction, timestep, seed, equilibration) are fixed by the checkpoint."""
+
+
+def _settings_difference(saved: dict, current: dict) -> tuple[list[str], list[str]]:
+    """Keys whose values differ: (those a resumed run may change, those it may not)."""
+    changed = sorted(k for k in current if saved.get(k) != current[k])
+    return ([k for k in changed if k in RESUMABLE], [k for k in changed if k not in RESUMABLE])
 
 
 def train_elastic(model: nn.Module, positions, box, masses, prior: nn.Module | None = None,
@@ -437,7 +444,9 @@ def train_elastic(model: nn.Module, positions, box, masses, prior: nn.Module | N
     output : path, optional
         Directory for ``log.jsonl``, ``checkpoint.pt`` and ``model.pt`` (created if absent).
     resume : bool
-        Continue from ``output/checkpoint.pt`` (same settings except ``epochs``).
+        Continue from ``output/checkpoint.pt``. With the same settings (``epochs`` aside) the
+        result equals an uninterrupted run; the keys of :data:`RESUMABLE` (schedule, learning
+        rates, device) may change, e.g. to continue with longer windows and smaller steps.
 
     Returns
     -------
@@ -485,13 +494,20 @@ def train_elastic(model: nn.Module, positions, box, masses, prior: nn.Module | N
 
     if resume:
         saved = torch.load(checkpoint, map_location=device, weights_only=True)
-        changed = _settings_difference(saved["settings"], asdict(settings))
-        if changed or saved["targets"] != asdict(targets):
+        allowed, refused = _settings_difference(saved["settings"], asdict(settings))
+        if refused or saved["targets"] != asdict(targets):
             raise InputError(f"{checkpoint} was written with other settings or targets "
-                             f"(changed: {changed or 'targets'}); resume with the same ones "
-                             f"(only epochs may change) or start a new output directory")
+                             f"(changed: {refused or 'targets'}); resume with the same ones "
+                             f"(only {', '.join(RESUMABLE)} may change) or start a new "
+                             f"output directory")
         combined.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
+        for group, fresh in zip(optimizer.param_groups, groups, strict=True):
+            group["lr"] = fresh["lr"]  # the checkpoint's moments, this run's step sizes
+        changes = [f"{k} {saved['settings'].get(k)} -> {getattr(settings, k)}"
+                   for k in allowed if k != "epochs"]
+        if changes:
+            logger.info("resuming with changed settings: %s", ", ".join(changes))
         x, v, step = saved["positions"], saved["velocities"], int(saved["step"])
         history = list(saved["history"])
     else:
