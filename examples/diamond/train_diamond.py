@@ -67,7 +67,8 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--evaluate-steps", type=int,
                         help="override [evaluation] steps (0: no evaluation run)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint in --output")
+                        help="continue from the checkpoint in --output (the config may "
+                        "change the schedule, learning rates and device, not the dynamics)")
     return parser.parse_args(argv)
 
 

@@ -65,6 +65,7 @@ from .reversible import (
     _Adjoint,
     _adjoint_step,
     _first_needed_step,
+    _inject,
     _or_zeros,
 )
 
@@ -444,13 +445,8 @@ class _ExactFunction(torch.autograd.Function):
                                                           exact, strict=True)):
                         mismatch[k] = max(mismatch[k], int((now - stored).abs().max()))
                 if n in snapshot_index:
-                    i = snapshot_index[n]
-                    stop = start if sim.truncation is None else max(start, n - sim.truncation)
-                    if stop in adjoints:
-                        adjoints[stop].x = adjoints[stop].x + g_x[i]
-                        adjoints[stop].v = adjoints[stop].v + g_v[i]
-                    else:
-                        adjoints[stop] = _Adjoint(g_x[i].clone(), g_v[i].clone(), stop)
+                    _inject(adjoints, n, start, sim.truncation, g_x[snapshot_index[n]],
+                            g_v[snapshot_index[n]])
                 if n == stop_state:
                     break
                 integ.reverse_drift(state, masses)

@@ -248,6 +248,18 @@ class _Adjoint:
     stop: int
 
 
+def _inject(adjoints: dict[int, _Adjoint], n: int, start: int, truncation: int | None,
+            g_x: torch.Tensor, g_v: torch.Tensor) -> None:
+    """Add the loss cotangents of snapshot ``n`` to the adjoint whose truncation window ends
+    where this snapshot's does (state ``start`` when untruncated, else ``n - truncation``)."""
+    stop = start if truncation is None else max(start, n - truncation)
+    if stop in adjoints:
+        adjoints[stop].x = adjoints[stop].x + g_x
+        adjoints[stop].v = adjoints[stop].v + g_v
+    else:
+        adjoints[stop] = _Adjoint(g_x.clone(), g_v.clone(), stop)
+
+
 class _ReversibleFunction(torch.autograd.Function):
     """Forward under no_grad storing snapshots; backward by reverse dynamics (module docs)."""
 
@@ -319,13 +331,8 @@ class _ReversibleFunction(torch.autograd.Function):
                     x, v = exact
                     n_resyncs += 1
                 if n in snapshot_index:
-                    i = snapshot_index[n]
-                    stop = start if sim.truncation is None else max(start, n - sim.truncation)
-                    if stop in adjoints:
-                        adjoints[stop].x = adjoints[stop].x + g_x[i]
-                        adjoints[stop].v = adjoints[stop].v + g_v[i]
-                    else:
-                        adjoints[stop] = _Adjoint(g_x[i].clone(), g_v[i].clone(), stop)
+                    _inject(adjoints, n, start, sim.truncation, g_x[snapshot_index[n]],
+                            g_v[snapshot_index[n]])
                 if n == stop_state:
                     break
                 x, kicked = integ.reverse_drift(x, v, n, masses)
