@@ -155,7 +155,8 @@ def test_integer_forces_match_autograd_and_do_not_depend_on_history(small_water)
     assert torch.equal(forces(x, box), counts)
 
 
-def test_integer_forces_of_a_protein_with_torsions_and_exceptions():
+@pytest.fixture(scope="module")
+def villin():
     """Villin headpiece without water (amber14): torsions, 1-4 exceptions, switched cutoff."""
     pdb = app.PDBFile(openmm_data_file("test.pdb"))
     modeller = app.Modeller(pdb.topology, pdb.positions)
@@ -164,13 +165,62 @@ def test_integer_forces_of_a_protein_with_torsions_and_exceptions():
     system = forcefield.createSystem(modeller.topology, nonbondedMethod=app.CutoffNonPeriodic,
                                      nonbondedCutoff=1.0 * unit.nanometer,
                                      switchDistance=0.8 * unit.nanometer)
-    pot = TorchPotential(system)
-    x = positions_tensor(modeller.getPositions())
+    return TorchPotential(system), positions_tensor(modeller.getPositions())
+
+
+def test_integer_forces_of_a_protein_with_torsions_and_exceptions(villin):
+    pot, x = villin
     forces = DeterministicForces(pot)
     x_req = x.clone().requires_grad_(True)
     (reference,) = torch.autograd.grad(-pot(x_req, None), x_req)
     got = forces.fixed_point.to_float(forces(x, None), "force")
     assert float((got - reference).abs().max() / reference.abs().max()) < 1e-9
+
+
+CORRECTLY_ROUNDED = {
+    # + - × ÷ √ (IEEE 754 rounds them correctly on every device) and exact operations.
+    "AddBackward0", "AddBackward1", "SubBackward0", "SubBackward1", "RsubBackward1",
+    "MulBackward0", "MulBackward1", "DivBackward0", "DivBackward1", "ReciprocalBackward0",
+    "SqrtBackward0", "NegBackward0", "AbsBackward0", "WhereBackward0", "MaximumBackward0",
+    "MinimumBackward0", "ClampMinBackward0", "ClampBackward1", "IndexBackward0",
+    "SelectBackward0", "StackBackward0", "UnbindBackward0", "SumBackward0",
+    "AccumulateGrad"}
+
+
+def graph_operations(root) -> set[str]:
+    seen, names, stack = set(), set(), [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_integer_forces_use_only_correctly_rounded_operations(small_water, villin):
+    """Device independence: the graph behind the integer forces (bonds, angles, RF pairs,
+    torsions, exceptions, switching) holds no library function whose last bit may differ
+    between devices (atan2, cos, pow, norms, reductions over components)."""
+    for potential, x, box in ((small_water.potential, small_water.positions, small_water.box),
+                              (*villin, None)):
+        items = []
+        with torch.enable_grad():
+            energy = DeterministicForces(potential).leaf_energy(x, box, items)
+        used = graph_operations(energy)
+        assert used <= CORRECTLY_ROUNDED, used - CORRECTLY_ROUNDED
+        assert {"SqrtBackward0", "DivBackward0", "WhereBackward0"} <= used
+
+
+@pytest.mark.gpu
+def test_integer_forces_are_the_same_on_cpu_and_cuda(villin):
+    water = flexible_water(216, cutoff=0.9, seed=4)
+    for potential, x, box in ((water.potential, water.positions, water.box), (*villin, None)):
+        cpu = DeterministicForces(potential)(x, box)
+        gpu = DeterministicForces(potential.to("cuda"))(x.cuda(), box.cuda())
+        potential.to("cpu")
+        assert torch.equal(gpu.cpu(), cpu)
 
 
 def test_unsupported_potentials_are_refused():

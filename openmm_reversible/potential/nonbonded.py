@@ -106,7 +106,8 @@ def lennard_jones(r: torch.Tensor, sigma: torch.Tensor, epsilon: torch.Tensor) -
     sigma : torch.Tensor, nm
     epsilon : torch.Tensor, kJ/mol
     """
-    s2 = (sigma / r) ** 2
+    s = sigma / r
+    s2 = s * s  # products, not pow: correctly rounded on every device (exact mode)
     s6 = s2 * s2 * s2
     return 4.0 * epsilon * (s6 - 1.0) * s6
 
