@@ -127,8 +127,9 @@ def _check_output(energy, x: torch.Tensor, name: str) -> None:
         raise ContractError(f"{name} returned its energy on {energy.device} for positions on "
                             f"{x.device}; compute on the positions' device")
     if not bool(torch.isfinite(energy).all()):
-        raise ContractError(f"{name} returned a non-finite energy ({float(energy.detach())}) at this "
-                            f"configuration; check the model and the input positions (nm)")
+        raise ContractError(f"{name} returned a non-finite energy ({float(energy.detach())}) "
+                            f"at this configuration; check the model and the input positions "
+                            f"(nm)")
     if not energy.requires_grad:
         raise ContractError(f"{name} returned an energy that does not depend differentiably on "
                             f"the positions (no autograd graph): remove .detach(), .item(), "
