@@ -152,9 +152,11 @@ def _periodic_torsions(term: BondedTerm, b: list[torch.Tensor], p: torch.Tensor
     evaluated on the CPU (one math library, whatever the device of the run)."""
     c1, s1 = _torsion_cos_sin(b)
     n = term.periodicity
+    if not n.numel():
+        return c1.sum()  # no torsions: zero, still attached to the leaves
     cos_n, sin_n = torch.ones_like(c1), torch.zeros_like(s1)
     multiples = []
-    for _ in range(int(n.max()) if n.numel() else 0):
+    for _ in range(int(n.max())):
         cos_n, sin_n = cos_n * c1 - sin_n * s1, sin_n * c1 + cos_n * s1
         multiples.append((cos_n, sin_n))
     rows = torch.arange(n.numel(), device=n.device)
