@@ -20,6 +20,7 @@ from openmm_reversible.observables.elastic import (
     GPA_PER_KJ_MOL_NM3,
     born_terms,
     elastic_constants,
+    stress_fluctuation,
     stress_tensor,
     voigt_strain_tensor,
 )
@@ -118,3 +119,11 @@ def test_elastic_constants_assemble_born_fluctuation_and_kinetic(sw, distorted):
                 + kinetic)
     np.testing.assert_allclose(c.detach().numpy(), expected, rtol=1e-10, atol=1e-8)
     assert c.requires_grad  # a training target: differentiable in the model's parameters
+    # About a known mean the covariance is the second moment about it (here: zero shear).
+    centre = torch.cat([stress.mean(0)[:3], stress.new_zeros(3)]).detach()
+    about = stress_fluctuation(stress, born, 64, box, temperature, mean=centre)
+    moment = ((s - centre.numpy()).T @ (s - centre.numpy())) / len(s)
+    np.testing.assert_allclose(
+        (c - about).detach().numpy(), volume / kT * (moment - covariance) / GPA_PER_KJ_MOL_NM3,
+        rtol=1e-10, atol=1e-8)
+    assert not np.allclose(moment, covariance)  # the shear means of these frames are not zero

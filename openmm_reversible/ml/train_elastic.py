@@ -32,10 +32,11 @@ The loss of a window with snapshots ``s`` (:meth:`ElasticTargets.loss`)::
 with ``⟨σ_α⟩`` the six Voigt components of the virial stress (kinetic part included, GPa)
 averaged over the snapshots, ``w_σ`` in GPa⁻², and ``C_k`` the cubic elastic constants from the
 stress-fluctuation formula over the same snapshots
-(:func:`~openmm_reversible.observables.elastic.elastic_constants`), each averaged over its three
-symmetry-equivalent Voigt entries. The elastic term depends on the parameters directly (Born
-term: a third derivative of the energy, by autograd) and through the snapshots (the reversible
-adjoint); both reach the gradient.
+(:func:`~openmm_reversible.observables.elastic.stress_fluctuation`; the shear stresses fluctuate
+about zero, their exact mean by cubic symmetry, rather than about the window's short mean),
+each averaged over its three symmetry-equivalent Voigt entries. The elastic term depends on
+the parameters directly (Born term: a third derivative of the energy, by autograd) and through
+the snapshots (the reversible adjoint); both reach the gradient.
 """
 
 from __future__ import annotations
@@ -64,9 +65,7 @@ from ..observables.elastic import (
     GPA_PER_KJ_MOL_NM3,
     VOIGT,
     born_terms,
-    elastic_constants,
     stress_fluctuation,
-    stress_tensor,
 )
 from ..train import CHECKPOINT, LOG, TrainingFailed
 from ..trajectory import Trajectory
@@ -154,14 +153,29 @@ def cubic_elastic_observables(trajectory: Trajectory, potential: nn.Module
         ``C11``, ``C12``, ``C44``: 0-dim, GPa, stress-fluctuation elastic constants, each the
         mean of its three cubic-symmetry-equivalent entries of the 6×6 matrix.
     """
-    if trajectory.box is None:
-        raise InputError("stress and elastic constants need a periodic box; the trajectory "
-                         "has box=None")
-    stress = stress_tensor(potential, trajectory.positions, trajectory.velocities,
-                           trajectory.box, trajectory.masses).mean(0)
-    c = elastic_constants(potential, trajectory.positions, trajectory.box,
-                          trajectory.temperature)
-    return {"stress": torch.stack([stress[a, b] for a, b in VOIGT]), **_cubic(c)}
+    box = trajectory.box
+    if box is None or box.shape != (3, 3):
+        raise InputError(f"stress and elastic constants need one fixed periodic box (3, 3); "
+                         f"the trajectory has box="
+                         f"{None if box is None else tuple(box.shape)}")
+    born_stress, born = born_terms(potential, trajectory.positions, box)
+    voigt = virial_voigt(born_stress, trajectory.velocities, trajectory.masses, box)
+    # The shear stresses of a cubic crystal average to zero by symmetry: their fluctuations
+    # are taken about zero, not about the window's short (biased) mean.
+    centre = torch.cat([born_stress.mean(0)[:3], born_stress.new_zeros(3)])
+    c = stress_fluctuation(born_stress, born, trajectory.n_atoms, box, trajectory.temperature,
+                           mean=centre)
+    return {"stress": voigt.mean(0), **_cubic(c)}
+
+
+def virial_voigt(born_stress: torch.Tensor, velocities: torch.Tensor, masses: torch.Tensor,
+                 box: torch.Tensor) -> torch.Tensor:
+    """Virial stress (n_frames, 6), GPa, Voigt order, tension positive: the configurational
+    stress of :func:`~openmm_reversible.observables.elastic.born_terms` minus the kinetic
+    term ``Σ m v ⊗ v / V`` of ``velocities`` (n_frames, N, 3) nm/ps, ``masses`` (N,) amu."""
+    kinetic = kinetic_tensor(velocities, masses) / torch.linalg.det(box).abs() \
+        * GPA_PER_KJ_MOL_NM3
+    return born_stress - torch.stack([kinetic[:, a, b] for a, b in VOIGT], 1)
 
 
 def _cubic(c: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -247,10 +261,7 @@ def evaluate_elastic(model: nn.Module, positions, velocities, box, masses,
     whole = constants(slice(None))
     size = n_snapshots // blocks
     per_block = [constants(slice(b * size, (b + 1) * size)) for b in range(blocks)]
-    # Virial stress = Born (configurational) stress minus the kinetic term Σ m v ⊗ v / V.
-    kinetic_stress = kinetic_tensor(speeds, masses) / torch.linalg.det(box).abs() \
-        * GPA_PER_KJ_MOL_NM3
-    voigt = born_stress - torch.stack([kinetic_stress[:, a, b] for a, b in VOIGT], 1)
+    voigt = virial_voigt(born_stress, speeds, masses, box)
     block_stress = torch.stack([voigt[b * size:(b + 1) * size].mean(0) for b in range(blocks)])
     kinetic = (masses[None, :, None] * speeds ** 2).sum((1, 2)) / (3 * x.shape[0] * KB)
     result = {f"{k}_GPa": value for k, value in whole.items()}

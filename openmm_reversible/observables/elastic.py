@@ -158,14 +158,20 @@ def elastic_constants(potential: Potential, positions: torch.Tensor, box, temper
 
 
 def stress_fluctuation(stress: torch.Tensor, born: torch.Tensor, n_atoms: int, box,
-                       temperature: float) -> torch.Tensor:
+                       temperature: float, mean: torch.Tensor | None = None) -> torch.Tensor:
     """Elastic constants (6, 6), GPa, from the per-frame :func:`born_terms` of ``n_atoms``
     atoms in the fixed (3, 3) ``box`` (nm) at ``temperature`` (K); see
-    :func:`elastic_constants`. Frames may come in pieces: concatenate their terms first."""
+    :func:`elastic_constants`. Frames may come in pieces: concatenate their terms first.
+
+    ``mean`` (6,), GPa, is the ensemble mean of the configurational stress about which the
+    fluctuations are taken; by default the frames' own mean. A short run's own mean absorbs
+    the slow part of the fluctuations and biases the covariance low (the constants high);
+    where the mean is known exactly — the shear stresses of a cubic crystal average to zero
+    by symmetry — passing it removes that bias."""
     kT = KB * float(temperature)
     volume = torch.abs(torch.linalg.det(torch.as_tensor(box, dtype=stress.dtype,
                                                         device=stress.device)))
-    fluct = stress - stress.mean(0)
+    fluct = stress - (stress.mean(0) if mean is None else mean)
     covariance = fluct.T @ fluct / stress.shape[0]
     # Cov is in GPa²; V/kT converts one GPa back to kJ/mol/nm³.
     fluctuation = volume / kT * covariance / GPA_PER_KJ_MOL_NM3
