@@ -18,6 +18,7 @@ from openmm_reversible_plugin import create_force, write_forcefield
 from openmm_reversible.errors import InputError
 from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from openmm_reversible.ml import (
+    BehlerParrinello,
     EnergySum,
     MLPotential,
     SchNet,
@@ -165,12 +166,23 @@ def test_resume_continues_the_run(tmp_path):
     assert saved["settings"]["window_steps"] == 12
 
 
-def test_elastic_loss_gradient_matches_backprop_through_time():
+def _small_behler_parrinello():
+    model = BehlerParrinello(n_radial=4, zetas=(1.0, 4.0), angular_widths=(0.15,), hidden=(8,),
+                             seed=2)
+    model.standardize(*diamond_lattice(2))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["schnet", "behler_parrinello"])
+def test_elastic_loss_gradient_matches_backprop_through_time(kind):
     """The loss reaches the parameters directly (Born term) and through the frames; the
     reversible gradient of both equals backprop-through-time."""
     model, prior = small_models()
+    if kind == "behler_parrinello":
+        model = _small_behler_parrinello()
+    last = model.readout[1] if kind == "schnet" else model.networks[0].output
     with torch.no_grad():  # a non-zero network, so that its weights get gradients everywhere
-        model.readout[1].weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
+        last.weight.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(1))
     x, box, masses = crystal()
     potential = MLPotential(EnergySum([prior, model]), masses=masses)
     v = 3.0 * torch.randn(64, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

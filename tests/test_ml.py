@@ -12,15 +12,17 @@ import torch
 
 from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from openmm_reversible.ml import (
+    BehlerParrinello,
     ContractError,
     EnergySum,
     MLPotential,
+    PairSearch,
     SchNet,
     StillingerWeber,
     check_energy_model,
     diamond_lattice,
 )
-from openmm_reversible.ml.stillinger_weber import neighbor_pairs_of_centres
+from openmm_reversible.ml.pairs import neighbor_pairs_of_centres
 
 SW_EQUILIBRIUM = 0.14 * 0.5431 / 0.20951  # nm, SW silicon a₀ scaled by σ
 CARBON = 12.011
@@ -40,6 +42,21 @@ def trained_schnet(seed=1, scale=0.3, **sizes):
                                                           generator=torch.Generator()
                                                           .manual_seed(seed),
                                                           dtype=torch.float64))
+    return model
+
+
+def trained_behler_parrinello(seed=1, scale=0.3, **sizes):
+    """A Behler–Parrinello model standardized on the perfect crystal, with random output
+    weights (non-zero energy)."""
+    model = BehlerParrinello(seed=seed, **sizes)
+    x, box = diamond_lattice(2)
+    model.standardize(x, box)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for network in model.networks:
+            network.output.weight.copy_(scale * torch.randn(network.output.weight.shape,
+                                                            generator=generator,
+                                                            dtype=torch.float64))
     return model
 
 
@@ -76,7 +93,16 @@ def test_neighbor_pairs_of_centres_counts_each_pair_once():
     assert pairs == expected
 
 
-@pytest.mark.parametrize("make", [StillingerWeber, trained_schnet])
+def test_pair_search_with_no_pair_in_range():
+    # A dilute gas: the cell list finds nothing, and models see an empty pair list.
+    x, box = diamond_lattice(2)
+    x, box = torch.tensor(x * 3), torch.tensor(box * 3)
+    i, j, d, r = PairSearch(0.27)(x, box)
+    assert i.numel() == j.numel() == r.numel() == 0 and d.shape == (0, 3)
+    assert float(StillingerWeber()(x, box).detach()) == 0.0
+
+
+@pytest.mark.parametrize("make", [StillingerWeber, trained_schnet, trained_behler_parrinello])
 def test_torchscript_equals_eager(make):
     model = make()
     x, box = crystal()
@@ -86,11 +112,12 @@ def test_torchscript_equals_eager(make):
     torch.testing.assert_close(f_script, f_eager, rtol=1e-10, atol=1e-10)
 
 
-def test_schnet_float32_matches_float64():
-    model = trained_schnet()
+@pytest.mark.parametrize("make", [trained_schnet, trained_behler_parrinello])
+def test_float32_matches_float64(make):
+    model = make()
     x, box = crystal()
     e64, f64 = forces(model, x, box)
-    model32 = trained_schnet().to(torch.float32)
+    model32 = make().to(torch.float32)
     e32, f32 = forces(model32, x.float(), box.float())
     assert e32.dtype == torch.float32
     assert float(e32) == pytest.approx(float(e64), rel=1e-5)
@@ -101,13 +128,62 @@ def test_models_are_twice_differentiable():
     # gradgradcheck on a small non-periodic cluster: exact second derivatives of the energy.
     x = torch.tensor([[0.0, 0.0, 0.0], [0.09, 0.08, 0.01], [-0.08, 0.1, -0.03],
                       [0.02, -0.1, 0.09]], dtype=torch.float64, requires_grad=True)
-    for model in (StillingerWeber(), trained_schnet(n_features=4, n_rbf=4, n_interactions=1)):
+    small_bp = BehlerParrinello(n_radial=3, zetas=(2.0,), lambdas=(-1.0,), angular_widths=(0.15,),
+                                hidden=(4,))
+    torch.nn.init.normal_(small_bp.networks[0].output.weight, std=0.5)
+    for model in (StillingerWeber(), trained_schnet(n_features=4, n_rbf=4, n_interactions=1),
+                  small_bp):
         assert torch.autograd.gradgradcheck(lambda y, m=model: m(y, None), (x,))
+
+
+def test_behler_parrinello_descriptors_match_their_definition():
+    # Four atoms, no box: every radial and angular symmetry function summed by hand.
+    x = np.array([[0.0, 0.0, 0.0], [0.15, 0.02, 0.0], [-0.05, 0.14, 0.03],
+                  [0.01, -0.04, -0.2]])
+    model = BehlerParrinello(cutoff=0.27, n_radial=5, radial_start=0.1)
+    g = model.descriptors(torch.tensor(x), None).numpy()
+    cutoff, centres = 0.27, np.linspace(0.1, 0.27, 5)
+    width = centres[1] - centres[0]
+    combos = [(z, lam, w) for z in (1.0, 2.0, 4.0) for lam in (-1.0, 1.0) for w in (0.1, 0.2)]
+
+    def fc(r):
+        return (1 - (r / cutoff) ** 2) ** 3 if r < cutoff else 0.0
+
+    for i in range(4):
+        others = [j for j in range(4) if j != i]
+        radial = sum(np.exp(-(np.linalg.norm(x[j] - x[i]) - centres) ** 2 / (2 * width ** 2))
+                     * fc(np.linalg.norm(x[j] - x[i])) for j in others)
+        np.testing.assert_allclose(g[i, :5], radial, rtol=1e-12, atol=1e-15)
+        for c, (zeta, lam, w) in enumerate(combos):
+            total = 0.0
+            for a, j in enumerate(others):
+                for k in others[a + 1:]:
+                    dj, dk = x[j] - x[i], x[k] - x[i]
+                    rj, rk = np.linalg.norm(dj), np.linalg.norm(dk)
+                    cos = dj @ dk / (rj * rk)
+                    total += (2 ** (1 - zeta) * (1 + lam * cos) ** zeta
+                              * np.exp(-(rj ** 2 + rk ** 2) / (2 * w ** 2)) * fc(rj) * fc(rk))
+            assert g[i, 5 + c] == pytest.approx(total, rel=1e-12, abs=1e-15)
+
+
+def test_behler_parrinello_standardize_centres_the_crystal():
+    x, box = diamond_lattice(2)
+    model = BehlerParrinello(cutoff=0.27)
+    model.standardize(x, box)
+    xt, bt = torch.tensor(x), torch.tensor(box)
+    features = (model.descriptors(xt, bt) - model.shift) / model.scale
+    assert float(features.abs().max()) < 1e-12          # every atom alike: all zero
+    assert bool((model.scale > 0).all())
+    # A fresh model predicts zero (the last layer starts at zero): training starts at the prior.
+    assert float(model(*crystal()).detach()) == 0.0
+    # Symmetry functions with no neighbour in range cannot be scaled: the error says why.
+    with pytest.raises(ValueError, match="no neighbour within its range"):
+        BehlerParrinello(cutoff=0.27, radial_start=0.0).standardize(x * 3, box * 3)
 
 
 @pytest.mark.gpu
 def test_models_on_cuda_match_cpu():
-    model = EnergySum([StillingerWeber(), trained_schnet()])
+    model = EnergySum([StillingerWeber(), trained_schnet(), trained_behler_parrinello()])
     x, box = crystal()
     e_cpu, f_cpu = forces(model, x, box)
     e_gpu, f_gpu = forces(model.to("cuda"), x.cuda(), box.cuda())
@@ -162,8 +238,8 @@ def test_contract_violation_is_caught_at_first_call(model, clause):
 
 def test_contract_accepts_reference_models_and_rejects_bad_call():
     x, box = crystal()
-    check_energy_model(EnergySum([StillingerWeber(), SchNet()]), x, box,
-                       torch.zeros(64, dtype=torch.long))
+    check_energy_model(EnergySum([StillingerWeber(), SchNet(), trained_behler_parrinello()]), x,
+                       box, torch.zeros(64, dtype=torch.long))
     with pytest.raises(ContractError, match="failed when called as model"):
         check_energy_model(SchNet(n_types=1), x, box, torch.full((64,), 3, dtype=torch.long))
 

@@ -9,6 +9,7 @@ import torch
 from openmm import app, unit
 
 from openmm_reversible.ml import (
+    BehlerParrinello,
     EnergySum,
     SchNet,
     StillingerWeber,
@@ -29,6 +30,16 @@ def model():
     with torch.no_grad():
         schnet.readout[1].weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(2))
     return EnergySum([StillingerWeber(), schnet])
+
+
+@pytest.fixture(scope="module")
+def behler_parrinello_model():
+    network = BehlerParrinello(hidden=(16,), seed=3)
+    network.standardize(*diamond_lattice(2))
+    with torch.no_grad():
+        network.networks[0].output.weight.normal_(0.0, 0.3,
+                                                  generator=torch.Generator().manual_seed(3))
+    return EnergySum([StillingerWeber(), network])
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +86,16 @@ def test_force_matches_torch_model_after_xml_round_trip(model, crystal, backend,
     # The serialized System carries the model: rebuilt from the XML text alone.
     restored = deserialize_system(openmm.XmlSerializer.serialize(system))
     assert_matches(evaluate(restored, x, platform), reference(model, x, box))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_behler_parrinello_force_matches_torch_model(behler_parrinello_model, crystal, backend,
+                                                     platform):
+    x, box = crystal
+    force = plugin.create_force(behler_parrinello_model, backend=backend)
+    system = deserialize_system(openmm.XmlSerializer.serialize(carbon_system(force, box)))
+    assert_matches(evaluate(system, x, platform), reference(behler_parrinello_model, x, box))
 
 
 def test_auto_backend_prefers_torchforce(model):

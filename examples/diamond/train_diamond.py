@@ -1,10 +1,12 @@
-"""Diamond from scratch: train a Stillinger–Weber prior plus SchNet to the stress and elastic
-constants of diamond by reversible simulation, then export the result into OpenMM.
+"""Diamond from scratch: train a Stillinger–Weber prior plus a neural network to the stress and
+elastic constants of diamond by reversible simulation, then export the result into OpenMM.
 
 The configuration (``diamond.toml`` beside this file) has five tables: ``[crystal]`` (cells,
 lattice constant, mass), ``[prior]`` (:class:`~openmm_reversible.ml.StillingerWeber`
-arguments), ``[model]`` (:class:`~openmm_reversible.ml.SchNet` arguments), ``[training]``
-(:class:`~openmm_reversible.ml.train_elastic.ElasticTrainingSettings`) and ``[targets]``
+arguments), ``[model]`` (``kind``: ``behler_parrinello`` or ``schnet``, and the arguments
+of :class:`~openmm_reversible.ml.BehlerParrinello` or :class:`~openmm_reversible.ml.SchNet`),
+``[training]`` (:class:`~openmm_reversible.ml.train_elastic.ElasticTrainingSettings`) and
+``[targets]``
 (:class:`~openmm_reversible.ml.train_elastic.ElasticTargets`), and an optional sixth,
 ``[evaluation]`` (``steps``, ``snapshot_every``, ``blocks``): a long plain run of the trained
 model afterwards that reports its stress and elastic constants with standard errors
@@ -45,7 +47,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from openmm_reversible.files import atomic_write_text
-from openmm_reversible.ml import SchNet, StillingerWeber, diamond_lattice, diamond_topology
+from openmm_reversible.ml import (
+    BehlerParrinello,
+    SchNet,
+    StillingerWeber,
+    diamond_lattice,
+    diamond_topology,
+)
 from openmm_reversible.ml.train_elastic import (
     ElasticTargets,
     ElasticTrainingSettings,
@@ -54,6 +62,8 @@ from openmm_reversible.ml.train_elastic import (
 )
 
 SECTIONS = ("crystal", "prior", "model", "training", "targets")
+MODELS = {"behler_parrinello": BehlerParrinello, "schnet": SchNet}
+"""``[model] kind`` → model class; the other keys of ``[model]`` are its arguments."""
 
 
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
@@ -91,7 +101,20 @@ def load_config(path: Path, args: argparse.Namespace) -> dict:
                          "blocks, snapshot_every, steps")
     if args.evaluate_steps is not None:
         config["evaluation"]["steps"] = args.evaluate_steps
+    kind = config["model"].get("kind", "behler_parrinello")
+    if kind not in MODELS:
+        raise SystemExit(f"{path}: [model] kind {kind!r} is not one of {sorted(MODELS)}")
     return config
+
+
+def build_model(model_config: dict, positions: np.ndarray, box: np.ndarray):
+    """The neural model of ``[model]``; Behler–Parrinello descriptors are standardized on the
+    perfect crystal (so the network sees relative changes of its environment)."""
+    arguments = dict(model_config)
+    model = MODELS[arguments.pop("kind", "behler_parrinello")](**arguments)
+    if hasattr(model, "standardize"):
+        model.standardize(positions, box)
+    return model
 
 
 def openmm_energy(system: openmm.System, positions: np.ndarray, box: np.ndarray) -> float:
@@ -116,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--device cpu (and --n-cells 2 for the CPU-sized run)")
     print(f"{len(positions)} atoms, box {box[0, 0]:.4f} nm, device {settings.device}")
 
-    result = train_elastic(SchNet(**config["model"]), positions, box, masses,
+    result = train_elastic(build_model(config["model"], positions, box), positions, box, masses,
                            prior=StillingerWeber(**config["prior"]),
                            targets=ElasticTargets.from_mapping(config["targets"]),
                            settings=settings, output=args.output, resume=args.resume)

@@ -4,6 +4,8 @@
   device, twice differentiable), :func:`check_energy_model`, and :class:`MLPotential`, which
   adapts a model (plus an optional classical prior) to ``potential(positions, box)`` for the
   reversible integrator and checks the contract at its first call;
+- :mod:`.behler_parrinello`: :class:`BehlerParrinello`, atom-centred radial and angular
+  symmetry functions and per-type atomic networks (the diamond model);
 - :mod:`.schnet`: :class:`SchNet`, a compact message-passing network in pure torch;
 - :mod:`.stillinger_weber`: :class:`StillingerWeber`, the three-body prior for diamond;
 - :mod:`.pairs`: :class:`PairSearch`, directed neighbour pairs (the project's Verlet list
@@ -23,6 +25,7 @@ Example: a Stillinger–Weber prior plus a neural correction, ready for
 The same ``model`` exports into OpenMM with :func:`openmm_reversible_plugin.create_force`.
 """
 
+from .behler_parrinello import BehlerParrinello
 from .contract import ContractError, EnergySum, MLPotential, check_energy_model
 from .diamond import DIAMOND_LATTICE_CONSTANT, diamond_lattice, diamond_topology
 from .pairs import PairSearch
@@ -36,7 +39,7 @@ from .train_elastic import (
     train_elastic,
 )
 
-__all__ = ["DIAMOND_LATTICE_CONSTANT", "ContractError", "ElasticTargets", "ElasticTrainingResult",
-           "ElasticTrainingSettings", "EnergySum", "MLPotential", "PairSearch", "SchNet",
-           "StillingerWeber", "check_energy_model", "cubic_elastic_observables",
-           "diamond_lattice", "diamond_topology", "train_elastic"]
+__all__ = ["DIAMOND_LATTICE_CONSTANT", "BehlerParrinello", "ContractError", "ElasticTargets",
+           "ElasticTrainingResult", "ElasticTrainingSettings", "EnergySum", "MLPotential",
+           "PairSearch", "SchNet", "StillingerWeber", "check_energy_model",
+           "cubic_elastic_observables", "diamond_lattice", "diamond_topology", "train_elastic"]

@@ -45,6 +45,36 @@ def all_pairs(n_atoms: int, device: torch.device) -> tuple[torch.Tensor, torch.T
     return i[keep], j[keep]
 
 
+def neighbor_pairs_of_centres(centre: torch.Tensor, n_atoms: int
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every unordered pair of directed pairs that share a centre atom.
+
+    Parameters
+    ----------
+    centre : torch.Tensor, shape (P,), long
+        Centre atom of each directed pair.
+    n_atoms : int
+
+    Returns
+    -------
+    (first, second) : torch.Tensor, long, shape (T,)
+        Indices into the pair list with ``centre[first] == centre[second]``, each unordered
+        combination once: ``T = Σ_i n_i (n_i − 1) / 2`` for ``n_i`` neighbours of atom i.
+    """
+    order = torch.argsort(centre, stable=True)
+    sorted_centre = centre[order]
+    counts = torch.bincount(sorted_centre, minlength=n_atoms)
+    block_start = torch.cumsum(counts, 0) - counts
+    position = torch.arange(centre.numel(), device=centre.device)
+    local = position - block_start[sorted_centre]
+    partners = counts[sorted_centre] - local - 1
+    first = torch.repeat_interleave(position, partners)
+    run_start = torch.cumsum(partners, 0) - partners
+    offset = torch.arange(first.numel(), device=centre.device) - run_start[first]
+    second = first + 1 + offset
+    return order[first], order[second]
+
+
 class PairSearch(nn.Module):
     """Directed pairs within ``cutoff`` and their minimum-image displacements.
 

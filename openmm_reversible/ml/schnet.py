@@ -117,7 +117,7 @@ class SchNet(nn.Module):
         nn.init.zeros_(self.readout[1].bias)
         torch.random.set_rng_state(generator_state)
         spacing = self.cutoff / (n_rbf - 1)
-        self.register_buffer("centres", torch.linspace(0.0, self.cutoff, n_rbf))
+        self.register_buffer("centres", torch.linspace(0.0, self.cutoff, n_rbf, dtype=DTYPE))
         self.rbf_coefficient = -0.5 / spacing ** 2
         self.pairs = PairSearch(self.cutoff)
         self.to(DTYPE)

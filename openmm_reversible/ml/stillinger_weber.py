@@ -10,7 +10,7 @@ F. H. Stillinger and T. A. Weber, Phys. Rev. B 31, 5262 (1985). With ``r_c = a·
 Every term and all its derivatives vanish at the cutoff (``exp(c/(r − aσ)) → 0`` faster than any
 power), so the energy is infinitely differentiable: forces, Hessian-vector products and
 parameter gradients by autograd are exact. The three-body sum runs over pairs of neighbours
-of each centre (see :func:`neighbor_pairs_of_centres`); the neighbour search is
+of each centre (see :func:`~.pairs.neighbor_pairs_of_centres`); the neighbour search is
 :class:`~openmm_reversible.ml.pairs.PairSearch` (Verlet list eagerly, all pairs in
 TorchScript), so the module is scriptable and can be exported into OpenMM.
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..units import DTYPE
-from .pairs import PairSearch
+from .pairs import PairSearch, neighbor_pairs_of_centres
 
 PARAMETER_NAMES = ("A", "B", "a", "lambda", "gamma", "sigma", "epsilon")
 """Trainable parameters, in the order of :attr:`StillingerWeber.start`."""
@@ -32,36 +32,6 @@ PARAMETER_NAMES = ("A", "B", "a", "lambda", "gamma", "sigma", "epsilon")
 DIAMOND_START = {"A": 7.049556, "B": 0.602225, "a": 1.80, "lambda": 21.0, "gamma": 1.20,
                  "sigma": 0.14, "epsilon": 200.0}
 """Starting values for carbon in diamond (σ nm, ε kJ/mol; the others are dimensionless)."""
-
-
-def neighbor_pairs_of_centres(centre: torch.Tensor, n_atoms: int
-                              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every unordered pair of directed pairs that share a centre atom.
-
-    Parameters
-    ----------
-    centre : torch.Tensor, shape (P,), long
-        Centre atom of each directed pair.
-    n_atoms : int
-
-    Returns
-    -------
-    (first, second) : torch.Tensor, long, shape (T,)
-        Indices into the pair list with ``centre[first] == centre[second]``, each unordered
-        combination once: ``T = Σ_i n_i (n_i − 1) / 2`` for ``n_i`` neighbours of atom i.
-    """
-    order = torch.argsort(centre, stable=True)
-    sorted_centre = centre[order]
-    counts = torch.bincount(sorted_centre, minlength=n_atoms)
-    block_start = torch.cumsum(counts, 0) - counts
-    position = torch.arange(centre.numel(), device=centre.device)
-    local = position - block_start[sorted_centre]
-    partners = counts[sorted_centre] - local - 1
-    first = torch.repeat_interleave(position, partners)
-    run_start = torch.cumsum(partners, 0) - partners
-    offset = torch.arange(first.numel(), device=centre.device) - run_start[first]
-    second = first + 1 + offset
-    return order[first], order[second]
 
 
 class StillingerWeber(nn.Module):
