@@ -12,6 +12,7 @@ equals them.
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.optimize
 import torch
 
 from openmm_reversible.ml import StillingerWeber, diamond_lattice
@@ -20,6 +21,7 @@ from openmm_reversible.observables.elastic import (
     GPA_PER_KJ_MOL_NM3,
     born_terms,
     elastic_constants,
+    relaxed_elastic_constants,
     stress_fluctuation,
     stress_tensor,
     voigt_strain_tensor,
@@ -84,6 +86,50 @@ def test_stillinger_weber_diamond_matches_published_constants(sw):
     assert c[0, 1] == pytest.approx(76.4 * SCALE, rel=1e-3)
     assert c[0, 0] == pytest.approx(c[1, 1], rel=1e-10)
     assert abs(c[0, 3]) < 1e-8 * c[0, 0]  # cubic symmetry: no normal–shear coupling
+
+
+def test_relaxed_constants_match_published_stillinger_weber_values(sw):
+    # Stillinger-Weber silicon at its equilibrium lattice: C11/C12/C44 = 151.4/76.4/56.4 GPa,
+    # C44 with internal relaxation (the unrelaxed Born value is about twice as large).
+    x, box = diamond_lattice(2, SW_EQUILIBRIUM)
+    stress, c = relaxed_elastic_constants(sw, torch.tensor(x), torch.tensor(box))
+    assert np.abs(stress.numpy()).max() < 0.05
+    assert float(c[0, 0]) == pytest.approx(151.4 * SCALE, rel=1e-3)
+    assert float(c[0, 1]) == pytest.approx(76.4 * SCALE, rel=1e-3)
+    assert float(c[3, 3]) == pytest.approx(56.4 * SCALE, rel=1e-3)
+    _, born = born_terms(sw, torch.tensor(x)[None], torch.tensor(box))
+    assert float(born[0, 3, 3].detach()) > 1.9 * float(c[3, 3])
+    with pytest.raises(ValueError, match="the structure is not relaxed"):
+        relaxed_elastic_constants(sw, torch.tensor(x + 0.004 * np.random.default_rng(1)
+                                                   .standard_normal(x.shape)), torch.tensor(box))
+
+
+def test_relaxed_c44_matches_finite_difference_of_minimised_energies(sw):
+    # Shear the crystal by ±h, let the atoms relax (L-BFGS), and difference the energies.
+    x, box = diamond_lattice(2)
+    x, box = torch.tensor(x), torch.tensor(box)
+    _, c = relaxed_elastic_constants(sw, x, box)
+    h = 2e-3
+
+    def relaxed_energy(shear):
+        e = torch.zeros(6, dtype=torch.float64)
+        e[3] = shear
+        eta = voigt_strain_tensor(e).numpy()
+        stretch = torch.tensor(np.real(scipy.linalg.sqrtm(np.eye(3) + 2 * eta)))
+        xs, bs = x @ stretch, box @ stretch
+
+        def fun(u):
+            y = (xs + torch.tensor(u).reshape(-1, 3)).requires_grad_(True)
+            energy = sw(y, bs)
+            return float(energy.detach()), torch.autograd.grad(energy, y)[0].numpy().ravel()
+
+        result = scipy.optimize.minimize(fun, np.zeros(x.numel()), jac=True, method="L-BFGS-B",
+                                         options={"ftol": 1e-15, "gtol": 1e-9, "maxiter": 500})
+        return result.fun
+
+    volume = float(torch.linalg.det(box))
+    second = (relaxed_energy(h) + relaxed_energy(-h) - 2 * relaxed_energy(0.0)) / h ** 2
+    assert second / volume * GPA_PER_KJ_MOL_NM3 == pytest.approx(float(c[3, 3]), rel=1e-4)
 
 
 def test_stress_tensor_is_virial_plus_kinetic(sw, distorted):

@@ -21,7 +21,8 @@ transport (:mod:`.diffusion`)           :func:`mean_squared_displacement`,
                                         :func:`time_between_frames`
 dielectric (:mod:`.dielectric`)         :func:`dipole_moment`, :func:`static_dielectric`
 solids (:mod:`.elastic`)                :func:`stress_tensor`, :func:`born_terms`,
-                                        :func:`elastic_constants`
+                                        :func:`elastic_constants`,
+                                        :func:`relaxed_elastic_constants`
 selections (:mod:`.selection`)          :func:`atom_indices`, :func:`pair_indices`,
                                         :func:`molecules`
 =====================================  ====================================================
@@ -64,7 +65,7 @@ from .diffusion import (
     time_between_frames,
     unwrap,
 )
-from .elastic import born_terms, elastic_constants, stress_tensor
+from .elastic import born_terms, elastic_constants, relaxed_elastic_constants, stress_tensor
 from .energy import energy_per_molecule, enthalpy_of_vaporization, frame_energies
 from .rdf import rdf
 from .selection import atom_indices, molecules, pair_indices
@@ -74,6 +75,6 @@ __all__ = [
     "energy_per_molecule",
     "enthalpy_of_vaporization", "frame_energies", "kinetic_tensor",
     "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",
-    "rdf", "self_diffusion_coefficient", "static_dielectric", "time_between_frames", "unwrap",
-    "stress_tensor", "virial",
+    "rdf", "relaxed_elastic_constants", "self_diffusion_coefficient", "static_dielectric",
+    "stress_tensor", "time_between_frames", "unwrap", "virial",
 ]

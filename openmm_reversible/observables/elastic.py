@@ -178,3 +178,60 @@ def stress_fluctuation(stress: torch.Tensor, born: torch.Tensor, n_atoms: int, b
     kinetic = n_atoms * kT / volume * GPA_PER_KJ_MOL_NM3 * torch.diag(
         torch.tensor(_KINETIC, dtype=stress.dtype, device=stress.device))
     return born.mean(0) - fluctuation + kinetic
+
+
+def relaxed_elastic_constants(potential: Potential, positions: torch.Tensor, box,
+                              force_tolerance: float = 1e-3
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-temperature elastic constants with internal relaxation (lattice statics), GPa.
+
+    For a structure at a minimum of its internal coordinates ``u`` (every force zero, as in a
+    perfect crystal), the constants at fixed strain ``e`` after the atoms relax are::
+
+        C = (1/V) [∂²U/∂e∂e − Ξᵀ H⁺ Ξ],   Ξ = ∂²U/∂u∂e,   H = ∂²U/∂u∂u
+
+    (``H⁺``: pseudo-inverse, dropping the uniform translations). The second term is the
+    internal relaxation of non-Bravais crystals (in diamond it halves the Born C44). This is
+    the 0 K limit of the stress-fluctuation formula and the quickest check of what a
+    functional form can reach: e.g. whether a prior can match target constants at all.
+
+    Parameters
+    ----------
+    potential : callable
+        ``potential(positions (N, 3), box (3, 3)) -> energy``, kJ/mol; twice differentiable.
+    positions : torch.Tensor, shape (N, 3), nm
+        A relaxed structure (the largest force must be below ``force_tolerance``).
+    box : torch.Tensor, shape (3, 3), nm
+    force_tolerance : float, kJ/mol/nm
+
+    Returns
+    -------
+    stress : torch.Tensor, shape (6,), GPa
+        Configurational stress ``(1/V) ∂U/∂e`` (Voigt order).
+    constants : torch.Tensor, shape (6, 6), GPa
+
+    Notes
+    -----
+    Builds the full ``(3N + 6)²`` Hessian with ``3N + 6`` autograd passes: meant for cells of
+    up to a few hundred atoms. The result is detached.
+    """
+    positions = torch.as_tensor(positions, dtype=torch.float64)
+    box = torch.as_tensor(box, dtype=positions.dtype, device=positions.device)
+    n = positions.numel()
+    z = positions.new_zeros(n + 6, requires_grad=True)
+    stretch = deformation(z[n:])
+    energy = potential((positions + z[:n].reshape(positions.shape)) @ stretch, box @ stretch)
+    (gradient,) = torch.autograd.grad(energy, z, create_graph=True)
+    largest_force = float(gradient[:n].detach().abs().max())
+    if largest_force > force_tolerance:
+        raise ValueError(
+            f"the structure is not relaxed: the largest force component is {largest_force:.3g} "
+            f"kJ/mol/nm (tolerance {force_tolerance:g}); minimise the energy at fixed box first "
+            "(or use elastic_constants on a thermal trajectory)")
+    hessian = torch.stack([torch.autograd.grad(gradient[k], z, retain_graph=True)[0]
+                           for k in range(n + 6)]).detach()
+    h_uu, h_ue, h_ee = hessian[:n, :n], hessian[:n, n:], hessian[n:, n:]
+    relaxation = h_ue.T @ torch.linalg.pinv(h_uu, rtol=1e-10, hermitian=True) @ h_ue
+    volume = float(torch.abs(torch.linalg.det(box)))
+    scale = GPA_PER_KJ_MOL_NM3 / volume
+    return gradient[n:].detach() * scale, (h_ee - relaxation) * scale
