@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..units import DTYPE
-from .pairs import PairSearch, neighbor_pairs_of_centres
+from .pairs import PairSearch, model_inputs, neighbor_pairs_of_centres
 from .schnet import cutoff_function, shifted_softplus
 
 
@@ -179,23 +179,11 @@ class BehlerParrinello(nn.Module):
 
     def forward(self, positions: torch.Tensor, box: torch.Tensor | None = None,
                 atom_types: torch.Tensor | None = None) -> torch.Tensor:
-        """Total energy, kJ/mol (0-dim), in the model's dtype.
-
-        Parameters
-        ----------
-        positions : torch.Tensor, shape (N, 3), nm
-        box : torch.Tensor, shape (3, 3), nm, or None
-        atom_types : torch.Tensor, shape (N,), long, optional
-            Type index of each atom; all zero when omitted.
-        """
-        dtype = self.centres.dtype
-        positions = positions.to(dtype)
-        if box is not None:
-            box = box.to(dtype)
+        """Total energy, kJ/mol (0-dim), in the model's dtype: positions (N, 3) nm, box (3, 3)
+        nm or None, atom types (N,) long or None (all zero), as :meth:`.SchNet.forward`."""
+        positions, box, atom_types = model_inputs(positions, box, atom_types,
+                                                  self.centres.dtype)
         features = (self.descriptors(positions, box) - self.shift) / self.scale
-        if atom_types is None:
-            atom_types = torch.zeros(positions.shape[0], dtype=torch.long,
-                                     device=positions.device)
         energy = positions.new_zeros(())
         for t, network in enumerate(self.networks):
             mask = atom_types == t

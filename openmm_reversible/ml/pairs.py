@@ -36,6 +36,18 @@ def check_cutoff(cutoff: float, box: torch.Tensor | None) -> None:
                 "periodic images: use a larger box (replicate the cell) or a shorter cutoff")
 
 
+def model_inputs(positions: torch.Tensor, box: torch.Tensor | None,
+                 atom_types: torch.Tensor | None, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Positions and box cast to a model's ``dtype``, and atom types (all zero when omitted)."""
+    positions = positions.to(dtype)
+    if box is not None:
+        box = box.to(dtype)
+    if atom_types is None:
+        atom_types = torch.zeros(positions.shape[0], dtype=torch.long, device=positions.device)
+    return positions, box, atom_types
+
+
 def all_pairs(n_atoms: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Every ordered pair ``(i, j)``, ``i != j``, as two long tensors of length N(N-1)."""
     index = torch.arange(n_atoms, device=device)

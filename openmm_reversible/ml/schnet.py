@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..units import DTYPE
-from .pairs import PairSearch
+from .pairs import PairSearch, model_inputs
 
 
 def shifted_softplus(x: torch.Tensor) -> torch.Tensor:
@@ -133,13 +133,8 @@ class SchNet(nn.Module):
         atom_types : torch.Tensor, shape (N,), long, optional
             Type index of each atom; all zero when omitted.
         """
-        dtype = self.centres.dtype
-        positions = positions.to(dtype)
-        if box is not None:
-            box = box.to(dtype)
-        n_atoms = positions.shape[0]
-        if atom_types is None:
-            atom_types = torch.zeros(n_atoms, dtype=torch.long, device=positions.device)
+        positions, box, atom_types = model_inputs(positions, box, atom_types,
+                                                  self.centres.dtype)
         i, j, _, r = self.pairs(positions, box)
         rbf = torch.exp(self.rbf_coefficient * (r[:, None] - self.centres) ** 2)
         envelope = cutoff_function(r, self.cutoff)
