@@ -6,7 +6,9 @@ The training run is shared by the tests (module fixture); the full 1000-atom ver
 examples/diamond/.
 """
 
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import openmm
@@ -231,3 +233,39 @@ def test_evaluation_run_reports_constants_with_errors(trained):
     assert 100 < report["temperature_K"] < 600
     with pytest.raises(InputError, match="at least 2 blocks"):
         evaluate_elastic(*args, steps=4, snapshot_every=2, blocks=2, progress=False)
+
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "diamond"
+
+
+def _example_script():
+    """examples/diamond/train_diamond.py as a module."""
+    spec = importlib.util.spec_from_file_location("train_diamond", EXAMPLE / "train_diamond.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.parametrize("name", ["diamond.toml", "diamond_cpu.toml"])
+def test_example_configurations_build(name):
+    """The shipped configurations parse and build their prior, model, settings and targets."""
+    script = _example_script()
+    config = script.load_config(EXAMPLE / name, script.parse_arguments([str(EXAMPLE / name)]))
+    x, box = diamond_lattice(2)
+    model = script.build_model(config["model"], x, box)
+    assert isinstance(model, BehlerParrinello) and model.n_features == 20
+    assert float(model.shift.abs().min()) > 0  # standardized on the crystal (shift 0 before)
+    StillingerWeber(**config["prior"])
+    settings = ElasticTrainingSettings.from_mapping(config["training"])
+    assert settings.device == ("cuda" if name == "diamond.toml" else "cpu")
+    assert ElasticTargets.from_mapping(config["targets"]).c44 == 578.0
+
+
+def test_unknown_model_kind_is_refused(tmp_path):
+    script = _example_script()
+    text = (EXAMPLE / "diamond_cpu.toml").read_text().replace('kind = "behler_parrinello"',
+                                                             'kind = "mace"')
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=r"\[model\] kind 'mace' is not one of"):
+        script.load_config(path, script.parse_arguments([str(path)]))
