@@ -136,18 +136,20 @@ def test_models_are_twice_differentiable():
         assert torch.autograd.gradgradcheck(lambda y, m=model: m(y, None), (x,))
 
 
-def test_behler_parrinello_descriptors_match_their_definition():
+@pytest.mark.parametrize("angular_cutoff", [0.27, 0.2])
+def test_behler_parrinello_descriptors_match_their_definition(angular_cutoff):
     # Four atoms, no box: every radial and angular symmetry function summed by hand.
     x = np.array([[0.0, 0.0, 0.0], [0.15, 0.02, 0.0], [-0.05, 0.14, 0.03],
                   [0.01, -0.04, -0.2]])
-    model = BehlerParrinello(cutoff=0.27, n_radial=5, radial_start=0.1)
+    model = BehlerParrinello(cutoff=0.27, angular_cutoff=angular_cutoff, n_radial=5,
+                             radial_start=0.1)
     g = model.descriptors(torch.tensor(x), None).numpy()
     cutoff, centres = 0.27, np.linspace(0.1, 0.27, 5)
     width = centres[1] - centres[0]
     combos = [(z, lam, w) for z in (1.0, 2.0, 4.0) for lam in (-1.0, 1.0) for w in (0.1, 0.2)]
 
-    def fc(r):
-        return (1 - (r / cutoff) ** 2) ** 3 if r < cutoff else 0.0
+    def fc(r, rc=cutoff):
+        return (1 - (r / rc) ** 2) ** 3 if r < rc else 0.0
 
     for i in range(4):
         others = [j for j in range(4) if j != i]
@@ -162,7 +164,8 @@ def test_behler_parrinello_descriptors_match_their_definition():
                     rj, rk = np.linalg.norm(dj), np.linalg.norm(dk)
                     cos = dj @ dk / (rj * rk)
                     total += (2 ** (1 - zeta) * (1 + lam * cos) ** zeta
-                              * np.exp(-(rj ** 2 + rk ** 2) / (2 * w ** 2)) * fc(rj) * fc(rk))
+                              * np.exp(-(rj ** 2 + rk ** 2) / (2 * w ** 2))
+                              * fc(rj, angular_cutoff) * fc(rk, angular_cutoff))
             assert g[i, 5 + c] == pytest.approx(total, rel=1e-12, abs=1e-15)
 
 

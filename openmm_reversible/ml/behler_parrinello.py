@@ -6,7 +6,7 @@ J. Behler and M. Parrinello, Phys. Rev. Lett. 98, 146401 (2007); J. Behler, J. C
 - radial functions ``G2_i(μ) = Σ_j exp(−η (r_ij − μ)²) f(r_ij)`` on a grid of centres μ;
 - angular functions ``G4_i(ζ, λ, η) = 2^(1−ζ) Σ_{j<k} (1 + λ cos θ_jik)^ζ
   exp(−η (r_ij² + r_ik²)) f(r_ij) f(r_ik)`` (the form without the ``r_jk`` factor, sometimes
-  called G5),
+  called G5), over neighbours within the angular cutoff (the radial one by default),
 
 with the cutoff function ``f(r) = (1 − (r/r_c)²)³`` (C² at ``r_c``). The descriptors are shifted
 and scaled (:meth:`BehlerParrinello.standardize`), and a small network per atom type maps them
@@ -63,7 +63,11 @@ class BehlerParrinello(nn.Module):
         Number of atom types; each has its own atomic network. ``atom_types`` holds values in
         ``[0, n_types)``.
     cutoff : float, nm
-        Radius of the symmetry functions (must not exceed half the shortest box width).
+        Radius of the radial symmetry functions (must not exceed half the shortest box width).
+    angular_cutoff : float, nm, optional
+        Radius of the angular symmetry functions (default ``cutoff``). A shorter one, e.g. the
+        first shell only, cuts the number of triplets (and the memory of the elastic Born
+        terms) by the square of the neighbour-count ratio.
     n_radial : int
         Number of radial centres μ, evenly spaced from ``radial_start`` to ``cutoff``; the
         Gaussian width equals the spacing.
@@ -88,7 +92,8 @@ class BehlerParrinello(nn.Module):
     that the network sees descriptors of order one; until then they enter unscaled.
     """
 
-    def __init__(self, n_types: int = 1, cutoff: float = 0.27, n_radial: int = 8,
+    def __init__(self, n_types: int = 1, cutoff: float = 0.27,
+                 angular_cutoff: float | None = None, n_radial: int = 8,
                  radial_start: float = 0.1, zetas: tuple[float, ...] = (1.0, 2.0, 4.0),
                  lambdas: tuple[float, ...] = (-1.0, 1.0),
                  angular_widths: tuple[float, ...] = (0.1, 0.2),
@@ -104,6 +109,9 @@ class BehlerParrinello(nn.Module):
             raise ValueError("zetas, lambdas, angular_widths and hidden must not be empty")
         self.n_types = int(n_types)
         self.cutoff = float(cutoff)
+        self.angular_cutoff = self.cutoff if angular_cutoff is None else float(angular_cutoff)
+        if not 0 < self.angular_cutoff <= self.cutoff:
+            raise ValueError("angular_cutoff must be > 0 and <= cutoff (nm)")
         self.energy_scale = float(energy_scale)
         spacing = (self.cutoff - radial_start) / (n_radial - 1)
         self.radial_coefficient = -0.5 / spacing ** 2
@@ -139,6 +147,10 @@ class BehlerParrinello(nn.Module):
         radial = torch.exp(self.radial_coefficient * (r[:, None] - self.centres) ** 2)
         g2 = positions.new_zeros(n_atoms, self.centres.numel()).index_add(
             0, i, radial * envelope[:, None])
+        if self.angular_cutoff < self.cutoff:
+            near = r.detach() < self.angular_cutoff
+            i, d, r = i[near], d[near], r[near]
+            envelope = cutoff_function(r, self.angular_cutoff)
         first, second = neighbor_pairs_of_centres(i, n_atoms)
         cos = (d[first] * d[second]).sum(-1) / (r[first] * r[second])
         r2 = r[first] ** 2 + r[second] ** 2
