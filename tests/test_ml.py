@@ -102,7 +102,9 @@ def test_pair_search_with_no_pair_in_range():
     assert float(StillingerWeber()(x, box).detach()) == 0.0
 
 
-@pytest.mark.parametrize("make", [StillingerWeber, trained_schnet, trained_behler_parrinello])
+@pytest.mark.parametrize("make", [
+    StillingerWeber, trained_schnet, trained_behler_parrinello,
+    lambda: trained_behler_parrinello(angular_cutoff=0.2)])
 def test_torchscript_equals_eager(make):
     model = make()
     x, box = crystal()
