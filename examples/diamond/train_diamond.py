@@ -20,8 +20,8 @@ OpenMM's energy of the final configuration equals the torch model's.
 Usage::
 
     python examples/diamond/train_diamond.py examples/diamond/diamond.toml --output out
-    python examples/diamond/train_diamond.py examples/diamond/diamond.toml --output out \\
-        --n-cells 2 --device cpu --epochs 10          # the CPU-sized version
+    OMP_NUM_THREADS=1 python examples/diamond/train_diamond.py \\
+        examples/diamond/diamond_cpu.toml --output out-cpu   # the 64-atom CPU version
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = ElasticTrainingSettings.from_mapping(config["training"])
     if settings.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("device 'cuda' requested but torch sees no CUDA device; pass "
-                         "--device cpu (and --n-cells 2 for the CPU-sized run)")
+                         "--device cpu, or run examples/diamond/diamond_cpu.toml (64 atoms)")
     print(f"{len(positions)} atoms, box {box[0, 0]:.4f} nm, device {settings.device}")
 
     result = train_elastic(build_model(config["model"], positions, box), positions, box, masses,
