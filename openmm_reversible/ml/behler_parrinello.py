@@ -126,11 +126,10 @@ class BehlerParrinello(nn.Module):
         n_features = n_radial + len(combos)
         self.register_buffer("shift", torch.zeros(n_features, dtype=DTYPE))
         self.register_buffer("scale", torch.ones(n_features, dtype=DTYPE))
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
-        self.networks = nn.ModuleList([_AtomicNetwork(n_features, [int(h) for h in hidden])
-                                       for _ in range(self.n_types)])
-        torch.random.set_rng_state(generator_state)
+        with torch.random.fork_rng(devices=[]):  # seeded weights, caller's generator untouched
+            torch.manual_seed(seed)
+            self.networks = nn.ModuleList([_AtomicNetwork(n_features, [int(h) for h in hidden])
+                                           for _ in range(self.n_types)])
         self.pairs = PairSearch(self.cutoff)
         self.to(DTYPE)
 

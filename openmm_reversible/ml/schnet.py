@@ -103,19 +103,18 @@ class SchNet(nn.Module):
         if n_types < 1 or n_features < 1 or n_rbf < 2 or n_interactions < 1 or cutoff <= 0:
             raise ValueError("SchNet needs n_types >= 1, n_features >= 1, n_rbf >= 2, "
                              "n_interactions >= 1 and cutoff > 0 nm")
-        generator_state = torch.random.get_rng_state()
-        torch.manual_seed(seed)
         self.n_types = int(n_types)
         self.cutoff = float(cutoff)
         self.energy_scale = float(energy_scale)
-        self.embedding = nn.Embedding(n_types, n_features)
-        self.interactions = nn.ModuleList(
-            [_Interaction(n_features, n_rbf) for _ in range(n_interactions)])
-        self.readout = nn.Sequential(_Dense(n_features, n_features // 2 or 1),
-                                     nn.Linear(n_features // 2 or 1, 1))
+        with torch.random.fork_rng(devices=[]):  # seeded weights, caller's generator untouched
+            torch.manual_seed(seed)
+            self.embedding = nn.Embedding(n_types, n_features)
+            self.interactions = nn.ModuleList(
+                [_Interaction(n_features, n_rbf) for _ in range(n_interactions)])
+            self.readout = nn.Sequential(_Dense(n_features, n_features // 2 or 1),
+                                         nn.Linear(n_features // 2 or 1, 1))
         nn.init.zeros_(self.readout[1].weight)
         nn.init.zeros_(self.readout[1].bias)
-        torch.random.set_rng_state(generator_state)
         spacing = self.cutoff / (n_rbf - 1)
         self.register_buffer("centres", torch.linspace(0.0, self.cutoff, n_rbf, dtype=DTYPE))
         self.rbf_coefficient = -0.5 / spacing ** 2
