@@ -59,9 +59,9 @@ import openmm.app as app
 import torch
 
 from .errors import InputError
+from .geometry import box_widths
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from .observables.energy import frame_energies
-from .potential.neighbors import box_widths
 from .reweighting import reweighted_average
 from .trajectory import Trajectory
 from .units import box_tensor, positions_tensor

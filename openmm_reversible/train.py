@@ -44,7 +44,9 @@ from .config import SCALAR_UNITS, FitConfig, to_dict
 from .errors import InputError
 from .export import write_xml
 from .files import atomic_write, atomic_write_text
-from .integrators import LangevinMiddleIntegrator, ReversibleSimulation, counter_seed
+from .geometry import box_widths
+from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from .integrators.noise import counter_seed
 from .losses import Loss, Target
 from .observables.density import density, pressure
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
@@ -52,7 +54,6 @@ from .observables.rdf import rdf
 from .observables.selection import molecules, pair_indices
 from .parameters import ParameterSet
 from .potential import TorchPotential
-from .potential.neighbors import box_widths
 from .sampler import (
     SampledState,
     Sampler,

@@ -16,12 +16,12 @@ import torch
 from openmm import unit
 
 from openmm_reversible.benchmarks.water import flexible_water
-from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
-from openmm_reversible.integrators.exact import (
+from openmm_reversible.exact import (
+    DeterministicForces,
     ExactLangevinIntegrator,
     ExactReversibleSimulation,
 )
-from openmm_reversible.integrators.fixed_point import (
+from openmm_reversible.exact.fixed_point import (
     DENOMINATOR,
     LIMB_BITS,
     FixedPointFormat,
@@ -31,9 +31,9 @@ from openmm_reversible.integrators.fixed_point import (
     scale_exact,
     unscale_exact,
 )
+from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from openmm_reversible.potential import TorchPotential
 from openmm_reversible.potential.base import UnsupportedForceError
-from openmm_reversible.potential.deterministic import DeterministicForces
 from openmm_reversible.systems import openmm_data_file
 from openmm_reversible.trajectory import Trajectory
 from openmm_reversible.units import positions_tensor

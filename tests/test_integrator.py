@@ -14,13 +14,10 @@ from openmm import unit
 from torch import nn
 
 from openmm_reversible.errors import InputError
-from openmm_reversible.integrators import (
-    LangevinMiddleIntegrator,
-    accelerations,
-    counter_seed,
-    standard_normal,
-)
-from openmm_reversible.potential.neighbors import minimum_image
+from openmm_reversible.geometry import minimum_image
+from openmm_reversible.integrators import LangevinMiddleIntegrator
+from openmm_reversible.integrators.forces import accelerations
+from openmm_reversible.integrators.noise import counter_seed, standard_normal
 
 SIGMA, EPSILON, MASS = 0.34, 0.99, 39.948  # argon-like: nm, kJ/mol, amu
 

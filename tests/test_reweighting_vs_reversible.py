@@ -25,8 +25,8 @@ import pytest
 import torch
 from torch import nn
 
+from openmm_reversible.geometry import minimum_image
 from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
-from openmm_reversible.potential.neighbors import minimum_image
 from openmm_reversible.reweighting import fluctuation_gradient
 from openmm_reversible.units import KB
 

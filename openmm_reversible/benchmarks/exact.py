@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import InputError
-from ..integrators.exact import ExactLangevinIntegrator
+from ..exact import ExactLangevinIntegrator
 from .water import FRICTION, TEMPERATURE, TIMESTEP, flexible_water
 
 

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,7 +50,8 @@ from torch import nn
 from ..errors import InputError
 from ..trajectory import Trajectory
 from ..units import box_tensor, positions_tensor
-from .forces import Potential, accelerations
+from .adjoint import first_needed_step, frame_cotangents, initial_state_grads, reverse_sweep
+from .forces import accelerations
 from .langevin import LangevinMiddleIntegrator
 
 LossFunction = Callable[[Trajectory, Any], torch.Tensor]
@@ -238,28 +238,6 @@ class ReversibleSimulation:
         return loss
 
 
-@dataclass
-class _Adjoint:
-    """Cotangents ``(λx, λv)`` of the current reverse-pass state, for the snapshots whose
-    truncation windows end at state ``stop``."""
-
-    x: torch.Tensor
-    v: torch.Tensor
-    stop: int
-
-
-def _inject(adjoints: dict[int, _Adjoint], n: int, start: int, truncation: int | None,
-            g_x: torch.Tensor, g_v: torch.Tensor) -> None:
-    """Add the loss cotangents of snapshot ``n`` to the adjoint whose truncation window ends
-    where this snapshot's does (state ``start`` when untruncated, else ``n - truncation``)."""
-    stop = start if truncation is None else max(start, n - truncation)
-    if stop in adjoints:
-        adjoints[stop].x = adjoints[stop].x + g_x
-        adjoints[stop].v = adjoints[stop].v + g_v
-    else:
-        adjoints[stop] = _Adjoint(g_x.clone(), g_v.clone(), stop)
-
-
 class _ReversibleFunction(torch.autograd.Function):
     """Forward under no_grad storing snapshots; backward by reverse dynamics (module docs)."""
 
@@ -270,7 +248,7 @@ class _ReversibleFunction(torch.autograd.Function):
         integ, masses = sim.integrator, sim.masses
         inv_masses = 1.0 / masses
         last = sim.n_snapshots * sim.snapshot_every
-        first_needed = _first_needed_step(sim)
+        first_needed = first_needed_step(sim.snapshot_every, sim.truncation)
         x, v = positions.detach(), velocities.detach()
         xs, vs, resync = [], [], {}
         for k in range(1, sim.n_steps + 1):
@@ -296,103 +274,59 @@ class _ReversibleFunction(torch.autograd.Function):
         t0 = time.perf_counter()
         sim, start, box = ctx.sim, ctx.start_step, ctx.box
         xs, vs, *params = ctx.saved_tensors
-        integ, masses, potential = sim.integrator, sim.masses, sim.potential
-        inv_masses = 1.0 / masses
-        dt = integ.timestep
-
-        # Cotangents of the stored frames and the loss's direct parameter dependence.
-        frames_x = xs.detach().requires_grad_(True)
-        frames_v = vs.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = sim._loss(sim._trajectory(frames_x, frames_v, box, start))
-            grads = torch.autograd.grad(loss, [frames_x, frames_v, *params], grad_loss,
-                                        allow_unused=True)
-        g_x = _or_zeros(grads[0], xs)
-        g_v = _or_zeros(grads[1], vs)
-        param_grads = [_or_zeros(g, p) for g, p in zip(grads[2:], params, strict=True)]
-
-        snapshot_index = {start + (i + 1) * sim.snapshot_every: i for i in range(xs.shape[0])}
-        stop_state = start + _first_needed_step(sim)
-        adjoints: dict[int, _Adjoint] = {}
-        x_err = v_err = 0.0
-        n_resyncs = 0
-        top = n = start + sim.n_snapshots * sim.snapshot_every
-        x, v = xs[-1], vs[-1]
-        with torch.no_grad():
-            while True:
-                exact = ctx.resync.get(n)
-                if n in snapshot_index:
-                    exact = (xs[snapshot_index[n]], vs[snapshot_index[n]])
-                elif n == start:
-                    exact = ctx.initial
-                if exact is not None and n != top:
-                    x_err = _worst(x_err, x - exact[0])
-                    v_err = _worst(v_err, v - exact[1])
-                    x, v = exact
-                    n_resyncs += 1
-                if n in snapshot_index:
-                    _inject(adjoints, n, start, sim.truncation, g_x[snapshot_index[n]],
-                            g_v[snapshot_index[n]])
-                if n == stop_state:
-                    break
-                x, kicked = integ.reverse_drift(x, v, n, masses)
-                if adjoints:
-                    a = _adjoint_step(potential, integ, x, box, inv_masses, params,
-                                      list(adjoints.values()), param_grads, dt)
-                else:
-                    a, _ = accelerations(potential, x, box, inv_masses)
-                v = integ.reverse_kick(kicked, a)
-                n -= 1
-                if n > start:
-                    adjoints.pop(n, None)
-
-        sim.info.update(backward_s=time.perf_counter() - t0, reconstruction_error=x_err,
-                        velocity_error=v_err, n_resyncs=n_resyncs)
-        at_start = adjoints.get(start)
-        grad_x0 = grad_v0 = None
-        if ctx.needs_input_grad[3]:
-            grad_x0 = at_start.x if at_start is not None else torch.zeros_like(xs[0])
-        if ctx.needs_input_grad[4]:
-            grad_v0 = at_start.v if at_start is not None else torch.zeros_like(vs[0])
+        g_x, g_v, param_grads = frame_cotangents(
+            lambda fx, fv: sim._loss(sim._trajectory(fx, fv, box, start)), xs, vs, params,
+            grad_loss)
+        every = sim.snapshot_every
+        stored = {start + (i + 1) * every: (xs[i], vs[i]) for i in range(xs.shape[0])}
+        top = start + sim.n_snapshots * every
+        dynamics = _FloatReverse(sim.integrator, sim.masses, (xs[-1], vs[-1]), top,
+                                 {**ctx.resync, start: ctx.initial, **stored})
+        at_start = reverse_sweep(
+            dynamics, top=top, stop=start + first_needed_step(every, sim.truncation),
+            start=start, snapshots={n: (g_x[i], g_v[i]) for i, n in enumerate(stored)},
+            truncation=sim.truncation, potential=sim.potential, integ=sim.integrator, box=box,
+            inv_masses=1.0 / sim.masses, params=params, param_grads=param_grads,
+            needs_accelerations=True)
+        sim.info.update(backward_s=time.perf_counter() - t0,
+                        reconstruction_error=dynamics.x_err, velocity_error=dynamics.v_err,
+                        n_resyncs=dynamics.n_resyncs)
+        grad_x0, grad_v0 = initial_state_grads(at_start, xs[0], ctx.needs_input_grad[3],
+                                               ctx.needs_input_grad[4])
         return (None, None, None, grad_x0, grad_v0, *param_grads)
 
 
-def _first_needed_step(sim: ReversibleSimulation) -> int:
-    """Earliest step (relative to the window start) that the reverse pass must reach."""
-    if sim.truncation is None:
-        return 0
-    return max(0, sim.snapshot_every - sim.truncation)
+class _FloatReverse:
+    """Float dynamics undone step by step (:class:`~.adjoint.ReverseDynamics`); at every
+    stored exact state the reconstruction error is measured and the sweep continues from the
+    stored state."""
+
+    def __init__(self, integ: LangevinMiddleIntegrator, masses: torch.Tensor,
+                 state: tuple[torch.Tensor, torch.Tensor], top: int,
+                 stored: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.integ, self.masses, self.top, self.stored = integ, masses, top, stored
+        self.x, self.v = state
+        self.kicked: torch.Tensor | None = None
+        self.x_err = self.v_err = 0.0
+        self.n_resyncs = 0
+
+    def visit(self, n: int) -> None:
+        exact = self.stored.get(n)
+        if exact is not None and n != self.top:
+            self.x_err = _worst(self.x_err, self.x - exact[0])
+            self.v_err = _worst(self.v_err, self.v - exact[1])
+            self.x, self.v = exact
+            self.n_resyncs += 1
+
+    def undo_drift(self, n: int) -> torch.Tensor:
+        self.x, self.kicked = self.integ.reverse_drift(self.x, self.v, n, self.masses)
+        return self.x
+
+    def undo_kick(self, accelerations: torch.Tensor | None) -> None:
+        self.v = self.integ.reverse_kick(self.kicked, accelerations)
 
 
 def _worst(current: float, difference: torch.Tensor) -> float:
     """Running maximum of ``|difference|`` that keeps a NaN (a diverged reconstruction)."""
     err = float(difference.abs().max())
     return current if (err <= current or current != current) else err
-
-
-def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _adjoint_step(potential: Potential, integ: LangevinMiddleIntegrator, x: torch.Tensor,
-                  box: torch.Tensor | None, inv_masses: torch.Tensor,
-                  params: list[torch.Tensor], adjoints: list[_Adjoint],
-                  param_grads: list[torch.Tensor], dt: float) -> torch.Tensor:
-    """Carry every live adjoint back over one kick at the reconstructed positions ``x``.
-
-    Updates the adjoints and ``param_grads`` in place and returns the (detached) accelerations
-    at ``x`` for the reverse kick. One force graph serves all adjoints; each adjoint needs its
-    own position VJP, the parameter VJPs come out of the same calls.
-    """
-    with torch.enable_grad():
-        a, leaf = accelerations(potential, x, box, inv_masses, create_graph=True)
-        for j, adj in enumerate(adjoints):
-            kicked = integ.kick_cotangent(adj.x, adj.v)
-            vjps = torch.autograd.grad(a, [leaf, *params], dt * kicked, allow_unused=True,
-                                       retain_graph=j < len(adjoints) - 1)
-            adj.x = adj.x + vjps[0]
-            adj.v = kicked
-            for k, g in enumerate(vjps[1:]):
-                if g is not None:
-                    param_grads[k] += g
-    return a.detach()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..potential.neighbors import NeighborList, box_widths, minimum_image
+from ..geometry import NeighborList, box_widths, minimum_image
 
 
 def check_cutoff(cutoff: float, box: torch.Tensor | None) -> None:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..potential.neighbors import minimum_image
+from ..geometry import minimum_image
 
 
 def check_frames(positions: torch.Tensor, name: str = "positions") -> torch.Tensor:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..potential.neighbors import box_widths
+from ..geometry import box_widths
 from ._frames import as_index, check_box, check_frames, displacements, volumes
 from .selection import pair_indices
 

@@ -40,10 +40,10 @@ from openmm import unit
 from torch import nn
 
 from ..errors import InputError
+from ..geometry import minimum_image
 from ..units import DTYPE, strip
 from . import register
 from .base import ParameterTable, Term
-from .neighbors import minimum_image
 
 # ---------------------------------------------------------------------------------------------
 # Geometry

@@ -45,11 +45,11 @@ import torch
 from openmm import unit
 
 from ..errors import InputError
+from ..geometry import CutoffPairs, minimum_image
 from . import register
 from .base import ParameterTable, Term, UnsupportedForceError
 from .bonded import bond_angle, bond_length, dihedral_angle
 from .expression import Expression, ExpressionError, TabulatedFunction, tabulated_function
-from .neighbors import CutoffPairs, minimum_image
 
 # --------------------------------------------------------------------------- shared pieces
 

@@ -56,6 +56,7 @@ import torch
 from openmm import unit
 
 from ..errors import InputError
+from ..geometry import CutoffPairs, minimum_image
 from ..units import ONE_4PI_EPS0
 from . import register
 from .base import ParameterTable, Term, UnsupportedForceError
@@ -69,7 +70,6 @@ from .ewald import (
     pme_parameters,
     self_energy,
 )
-from .neighbors import CutoffPairs, minimum_image
 
 _METHODS = {
     openmm.NonbondedForce.NoCutoff: "NoCutoff",
@@ -128,6 +128,19 @@ def reaction_field(qq: torch.Tensor, r: torch.Tensor, krf: float, crf: float) ->
     crf : float, nm⁻¹
     """
     return ONE_4PI_EPS0 * qq * (1.0 / r + krf * r * r - crf)
+
+
+def exception_law(r: torch.Tensor, exceptions: torch.Tensor) -> torch.Tensor:
+    """Summed energy of exception pairs: plain Coulomb plus Lennard-Jones, no cutoff, kJ/mol.
+
+    Parameters
+    ----------
+    r : torch.Tensor, shape (P,), nm
+    exceptions : torch.Tensor, shape (P, 3)
+        chargeProd (e²), sigma (nm), epsilon (kJ/mol) of each pair.
+    """
+    qq, sigma, epsilon = exceptions.unbind(1)
+    return (coulomb(qq, r) + lennard_jones(r, sigma, epsilon)).sum()
 
 
 def switching_function(r: torch.Tensor, switch_distance: float, cutoff: float) -> torch.Tensor:
@@ -440,7 +453,7 @@ class NonbondedTerm(Term):
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Non-excepted pairs within the cutoff (all of them without one) and, for periodic
         boxes, their integer image shifts ``n``: the minimum-image displacement is
-        ``x[j] - x[i] - n @ box`` (see :class:`~.neighbors.CutoffPairs`)."""
+        ``x[j] - x[i] - n @ box`` (see :class:`~openmm_reversible.geometry.CutoffPairs`)."""
         if not self.uses_cutoff:
             return self.all_pairs[0], self.all_pairs[1], None
         if self._pairs is None:
@@ -471,7 +484,23 @@ class NonbondedTerm(Term):
         d = positions.index_select(0, j) - positions.index_select(0, i)
         if shifts is not None:
             d = d - shifts @ box
-        r = torch.linalg.vector_norm(d, dim=-1)
+        return self.pair_law(torch.linalg.vector_norm(d, dim=-1), i, j, particles)
+
+    def pair_law(self, r: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
+                 particles: torch.Tensor) -> torch.Tensor:
+        """The pair energy law: summed LJ (switched) plus this method's Coulomb, kJ/mol.
+
+        Part of the term's interface for other evaluators of the same energy (the exact mode
+        computes ``r`` in its own arithmetic and differentiates per pair).
+
+        Parameters
+        ----------
+        r : torch.Tensor, shape (P,), nm
+            Distances of the pairs ``(i, j)``.
+        i, j : torch.Tensor of int, shape (P,)
+        particles : torch.Tensor, shape (n_particles, 3)
+            From :meth:`current_parameters`.
+        """
         q, s, e = particles.unbind(1)
         qq = q[i] * q[j]
         if self.method == "NoCutoff":
@@ -505,9 +534,8 @@ class NonbondedTerm(Term):
     def exception_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
                          exceptions: torch.Tensor) -> torch.Tensor:
         """Energy of the exceptions (plain Coulomb + LJ, no cutoff), kJ/mol."""
-        r = self._exception_distances(self.pair14, positions, box)
-        qq, sigma, epsilon = exceptions.unbind(1)
-        return (coulomb(qq, r) + lennard_jones(r, sigma, epsilon)).sum()
+        return exception_law(self._exception_distances(self.pair14, positions, box),
+                             exceptions)
 
     def exclusion_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
                          charges: torch.Tensor) -> torch.Tensor:

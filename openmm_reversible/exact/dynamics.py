@@ -7,7 +7,7 @@ adjoints and resynchronises on stored states. Here the drift is removed altogeth
 - positions and velocities are int64 fixed-point counts (:class:`.fixed_point.FixedPointFormat`:
   2⁻⁴⁸ nm and 2⁻⁵⁰ nm/ps by default);
 - forces are summed as integers from per-interaction contributions
-  (:class:`~openmm_reversible.potential.deterministic.DeterministicForces`), so the same
+  (:class:`~openmm_reversible.exact.forces.DeterministicForces`), so the same
   positions give the same forces regardless of summation order, thread count or device;
 - each sub-step of the Langevin-middle scheme adds a deterministic function of something the
   reverse pass knows (kick: the forces at the current positions; drift: the current velocity;
@@ -46,6 +46,14 @@ import torch
 from openmm import unit
 
 from ..errors import InputError
+from ..integrators.adjoint import (
+    first_needed_step,
+    frame_cotangents,
+    initial_state_grads,
+    reverse_sweep,
+)
+from ..integrators.langevin import LangevinMiddleIntegrator
+from ..integrators.reversible import LossFunction, ReversibleSimulation
 from ..units import box_tensor, positions_tensor, strip
 from .fixed_point import (
     DENOMINATOR,
@@ -58,16 +66,7 @@ from .fixed_point import (
     scale_exact,
     unscale_exact,
 )
-from .langevin import LangevinMiddleIntegrator
-from .reversible import (
-    LossFunction,
-    ReversibleSimulation,
-    _Adjoint,
-    _adjoint_step,
-    _first_needed_step,
-    _inject,
-    _or_zeros,
-)
+from .forces import DeterministicForces
 
 ForceCounts = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """``forces(positions (N, 3) nm float64, box) -> int64 (N, 3)`` counts of force."""
@@ -183,8 +182,6 @@ class ExactLangevinIntegrator:
 
     def forces(self, potential) -> ForceCounts:
         """Deterministic integer forces of a TorchPotential in this integrator's format."""
-        from ..potential.deterministic import DeterministicForces
-
         return DeterministicForces(potential, self.fixed_point)
 
     # -- conversions ---------------------------------------------------------------------------
@@ -415,60 +412,58 @@ class _ExactFunction(torch.autograd.Function):
         t0 = time.perf_counter()
         sim, start, box, state = ctx.sim, ctx.start_step, ctx.box, ctx.state
         xs, vs, *params = ctx.saved_tensors
-        integ, masses, potential = sim.exact_integrator, sim.masses, sim.potential
-        inv_masses = 1.0 / masses
+        integ = sim.exact_integrator
         if state.step != start + sim.n_steps:
             raise RuntimeError("the exact reverse pass consumes the forward pass's information "
                                "buffer: backward can run only once per call")
-
-        frames_x = xs.detach().requires_grad_(True)
-        frames_v = vs.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = sim._loss(sim._trajectory(frames_x, frames_v, box, start))
-            grads = torch.autograd.grad(loss, [frames_x, frames_v, *params], grad_loss,
-                                        allow_unused=True)
-        g_x, g_v = _or_zeros(grads[0], xs), _or_zeros(grads[1], vs)
-        param_grads = [_or_zeros(g, p) for g, p in zip(grads[2:], params, strict=True)]
-
-        snapshot_index = {start + (i + 1) * sim.snapshot_every: i for i in range(xs.shape[0])}
-        stop_state = start + _first_needed_step(sim)
-        adjoints: dict[int, _Adjoint] = {}
-        mismatch = [0, 0]  # largest |reconstructed - stored|, position and velocity counts
-        with torch.no_grad():
-            while True:
-                n = state.step
-                exact = ctx.initial if n == start else None
-                if n in snapshot_index:
-                    exact = (ctx.fixed[0][snapshot_index[n]], ctx.fixed[1][snapshot_index[n]])
-                if exact is not None:
-                    for k, (now, stored) in enumerate(zip((state.positions, state.velocities),
-                                                          exact, strict=True)):
-                        mismatch[k] = max(mismatch[k], int((now - stored).abs().max()))
-                if n in snapshot_index:
-                    _inject(adjoints, n, start, sim.truncation, g_x[snapshot_index[n]],
-                            g_v[snapshot_index[n]])
-                if n == stop_state:
-                    break
-                integ.reverse_drift(state, masses)
-                if adjoints:
-                    _adjoint_step(potential, integ.float_integrator, integ.positions(state), box,
-                                  inv_masses, params, list(adjoints.values()), param_grads,
-                                  integ.timestep)
-                integ.reverse_kick(state, sim.forces, box, masses)
-                if state.step > start:
-                    adjoints.pop(state.step, None)
-
-        fmt = integ.fixed_point
+        g_x, g_v, param_grads = frame_cotangents(
+            lambda fx, fv: sim._loss(sim._trajectory(fx, fv, box, start)), xs, vs, params,
+            grad_loss)
+        every = sim.snapshot_every
+        steps = [start + (i + 1) * every for i in range(xs.shape[0])]
+        stored = {n: (ctx.fixed[0][i], ctx.fixed[1][i]) for i, n in enumerate(steps)}
+        dynamics = _ExactReverse(integ, sim.forces, box, sim.masses, state,
+                                 {start: ctx.initial, **stored})
+        at_start = reverse_sweep(
+            dynamics, top=steps[-1], stop=start + first_needed_step(every, sim.truncation),
+            start=start, snapshots={n: (g_x[i], g_v[i]) for i, n in enumerate(steps)},
+            truncation=sim.truncation, potential=sim.potential, integ=integ.float_integrator,
+            box=box, inv_masses=1.0 / sim.masses, params=params, param_grads=param_grads,
+            needs_accelerations=False)
+        fmt, mismatch = integ.fixed_point, dynamics.mismatch
         sim.info.update(backward_s=time.perf_counter() - t0, bitwise_identical=mismatch == [0, 0],
                         reconstruction_error=mismatch[0] * fmt.resolution("position"),
                         velocity_error=mismatch[1] * fmt.resolution("velocity"))
-        at_start = adjoints.get(start)
-        grad_x0 = grad_v0 = None
-        if ctx.needs_input_grad[3]:
-            grad_x0 = at_start.x if at_start is not None else torch.zeros_like(xs[0])
-        if ctx.needs_input_grad[4]:
-            grad_v0 = at_start.v if at_start is not None else torch.zeros_like(vs[0])
+        grad_x0, grad_v0 = initial_state_grads(at_start, xs[0], ctx.needs_input_grad[3],
+                                               ctx.needs_input_grad[4])
         return (None, None, None, grad_x0, grad_v0, *param_grads)
+
+
+class _ExactReverse:
+    """Exact dynamics undone step by step (:class:`~..integrators.adjoint.ReverseDynamics`);
+    a stored state is only compared with (the reconstruction is exact, so nothing is reset)."""
+
+    def __init__(self, integ: ExactLangevinIntegrator, forces: ForceCounts,
+                 box: torch.Tensor | None, masses: torch.Tensor, state: ExactState,
+                 stored: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        self.integ, self.forces, self.box, self.masses = integ, forces, box, masses
+        self.state, self.stored = state, stored
+        self.mismatch = [0, 0]  # largest |reconstructed - stored|, position and velocity counts
+
+    def visit(self, n: int) -> None:
+        exact = self.stored.get(n)
+        if exact is None:
+            return
+        now = (self.state.positions, self.state.velocities)
+        for k, (value, stored) in enumerate(zip(now, exact, strict=True)):
+            self.mismatch[k] = max(self.mismatch[k], int((value - stored).abs().max()))
+
+    def undo_drift(self, n: int) -> torch.Tensor:
+        self.integ.reverse_drift(self.state, self.masses)
+        return self.integ.positions(self.state)
+
+    def undo_kick(self, accelerations: torch.Tensor | None) -> None:
+        self.integ.reverse_kick(self.state, self.forces, self.box, self.masses)
 
 
 __all__ = ["ExactLangevinIntegrator", "ExactReversibleSimulation", "ExactState"]

@@ -2,7 +2,7 @@
 
 A float force is a sum of many per-interaction contributions, and floating-point addition is
 not associative: the result depends on summation order, hence on thread count, device and
-neighbour-list order. The exact mode (:mod:`openmm_reversible.integrators.exact`) needs
+neighbour-list order. The exact mode (:mod:`openmm_reversible.exact`) needs
 ``same positions → same forces`` bit for bit, so here every interaction is differentiated on
 its own and only integers are summed:
 
@@ -16,8 +16,11 @@ its own and only integers are summed:
    ``F[i] += g``, ``F[j] -= g``: integer addition is associative, so the order of the scatter
    does not matter.
 
-Supported terms (the energy laws of :mod:`.bonded` and :mod:`.nonbonded`, written again below
-on those vectors): ``HarmonicBondForce``, ``HarmonicAngleForce``, ``PeriodicTorsionForce``,
+Supported terms: the bonded laws of :mod:`openmm_reversible.potential.bonded`, written again
+below on chain vectors in correctly rounded arithmetic, and the pair laws of ``NonbondedForce``
+(:meth:`~openmm_reversible.potential.nonbonded.NonbondedTerm.pair_law`,
+:func:`~openmm_reversible.potential.nonbonded.exception_law`) evaluated on distances computed
+here: ``HarmonicBondForce``, ``HarmonicAngleForce``, ``PeriodicTorsionForce``,
 ``RBTorsionForce``, and ``NonbondedForce`` with ``NoCutoff``, ``CutoffNonPeriodic`` or
 ``CutoffPeriodic`` (reaction field); the long-range dispersion correction is
 position-independent and adds no force. Reciprocal-space electrostatics (Ewald, PME) and CMAP
@@ -39,25 +42,18 @@ from collections.abc import Callable
 
 import torch
 
-from ..integrators.fixed_point import RANGE_BITS, FixedPointFormat, FixedPointRangeError
-from . import TorchPotential
-from .base import Term, UnsupportedForceError
-from .bonded import (
+from ..geometry import CutoffPairs, minimum_image
+from ..potential import TorchPotential
+from ..potential.base import Term, UnsupportedForceError
+from ..potential.bonded import (
     BondedTerm,
     HarmonicAngleTerm,
     HarmonicBondTerm,
     PeriodicTorsionTerm,
     RBTorsionTerm,
 )
-from .neighbors import CutoffPairs, minimum_image
-from .nonbonded import (
-    NonbondedTerm,
-    coulomb,
-    lennard_jones,
-    reaction_field,
-    safe_sqrt,
-    switching_function,
-)
+from ..potential.nonbonded import NonbondedTerm, exception_law
+from .fixed_point import RANGE_BITS, FixedPointFormat, FixedPointRangeError
 
 PAIR_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic")
 """NonbondedForce methods whose energy is a sum over pair displacements."""
@@ -183,28 +179,6 @@ _CHAIN_LAWS: dict[type, ChainLaw] = {
     PeriodicTorsionTerm: _periodic_torsions,
     RBTorsionTerm: _rb_torsions,
 }
-
-
-def _pair_energy(term: NonbondedTerm, d: torch.Tensor, i: torch.Tensor, j: torch.Tensor,
-                 particles: torch.Tensor) -> torch.Tensor:
-    """Lennard-Jones (switched) plus cutoff Coulomb of the pairs ``d = x[j] - x[i]``, kJ/mol."""
-    r = _length(d)
-    q, s, e = particles.unbind(1)
-    root_e = safe_sqrt(e)
-    lj = lennard_jones(r, 0.5 * (s[i] + s[j]), root_e[i] * root_e[j])
-    if term.switch_distance is not None:
-        lj = lj * switching_function(r, term.switch_distance, term.cutoff)
-    qq = q[i] * q[j]
-    elec = coulomb(qq, r) if term.method == "NoCutoff" else reaction_field(qq, r, term.krf,
-                                                                           term.crf)
-    return (lj + elec).sum()
-
-
-def _exception_energy(d: torch.Tensor, exceptions: torch.Tensor) -> torch.Tensor:
-    """Plain Coulomb plus Lennard-Jones of the exceptions ``d = x[j] - x[i]``, kJ/mol."""
-    r = _length(d)
-    qq, sigma, epsilon = exceptions.unbind(1)
-    return (coulomb(qq, r) + lennard_jones(r, sigma, epsilon)).sum()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,8 +331,7 @@ def _chain(term: BondedTerm, x: torch.Tensor, box: torch.Tensor | None,
     vectors = [_leaf(b) for b in term.chain_vectors(x, box)]
     for k, b in enumerate(vectors):
         items.append((term.atoms[:, k], term.atoms[:, k + 1], b))
-    params = term.tables[term.table_name](sites)
-    return _CHAIN_LAWS[type(term)](term, vectors, params)
+    return _CHAIN_LAWS[type(term)](term, vectors, term.parameters_now(sites))
 
 
 def _nonbonded(term: NonbondedTerm, candidates: CutoffPairs | None, x: torch.Tensor,
@@ -387,7 +360,7 @@ def _nonbonded(term: NonbondedTerm, candidates: CutoffPairs | None, x: torch.Ten
         i, j, d = i[within], j[within], d[within]
     d = _leaf(d)
     items.append((i, j, d))
-    energy = energy + _pair_energy(term, d, i, j, particles)
+    energy = energy + term.pair_law(_length(d), i, j, particles)
     if exceptions.shape[0]:
         ei, ej = term.pair14[:, 0], term.pair14[:, 1]
         de = x[ej] - x[ei]
@@ -395,7 +368,7 @@ def _nonbonded(term: NonbondedTerm, candidates: CutoffPairs | None, x: torch.Ten
             de = minimum_image(de, box)
         de = _leaf(de)
         items.append((ei, ej, de))
-        energy = energy + _exception_energy(de, exceptions)
+        energy = energy + exception_law(_length(de), exceptions)
     return energy
 
 

@@ -1,4 +1,4 @@
-"""Pair geometry: minimum-image displacements and a Verlet neighbour list with a skin.
+"""Geometry, used by every room: minimum-image displacements, box widths, neighbour lists.
 
 The list only decides *which pairs are candidates*; energies always mask pairs beyond the
 cutoff, so any list that contains every pair within the cutoff gives the same interaction set.
