@@ -13,6 +13,10 @@ The public API, in data-flow order::
     loss.backward()                                     # fills params.scaled.grad
     write_xml(params, "trained/")                       # values written into your own XML
 
+    # or the whole workflow from a TOML config (what ``openmm-reversible fit`` runs):
+    from openmm_reversible import fit, load_config
+    fit(load_config("water.toml"), "out/")
+
 Names are imported lazily so that ``import openmm_reversible`` (and the command line) start fast.
 """
 
@@ -21,17 +25,26 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    # set-up: tagged XML -> parameters -> the torch twin
     "ParameterSet": "openmm_reversible.parameters",
     "TorchPotential": "openmm_reversible.potential",
     "supported_forces": "openmm_reversible.potential",
+    # reversible windows (float and exact)
     "LangevinMiddleIntegrator": "openmm_reversible.integrators",
     "ReversibleSimulation": "openmm_reversible.integrators",
     "ExactLangevinIntegrator": "openmm_reversible.exact",
     "ExactReversibleSimulation": "openmm_reversible.exact",
     "Trajectory": "openmm_reversible.trajectory",
+    # losses and the trainer
     "Target": "openmm_reversible.losses",
     "Loss": "openmm_reversible.losses",
+    "load_config": "openmm_reversible.config",
+    "Trainer": "openmm_reversible.train",
+    "fit": "openmm_reversible.train",
+    # checks, export and validation
+    "check_gradients": "openmm_reversible.gradcheck",
     "write_xml": "openmm_reversible.export",
+    "validate": "openmm_reversible.validate",
     "InputError": "openmm_reversible.errors",
 }
 

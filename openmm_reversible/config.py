@@ -34,18 +34,13 @@ import numpy as np
 from openmm import app
 
 from .errors import InputError
+from .methods import CONSTRAINTS, NONBONDED_METHODS
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "ReactionField",
-                     "Ewald", "PME")
-"""Accepted ``system.nonbonded_method`` values; ``ReactionField`` is OpenMM's
-``CutoffPeriodic`` (reaction-field electrostatics with periodic boundaries)."""
-
-CONSTRAINTS = ("none", "HBonds", "AllBonds", "HAngles")
 PLATFORMS = ("auto", "Reference", "CPU", "CUDA", "OpenCL", "HIP")
 OPTIMIZERS = ("adam", "sgd")
 FAILURE_ACTIONS = ("renoise", "shrink_lr", "stop")

@@ -29,8 +29,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .errors import InputError
-from .observables._frames import box_of_frame, check_box, check_frames
 from .observables.energy import Potential
+from .observables.frames import box_of_frame, check_box, check_frames
 from .units import KB
 
 

@@ -29,15 +29,8 @@ from openmm import app, unit
 
 from .config import FitConfig
 from .errors import InputError
+from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .units import KB
-
-_OPENMM_METHODS = {
-    "NoCutoff": app.NoCutoff, "CutoffNonPeriodic": app.CutoffNonPeriodic,
-    "CutoffPeriodic": app.CutoffPeriodic, "ReactionField": app.CutoffPeriodic,
-    "Ewald": app.Ewald, "PME": app.PME,
-}
-_CONSTRAINTS = {"none": None, "HBonds": app.HBonds, "AllBonds": app.AllBonds,
-                "HAngles": app.HAngles}
 
 # Per-item parameters of each force class: (count, getter, setter, packed). ``packed`` setters
 # take the parameters as one sequence (CustomNonbondedForce.setParticleParameters(i, params)),
@@ -127,8 +120,8 @@ def select_platform(name: str = "auto") -> openmm.Platform:
 def create_system_kwargs(config: FitConfig) -> dict:
     """Keyword arguments of ``ForceField.createSystem`` for the config's ``[system]`` table."""
     s = config.system
-    kwargs = {"nonbondedMethod": _OPENMM_METHODS[s.nonbonded_method],
-              "constraints": _CONSTRAINTS[s.constraints], "rigidWater": s.rigid_water,
+    kwargs = {"nonbondedMethod": NONBONDED_METHODS[s.nonbonded_method],
+              "constraints": CONSTRAINTS[s.constraints], "rigidWater": s.rigid_water,
               "removeCMMotion": s.remove_cm_motion}
     if s.nonbonded_method != "NoCutoff":
         kwargs["nonbondedCutoff"] = s.cutoff * unit.nanometer

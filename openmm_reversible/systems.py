@@ -13,14 +13,7 @@ import numpy as np
 import openmm
 from openmm import app, unit
 
-NONBONDED_METHODS = {
-    "NoCutoff": app.NoCutoff,
-    "CutoffNonPeriodic": app.CutoffNonPeriodic,
-    "CutoffPeriodic": app.CutoffPeriodic,
-    "RF": app.CutoffPeriodic,  # OpenMM's CutoffPeriodic is reaction-field electrostatics
-    "Ewald": app.Ewald,
-    "PME": app.PME,
-}
+from .methods import nonbonded_method
 
 
 @dataclass
@@ -44,15 +37,6 @@ class MolecularSystem:
 def openmm_data_file(name: str) -> str:
     """Path of a file shipped in OpenMM's ``app/data`` directory (e.g. ``"test.pdb"``)."""
     return os.path.join(os.path.dirname(app.__file__), "data", name)
-
-
-def nonbonded_method(name: str):
-    """OpenMM nonbonded method constant from its name (``"RF"`` = ``CutoffPeriodic``)."""
-    try:
-        return NONBONDED_METHODS[name]
-    except KeyError:
-        raise ValueError(f"unknown nonbonded method {name!r}; "
-                         f"choose from {', '.join(NONBONDED_METHODS)}") from None
 
 
 def _box_array(topology: app.Topology) -> np.ndarray | None:

@@ -40,6 +40,11 @@ def strip(value, md_unit):
     return value
 
 
+def scalar(value, md_unit) -> float:
+    """``value`` (a number or a scalar Quantity) as a float in ``md_unit``."""
+    return float(strip(value, md_unit))
+
+
 def positions_tensor(positions, dtype=DTYPE, device=None) -> torch.Tensor:
     """Positions (Quantity, list of Vec3, array) → tensor of shape (n_atoms, 3) in nm."""
     if unit.is_quantity(positions):

@@ -41,10 +41,8 @@ from .potential import TorchPotential
 from .sampler import build_structure, configure_system, create_system_kwargs, select_platform
 from .train import harmonic_gas_energy, rdf_pairs, rdf_target
 from .units import DTYPE, KB
+from .verify import ENERGY_TOL, ENERGY_TOL_EWALD, FORCE_TOL
 
-ENERGY_TOL = 1e-6
-ENERGY_TOL_EWALD = 1e-5
-FORCE_TOL = 1e-5
 _VOLUME_STEP = 1e-5
 """Relative volume change of the finite-difference pressure."""
 

@@ -28,8 +28,11 @@ from .potential.torchforce import concrete_force, deserialize_system
 from .units import DTYPE
 
 ENERGY_TOL = 1e-6
+"""Largest relative energy error of a force, twin vs OpenMM (the numerical contract)."""
 ENERGY_TOL_EWALD = 1e-5
+"""The same for Ewald/PME forces (reciprocal-space discretisation)."""
 FORCE_TOL = 1e-5
+"""Largest relative RMS force error of a force, twin vs OpenMM."""
 # Denominator floors, so that a force whose energy (or forces) vanish is judged in absolute
 # terms instead of dividing by zero: kJ/mol and kJ/mol/nm.
 ENERGY_FLOOR = 1e-3

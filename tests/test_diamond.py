@@ -28,7 +28,8 @@ from openmm_reversible.ml import (
     diamond_lattice,
     diamond_topology,
 )
-from openmm_reversible.ml.train_elastic import (
+from openmm_reversible.train import read_log
+from openmm_reversible.train_elastic import (
     MODEL_FILE,
     ElasticTargets,
     ElasticTrainingSettings,
@@ -36,7 +37,6 @@ from openmm_reversible.ml.train_elastic import (
     evaluate_elastic,
     train_elastic,
 )
-from openmm_reversible.train import read_log
 
 CARBON = 12.011
 SETTINGS = dict(equilibration_steps=200, epochs=4, window_steps=40, snapshot_every=4,

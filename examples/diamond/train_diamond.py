@@ -5,12 +5,12 @@ The configuration (``diamond.toml`` beside this file) has five tables: ``[crysta
 lattice constant, mass), ``[prior]`` (:class:`~openmm_reversible.ml.StillingerWeber`
 arguments), ``[model]`` (``kind``: ``behler_parrinello`` or ``schnet``, and the arguments
 of :class:`~openmm_reversible.ml.BehlerParrinello` or :class:`~openmm_reversible.ml.SchNet`),
-``[training]`` (:class:`~openmm_reversible.ml.train_elastic.ElasticTrainingSettings`) and
+``[training]`` (:class:`~openmm_reversible.train_elastic.ElasticTrainingSettings`) and
 ``[targets]``
-(:class:`~openmm_reversible.ml.train_elastic.ElasticTargets`), and an optional sixth,
+(:class:`~openmm_reversible.train_elastic.ElasticTargets`), and an optional sixth,
 ``[evaluation]`` (``steps``, ``snapshot_every``, ``blocks``): a long plain run of the trained
 model afterwards that reports its stress and elastic constants with standard errors
-(:func:`~openmm_reversible.ml.train_elastic.evaluate_elastic`).
+(:func:`~openmm_reversible.train_elastic.evaluate_elastic`).
 
 The output directory receives ``log.jsonl``, ``checkpoint.pt`` and ``model.pt`` from the
 training, ``evaluation.json``, then ``diamond_trained.xml`` (a ForceField with the trained
@@ -54,7 +54,7 @@ from openmm_reversible.ml import (
     diamond_lattice,
     diamond_topology,
 )
-from openmm_reversible.ml.train_elastic import (
+from openmm_reversible.train_elastic import (
     ElasticTargets,
     ElasticTrainingSettings,
     evaluate_elastic,

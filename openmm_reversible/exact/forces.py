@@ -43,6 +43,7 @@ from collections.abc import Callable
 import torch
 
 from ..geometry import CutoffPairs, minimum_image
+from ..methods import PAIRWISE_METHODS
 from ..potential import TorchPotential
 from ..potential.base import Term, UnsupportedForceError
 from ..potential.bonded import (
@@ -54,9 +55,6 @@ from ..potential.bonded import (
 )
 from ..potential.nonbonded import NonbondedTerm, exception_law
 from .fixed_point import RANGE_BITS, FixedPointFormat, FixedPointRangeError
-
-PAIR_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic")
-"""NonbondedForce methods whose energy is a sum over pair displacements."""
 
 PAIR_MARGIN = 1e-9
 """nm: candidate pairs come from a list with the cutoff widened by this much, and the cutoff
@@ -306,13 +304,13 @@ class DeterministicForces:
 
 def _check_supported(term: Term) -> None:
     supported = [cls.openmm_class for cls in _CHAIN_LAWS] + [
-        f"NonbondedForce ({', '.join(PAIR_METHODS)})"]
+        f"NonbondedForce ({', '.join(PAIRWISE_METHODS)})"]
     if isinstance(term, NonbondedTerm):
-        if term.method not in PAIR_METHODS:
+        if term.method not in PAIRWISE_METHODS:
             raise UnsupportedForceError(
                 f"NonbondedForce (force {term.force_index}) uses {term.method}, whose "
                 "reciprocal-space part does not split into pair forces, so the exact mode "
-                f"cannot sum it as integers; use one of {', '.join(PAIR_METHODS)} (e.g. "
+                f"cannot sum it as integers; use one of {', '.join(PAIRWISE_METHODS)} (e.g. "
                 "CutoffPeriodic, reaction field) for exact dynamics")
         return
     if type(term) not in _CHAIN_LAWS:
@@ -372,4 +370,4 @@ def _nonbonded(term: NonbondedTerm, candidates: CutoffPairs | None, x: torch.Ten
     return energy
 
 
-__all__ = ["DeterministicForces", "PAIR_METHODS"]
+__all__ = ["DeterministicForces"]

@@ -10,9 +10,11 @@
 - :mod:`.stillinger_weber`: :class:`StillingerWeber`, the three-body prior for diamond;
 - :mod:`.pairs`: :class:`PairSearch`, directed neighbour pairs (the project's Verlet list
   eagerly, all pairs in TorchScript);
-- :mod:`.diamond`: diamond crystals for tests and training;
-- :mod:`.train_elastic`: :func:`train_elastic`, fitting a model to zero stress and target
-  elastic constants through reversible windows (the diamond application).
+- :mod:`.functions`: the smooth activation and radial cutoff the models share;
+- :mod:`.diamond`: diamond crystals for tests and training.
+
+Fitting a model to zero stress and target elastic constants through reversible windows (the
+diamond application) is the trainer's job: :mod:`openmm_reversible.train_elastic`.
 
 Example: a Stillinger–Weber prior plus a neural correction, ready for
 :class:`~openmm_reversible.integrators.ReversibleSimulation`::
@@ -31,15 +33,7 @@ from .diamond import DIAMOND_LATTICE_CONSTANT, diamond_lattice, diamond_topology
 from .pairs import PairSearch
 from .schnet import SchNet
 from .stillinger_weber import StillingerWeber
-from .train_elastic import (
-    ElasticTargets,
-    ElasticTrainingResult,
-    ElasticTrainingSettings,
-    cubic_elastic_observables,
-    train_elastic,
-)
 
-__all__ = ["DIAMOND_LATTICE_CONSTANT", "BehlerParrinello", "ContractError", "ElasticTargets",
-           "ElasticTrainingResult", "ElasticTrainingSettings", "EnergySum", "MLPotential",
-           "PairSearch", "SchNet", "StillingerWeber", "check_energy_model",
-           "cubic_elastic_observables", "diamond_lattice", "diamond_topology", "train_elastic"]
+__all__ = ["DIAMOND_LATTICE_CONSTANT", "BehlerParrinello", "ContractError", "EnergySum",
+           "MLPotential", "PairSearch", "SchNet", "StillingerWeber", "check_energy_model",
+           "diamond_lattice", "diamond_topology"]

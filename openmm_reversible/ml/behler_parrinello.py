@@ -32,8 +32,8 @@ import torch
 from torch import nn
 
 from ..units import DTYPE
+from .functions import cutoff_function, shifted_softplus
 from .pairs import PairSearch, model_inputs, neighbor_pairs_of_centres
-from .schnet import cutoff_function, shifted_softplus
 
 
 class _AtomicNetwork(nn.Module):

@@ -20,24 +20,12 @@ CUDA, and ``torch.jit.script(model)`` gives the TorchScript version exported int
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..units import DTYPE
+from .functions import cutoff_function, shifted_softplus
 from .pairs import PairSearch, model_inputs
-
-
-def shifted_softplus(x: torch.Tensor) -> torch.Tensor:
-    """``softplus(x) − log 2``: smooth, zero at zero."""
-    return nn.functional.softplus(x) - math.log(2.0)
-
-
-def cutoff_function(r: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """``(1 − (r/r_c)²)³`` for ``r < r_c``; C² at the cutoff (pairs beyond it are never passed)."""
-    u = r / cutoff
-    return (1.0 - u * u) ** 3
 
 
 class _Dense(nn.Module):

@@ -27,8 +27,8 @@ import torch
 from openmm import unit
 
 from ..errors import InputError
-from ._frames import MoleculeLayout, box_of_frame, check_box, check_frames, volumes
 from .energy import Potential
+from .frames import MoleculeLayout, box_of_frame, check_box, check_frames, volumes
 
 BAR_PER_KJ_MOL_NM3 = (1 * unit.kilojoule_per_mole / unit.nanometer ** 3
                       / unit.AVOGADRO_CONSTANT_NA).value_in_unit(unit.bar)

@@ -25,7 +25,7 @@ import torch
 
 from ..errors import InputError
 from ..units import KB, ONE_4PI_EPS0
-from ._frames import MoleculeLayout, check_box, check_frames, volumes
+from .frames import MoleculeLayout, check_box, check_frames, volumes
 
 
 def dipole_moment(positions: torch.Tensor, charges: torch.Tensor, box=None,

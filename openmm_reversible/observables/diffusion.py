@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ._frames import MoleculeLayout, check_box, check_frames, minimum_image_frames
+from .frames import MoleculeLayout, check_box, check_frames, minimum_image_frames
 
 M2_PER_S_PER_NM2_PER_PS = 1e-6
 """1 nm²/ps expressed in m²/s."""

@@ -35,9 +35,9 @@ import torch
 from openmm import unit
 
 from ..units import KB
-from ._frames import box_of_frame, check_box, check_frames, volumes
 from .density import kinetic_tensor, virial
 from .energy import Potential
+from .frames import box_of_frame, check_box, check_frames, volumes
 
 GPA_PER_KJ_MOL_NM3 = (1 * unit.kilojoule_per_mole / unit.nanometer ** 3
                       / unit.AVOGADRO_CONSTANT_NA).value_in_unit(unit.pascal) * 1e-9

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import InputError
 from ..units import KB
-from ._frames import box_of_frame, check_box, check_frames
+from .frames import box_of_frame, check_box, check_frames
 
 Potential = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 """``potential(positions (N, 3) nm, box (3, 3) nm or None) -> energy (0-dim) kJ/mol``."""

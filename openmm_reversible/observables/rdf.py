@@ -26,7 +26,7 @@ import torch
 
 from ..errors import InputError
 from ..geometry import box_widths
-from ._frames import as_index, check_box, check_frames, displacements, volumes
+from .frames import as_index, check_box, check_frames, displacements, volumes
 from .selection import pair_indices
 
 _TRUNCATE = 8.0

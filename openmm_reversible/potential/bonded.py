@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..geometry import minimum_image
-from ..units import DTYPE, strip
+from ..units import DTYPE, scalar, strip
 from . import register
 from .base import ParameterTable, Term
 
@@ -188,10 +188,6 @@ def _bicubic_coefficient_matrix() -> np.ndarray:
 # Terms
 
 
-def _value(quantity, md_unit) -> float:
-    return float(strip(quantity, md_unit))
-
-
 class BondedTerm(Term):
     """Common machinery of the bonded terms: chain atoms, one parameter table, periodicity.
 
@@ -308,8 +304,8 @@ class HarmonicBondTerm(BondedTerm):
         for i in range(force.getNumBonds()):
             p1, p2, length, k = force.getBondParameters(i)
             atoms.append((p1, p2))
-            params.append((_value(length, unit.nanometer),
-                           _value(k, unit.kilojoule_per_mole / unit.nanometer**2)))
+            params.append((scalar(length, unit.nanometer),
+                           scalar(k, unit.kilojoule_per_mole / unit.nanometer**2)))
         return atoms, params
 
 
@@ -331,8 +327,8 @@ class HarmonicAngleTerm(BondedTerm):
         for i in range(force.getNumAngles()):
             p1, p2, p3, angle, k = force.getAngleParameters(i)
             atoms.append((p1, p2, p3))
-            params.append((_value(angle, unit.radian),
-                           _value(k, unit.kilojoule_per_mole / unit.radian**2)))
+            params.append((scalar(angle, unit.radian),
+                           scalar(k, unit.kilojoule_per_mole / unit.radian**2)))
         return atoms, params
 
 
@@ -375,7 +371,7 @@ class PeriodicTorsionTerm(BondedTerm):
             p1, p2, p3, p4, n, phase, k = force.getTorsionParameters(i)
             atoms.append((p1, p2, p3, p4))
             periodicity.append(n)
-            params.append((_value(phase, unit.radian), _value(k, unit.kilojoule_per_mole)))
+            params.append((scalar(phase, unit.radian), scalar(k, unit.kilojoule_per_mole)))
         return atoms, periodicity, params
 
 
@@ -397,7 +393,7 @@ class RBTorsionTerm(BondedTerm):
         for i in range(force.getNumTorsions()):
             p1, p2, p3, p4, *coefficients = force.getTorsionParameters(i)
             atoms.append((p1, p2, p3, p4))
-            params.append([_value(c, unit.kilojoule_per_mole) for c in coefficients])
+            params.append([scalar(c, unit.kilojoule_per_mole) for c in coefficients])
         return atoms, params
 
 

@@ -46,10 +46,12 @@ from openmm import unit
 
 from ..errors import InputError
 from ..geometry import CutoffPairs, minimum_image
+from ..methods import PAIRWISE_METHODS
 from . import register
 from .base import ParameterTable, Term, UnsupportedForceError
 from .bonded import bond_angle, bond_length, dihedral_angle
 from .expression import Expression, ExpressionError, TabulatedFunction, tabulated_function
+from .nonbonded import switching_function
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -238,17 +240,6 @@ class CustomTorsionTerm(CustomBondedTerm):
 
 # --------------------------------------------------------------------------- nonbonded
 
-_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic")
-
-
-def switching_function(r: torch.Tensor, switch_distance: float, cutoff: float) -> torch.Tensor:
-    """OpenMM's switching function: 1 below ``switch_distance``, then
-    ``1 - 10 t³ + 15 t⁴ - 6 t⁵`` with ``t = (r - r_s)/(r_c - r_s)`` (r in nm)."""
-    t = (r - switch_distance) / (cutoff - switch_distance)
-    value = 1.0 + t**3 * (-10.0 + t * (15.0 - 6.0 * t))
-    return torch.where(r > switch_distance, value, torch.ones_like(value))
-
-
 Integrand = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``integrand(x, pairs)``: values (m, n) at points x (n,) of (0, 1) for class pairs (m,)."""
 
@@ -350,8 +341,8 @@ class CustomNonbondedTerm(Term):
                  interaction_groups: Sequence[tuple[Iterable[int], Iterable[int]]] = (),
                  force_index: int = -1, skin: float = 0.1):
         super().__init__(force_index)
-        if method not in _METHODS:
-            raise InputError(f"unknown nonbonded method {method!r}; use one of {_METHODS}")
+        if method not in PAIRWISE_METHODS:
+            raise InputError(f"unknown nonbonded method {method!r}; use one of {PAIRWISE_METHODS}")
         parameter_names = list(parameter_names)
         parameters = np.asarray(parameters, dtype=float)
         parameters = parameters.reshape(parameters.shape[0] if parameters.ndim else 0,
@@ -444,8 +435,9 @@ class CustomNonbondedTerm(Term):
                   for i in range(force.getNumInteractionGroups())]
         switch = force.getSwitchingDistance().value_in_unit(unit.nanometer) \
             if force.getUseSwitchingFunction() else None
+        method = PAIRWISE_METHODS[force.getNonbondedMethod()]
         return cls(force.getEnergyFunction(), names, params, global_names, global_values,
-                   tabulated_functions(force), exclusions, _METHODS[force.getNonbondedMethod()],
+                   tabulated_functions(force), exclusions, method,
                    force.getCutoffDistance().value_in_unit(unit.nanometer), switch,
                    force.getUseLongRangeCorrection(), groups, force_index)
 
@@ -600,5 +592,5 @@ for _term in (CustomBondTerm, CustomAngleTerm, CustomTorsionTerm, CustomNonbonde
     register(_term.openmm_class)(_term.from_force)
 
 __all__ = ["CustomBondedTerm", "CustomBondTerm", "CustomAngleTerm", "CustomTorsionTerm",
-           "CustomNonbondedTerm", "switching_function", "tabulated_functions",
+           "CustomNonbondedTerm", "tabulated_functions",
            "global_parameters", "quadrature_levels", "midpoint_integral"]

@@ -57,7 +57,8 @@ from openmm import unit
 
 from ..errors import InputError
 from ..geometry import CutoffPairs, minimum_image
-from ..units import ONE_4PI_EPS0
+from ..methods import NONBONDED_FORCE_METHODS
+from ..units import ONE_4PI_EPS0, scalar
 from . import register
 from .base import ParameterTable, Term, UnsupportedForceError
 from .ewald import (
@@ -70,15 +71,6 @@ from .ewald import (
     pme_parameters,
     self_energy,
 )
-
-_METHODS = {
-    openmm.NonbondedForce.NoCutoff: "NoCutoff",
-    openmm.NonbondedForce.CutoffNonPeriodic: "CutoffNonPeriodic",
-    openmm.NonbondedForce.CutoffPeriodic: "CutoffPeriodic",
-    openmm.NonbondedForce.Ewald: "Ewald",
-    openmm.NonbondedForce.PME: "PME",
-    openmm.NonbondedForce.LJPME: "LJPME",
-}
 
 _SIGMA_RTOL = 1e-12
 """Relative tolerance for "exception sigma equals the mean of its particles' sigmas"."""
@@ -191,17 +183,13 @@ def switched_tail_integrals(switch_distance: float, cutoff: float) -> tuple[floa
 # --------------------------------------------------------------------------- reading the force
 
 
-def _md(value, md_unit) -> float:
-    return float(value.value_in_unit(md_unit)) if unit.is_quantity(value) else float(value)
-
-
 def _particle_arrays(force: openmm.NonbondedForce) -> np.ndarray:
     """(n_particles, 3) charge, sigma, epsilon."""
     rows = []
     for i in range(force.getNumParticles()):
         q, s, e = force.getParticleParameters(i)
-        rows.append((_md(q, unit.elementary_charge), _md(s, unit.nanometer),
-                     _md(e, unit.kilojoule_per_mole)))
+        rows.append((scalar(q, unit.elementary_charge), scalar(s, unit.nanometer),
+                     scalar(e, unit.kilojoule_per_mole)))
     return np.asarray(rows, dtype=float).reshape(-1, 3)
 
 
@@ -211,8 +199,8 @@ def _exception_arrays(force: openmm.NonbondedForce) -> tuple[np.ndarray, np.ndar
     for k in range(force.getNumExceptions()):
         i, j, qq, s, e = force.getExceptionParameters(k)
         atoms.append((i, j))
-        params.append((_md(qq, unit.elementary_charge ** 2), _md(s, unit.nanometer),
-                       _md(e, unit.kilojoule_per_mole)))
+        params.append((scalar(qq, unit.elementary_charge ** 2), scalar(s, unit.nanometer),
+                       scalar(e, unit.kilojoule_per_mole)))
     return (np.asarray(atoms, dtype=np.int64).reshape(-1, 2),
             np.asarray(params, dtype=float).reshape(-1, 3))
 
@@ -329,7 +317,7 @@ class NonbondedTerm(Term):
     def __init__(self, force: openmm.NonbondedForce, force_index: int, system: openmm.System,
                  skin: float = 0.1):
         super().__init__(force_index)
-        self.method = _METHODS[force.getNonbondedMethod()]
+        self.method = NONBONDED_FORCE_METHODS[force.getNonbondedMethod()]
         if self.method == "LJPME":
             raise UnsupportedForceError(
                 f"NonbondedForce (force {force_index}) uses LJPME, which the torch twin does not "
@@ -338,7 +326,7 @@ class NonbondedTerm(Term):
         n = force.getNumParticles()
         self.n_particles = n
         self.periodic = self.method in ("CutoffPeriodic", "Ewald", "PME")
-        self.cutoff = _md(force.getCutoffDistance(), unit.nanometer)
+        self.cutoff = scalar(force.getCutoffDistance(), unit.nanometer)
         self.include_direct = bool(force.getIncludeDirectSpace())
         self.exceptions_periodic = self.periodic and bool(
             force.getExceptionsUsePeriodicBoundaryConditions())
@@ -364,7 +352,7 @@ class NonbondedTerm(Term):
         rf = force.getReactionFieldDielectric()
         self.krf = self.cutoff ** -3 * (rf - 1.0) / (2.0 * rf + 1.0)
         self.crf = 3.0 * rf / (self.cutoff * (2.0 * rf + 1.0))
-        self.switch_distance = (_md(force.getSwitchingDistance(), unit.nanometer)
+        self.switch_distance = (scalar(force.getSwitchingDistance(), unit.nanometer)
                                 if force.getUseSwitchingFunction() and self.uses_cutoff
                                 else None)
         self._init_long_range(force, system)

@@ -56,21 +56,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import InputError
-from ..files import atomic_write, atomic_write_text
-from ..integrators import LangevinMiddleIntegrator, ReversibleSimulation
-from ..losses import Loss, Target
-from ..observables.density import kinetic_tensor
-from ..observables.elastic import (
+from .errors import InputError
+from .files import atomic_write, atomic_write_text
+from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from .losses import Loss, Target
+from .ml.contract import EnergySum, MLPotential
+from .observables.density import kinetic_tensor
+from .observables.elastic import (
     GPA_PER_KJ_MOL_NM3,
     VOIGT,
     born_terms,
     stress_fluctuation,
 )
-from ..train import CHECKPOINT, LOG, TrainingFailed
-from ..trajectory import Trajectory
-from ..units import DTYPE, KB
-from .contract import EnergySum, MLPotential
+from .train import CHECKPOINT, LOG, TrainingFailed
+from .trajectory import Trajectory
+from .units import DTYPE, KB
 
 logger = logging.getLogger(__name__)
 
