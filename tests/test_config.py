@@ -147,6 +147,16 @@ def test_target_checks(base):
     assert "duplicate target 'enthalpy_of_vaporization'" in _error(d, where)
 
 
+@pytest.mark.parametrize("key, value", [("rigid_water", True), ("constraints", "HBonds")])
+def test_constraints_are_refused(base, key, value):
+    """The reversible windows integrate unconstrained dynamics: a rigid fit is refused."""
+    data, where = base
+    data["system"][key] = value
+    message = _error(data, where)
+    assert message.startswith(f"system.{key}: constraints")
+    assert 'system.rigid_water = false and system.constraints = "none"' in message
+
+
 def test_missing_forcefield_file(base):
     data, where = base
     data["forcefield"]["files"] = ["nope.xml"]

@@ -1,6 +1,6 @@
 """Custom forces: each one alone in a System, torch twin against OpenMM's Reference platform.
 
-Contract (DESIGN.md): relative energy error <= 1e-6 and relative RMS force error <= 1e-5, in an
+Contract (docs/design.md): relative energy error <= 1e-6 and relative RMS force error <= 1e-5, in an
 orthorhombic box, a triclinic box in OpenMM's reduced form, and without periodicity. Gradients
 beyond forces are checked against central finite differences: one Hessian-vector product and
 one parameter VJP (d(v·F)/dθ) per force type. Systems are small and built from fixed seeds.
@@ -32,7 +32,7 @@ from openmm_reversible.potential.expression import ExpressionError
 ENERGY_RTOL = 1e-6
 FORCE_RTOL = 1e-5
 
-# O2 (DESIGN.md): bond 0.12074 nm, sigma 0.3297 nm, epsilon 0.438 kJ/mol.
+# O2 (docs/design.md, reference values): bond 0.12074 nm, sigma 0.3297 nm, epsilon 0.438 kJ/mol.
 O2_BOND, O2_SIGMA, O2_EPSILON = 0.12074, 0.3297, 0.438
 SPACING = 0.62  # nm between molecule centres on the starting lattice
 

@@ -38,7 +38,7 @@ from openmm_reversible.systems import openmm_data_file
 from openmm_reversible.trajectory import Trajectory
 from openmm_reversible.units import positions_tensor
 
-TOL = 1e-8  # DESIGN.md: gradients vs BPTT / float mode on short runs
+TOL = 1e-8  # docs/design.md: gradients vs BPTT / float mode on short runs
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ from openmm_reversible.potential import TorchPotential
 from openmm_reversible.trajectory import Trajectory
 from openmm_reversible.units import box_tensor, positions_tensor
 
-TOL = 1e-8  # DESIGN.md: reversible vs BPTT, float64, untruncated, <= 1000 steps
+TOL = 1e-8  # docs/design.md: reversible vs BPTT, float64, untruncated, <= 1000 steps
 
 
 class PairMLP(nn.Module):
@@ -208,6 +208,22 @@ def test_rejects_bad_input():
         sim(x0, v0)
     with pytest.raises(InputError, match=r"expected \(8, 3\)"):
         ReversibleSimulation(pot, integrator, 10, 5, position_loss)(x0[:4], v0[:4])
+
+
+@pytest.mark.parametrize("kwargs", [{"rigidWater": True}, {"constraints": app.HBonds}])
+def test_constrained_systems_are_refused_before_any_step(kwargs):
+    """Rigid water or bond constraints: refused with the fix named, not run unconstrained."""
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(app.ForceField("tip3p.xml"), model="tip3p", numAdded=10,
+                        neutralize=False)
+    system = app.ForceField("tip3p.xml").createSystem(
+        modeller.topology, nonbondedMethod=app.NoCutoff,
+        **{"constraints": None, "rigidWater": False, **kwargs})
+    pot = TorchPotential(system)
+    assert pot.n_constraints == system.getNumConstraints() > 0
+    integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=8)
+    with pytest.raises(InputError, match=r"constraints.*rigidWater=False and constraints=None"):
+        ReversibleSimulation(pot, integrator, 10, 5, position_loss)
 
 
 def test_classical_water_matches_bptt():

@@ -23,9 +23,10 @@ How (the same shape as an adjoint ODE solver):
   graph at the reconstructed positions (double backward), so each reverse step costs one force
   evaluation plus one backward pass. At every snapshot ``g_x``, ``g_v`` are added to the adjoint.
 
-  These are the first-order form of the recurrences in DESIGN.md: with ``A = 2λv'/Δt`` the
-  parameter term ``(Δt²/2)(∂a/∂θ)ᵀA`` is the same, and ``B``, ``C``, ``D``, ``φ`` re-express the
-  same linear recurrence in second-order form.
+  These are the first-order form of the recurrences in docs/design.md ("The adjoint"): with
+  ``A = 2λv'/Δt`` the parameter term ``(Δt²/2)(∂a/∂θ)ᵀA`` is the same, and ``B``, ``C``,
+  ``D``, ``φ`` re-express the same linear recurrence in second-order form. The sweep itself is
+  :func:`~.adjoint.reverse_sweep`, shared with the exact mode.
 - **Truncation** (``truncation=T``): the adjoint of each snapshot is propagated only ``T`` steps
   back (its contribution to earlier states is dropped). Snapshots whose windows end at the same
   state share one adjoint, so an untruncated run carries exactly one.
@@ -58,6 +59,19 @@ LossFunction = Callable[[Trajectory, Any], torch.Tensor]
 """``loss_fn(trajectory, potential) -> scalar tensor``."""
 
 MODES = ("reversible", "bptt")
+
+
+def check_unconstrained(potential) -> None:
+    """Refuse a potential whose System has constraints: the reversible windows integrate
+    unconstrained dynamics, so a rigid or HBonds System would train silently wrong."""
+    n = int(getattr(potential, "n_constraints", 0) or 0)
+    if n:
+        raise InputError(
+            f"the System has {n} constraints (rigid water or bond constraints), which the "
+            "reversible windows do not support yet; build it with rigidWater=False and "
+            "constraints=None (config: system.rigid_water = false, system.constraints = "
+            "\"none\"), i.e. a flexible model, and validate the trained model rigid in plain "
+            "OpenMM if that is how it will be used")
 
 
 class ReversibleSimulation:
@@ -135,6 +149,7 @@ class ReversibleSimulation:
                 raise InputError("the potential has no 'masses' attribute; pass masses= "
                                  "(tensor of shape (N,), amu)")
         masses = torch.as_tensor(masses)
+        check_unconstrained(potential)
         if not bool((masses > 0).all()):
             raise InputError("every mass must be > 0 amu (massless particles and virtual "
                              "sites are not supported by the integrator)")

@@ -73,6 +73,12 @@ class TorchPotential(nn.Module):
     parameters : openmm_reversible.parameters.ParameterSet, optional
         Trainable force-field parameters; binds XML values into the terms' tables.
 
+    Attributes
+    ----------
+    n_constraints : int
+        The System's constraints. The energy ignores them (as OpenMM's does); the reversible
+        windows refuse a potential that has any.
+
     Examples
     --------
     >>> pot = TorchPotential(system)
@@ -98,6 +104,7 @@ class TorchPotential(nn.Module):
         masses = [system.getParticleMass(i).value_in_unit(openmm.unit.dalton)
                   for i in range(system.getNumParticles())]
         self.register_buffer("masses", torch.tensor(masses, dtype=DTYPE))
+        self.n_constraints = system.getNumConstraints()
         self.parameters_set = parameters
         if parameters is not None:
             parameters.bind(self)
