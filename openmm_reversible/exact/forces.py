@@ -207,6 +207,11 @@ class DeterministicForces:
                 f"exact forces need a TorchPotential (one term per OpenMM force), got "
                 f"{type(potential).__name__}; the exact mode cannot split an arbitrary energy "
                 "module into per-interaction contributions")
+        if potential.virtual_sites.n_sites or potential.n_constraints:
+            raise UnsupportedForceError(
+                "the exact mode does not support virtual sites or constraints (the System has "
+                f"{potential.virtual_sites.n_sites} sites and {potential.n_constraints} "
+                "constraints); use a flexible model without virtual sites")
         for term in terms:
             _check_supported(term)
         self.potential = potential

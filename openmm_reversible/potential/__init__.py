@@ -17,6 +17,7 @@ from torch import nn
 
 from ..units import DTYPE, box_tensor, positions_tensor
 from .base import ParameterTable, Term, UnsupportedForceError
+from .virtual_sites import VirtualSites
 
 TermFactory = Callable[[openmm.Force, int, openmm.System], Term]
 _FACTORIES: dict[str, TermFactory] = {}
@@ -75,6 +76,8 @@ class TorchPotential(nn.Module):
 
     Attributes
     ----------
+    virtual_sites : VirtualSites
+        Placed from their parents before every evaluation, so forces land on the parents.
     n_constraints : int
         The System's constraints. The energy ignores them (as OpenMM's does); the reversible
         windows refuse a potential that has any.
@@ -88,10 +91,7 @@ class TorchPotential(nn.Module):
 
     def __init__(self, system: openmm.System, parameters=None):
         super().__init__()
-        if any(system.isVirtualSite(i) for i in range(system.getNumParticles())):
-            raise UnsupportedForceError(
-                "System has virtual sites, which the torch twin does not support yet; "
-                "use a model without virtual sites (e.g. 3-site water)")
+        self.virtual_sites = VirtualSites(system)
         terms, ignored = [], []
         for index, force in enumerate(system.getForces()):
             term = build_term(force, index, system)
@@ -126,6 +126,7 @@ class TorchPotential(nn.Module):
         box : torch.Tensor, shape (3, 3), nm, or None for non-periodic systems
         """
         sites = self.sites()
+        positions = self.virtual_sites(positions)
         energy = positions.new_zeros(())
         for term in self.terms:
             energy = energy + term(positions, box, sites)
@@ -135,6 +136,7 @@ class TorchPotential(nn.Module):
                  ) -> dict[int, torch.Tensor]:
         """Energy of each term keyed by its force index in the System, kJ/mol."""
         sites = self.sites()
+        positions = self.virtual_sites(positions)
         return {term.force_index: term(positions, box, sites) for term in self.terms}
 
     def term_for_force(self, index: int) -> Term:
