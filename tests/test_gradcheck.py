@@ -170,3 +170,45 @@ def test_reweighting_needs_a_frame_loss(water_frames):
     with pytest.raises(InputError, match="FrameLoss"):
         gradcheck.check_gradients(sim, traj.positions[0], traj.velocities[0], traj.box,
                                   reweighting=True)
+
+
+def _check(reversible, bptt, fd, fd_half) -> gradcheck.GradientCheck:
+    return gradcheck.GradientCheck(["a", "b"], np.asarray(reversible), np.asarray(bptt),
+                                   np.asarray(fd), 0.0, 0.0, finite_difference_half=np.asarray(
+                                       fd_half), fd_step=1e-6)
+
+
+def test_verdict_separates_wrong_gradients_from_inconclusive_differences():
+    ok, why = _check([1.0, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0]).verdict(1e-8, 1e-4)
+    assert ok and why == "reversible equals backprop through time and finite differences"
+    ok, why = _check([1.0, 2.0], [1.0, 2.5], [1.0, 2.0], [1.0, 2.0]).verdict(1e-8, 1e-4)
+    assert not ok and why.startswith("reversible differs from backprop through time")
+    ok, why = _check([1.0, 2.0], [1.0, 2.0], [1.0, 2.5], [1.0, 2.5]).verdict(1e-8, 1e-4)
+    assert not ok and why.startswith("reversible differs from finite differences")
+    ok, why = _check([1.0, 2.0], [1.0, 2.0], [1.0, 900.0], [1.0, -400.0]).verdict(1e-8, 1e-4)
+    assert ok and why.startswith("finite differences inconclusive for b because")
+
+
+def test_a_loss_that_jumps_within_the_step_makes_finite_differences_inconclusive(water_frames):
+    """A real run whose loss jumps between p - h and p + h (as a truncated cutoff makes long
+    windows do): reversible = BPTT, the finite differences at h and h/2 disagree, and the
+    check says so instead of failing the gradient."""
+    _, potential, traj = water_frames
+    integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=3)
+    first = next(p for p in potential.parameters() if p.requires_grad)
+    start = float(first.detach().view(-1)[0])
+    h = 1e-6
+
+    def jumping(t, pot):
+        jump = (first.view(-1)[0] > start + 0.3 * h).to(first.dtype)
+        return gradcheck.energy_loss(t, pot) + jump
+
+    sim = ReversibleSimulation(potential, integrator, 4, 2, jumping)
+    result = gradcheck.check_gradients(sim, traj.positions[0], traj.velocities[0], traj.box,
+                                       fd_step=h)
+    assert result.rel_error_bptt < 1e-8
+    assert result.fd_spread[0] > 0.1 and not result.fd_conclusive()[0]
+    assert result.fd_conclusive()[1:].all()
+    ok, why = result.verdict(1e-8, 1e-4)
+    assert ok, why
+    assert "finite differences inconclusive for" in why
