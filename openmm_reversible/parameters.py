@@ -54,6 +54,7 @@ from torch import nn
 
 from .errors import InputError
 from .potential.base import Term
+from .safe_math import safe_div, safe_pow, safe_sqrt
 from .units import DTYPE
 
 if TYPE_CHECKING:
@@ -204,13 +205,16 @@ def _split_top_level(text: str, separators: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 _FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "abs": torch.abs,
+    "sqrt": safe_sqrt, "exp": torch.exp, "log": torch.log, "abs": torch.abs,
     "sin": torch.sin, "cos": torch.cos, "tan": torch.tan,
     "sinh": torch.sinh, "cosh": torch.cosh, "tanh": torch.tanh,
 }
 _CONSTANTS = {"pi": math.pi}
-_BINARY = {ast.Add: torch.add, ast.Sub: torch.sub, ast.Mult: torch.mul, ast.Div: torch.div,
-           ast.Pow: torch.pow}
+_BINARY = {ast.Add: torch.add, ast.Sub: torch.sub, ast.Mult: torch.mul, ast.Div: safe_div,
+           ast.Pow: safe_pow}
+"""Square roots, divisions and powers with finite derivatives where their values are finite
+(:mod:`openmm_reversible.safe_math`): a tie ``sqrt(PARM['a']*PARM['b'])`` with a zero ``b``
+has derivative 0 with respect to ``a``, not NaN."""
 
 Env = Mapping[str, torch.Tensor]
 
