@@ -41,6 +41,7 @@ import io
 import math
 import os
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -553,6 +554,15 @@ def _free_tables(term: Term) -> dict[str, np.ndarray]:
             if name not in term.derived_tables}
 
 
+def _zero_start_warning(site: Site) -> str:
+    return (f"{site.key} ({site.element}) is tagged for training but starts at 0: it cannot move "
+            "relative to its start value, so it moves additively, by steps of the learning rate "
+            "in MD units; and where it enters the energy as a factor of a combining rule at 0 "
+            "(the square root of a zero well depth, sqrt(epsilon1*epsilon2)) its gradient is 0 "
+            "and it never moves. Start it at a small nonzero value (e.g. 1e-3), or remove "
+            f"{site.attribute!r} from parameterize")
+
+
 class ParameterSet(nn.Module):
     """Force-field parameter sites as a torch module; ``forward()`` returns their values.
 
@@ -588,6 +598,9 @@ class ParameterSet(nn.Module):
         self.register_buffer("_offset", torch.where(start != 0, torch.zeros_like(start),
                                                     -torch.ones_like(start)))
         self.scaled = nn.Parameter(torch.ones_like(start))
+        for site in sites:
+            if site.trainable and site.start == 0:
+                warnings.warn(_zero_start_warning(site), UserWarning, stacklevel=2)
         # Ties are evaluated once so the System is built with the values forward() returns.
         with torch.no_grad():
             current = self.forward().tolist()

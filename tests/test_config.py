@@ -127,6 +127,11 @@ def test_target_checks(base):
          "targets[0].value: an rdf target takes its target from 'file'"),
         ({"observable": "enthalpy_of_vaporization"},
          "targets[0].value: a enthalpy_of_vaporization target needs a value in kJ/mol"),
+        ({"observable": "enthalpy_of_vaporization", "value": -44.0},
+         "targets[0].value = -44.0: an enthalpy of vaporization is the energy taken up by "
+         "vaporising, > 0 in kJ/mol (water: 44.0 at 298 K); check the sign and the unit"),
+        ({"observable": "enthalpy_of_vaporization", "value": 0.0},
+         "targets[0].value = 0.0: an enthalpy of vaporization is the energy taken up"),
         ({"observable": "viscosity", "value": 1.0}, "targets[0].observable = 'viscosity'"),
         ({"observable": "pressure", "value": 1.0, "atoms": ["O", "O"]},
          "targets[0].atoms: only rdf targets take 'atoms'"),

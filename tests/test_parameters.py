@@ -416,3 +416,27 @@ def test_bind_refuses_a_potential_of_another_system(water):
         TorchPotential(ps.create_system(), parameters=ps)
     potential = TorchPotential(ps.system, parameters=ps)  # the mapping is independent of values
     assert len(potential.parameters_set.bindings()) == 6
+
+
+@needs_terms
+def test_zero_start_value_is_warned_about_and_its_gradient_is_zero(tmp_path, water):
+    from openmm_reversible.units import box_tensor, positions_tensor
+
+    path = variant(tmp_path, '<Atom type="tip3p-H" sigma="1" epsilon="0"/>',
+                   '<Atom type="tip3p-H" sigma="1" epsilon="0" parameterize="epsilon"/>')
+    with pytest.warns(UserWarning) as record:
+        ps = ParameterSet.from_forcefield(path, water[0], **WATER_KWARGS)
+    messages = [str(w.message) for w in record if "starts at 0" in str(w.message)]
+    assert messages == [
+        'Atom/epsilon/tip3p-H (<Atom type="tip3p-H">) is tagged for training but starts at 0: '
+        "it cannot move relative to its start value, so it moves additively, by steps of the "
+        "learning rate in MD units; and where it enters the energy as a factor of a combining "
+        "rule at 0 (the square root of a zero well depth, sqrt(epsilon1*epsilon2)) its "
+        "gradient is 0 and it never moves. Start it at a small nonzero value (e.g. 1e-3), or "
+        "remove 'epsilon' from parameterize"]
+    # What the warning says: the Lennard-Jones gradient of a zero well depth is exactly 0.
+    potential = TorchPotential(ps.system, parameters=ps)
+    potential(positions_tensor(water[1]), box_tensor(water[0].getPeriodicBoxVectors())).backward()
+    gradient = dict(zip(ps.trainable_keys, ps.scaled.grad.tolist(), strict=True))
+    assert gradient.pop("Atom/epsilon/tip3p-H") == 0.0
+    assert all(np.isfinite(g) and g != 0 for g in gradient.values())
