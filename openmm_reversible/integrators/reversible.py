@@ -50,7 +50,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..trajectory import Trajectory
-from ..units import box_tensor, positions_tensor
+from ..units import box_tensor, positions_tensor, velocities_tensor
 from .forces import Potential, accelerations
 from .langevin import LangevinMiddleIntegrator
 
@@ -181,7 +181,7 @@ class ReversibleSimulation:
         if not isinstance(positions, torch.Tensor):
             positions = positions_tensor(positions, dtype=dtype, device=device)
         if not isinstance(velocities, torch.Tensor):
-            velocities = positions_tensor(velocities, dtype=dtype, device=device)
+            velocities = velocities_tensor(velocities, dtype=dtype, device=device)
         if box is not None and not isinstance(box, torch.Tensor):
             box = box_tensor(box, dtype=dtype, device=device)
         if box is not None:
