@@ -180,3 +180,36 @@ def test_bad_config_writes_nothing(tmp_path):
     with pytest.raises(InputError, match="schedule.epocs: unknown key; did you mean 'epochs'"):
         fit_cli.run(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_toml_reader_is_declared_for_every_supported_python():
+    """``tomllib`` from Python 3.11, ``tomli`` before: both the package metadata and the
+    pinned environment declare it for the Pythons ``requires-python`` allows."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.10"
+    assert 'tomli>=1.1; python_version<"3.11"' in project["dependencies"]
+    assert 'tomli==2.5.0 ; python_version < "3.11"' in \
+        (root / "requirements.lock").read_text().splitlines()
+    # On Python 3.10 (no tomllib) the config module falls back to tomli.
+    spec = importlib.util.spec_from_file_location("openmm_reversible._config_py310",
+                                                  root / "openmm_reversible" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    saved = {name: sys.modules.get(name) for name in ("tomllib", "tomli", spec.name)}
+    sys.modules["tomllib"], sys.modules["tomli"] = None, tomllib
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+    assert module.tomllib is tomllib
