@@ -326,6 +326,62 @@ class _XmlFile:
         return f"{self.path.name}:{element.line}"
 
 
+def _residue_tags(xml: _XmlFile) -> list[str]:
+    """The tagging attributes on residue templates' ``<Atom>`` elements of one file, each as
+    ``'water.xml:8: parameterize="charge" on <Atom name="O" type="w-O"> of <Residue
+    name="HOH">'``."""
+    found = []
+    residue = ""
+    for element in xml.elements:
+        if element.tag == "Residue":
+            residue = element.attrib.get("name", "")
+        if element.path[-2:] != ("Residue", "Atom"):
+            continue
+        for attribute in (PARAMETERIZE, PARAMETER_EVAL):
+            if attribute in element.attrib:
+                names = " ".join(f'{n}="{element.attrib[n]}"' for n in ("name", "type")
+                                 if n in element.attrib)
+                found.append(f'{xml.where(element)}: {attribute}="{element.attrib[attribute]}" '
+                             f'on <Atom {names}> of <Residue name="{residue}">')
+    return found
+
+
+_RESIDUE_TAG_FIX = (
+    "OpenMM reads every attribute of a residue template's <Atom> as a number, so plain OpenMM "
+    "cannot load such a file (\"could not convert string to float\"). Tag the value where the "
+    "force defines it instead (e.g. charge on <NonbondedForce>'s <Atom type=...> with "
+    "parameterize=\"charge\"); in Python a residue charge can be selected without a tag: "
+    "ParameterSet.select(files, topology, select=[(\"Residue/Atom\", \"<type>\", "
+    "\"charge\")])")
+
+
+def residue_tag_error(xml_files: str | os.PathLike | Sequence[str | os.PathLike]
+                      ) -> InputError | None:
+    """The error that explains why OpenMM cannot load tagged files, if that is the reason.
+
+    Parameters
+    ----------
+    xml_files : path or sequence of paths
+        ForceField XML files (names of OpenMM's bundled files work too).
+
+    Returns
+    -------
+    InputError or None
+        Naming every ``parameterize``/``parameter_eval`` on a ``<Residue>``'s ``<Atom>``
+        (file and line) and the fix; None when there is none (or a file cannot be read).
+    """
+    names = [xml_files] if isinstance(xml_files, str | os.PathLike) else list(xml_files)
+    found = []
+    for name in names:
+        try:
+            path = _resolve(name)
+            text = path.read_text(encoding="utf-8")
+            found += _residue_tags(_XmlFile(str(name), path, text, _scan(text, path.name)))
+        except (InputError, OSError, UnicodeDecodeError):
+            continue
+    return InputError("; ".join(found) + ". " + _RESIDUE_TAG_FIX) if found else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Site:
     """One XML number that the ParameterSet controls.
