@@ -99,7 +99,10 @@ BUILTINS: dict[str, tuple[int, Callable[..., torch.Tensor]]] = {
 Square roots, powers, divisions (``/``, ``recip``, ``sec``, ``csc``, ``cot``) and ``atan2`` are
 those of :mod:`openmm_reversible.safe_math`: Lepton's values, with derivatives of every order
 finite wherever the value is (``sqrt(epsilon1*epsilon2)`` with ``epsilon2 = 0`` has derivative 0
-with respect to ``epsilon1``, not NaN)."""
+with respect to ``epsilon1``, not NaN). Not covered: an infinite intermediate that meets a
+parameter in a product (``exp(-alpha*r/rm)`` with ``rm = 0``: ``d/dalpha`` is ``∞·0``), and
+``asin``/``acos`` at ±1, whose derivatives are infinite; the trainer stops on such a gradient
+and names the force."""
 
 _OPERATORS: dict[str, Callable] = {"+": operator.add, "-": operator.sub, "*": operator.mul,
                                    "/": safe_div, "^": safe_pow}
