@@ -90,8 +90,8 @@ class TorchPotential(nn.Module):
         super().__init__()
         terms, ignored, problems = [], [], []
         if any(system.isVirtualSite(i) for i in range(system.getNumParticles())):
-            problems.append("the System has virtual sites, which the torch twin does not "
-                            "support yet; use a model without virtual sites (e.g. 3-site water)")
+            problems.append("System has virtual sites, which the torch twin does not support "
+                            "yet; use a model without virtual sites (e.g. 3-site water)")
         _load_terms()
         unknown = []
         # Every problem of the System goes into one error, not just the first one met.
