@@ -307,6 +307,10 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
                          f"simulation.pressure (bar)")
     if t.observable in ("density", "diffusion") and t.value <= 0:
         raise InputError(f"{where}.value = {t.value}: must be > 0")
+    if t.observable == "enthalpy_of_vaporization" and not t.value > 0:
+        raise InputError(f"{where}.value = {t.value}: an enthalpy of vaporization is the energy "
+                         "taken up by vaporising, > 0 in kJ/mol (water: 44.0 at 298 K); check "
+                         "the sign and the unit")
     return t
 
 

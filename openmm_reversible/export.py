@@ -31,10 +31,11 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
     parameter_set : ParameterSet
         The trained parameters; its current values are written.
     path_or_dir : path, optional
-        An existing directory: each file holding sites is written there under its own name.
-        A file path: the single file holding sites is written there (an InputError if the
-        sites span several files). None: the original files are overwritten in place (refused
-        for OpenMM's bundled files).
+        A directory (one that exists, or a path ending in ``/``, created with its parents if
+        missing): each file holding sites is written there under its own name. Another path:
+        the single file holding sites is written there (an InputError if the sites span
+        several files). None: the original files are overwritten in place (refused for
+        OpenMM's bundled files).
     strip_markup : bool
         Also remove the ``parameterize``/``parameter_eval`` attributes. Keep them (the default)
         to train the file again; remove them for a file to load in plain OpenMM when a residue
@@ -55,7 +56,7 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
             raise InputError(f"{', '.join(bundled)} is one of OpenMM's bundled files and is "
                              "not overwritten; pass a directory to write the trained copy to")
         targets = sources
-    elif Path(path_or_dir).is_dir():
+    elif Path(path_or_dir).is_dir() or os.fspath(path_or_dir).endswith(("/", os.sep)):
         targets = [Path(path_or_dir) / s.name for s in sources]
         names = [t.name for t in targets]
         if len(set(names)) != len(names):
@@ -69,8 +70,10 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
     else:
         raise InputError(f"parameters live in {len(sources)} files "
                          f"({', '.join(s.name for s in sources)}) but {str(path_or_dir)!r} "
-                         "is not a directory; pass an existing directory")
+                         "is not a directory; pass a directory (an existing one, or a path "
+                         "ending in '/')")
     for index, target in zip(indices, targets, strict=True):
+        target.parent.mkdir(parents=True, exist_ok=True)  # a new directory given as 'dir/'
         atomic_write_text(target, texts[index])
     return targets
 

@@ -41,6 +41,7 @@ import io
 import math
 import os
 import re
+import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -54,6 +55,7 @@ from torch import nn
 
 from .errors import InputError
 from .potential.base import Term
+from .safe_math import safe_div, safe_pow, safe_sqrt
 from .units import DTYPE
 
 if TYPE_CHECKING:
@@ -204,13 +206,16 @@ def _split_top_level(text: str, separators: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 _FUNCTIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "sqrt": torch.sqrt, "exp": torch.exp, "log": torch.log, "abs": torch.abs,
+    "sqrt": safe_sqrt, "exp": torch.exp, "log": torch.log, "abs": torch.abs,
     "sin": torch.sin, "cos": torch.cos, "tan": torch.tan,
     "sinh": torch.sinh, "cosh": torch.cosh, "tanh": torch.tanh,
 }
 _CONSTANTS = {"pi": math.pi}
-_BINARY = {ast.Add: torch.add, ast.Sub: torch.sub, ast.Mult: torch.mul, ast.Div: torch.div,
-           ast.Pow: torch.pow}
+_BINARY = {ast.Add: torch.add, ast.Sub: torch.sub, ast.Mult: torch.mul, ast.Div: safe_div,
+           ast.Pow: safe_pow}
+"""Square roots, divisions and powers with finite derivatives where their values are finite
+(:mod:`openmm_reversible.safe_math`): a tie ``sqrt(PARM['a']*PARM['b'])`` with a zero ``b``
+has derivative 0 with respect to ``a``, not NaN."""
 
 Env = Mapping[str, torch.Tensor]
 
@@ -319,6 +324,62 @@ class _XmlFile:
 
     def where(self, element: _Element) -> str:
         return f"{self.path.name}:{element.line}"
+
+
+def _residue_tags(xml: _XmlFile) -> list[str]:
+    """The tagging attributes on residue templates' ``<Atom>`` elements of one file, each as
+    ``'water.xml:8: parameterize="charge" on <Atom name="O" type="w-O"> of <Residue
+    name="HOH">'``."""
+    found = []
+    residue = ""
+    for element in xml.elements:
+        if element.tag == "Residue":
+            residue = element.attrib.get("name", "")
+        if element.path[-2:] != ("Residue", "Atom"):
+            continue
+        for attribute in (PARAMETERIZE, PARAMETER_EVAL):
+            if attribute in element.attrib:
+                names = " ".join(f'{n}="{element.attrib[n]}"' for n in ("name", "type")
+                                 if n in element.attrib)
+                found.append(f'{xml.where(element)}: {attribute}="{element.attrib[attribute]}" '
+                             f'on <Atom {names}> of <Residue name="{residue}">')
+    return found
+
+
+_RESIDUE_TAG_FIX = (
+    "OpenMM reads every attribute of a residue template's <Atom> as a number, so plain OpenMM "
+    "cannot load such a file (\"could not convert string to float\"). Tag the value where the "
+    "force defines it instead (e.g. charge on <NonbondedForce>'s <Atom type=...> with "
+    "parameterize=\"charge\"); in Python a residue charge can be selected without a tag: "
+    "ParameterSet.select(files, topology, select=[(\"Residue/Atom\", \"<type>\", "
+    "\"charge\")])")
+
+
+def residue_tag_error(xml_files: str | os.PathLike | Sequence[str | os.PathLike]
+                      ) -> InputError | None:
+    """The error that explains why OpenMM cannot load tagged files, if that is the reason.
+
+    Parameters
+    ----------
+    xml_files : path or sequence of paths
+        ForceField XML files (names of OpenMM's bundled files work too).
+
+    Returns
+    -------
+    InputError or None
+        Naming every ``parameterize``/``parameter_eval`` on a ``<Residue>``'s ``<Atom>``
+        (file and line) and the fix; None when there is none (or a file cannot be read).
+    """
+    names = [xml_files] if isinstance(xml_files, str | os.PathLike) else list(xml_files)
+    found = []
+    for name in names:
+        try:
+            path = _resolve(name)
+            text = path.read_text(encoding="utf-8")
+            found += _residue_tags(_XmlFile(str(name), path, text, _scan(text, path.name)))
+        except (InputError, OSError, UnicodeDecodeError):
+            continue
+    return InputError("; ".join(found) + ". " + _RESIDUE_TAG_FIX) if found else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -549,6 +610,15 @@ def _free_tables(term: Term) -> dict[str, np.ndarray]:
             if name not in term.derived_tables}
 
 
+def _zero_start_warning(site: Site) -> str:
+    return (f"{site.key} ({site.element}) is tagged for training but starts at 0: it cannot move "
+            "relative to its start value, so it moves additively, by steps of the learning rate "
+            "in MD units; and where it enters the energy as a factor of a combining rule at 0 "
+            "(the square root of a zero well depth, sqrt(epsilon1*epsilon2)) its gradient is 0 "
+            "and it never moves. Start it at a small nonzero value (e.g. 1e-3), or remove "
+            f"{site.attribute!r} from parameterize")
+
+
 class ParameterSet(nn.Module):
     """Force-field parameter sites as a torch module; ``forward()`` returns their values.
 
@@ -584,6 +654,9 @@ class ParameterSet(nn.Module):
         self.register_buffer("_offset", torch.where(start != 0, torch.zeros_like(start),
                                                     -torch.ones_like(start)))
         self.scaled = nn.Parameter(torch.ones_like(start))
+        for site in sites:
+            if site.trainable and site.start == 0:
+                warnings.warn(_zero_start_warning(site), UserWarning, stacklevel=2)
         # Ties are evaluated once so the System is built with the values forward() returns.
         with torch.no_grad():
             current = self.forward().tolist()

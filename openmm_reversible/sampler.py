@@ -30,6 +30,7 @@ from openmm import app, unit
 from .config import FitConfig
 from .errors import InputError
 from .methods import CONSTRAINTS, NONBONDED_METHODS
+from .parameters import residue_tag_error
 from .units import KB
 
 # Per-item parameters of each force class: (count, getter, setter, packed). ``packed`` setters
@@ -160,7 +161,8 @@ def build_structure(config: FitConfig, forcefield_files: list[str] | None = None
     try:
         forcefield = app.ForceField(*files)
     except Exception as exc:
-        raise InputError(f"forcefield.files: OpenMM cannot load {files} ({exc})") from None
+        raise residue_tag_error(files) or InputError(
+            f"forcefield.files: OpenMM cannot load {files} ({exc})") from None
     if s.water_box is not None:
         modeller = app.Modeller(app.Topology(), [])
         modeller.addSolvent(forcefield, model=s.model, numAdded=s.water_box)

@@ -23,7 +23,10 @@ left off (bit for bit on a deterministic platform: Reference, or CPU in NVT).
 A simulation that produces NaN or runs away stops the epoch with a message naming the step and
 the parameter values; the last good parameters and optimiser state are restored, and the epoch
 is retried with new noise (and, with ``failure.action = "shrink_lr"``, a smaller learning rate)
-up to ``failure.max_retries`` times before :class:`TrainingFailed` is raised.
+up to ``failure.max_retries`` times before :class:`TrainingFailed` is raised. A finite window
+with a NaN or infinite parameter gradient is not retried (the same expressions would give it
+again): :class:`NonFiniteGradient` stops the fit before any optimiser step, naming the
+parameters and the forces whose derivatives are not finite (:func:`nonfinite_gradient_terms`).
 """
 
 from __future__ import annotations
@@ -78,6 +81,11 @@ MIN_SCALE = 1e-3
 
 class TrainingFailed(RuntimeError):
     """An epoch failed more often than ``failure.max_retries`` allows."""
+
+
+class NonFiniteGradient(TrainingFailed):
+    """A window gave a NaN or infinite parameter gradient: the fit stops before any optimiser
+    step (the same expression would give it again; new noise does not help)."""
 
 
 class _WindowFailed(RuntimeError):
@@ -260,6 +268,47 @@ class TrainResult:
     files: dict[str, object] = field(default_factory=dict)
 
 
+def nonfinite_gradient_terms(potential: TorchPotential, positions: torch.Tensor,
+                             box: torch.Tensor | None) -> list[str]:
+    """The terms whose energy or forces have a non-finite parameter gradient at one state.
+
+    Both derivatives the reversible step takes are checked: ``dE/dθ`` and the parameter VJP
+    of the forces ``d(Σ F)/dθ`` (double backward).
+
+    Parameters
+    ----------
+    potential : TorchPotential
+        With a ParameterSet bound.
+    positions : torch.Tensor, shape (N, 3), nm
+    box : torch.Tensor, shape (3, 3), nm, or None
+
+    Returns
+    -------
+    list of str
+        ``"CustomNonbondedForce (force 3): Atom/epsilon/w-O"``: each such term and the
+        parameters affected, in force order.
+    """
+    parameters = potential.parameters_set
+    keys = parameters.trainable_keys
+    x = positions.detach().clone().requires_grad_(True)
+    found = []
+    for term in potential.terms:
+        energy = term(x, box, parameters())
+        (force,) = torch.autograd.grad(energy, x, create_graph=True, allow_unused=True)
+        bad = torch.zeros(len(keys), dtype=torch.bool)
+        for total in (energy, None if force is None else force.sum()):
+            if total is None or not total.requires_grad:
+                continue
+            (grad,) = torch.autograd.grad(total, parameters.scaled, retain_graph=True,
+                                          allow_unused=True)
+            if grad is not None:
+                bad |= ~torch.isfinite(grad)
+        if bool(bad.any()):
+            names = ", ".join(k for k, b in zip(keys, bad.tolist(), strict=True) if b)
+            found.append(f"{term.name} (force {term.force_index}): {names}")
+    return found
+
+
 class Trainer:
     """Fit the tagged parameters of a force field to targets (see the module docstring).
 
@@ -394,9 +443,24 @@ class Trainer:
                                 f"step {step} (started at OpenMM step {state.step})")
         (loss / sched.windows).backward()
         grad = self.parameters.scaled.grad
-        if grad is None or not bool(torch.isfinite(grad).all()):
+        if grad is None:
             raise _WindowFailed(f"reversible window {index + 1} (started at OpenMM step "
-                                f"{state.step}) gave a non-finite gradient")
+                                f"{state.step}) gave no gradient")
+        if not bool(torch.isfinite(grad).all()):
+            keys = self.parameters.trainable_keys
+            bad = [f"{k} ({g})" for k, g in zip(keys, grad.tolist(), strict=True)
+                   if not math.isfinite(g)]
+            terms = nonfinite_gradient_terms(self.potential, positions, box)
+            source = (f"at the window's first state it comes from {'; '.join(terms)}" if terms
+                      else "no force has a non-finite parameter gradient at the window's first "
+                      "state, so it arises later in the window or in the loss")
+            raise NonFiniteGradient(
+                f"epoch {self.epoch + 1}: reversible window {index + 1} (started at OpenMM step "
+                f"{state.step}) gave a non-finite gradient for {', '.join(bad)}; {source}. The "
+                "fit stops before any optimiser step; the last good parameters are kept in "
+                f"{self.output}. Look for 0*inf in that force's expression (an infinite "
+                "intermediate such as r/rm with rm = 0, multiplied by a parameter) and give the "
+                "parameters involved nonzero values")
         totals["loss"] += float(loss.detach()) / sched.windows
         for name, value in self.objective.last_terms.items():
             totals["terms"][name] = totals["terms"].get(name, 0.0) + value / sched.windows

@@ -54,6 +54,16 @@ def positions_tensor(positions, dtype=DTYPE, device=None) -> torch.Tensor:
     return torch.as_tensor(arr, dtype=dtype, device=device).reshape(-1, 3)
 
 
+def velocities_tensor(velocities, dtype=DTYPE, device=None) -> torch.Tensor:
+    """Velocities (Quantity, list of Vec3, array) → tensor of shape (n_atoms, 3) in nm/ps.
+
+    A Quantity in any velocity unit is converted (e.g. OpenMM's
+    ``state.getVelocities()``, nm/ps); plain numbers are taken as nm/ps.
+    """
+    return positions_tensor(strip(velocities, unit.nanometer / unit.picosecond), dtype=dtype,
+                            device=device)
+
+
 def box_tensor(box, dtype=DTYPE, device=None) -> torch.Tensor | None:
     """Periodic box vectors (Quantity, 3 Vec3, (3,3) array) → (3, 3) tensor in nm, rows a, b, c.
 

@@ -23,6 +23,15 @@ openmm-torch; see :mod:`.forces`). The tag::
 
 :func:`write_forcefield` writes such a file (atom types, one single-atom residue template per
 element, and the tag) for a trained model of an atomic solid or liquid.
+
+Plain OpenMM skips XML tags it has no generator for, so without the plugin imported a
+``<TorchPotential>`` would be dropped without a word and the System would lack the model.
+The files :func:`write_forcefield` writes therefore carry an ``<InitializationScript>``
+(:data:`LOADER_SCRIPT`), which OpenMM runs at the end of ``ForceField.loadFile``, after the
+force tags: it imports this package and builds the generators of the file's
+``<TorchPotential>`` tags (:func:`load_tags`; the ones OpenMM already parsed because the plugin
+was imported before are not added twice). Loading such a file in plain OpenMM thus either
+includes the model or, where the package is not installed, fails with an ImportError naming it.
 """
 
 from __future__ import annotations
@@ -92,7 +101,9 @@ class TorchPotentialGenerator:
                              f"needs the type index of every force-field atom type")
         periodic = _bool(element.attrib["periodic"], "periodic") \
             if "periodic" in element.attrib else None
-        ff.registerGenerator(TorchPotentialGenerator(model_bytes, types, periodic))
+        generator = TorchPotentialGenerator(model_bytes, types, periodic)
+        generator.element = element  # so that load_tags does not parse it a second time
+        ff.registerGenerator(generator)
 
     def createForce(self, system: openmm.System, data, nonbondedMethod, nonbondedCutoff,
                     args) -> None:
@@ -115,6 +126,34 @@ class TorchPotentialGenerator:
 def register_generator() -> None:
     """Make ``ForceField`` understand ``<TorchPotential>`` (done on import of the plugin)."""
     app.forcefield.parsers[TAG] = TorchPotentialGenerator.parseElement
+
+
+LOADER_SCRIPT = """
+try:
+    import openmm_reversible_plugin
+except ImportError as error:
+    raise ImportError("this force field file holds a learned model (<TorchPotential>), which "
+                      "needs the package openmm_reversible_plugin (pip install "
+                      "openmm-reversible); without it OpenMM would leave the model out of the "
+                      "System") from error
+openmm_reversible_plugin.forcefield.load_tags(self, tree)
+"""
+"""The ``<InitializationScript>`` of the files :func:`write_forcefield` writes. OpenMM executes
+it in ``ForceField.loadFile`` with ``self`` the ForceField and ``tree`` the file's parsed XML."""
+
+
+def load_tags(ff: app.ForceField, tree: ET.ElementTree) -> None:
+    """Register a generator for every ``<TorchPotential>`` of ``tree`` that ``ff`` lacks.
+
+    Called by :data:`LOADER_SCRIPT` while OpenMM loads a file, so that the file's learned
+    models are included whether or not the plugin was imported before.
+    """
+    register_generator()
+    parsed = {id(getattr(g, "element", None)) for g in ff.getGenerators()
+              if isinstance(g, TorchPotentialGenerator)}
+    for element in tree.getroot().findall(TAG):
+        if id(element) not in parsed:
+            TorchPotentialGenerator.parseElement(element, ff)
 
 
 def write_forcefield(path: str, model: torch.nn.Module, types: dict[str, tuple[str, float, int]],
@@ -149,5 +188,9 @@ def write_forcefield(path: str, model: torch.nn.Module, types: dict[str, tuple[s
         ET.SubElement(tag, "Type", type=type_name, index=str(int(index)))
     encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
     tag.text = "\n" + "\n".join(encoded[k:k + 100] for k in range(0, len(encoded), 100)) + "\n"
+    root.append(ET.Comment(" Loading this file imports openmm_reversible_plugin, which adds the "
+                           f"learned model of <{TAG}>; without that package the load fails "
+                           "instead of leaving the model out. "))
+    ET.SubElement(root, "InitializationScript").text = LOADER_SCRIPT
     ET.indent(root)
     ET.ElementTree(root).write(path, encoding="unicode", xml_declaration=False)

@@ -127,6 +127,11 @@ def test_target_checks(base):
          "targets[0].value: an rdf target takes its target from 'file'"),
         ({"observable": "enthalpy_of_vaporization"},
          "targets[0].value: a enthalpy_of_vaporization target needs a value in kJ/mol"),
+        ({"observable": "enthalpy_of_vaporization", "value": -44.0},
+         "targets[0].value = -44.0: an enthalpy of vaporization is the energy taken up by "
+         "vaporising, > 0 in kJ/mol (water: 44.0 at 298 K); check the sign and the unit"),
+        ({"observable": "enthalpy_of_vaporization", "value": 0.0},
+         "targets[0].value = 0.0: an enthalpy of vaporization is the energy taken up"),
         ({"observable": "viscosity", "value": 1.0}, "targets[0].observable = 'viscosity'"),
         ({"observable": "pressure", "value": 1.0, "atoms": ["O", "O"]},
          "targets[0].atoms: only rdf targets take 'atoms'"),
@@ -185,3 +190,36 @@ def test_bad_config_writes_nothing(tmp_path):
     with pytest.raises(InputError, match="schedule.epocs: unknown key; did you mean 'epochs'"):
         fit_cli.run(args)
     assert not (tmp_path / "out").exists()
+
+
+def test_toml_reader_is_declared_for_every_supported_python():
+    """``tomllib`` from Python 3.11, ``tomli`` before: both the package metadata and the
+    pinned environment declare it for the Pythons ``requires-python`` allows."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.10"
+    assert 'tomli>=1.1; python_version<"3.11"' in project["dependencies"]
+    assert 'tomli==2.5.0 ; python_version < "3.11"' in \
+        (root / "requirements.lock").read_text().splitlines()
+    # On Python 3.10 (no tomllib) the config module falls back to tomli.
+    spec = importlib.util.spec_from_file_location("openmm_reversible._config_py310",
+                                                  root / "openmm_reversible" / "config.py")
+    module = importlib.util.module_from_spec(spec)
+    saved = {name: sys.modules.get(name) for name in ("tomllib", "tomli", spec.name)}
+    sys.modules["tomllib"], sys.modules["tomli"] = None, tomllib
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
+    assert module.tomllib is tomllib

@@ -374,3 +374,16 @@ def test_exact_simulation_rejects_a_float_integrator(small_water):
     with pytest.raises(ValueError, match="needs an ExactLangevinIntegrator"):
         ExactReversibleSimulation(small_water.potential, float_integrator, 10, 5,
                                   energy_and_kinetic_loss)
+
+
+def test_openmm_velocity_quantities_are_accepted(small_water):
+    """A velocity Quantity (nm/ps, or any velocity unit) gives the loss of the plain tensor."""
+    pot, box = small_water.potential, small_water.box
+    integrator = ExactLangevinIntegrator(0.001, 1.0, 295.15, seed=8)
+    state = integrator.state(small_water.positions, small_water.velocities)
+    x0, v0 = integrator.positions(state), integrator.velocities(state)
+    sim = ExactReversibleSimulation(pot, integrator, 4, 2, energy_and_kinetic_loss)
+    expected = sim(x0, v0, box)
+    quantity = v0.numpy() * unit.nanometer / unit.picosecond
+    assert torch.equal(sim(x0 * 1.0, quantity, box), expected)
+    assert torch.equal(sim(x0.numpy() * unit.nanometer, quantity, box), expected)

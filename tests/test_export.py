@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import openmm
 import openmm.app as app
@@ -214,3 +215,14 @@ def test_markup_around_values_is_located_by_position(tmp_path, water):
     sigma = repr(ps.values()["Atom/sigma/tip3p-O"])
     assert written.read_text() == source.read_text().replace(
         "sigma = '0.31507524065751241'", f"sigma = '{sigma}'")
+
+
+def test_path_ending_in_a_slash_is_a_directory_created_if_missing(trained, tmp_path,
+                                                                   monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (written,) = write_xml(trained, "trained/")  # as in the README
+    assert (tmp_path / "trained").is_dir()
+    assert written == Path("trained") / trained.files[0].name
+    assert (tmp_path / written).read_text() == trained.texts()[0]
+    (nested,) = write_xml(trained, str(tmp_path / "a" / "b") + os.sep)
+    assert nested == tmp_path / "a" / "b" / trained.files[0].name and nested.is_file()

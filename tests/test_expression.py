@@ -148,6 +148,51 @@ def test_second_derivatives_exist():
     assert torch.autograd.gradgradcheck(f, inputs)
 
 
+SINGULAR = ("sqrt(e1*e2)*r + (e1*e2)^0.5 + (e1*e2)^1.5/r + exp(-b*r) + (e2*r)^n"
+            " + recip(1/e2); b=2/(1/b1+1/b2)")
+"""Combining rules at points where plain torch derivatives are 0·∞ or 0/0: ``e2 = 0`` (a zero
+well depth), ``b2 = 0`` (a zero Buckingham exponent)."""
+
+
+def test_singular_points_match_lepton_with_finite_derivatives_of_every_order():
+    n = R_POINTS.size
+    points = {"r": R_POINTS, "e1": np.linspace(0.2, 0.9, n), "e2": np.zeros(n),
+              "b1": np.linspace(30.0, 40.0, n), "b2": np.zeros(n), "n": np.full(n, 2.5)}
+    assert_matches_lepton(SINGULAR, points)
+    # OpenMM's own dE/dr of atan2(0, 0) is NaN; its value is 0, as here.
+    np.testing.assert_array_equal(twin("atan2(e2*r, e2)", points)[0],
+                                  lepton("atan2(e2*r, e2)", points)[0])
+    compiled = Expression("atan2(e2*r, e2) + " + SINGULAR)
+    env = {k: torch.tensor(v, dtype=torch.float64, requires_grad=True) for k, v in points.items()}
+    value = compiled(env).sum()
+    names = ["r", "e1", "e2", "b1", "b2", "n"]
+    first = torch.autograd.grad(value, [env[k] for k in names], create_graph=True)
+    for name, g in zip(names, first, strict=True):
+        assert torch.isfinite(g).all(), name
+        for h in torch.autograd.grad(g.sum(), [env[k] for k in names], retain_graph=True,
+                                     allow_unused=True):
+            assert h is None or torch.isfinite(h).all(), name
+    # The limits: nothing here depends on e1, b1 or n while e2 = b2 = 0.
+    for name in ("e1", "b1", "n"):
+        assert float(first[names.index(name)].abs().max()) == 0.0, name
+
+
+def test_powers_of_negative_bases_and_zero_keep_their_derivatives():
+    r = torch.tensor([0.2, 0.6, 1.0], dtype=torch.float64, requires_grad=True)
+    n = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
+    value = Expression("(r-0.6)^2 + (r-0.6)^n + (r-0.6)^1")({"r": r, "n": n})
+    (dr,) = torch.autograd.grad(value.sum(), r, create_graph=True)
+    (d2r,) = torch.autograd.grad(dr.sum(), r)
+    x = r.detach() - 0.6
+    assert torch.allclose(value.detach(), x**2 + x**3 + x, rtol=1e-15)
+    # x = 0 exactly at r = 0.6: 2x + 1 and 2 are exact there for constant integer exponents.
+    assert torch.allclose(dr.detach()[[0, 2]], (2 * x + 3 * x**2 + 1)[[0, 2]], rtol=1e-15)
+    assert float(dr[1].detach()) == pytest.approx(1.0, abs=1e-12)
+    assert float(d2r[1]) == pytest.approx(2.0, abs=1e-12)
+    (dn,) = torch.autograd.grad(Expression("(r-0.6)^n")({"r": r, "n": n}).sum(), n)
+    assert math.isfinite(float(dn))
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("foo(r)", "unknown function: foo"),
     ("sqrt(r, 2)", "wrong number of arguments to function sqrt: 2 given, 1 expected"),

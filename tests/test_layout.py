@@ -9,7 +9,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "openmm_reversible"
 
 ROOMS = [
-    ("units", "errors", "files", "geometry", "methods"),
+    ("units", "errors", "files", "geometry", "methods", "safe_math"),
     ("trajectory", "potential"),
     ("parameters",),
     ("integrators",),

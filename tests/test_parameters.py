@@ -416,3 +416,75 @@ def test_bind_refuses_a_potential_of_another_system(water):
         TorchPotential(ps.create_system(), parameters=ps)
     potential = TorchPotential(ps.system, parameters=ps)  # the mapping is independent of values
     assert len(potential.parameters_set.bindings()) == 6
+
+
+@needs_terms
+def test_zero_start_value_is_warned_about_and_its_gradient_is_zero(tmp_path, water):
+    from openmm_reversible.units import box_tensor, positions_tensor
+
+    path = variant(tmp_path, '<Atom type="tip3p-H" sigma="1" epsilon="0"/>',
+                   '<Atom type="tip3p-H" sigma="1" epsilon="0" parameterize="epsilon"/>')
+    with pytest.warns(UserWarning) as record:
+        ps = ParameterSet.from_forcefield(path, water[0], **WATER_KWARGS)
+    messages = [str(w.message) for w in record if "starts at 0" in str(w.message)]
+    assert messages == [
+        'Atom/epsilon/tip3p-H (<Atom type="tip3p-H">) is tagged for training but starts at 0: '
+        "it cannot move relative to its start value, so it moves additively, by steps of the "
+        "learning rate in MD units; and where it enters the energy as a factor of a combining "
+        "rule at 0 (the square root of a zero well depth, sqrt(epsilon1*epsilon2)) its "
+        "gradient is 0 and it never moves. Start it at a small nonzero value (e.g. 1e-3), or "
+        "remove 'epsilon' from parameterize"]
+    # What the warning says: the Lennard-Jones gradient of a zero well depth is exactly 0.
+    potential = TorchPotential(ps.system, parameters=ps)
+    potential(positions_tensor(water[1]), box_tensor(water[0].getPeriodicBoxVectors())).backward()
+    gradient = dict(zip(ps.trainable_keys, ps.scaled.grad.tolist(), strict=True))
+    assert gradient.pop("Atom/epsilon/tip3p-H") == 0.0
+    assert all(np.isfinite(g) and g != 0 for g in gradient.values())
+
+
+def test_readme_tagging_example_loads_in_plain_openmm_and_trains(tmp_path, water):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("### Marking what to train"):]
+    snippet = section[section.index("```xml\n") + 7:section.index("```", section.index("```xml")
+                                                                  + 6)]
+    text = UNTAGGED.read_text()
+    start, end = text.index(" <NonbondedForce"), text.index("</NonbondedForce>") + 17
+    path = tmp_path / "readme.xml"
+    path.write_text(text[:start] + snippet + text[end:])
+    app.ForceField(str(path)).createSystem(water[0])  # plain OpenMM loads it
+    ps = ParameterSet.from_forcefield(path, water[0], **WATER_KWARGS)
+    assert ps.trainable_keys == ["Atom/charge/tip3p-O", "Atom/sigma/tip3p-O",
+                                 "Atom/epsilon/tip3p-O"]
+    assert [s.key for s in ps.sites if not s.trainable] == ["Atom/charge/tip3p-H"]
+
+
+def test_tags_on_residue_template_atoms_are_named_with_the_fix():
+    from openmm_reversible.parameters import residue_tag_error
+
+    with pytest.raises(ValueError, match="could not convert string to float: 'charge'"):
+        app.ForceField(str(TAGGED))
+    message = str(residue_tag_error(TAGGED))
+    assert message.startswith(
+        'tip3p_flexible.xml:11: parameterize="charge" on <Atom name="O" type="tip3p-O"> of '
+        '<Residue name="HOH">; tip3p_flexible.xml:12: parameter_eval="charge=-0.5*'
+        "PARM['Atom/charge/tip3p-O']\" on <Atom name=\"H1\" type=\"tip3p-H\"> of <Residue "
+        'name="HOH">; tip3p_flexible.xml:14: parameter_eval=')
+    assert message.endswith(
+        "OpenMM reads every attribute of a residue template's <Atom> as a number, so plain "
+        'OpenMM cannot load such a file ("could not convert string to float"). Tag the value '
+        "where the force defines it instead (e.g. charge on <NonbondedForce>'s <Atom type=...> "
+        'with parameterize="charge"); in Python a residue charge can be selected without a '
+        'tag: ParameterSet.select(files, topology, select=[("Residue/Atom", "<type>", '
+        '"charge")])')
+    assert residue_tag_error([UNTAGGED, "tip3p.xml"]) is None
+
+
+def test_fit_structure_from_residue_tagged_files_names_the_tags():
+    from types import SimpleNamespace
+
+    from openmm_reversible.sampler import build_structure
+
+    config = SimpleNamespace(structure=SimpleNamespace(water_box=4, model="tip3p"),
+                             forcefield=SimpleNamespace(files=[str(TAGGED)]))
+    with pytest.raises(InputError, match=r'^tip3p_flexible.xml:11: parameterize="charge" on '):
+        build_structure(config)

@@ -200,3 +200,90 @@ def test_verify_command_accepts_exported_torchforce_system(model, crystal, tmp_p
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and [f["name"] for f in report["per_force"]] == ["TorchForce"]
     assert report["energy_rel_error"] <= 1e-6 and report["force_rel_rms_error"] <= 1e-5
+
+
+PLAIN_OPENMM = """
+import json, sys
+import numpy as np
+import openmm
+from openmm import app, unit
+if {hide}:
+    sys.modules["openmm_reversible_plugin"] = None  # as if the package were not installed
+x, box = np.load(sys.argv[2]), np.load(sys.argv[3])
+topology = app.Topology()
+chain = topology.addChain()
+for _ in range(len(x)):
+    topology.addAtom("C", app.element.carbon, topology.addResidue("C", chain))
+topology.setPeriodicBoxVectors(box * unit.nanometer)
+system = app.ForceField(sys.argv[1]).createSystem(topology)
+context = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                         openmm.Platform.getPlatformByName("Reference"))
+context.setPeriodicBoxVectors(*box)
+context.setPositions(x)
+energy = context.getState(getEnergy=True).getPotentialEnergy()
+print(json.dumps({{"forces": [f.__class__.__name__ for f in system.getForces()],
+                  "energy": energy.value_in_unit(unit.kilojoule_per_mole)}}))
+"""
+"""Load a trained ForceField file in a fresh interpreter that never imports the plugin itself."""
+
+
+def run_plain_openmm(tmp_path, path, x, box, hide: bool):
+    """Run :data:`PLAIN_OPENMM` with this checkout's library and plugin on the path."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    packages = tmp_path / "packages"
+    packages.mkdir(exist_ok=True)
+    link = packages / "openmm_reversible_plugin"
+    if not link.exists():
+        link.symlink_to(root / "plugin", target_is_directory=True)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "box.npy", box)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(packages), str(root)]))
+    return subprocess.run([sys.executable, "-c", PLAIN_OPENMM.format(hide=hide), str(path),
+                           str(tmp_path / "x.npy"), str(tmp_path / "box.npy")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_trained_file_includes_the_model_in_plain_openmm_without_importing_the_plugin(
+        model, crystal, tmp_path):
+    import json
+
+    x, box = crystal
+    path = tmp_path / "trained.xml"
+    plugin.write_forcefield(str(path), model, {"C": ("diamond-C", 12.011, 0)})
+    assert "<InitializationScript>" in path.read_text()
+    result = run_plain_openmm(tmp_path, path, x, box, hide=False)
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)
+    # One model force (a TorchForce shows as its base class Force where openmmtorch is not
+    # imported), whose energy is the model's.
+    assert len([f for f in output["forces"] if f != "CMMotionRemover"]) == 1
+    assert output["energy"] == pytest.approx(reference(model, x, box)[0], rel=1e-6)
+
+
+def test_trained_file_fails_loudly_where_the_plugin_is_not_installed(model, crystal, tmp_path):
+    x, box = crystal
+    path = tmp_path / "trained.xml"
+    plugin.write_forcefield(str(path), model, {"C": ("diamond-C", 12.011, 0)})
+    result = run_plain_openmm(tmp_path, path, x, box, hide=True)
+    assert result.returncode != 0 and result.stdout == ""
+    assert ("ImportError: this force field file holds a learned model (<TorchPotential>), which "
+            "needs the package openmm_reversible_plugin (pip install openmm-reversible); "
+            "without it OpenMM would leave the model out of the System") in result.stderr
+
+
+def test_plugin_imported_before_loading_adds_the_model_once(model, crystal, tmp_path):
+    """OpenMM parses the tag (the plugin is imported here), then runs the file's script, which
+    must not add the same model a second time."""
+    x, box = crystal
+    path = str(tmp_path / "trained.xml")
+    plugin.write_forcefield(path, model, {"C": ("diamond-C", 12.011, 0)})
+    forcefield = app.ForceField(path)
+    assert len([g for g in forcefield.getGenerators()
+                if isinstance(g, plugin.TorchPotentialGenerator)]) == 1
+    system = forcefield.createSystem(diamond_topology(64, box))
+    assert len([f for f in system.getForces() if not isinstance(f, openmm.CMMotionRemover)]) == 1

@@ -226,6 +226,30 @@ def test_constrained_systems_are_refused_before_any_step(kwargs):
         ReversibleSimulation(pot, integrator, 10, 5, position_loss)
 
 
+def test_openmm_quantities_are_accepted_for_positions_and_velocities():
+    """OpenMM's own state (Quantities in nm and nm/ps) gives the same loss as tensors."""
+    import openmm
+
+    x0, v0 = lj_cluster(seed=3)
+    pot = LennardJones(n_atoms=8)
+    sim = ReversibleSimulation(pot, LangevinMiddleIntegrator(0.002, 1.0, 120.0, seed=2), 10, 5,
+                               kinetic_and_energy_loss)
+    expected = sim(x0, v0)
+    system = openmm.System()
+    for _ in range(8):
+        system.addParticle(20.0)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(x0.numpy())
+    context.setVelocities(v0.numpy())
+    state = context.getState(getPositions=True, getVelocities=True)
+    assert torch.equal(sim(state.getPositions(), state.getVelocities()), expected)
+    assert torch.equal(sim(state.getPositions(asNumpy=True),
+                           state.getVelocities(asNumpy=True)), expected)
+    in_angstrom = (v0.numpy() * 10.0) * unit.angstrom / unit.picosecond
+    assert torch.allclose(sim(x0, in_angstrom), expected, rtol=1e-12, atol=0.0)
+
+
 def test_classical_water_matches_bptt():
     """Flexible TIP3P (reaction field) from tagged XML: charges, bonds and LJ all trainable."""
     modeller = app.Modeller(app.Topology(), [])

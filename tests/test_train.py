@@ -23,7 +23,16 @@ from openmm_reversible.config import load_config
 from openmm_reversible.errors import InputError
 from openmm_reversible.observables.rdf import rdf
 from openmm_reversible.parameters import ParameterSet
-from openmm_reversible.train import CHECKPOINT, LOG, PLOT, Trainer, TrainingFailed, fit, read_log
+from openmm_reversible.train import (
+    CHECKPOINT,
+    LOG,
+    PLOT,
+    NonFiniteGradient,
+    Trainer,
+    TrainingFailed,
+    fit,
+    read_log,
+)
 from openmm_reversible.trajectory import Trajectory
 from openmm_reversible.units import KB
 
@@ -274,3 +283,36 @@ def test_stop_action_fails_at_the_first_explosion(argon, tmp_path):
         fit(config, tmp_path / "out", progress=False)
     assert str(info.value).count("attempt") == 1
     assert "kinetic temperature" in str(info.value)
+
+
+NAN_GRADIENT = """
+ <CustomNonbondedForce energy="exp(-alpha*w); w=1/zero" bondCutoff="3">
+  <GlobalParameter name="alpha" defaultValue="1" parameterize="defaultValue"/>
+  <GlobalParameter name="zero" defaultValue="0"/>
+  <Atom type="Ar"/>
+ </CustomNonbondedForce>
+</ForceField>"""
+"""A term whose energy is finite (``exp(-alpha/0) = 0``) but whose alpha derivative is
+``(1/0)·0 = NaN``: the infinite intermediate meets a parameter in a product."""
+
+
+def test_non_finite_gradient_stops_the_fit_naming_parameter_and_force(argon, tmp_path):
+    config = _config(argon, "nan", SIGMA, EPSILON, epochs=2, retries=2)
+    xml = argon[0] / "nan.xml"
+    xml.write_text(xml.read_text().replace("</ForceField>", NAN_GRADIENT))
+    trainer = Trainer(config, tmp_path / "out", progress=False)
+    before = trainer.parameters.values()
+    with pytest.raises(NonFiniteGradient) as info:
+        trainer.run()
+    assert isinstance(info.value, TrainingFailed)
+    message = str(info.value)
+    assert message.startswith("epoch 1: reversible window 1 (started at OpenMM step 300) gave "
+                              "a non-finite gradient for GlobalParameter/defaultValue/alpha "
+                              "(nan); at the window's first state it comes from "
+                              "CustomNonbondedForce (force 1): "
+                              "GlobalParameter/defaultValue/alpha. The fit stops before any "
+                              "optimiser step")
+    assert "Atom/sigma/Ar" not in message.split("; at the")[0]
+    assert trainer.parameters.values() == before
+    assert trainer.optimizer.state_dict()["state"] == {}  # no Adam step was taken
+    assert not (tmp_path / "out" / CHECKPOINT).exists()

@@ -54,7 +54,7 @@ from ..integrators.adjoint import (
 )
 from ..integrators.langevin import LangevinMiddleIntegrator
 from ..integrators.reversible import LossFunction, ReversibleSimulation
-from ..units import box_tensor, positions_tensor, strip
+from ..units import box_tensor, positions_tensor, strip, velocities_tensor
 from .fixed_point import (
     DENOMINATOR,
     FixedPointFormat,
@@ -362,9 +362,9 @@ class ExactReversibleSimulation(ReversibleSimulation):
         """
         dtype, device = self.masses.dtype, self.masses.device
         state = []
-        for t in (positions, velocities):
+        for t, as_tensor in ((positions, positions_tensor), (velocities, velocities_tensor)):
             if not isinstance(t, torch.Tensor):
-                t = positions_tensor(t, dtype=dtype, device=device)
+                t = as_tensor(t, dtype=dtype, device=device)
             if tuple(t.shape) != (self.masses.shape[0], 3):
                 raise InputError(f"the state has shape {tuple(t.shape)}; expected "
                                  f"({self.masses.shape[0]}, 3) to match the masses")

@@ -50,7 +50,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..trajectory import Trajectory
-from ..units import box_tensor, positions_tensor
+from ..units import box_tensor, positions_tensor, velocities_tensor
 from .adjoint import first_needed_step, frame_cotangents, initial_state_grads, reverse_sweep
 from .forces import accelerations
 from .langevin import LangevinMiddleIntegrator
@@ -196,7 +196,7 @@ class ReversibleSimulation:
         if not isinstance(positions, torch.Tensor):
             positions = positions_tensor(positions, dtype=dtype, device=device)
         if not isinstance(velocities, torch.Tensor):
-            velocities = positions_tensor(velocities, dtype=dtype, device=device)
+            velocities = velocities_tensor(velocities, dtype=dtype, device=device)
         if box is not None and not isinstance(box, torch.Tensor):
             box = box_tensor(box, dtype=dtype, device=device)
         if box is not None:

@@ -64,6 +64,12 @@ def build_term(force: openmm.Force, index: int, system: openmm.System) -> Term |
     return _FACTORIES[name](force, index, system)
 
 
+def _concrete_name(force: openmm.Force) -> str:
+    from .torchforce import concrete_force
+
+    return concrete_force(force).__class__.__name__
+
+
 class TorchPotential(nn.Module):
     """Energy of an OpenMM System as a torch module.
 
@@ -91,14 +97,33 @@ class TorchPotential(nn.Module):
 
     def __init__(self, system: openmm.System, parameters=None):
         super().__init__()
-        self.virtual_sites = VirtualSites(system)
-        terms, ignored = [], []
+        terms, ignored, problems = [], [], []
+        try:
+            self.virtual_sites = VirtualSites(system)
+        except UnsupportedForceError as error:
+            problems.append(str(error))
+        _load_terms()
+        unknown = []
+        # Every problem of the System goes into one error, not just the first one met.
         for index, force in enumerate(system.getForces()):
-            term = build_term(force, index, system)
+            name = _concrete_name(force)
+            if name not in _FACTORIES and name not in IGNORED_FORCES:
+                unknown.append(f"{name} (force {index})")
+                continue
+            try:
+                term = build_term(force, index, system)
+            except UnsupportedForceError as error:
+                problems.append(str(error))
+                continue
             if term is None:
                 ignored.append(force.__class__.__name__)
             else:
                 terms.append(term)
+        if unknown:
+            problems.insert(0, f"Unsupported force{'s' if len(unknown) > 1 else ''} "
+                               f"{', '.join(unknown)}; supported: {', '.join(supported_forces())}")
+        if problems:
+            raise UnsupportedForceError("; ".join(problems))
         self.terms = nn.ModuleList(terms)
         self.ignored = ignored
         masses = [system.getParticleMass(i).value_in_unit(openmm.unit.dalton)

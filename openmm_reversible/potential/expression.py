@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
+from ..safe_math import safe_atan2, safe_div, safe_pow, safe_sqrt
 from ..units import DTYPE
 
 
@@ -63,19 +64,19 @@ def _select(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 BUILTINS: dict[str, tuple[int, Callable[..., torch.Tensor]]] = {
-    "sqrt": (1, torch.sqrt),
+    "sqrt": (1, safe_sqrt),
     "exp": (1, torch.exp),
     "log": (1, torch.log),
     "sin": (1, torch.sin),
     "cos": (1, torch.cos),
-    "sec": (1, lambda x: 1.0 / torch.cos(x)),
-    "csc": (1, lambda x: 1.0 / torch.sin(x)),
+    "sec": (1, lambda x: safe_div(1.0, torch.cos(x))),
+    "csc": (1, lambda x: safe_div(1.0, torch.sin(x))),
     "tan": (1, torch.tan),
-    "cot": (1, lambda x: 1.0 / torch.tan(x)),
+    "cot": (1, lambda x: safe_div(1.0, torch.tan(x))),
     "asin": (1, torch.asin),
     "acos": (1, torch.acos),
     "atan": (1, torch.atan),
-    "atan2": (2, torch.atan2),
+    "atan2": (2, safe_atan2),
     "sinh": (1, torch.sinh),
     "cosh": (1, torch.cosh),
     "tanh": (1, torch.tanh),
@@ -85,7 +86,7 @@ BUILTINS: dict[str, tuple[int, Callable[..., torch.Tensor]]] = {
     "delta": (1, _delta),
     "square": (1, lambda x: x * x),
     "cube": (1, lambda x: x * x * x),
-    "recip": (1, lambda x: 1.0 / x),
+    "recip": (1, lambda x: safe_div(1.0, x)),
     "min": (2, torch.minimum),
     "max": (2, torch.maximum),
     "abs": (1, torch.abs),
@@ -93,10 +94,18 @@ BUILTINS: dict[str, tuple[int, Callable[..., torch.Tensor]]] = {
     "ceil": (1, torch.ceil),
     "select": (3, _select),
 }
-"""Lepton's built-in functions: name → (number of arguments, torch implementation)."""
+"""Lepton's built-in functions: name → (number of arguments, torch implementation).
+
+Square roots, powers, divisions (``/``, ``recip``, ``sec``, ``csc``, ``cot``) and ``atan2`` are
+those of :mod:`openmm_reversible.safe_math`: Lepton's values, with derivatives of every order
+finite wherever the value is (``sqrt(epsilon1*epsilon2)`` with ``epsilon2 = 0`` has derivative 0
+with respect to ``epsilon1``, not NaN). Not covered: an infinite intermediate that meets a
+parameter in a product (``exp(-alpha*r/rm)`` with ``rm = 0``: ``d/dalpha`` is ``∞·0``), and
+``asin``/``acos`` at ±1, whose derivatives are infinite; the trainer stops on such a gradient
+and names the force."""
 
 _OPERATORS: dict[str, Callable] = {"+": operator.add, "-": operator.sub, "*": operator.mul,
-                                   "/": operator.truediv, "^": operator.pow}
+                                   "/": safe_div, "^": safe_pow}
 _PRECEDENCE = {"+": 0, "-": 0, "*": 1, "/": 1, "^": 3}
 _RIGHT_ASSOCIATIVE = {"^"}
 _NEGATE_PRECEDENCE = 2

@@ -58,6 +58,7 @@ from openmm import unit
 from ..errors import InputError
 from ..geometry import CutoffPairs, minimum_image
 from ..methods import NONBONDED_FORCE_METHODS
+from ..safe_math import safe_sqrt
 from ..units import ONE_4PI_EPS0, scalar
 from . import register
 from .base import ParameterTable, Term, UnsupportedForceError
@@ -76,17 +77,6 @@ _SIGMA_RTOL = 1e-12
 """Relative tolerance for "exception sigma equals the mean of its particles' sigmas"."""
 
 # --------------------------------------------------------------------------- scalar laws
-
-
-def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
-    """``sqrt(x)`` for ``x >= 0`` whose derivative at 0 is taken as 0 instead of infinity.
-
-    Zero Lennard-Jones well depths are common (hydrogens of many water models); the true
-    derivative of ``sqrt(ε_i ε_j)`` there is infinite and would turn gradients into NaN.
-    """
-    positive = x > 0
-    return torch.where(positive, torch.sqrt(torch.where(positive, x, torch.ones_like(x))),
-                       torch.zeros_like(x))
 
 
 def lennard_jones(r: torch.Tensor, sigma: torch.Tensor, epsilon: torch.Tensor) -> torch.Tensor:
