@@ -35,6 +35,7 @@ from openmm import app
 
 from .errors import InputError
 from .methods import CONSTRAINTS, NONBONDED_METHODS
+from .priors import ParameterRule
 
 try:
     import tomllib
@@ -187,6 +188,8 @@ class FitConfig:
     system: SystemConfig = field(default_factory=SystemConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
     targets: list[TargetConfig] = field(default_factory=list)
+    parameters: list[ParameterRule] = field(default_factory=list)
+    """Priors, bounds and frozen parameters (``[[parameters]]`` tables, :mod:`.priors`)."""
     path: str | None = None
     """The config file this was read from (absolute), None when built from a dict."""
 
@@ -392,8 +395,14 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                          f"'name'")
     if not any(t.weight > 0 for t in targets):
         raise InputError("targets: every weight is 0, nothing to fit")
+    raw_rules = data.get("parameters", [])
+    if not isinstance(raw_rules, list):
+        raise InputError("parameters: give [[parameters]] tables (key = \"Atom/sigma/...\", "
+                         "prior_width, lower, upper, frozen)")
+    rules = [_build(ParameterRule, r, f"parameters[{i}]") for i, r in enumerate(raw_rules)]
     return FitConfig(forcefield=ff, structure=structure, system=system, simulation=simulation,
-                     schedule=schedule, failure=failure, targets=targets, path=path)
+                     schedule=schedule, failure=failure, targets=targets, parameters=rules,
+                     path=path)
 
 
 def load_config(path: str | os.PathLike) -> FitConfig:

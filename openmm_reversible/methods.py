@@ -15,12 +15,14 @@ NONBONDED_METHODS = {
     "CutoffNonPeriodic": app.CutoffNonPeriodic,
     "CutoffPeriodic": app.CutoffPeriodic,
     "ReactionField": app.CutoffPeriodic,  # OpenMM's CutoffPeriodic is reaction-field Coulomb
-    "RF": app.CutoffPeriodic,
     "Ewald": app.Ewald,
     "PME": app.PME,
 }
-"""Accepted method names → the ``nonbondedMethod`` of ``ForceField.createSystem``.
-``ReactionField`` and ``RF`` are aliases of ``CutoffPeriodic``."""
+"""Accepted method names (configs, command lines) → the ``nonbondedMethod`` of
+``ForceField.createSystem``. ``ReactionField`` is an alias of ``CutoffPeriodic``."""
+
+SHORT_NAMES = {"RF": "ReactionField"}
+"""Shorthands the Python system builders also accept (:func:`nonbonded_method`)."""
 
 NONBONDED_FORCE_METHODS = {
     openmm.NonbondedForce.NoCutoff: "NoCutoff",
@@ -42,13 +44,14 @@ CONSTRAINTS = {"none": None, "HBonds": app.HBonds, "AllBonds": app.AllBonds,
 
 
 def nonbonded_method(name: str):
-    """The ``openmm.app`` constant for a method name; ValueError listing the choices."""
+    """The ``openmm.app`` constant for a method name or shorthand; ValueError listing the
+    choices."""
     try:
-        return NONBONDED_METHODS[name]
+        return NONBONDED_METHODS[SHORT_NAMES.get(name, name)]
     except KeyError:
         raise ValueError(f"unknown nonbonded method {name!r}; choose from "
-                         f"{', '.join(NONBONDED_METHODS)}") from None
+                         f"{', '.join([*NONBONDED_METHODS, *SHORT_NAMES])}") from None
 
 
 __all__ = ["CONSTRAINTS", "NONBONDED_FORCE_METHODS", "NONBONDED_METHODS", "PAIRWISE_METHODS",
-           "nonbonded_method"]
+           "SHORT_NAMES", "nonbonded_method"]

@@ -745,9 +745,18 @@ class ParameterSet(nn.Module):
         """The resolved force field files, in load order."""
         return [f.path for f in self._files]
 
+    def trainable_values(self) -> torch.Tensor:
+        """Current values of the trainable sites, in :attr:`trainable_keys` order (MD units),
+        differentiable in :attr:`scaled`."""
+        return self._reference * self.scaled + self._offset
+
+    def scaled_for(self, values: torch.Tensor) -> torch.Tensor:
+        """The scaled variables at which the trainable sites take ``values`` (MD units)."""
+        return (values - self._offset) / self._reference
+
     def forward(self) -> torch.Tensor:
         """Current values of all sites, shape (n_sites,), MD units, differentiable."""
-        trainable = self._reference * self.scaled + self._offset
+        trainable = self.trainable_values()
         values: list[torch.Tensor | None] = [None] * len(self.sites)
         for j, i in enumerate(self._trainable_index.tolist()):
             values[i] = trainable[j]

@@ -9,8 +9,10 @@ One epoch (:meth:`Trainer.run_epoch`):
 3. for each window: sample ``bulk_steps`` in OpenMM, hand the state to a torch
    :class:`~openmm_reversible.integrators.ReversibleSimulation`, and back-propagate its loss
    (gradients accumulate over the windows, each weighted 1/windows);
-4. one optimiser step on the *scaled* parameters (value / start value, as in the reversible
-   simulation paper), then clip them so that σ, ε, force constants and lengths stay positive.
+4. the priors of ``[[parameters]]`` (:mod:`~openmm_reversible.priors`) add their penalty
+   and its gradient, frozen parameters lose theirs; one optimiser step on the *scaled*
+   parameters (value / start value, as in the reversible simulation paper), then clip them so
+   that σ, ε, force constants and lengths stay positive, and project them into their bounds.
 
 After every epoch the output directory receives, each file written atomically (temporary file
 + rename): the trained ForceField XML (the user's file with only the tagged values changed),
@@ -57,6 +59,7 @@ from .observables.rdf import rdf
 from .observables.selection import molecules, pair_indices
 from .parameters import ParameterSet
 from .potential import TorchPotential
+from .priors import Regularization
 from .sampler import (
     SampledState,
     Sampler,
@@ -346,6 +349,7 @@ class Trainer:
         self.topology = topology
         self.parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
                                                        **create_system_kwargs(config))
+        self.regularization = Regularization(self.parameters, config.parameters)
         configure_system(self.parameters.system, config)
         self.potential = TorchPotential(self.parameters.system, parameters=self.parameters)
         self.objective = Objective(config, topology)
@@ -497,10 +501,15 @@ class Trainer:
             self.sampler.step(sched.bulk_steps)
             timings["bulk_s"] += time.perf_counter() - t
             self._window(w, self.sampler.state(), self._seed(epoch, attempt, w + 1), totals)
+        prior = self.regularization.penalty()
+        if prior.requires_grad:
+            prior.backward()
+        self.regularization.mask(self.parameters.scaled.grad)
         grad = self.parameters.scaled.grad.detach().clone()
         keys = self.parameters.trainable_keys
         return {
-            "epoch": epoch, "loss": totals["loss"], "terms": totals["terms"],
+            "epoch": epoch, "loss": totals["loss"] + float(prior.detach()),
+            "prior_penalty": float(prior.detach()), "terms": totals["terms"],
             "observables": {k: v.tolist() for k, v in totals["observables"].items()},
             "parameters": self.parameters.values(),
             "gradient": dict(zip(keys, grad.tolist(), strict=True)),
@@ -563,6 +572,7 @@ class Trainer:
         with torch.no_grad():
             scaled = self.parameters.scaled
             scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
+        self.regularization.project()
         self.state = record.pop("end_state")
         record["parameters_after"] = self.parameters.values()
         record["failures"] = messages

@@ -162,6 +162,19 @@ def test_constraints_are_refused(base, key, value):
     assert 'system.rigid_water = false and system.constraints = "none"' in message
 
 
+def test_parameter_rules(base):
+    data, where = base
+    data["parameters"] = [{"key": "Atom/sigma/tip3p-O", "prior_width": 0.01, "lower": 0.3},
+                          {"key": "Bond/k/OW.HW", "frozen": True}]
+    config = config_from_dict(data, where)
+    assert config.parameters[0].prior_width == 0.01 and config.parameters[1].frozen
+    data["parameters"] = [{"key": "Atom/sigma/tip3p-O", "prior_widht": 0.01}]
+    assert _error(data, where) == ("parameters[0].prior_widht: unknown key; did you mean "
+                                   "'prior_width'?")
+    data["parameters"] = {"key": "x"}
+    assert _error(data, where).startswith("parameters: give [[parameters]] tables")
+
+
 def test_missing_forcefield_file(base):
     data, where = base
     data["forcefield"]["files"] = ["nope.xml"]

@@ -14,7 +14,7 @@ ROOMS = [
     ("parameters",),
     ("integrators",),
     ("exact",),
-    ("observables", "reweighting", "losses", "ml"),
+    ("observables", "reweighting", "losses", "priors", "ml"),
     ("systems", "config", "sampler"),
     ("train", "train_elastic", "export", "verify", "gradcheck", "validate", "benchmarks",
      "demo", "fit"),

@@ -23,6 +23,7 @@ from openmm_reversible.config import load_config
 from openmm_reversible.errors import InputError
 from openmm_reversible.observables.rdf import rdf
 from openmm_reversible.parameters import ParameterSet
+from openmm_reversible.priors import ParameterRule
 from openmm_reversible.train import (
     CHECKPOINT,
     LOG,
@@ -316,3 +317,28 @@ def test_non_finite_gradient_stops_the_fit_naming_parameter_and_force(argon, tmp
     assert trainer.parameters.values() == before
     assert trainer.optimizer.state_dict()["state"] == {}  # no Adam step was taken
     assert not (tmp_path / "out" / CHECKPOINT).exists()
+
+
+def test_priors_bounds_and_frozen_parameters_in_a_fit(argon, tmp_path):
+    """[[parameters]]: ε frozen stays bit for bit, σ stays inside its bounds, the prior's
+    penalty enters the logged loss; a key that is no trainable site is refused before any
+    sampling (nothing written)."""
+    config = _config(argon, "priors", SIGMA * 1.02, EPSILON * 0.95, epochs=2)
+    start = SIGMA * 1.02
+    rules = [ParameterRule("Atom/epsilon/Ar", frozen=True),
+             ParameterRule("Atom/sigma/Ar", prior_width=0.001, lower=start - 1e-5,
+                           upper=start + 1e-5)]
+    result = fit(dataclasses.replace(config, parameters=rules), tmp_path / "out",
+                 progress=False)
+    for record in result.records:
+        assert record["parameters_after"]["Atom/epsilon/Ar"] == EPSILON * 0.95
+        assert record["gradient"]["Atom/epsilon/Ar"] == 0.0
+        sigma = record["parameters_after"]["Atom/sigma/Ar"]
+        assert start - 1e-5 - 1e-15 <= sigma <= start + 1e-5 + 1e-15
+        assert record["prior_penalty"] >= 0.0
+        assert record["loss"] >= record["prior_penalty"]
+    assert result.records[-1]["prior_penalty"] > 0.0  # σ moved, so the prior costs something
+    bad = dataclasses.replace(config, parameters=[ParameterRule("Atom/sigma/Kr", lower=0.1)])
+    with pytest.raises(InputError, match="did you mean 'Atom/sigma/Ar'"):
+        Trainer(bad, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists()
