@@ -14,8 +14,8 @@ The public API, in data-flow order::
     write_xml(params, "trained/")                       # values written into your own XML
 
     # or the whole workflow from a TOML config (what ``openmm-reversible fit`` runs):
-    from openmm_reversible import fit, load_config
-    fit(load_config("water.toml"), "out/")
+    from openmm_reversible import Trainer, load_config
+    Trainer(load_config("water.toml"), "out/").run()
 
 Names are imported lazily so that ``import openmm_reversible`` (and the command line) start fast.
 """
@@ -40,7 +40,6 @@ _EXPORTS = {
     "Loss": "openmm_reversible.losses",
     "load_config": "openmm_reversible.config",
     "Trainer": "openmm_reversible.train",
-    "fit": "openmm_reversible.train",
     # checks, export and validation
     "check_gradients": "openmm_reversible.gradcheck",
     "write_xml": "openmm_reversible.export",
