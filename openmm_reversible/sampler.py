@@ -29,6 +29,7 @@ from openmm import app, unit
 
 from .config import FitConfig
 from .errors import InputError
+from .files import read_structure
 from .units import KB
 
 _OPENMM_METHODS = {
@@ -172,7 +173,7 @@ def build_structure(config: FitConfig, forcefield_files: list[str] | None = None
         modeller = app.Modeller(app.Topology(), [])
         modeller.addSolvent(forcefield, model=s.model, numAdded=s.water_box)
     else:
-        pdb = app.PDBFile(s.pdb)
+        pdb = read_structure(s.pdb)
         modeller = app.Modeller(pdb.topology, pdb.positions)
         if s.padding is not None:
             modeller.addSolvent(forcefield, model=s.model, padding=s.padding * unit.nanometer)
