@@ -227,9 +227,27 @@ def _type_name(annotation) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def _table_of(key: str) -> str | None:
+    """The table that takes ``key`` (as ``[name]`` or ``[[targets]]``), or None."""
+    hints = typing.get_type_hints(FitConfig)
+    for name in _SECTIONS:
+        cls = hints[name]
+        many = typing.get_origin(cls) is list
+        cls = typing.get_args(cls)[0] if many else cls
+        if key in {f.name for f in dataclasses.fields(cls)}:
+            return f"[[{name}]]" if many else f"[{name}]"
+    return None
+
+
 def _unknown(key: str, known, where: str) -> InputError:
+    home = _table_of(key)
     close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    if home is not None:
+        hint = f"; it belongs in {home}"
+    elif close:
+        hint = f"; did you mean {close[0]!r}?"
+    else:
+        hint = f"; known keys: {', '.join(known)}"
     return InputError(f"{where}: unknown key{hint}")
 
 

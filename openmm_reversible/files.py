@@ -151,6 +151,7 @@ def read_structure(path: str | os.PathLike):
     positions = np.asarray(structure.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
     bad = np.flatnonzero(~np.isfinite(positions).all(axis=1))
     if bad.size:
-        raise InputError(f"{path}: atom {bad[0] + 1} has a non-finite coordinate "
-                         f"({bad.size} atoms in all); fix the coordinates")
+        more = f" (and {bad.size - 1} more atoms)" if bad.size > 1 else ""
+        raise InputError(f"{path}: atom {bad[0] + 1} has a non-finite coordinate{more}; fix "
+                         "the coordinates")
     return structure

@@ -168,7 +168,12 @@ def build_structure(config: FitConfig, forcefield_files: list[str] | None = None
     try:
         forcefield = app.ForceField(*files)
     except Exception as exc:
-        raise InputError(f"forcefield.files: OpenMM cannot load {files} ({exc})") from None
+        hint = ("; a parameterize/parameter_eval tag on a residue template's <Atom> is one "
+                "cause (OpenMM reads every attribute there as a number): tag the atom type's "
+                "entry in the force section instead"
+                if "could not convert string to float" in str(exc) else "; fix the file")
+        raise InputError(f"forcefield.files: OpenMM cannot load {files} ({exc}){hint}"
+                         ) from None
     if s.water_box is not None:
         modeller = app.Modeller(app.Topology(), [])
         modeller.addSolvent(forcefield, model=s.model, numAdded=s.water_box)

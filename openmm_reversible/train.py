@@ -131,7 +131,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: no checkpoint there; pass the output directory of "
+        raise InputError(f"no checkpoint at {path}; pass the output directory of "
                          "`openmm-reversible fit`")
     try:
         checkpoint = torch.load(path, weights_only=True)

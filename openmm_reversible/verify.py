@@ -85,7 +85,7 @@ def _rel_rms(diff: np.ndarray, ref: np.ndarray) -> float:
 def load_system(path: str) -> openmm.System:
     """Deserialize an OpenMM System from XML, with errors that say what the file is instead."""
     if not os.path.exists(path):
-        raise InputError(f"no such file: {path}")
+        raise InputError(f"no such file: {path}; check the path")
     try:
         with open(path, encoding="utf-8") as fh:
             text = fh.read()
@@ -102,7 +102,7 @@ def load_system(path: str) -> openmm.System:
 def load_coordinates(path: str, system: openmm.System) -> tuple[np.ndarray, np.ndarray | None]:
     """Positions (nm) and box (nm, or None) from a PDB/PDBx file or a serialized State."""
     if not os.path.exists(path):
-        raise InputError(f"no such file: {path}")
+        raise InputError(f"no such file: {path}; check the path")
     lower = path.lower()
     box = None
     if lower.endswith((".pdb", ".ent", ".cif", ".pdbx")):
@@ -112,9 +112,10 @@ def load_coordinates(path: str, system: openmm.System) -> tuple[np.ndarray, np.n
         try:
             with open(path, encoding="utf-8") as fh:
                 state = openmm.XmlSerializer.deserialize(fh.read())
-        except Exception:
+        except Exception as exc:
             raise InputError(f"{path}: COORDS must be a PDB/PDBx file or a serialized "
-                             "OpenMM State (XML)") from None
+                             f"OpenMM State (XML), and this does not parse as one ({exc})"
+                             ) from None
         if not isinstance(state, openmm.State):
             raise InputError(f"{path} holds a serialized {type(state).__name__}, not a State")
         positions = state.getPositions(asNumpy=True)
