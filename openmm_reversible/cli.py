@@ -32,14 +32,16 @@ _FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirec
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Every option's help states its default: the value, ``off`` for a flag, or the help's own
-    words where it already says what the default is (``default: the config's``)."""
+    """Every option's help states its default: the value, ``off`` for a flag, the help's own
+    words where it already says what the default is (``default: the config's``), or
+    ``required``."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if (not action.option_strings or action.required or "default" in text
-                or action.default is argparse.SUPPRESS):
+        if not action.option_strings or "default" in text or action.default is argparse.SUPPRESS:
             return text
+        if action.required:
+            return f"{text} (required)"
         if action.nargs == 0 and action.default is False:
             return f"{text} (default: off)"
         return super()._get_help_string(action)
