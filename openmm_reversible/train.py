@@ -107,9 +107,10 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 _CHECKPOINT_ENTRIES = ("version", "epoch", "sites", "scaled", "optimizer", "records", "state",
                        "config")
+"""The entries :meth:`Trainer._checkpoint` writes."""
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
+def _read_checkpoint(path: str | os.PathLike) -> dict:
     """A ``checkpoint.pt`` written by :class:`Trainer`, checked for its format.
 
     Parameters
@@ -120,8 +121,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     Returns
     -------
     dict
-        The checkpoint's entries; the format is the trainer's own (read the trained values with
-        :func:`trained_parameters`).
+        The checkpoint's entries. The format is the trainer's own: other modules read the
+        trained values with :func:`trained_parameters`.
 
     Raises
     ------
@@ -192,7 +193,7 @@ def trained_parameters(config: FitConfig, output: str | os.PathLike) -> Paramete
         If the checkpoint is missing or damaged, or belongs to a different force field.
     """
     path = Path(output) / CHECKPOINT
-    checkpoint = read_checkpoint(path)
+    checkpoint = _read_checkpoint(path)
     with structure_errors(config.structure.source, config.forcefield.files):
         topology, _ = build_structure(config)
         parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
@@ -382,7 +383,7 @@ class Trainer:
             if not checkpoint_path.is_file():
                 raise InputError(f"--resume: no checkpoint in {self.output}; run without "
                                  f"--resume to start a new fit")
-            checkpoint = read_checkpoint(checkpoint_path)
+            checkpoint = _read_checkpoint(checkpoint_path)
             self._check_checkpoint(checkpoint)
         elif checkpoint_path.exists():
             raise InputError(f"{self.output} already holds a fit ({CHECKPOINT}); pass --resume "
