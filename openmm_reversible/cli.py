@@ -7,8 +7,8 @@ command raises into an exit code and one line on standard error. Every command e
 - **0**: success; the check is within tolerance;
 - **1**: computed, but outside tolerance (verify, gradcheck, validate, demo), or the training
   failed (fit);
-- **2**: bad input: one line naming the file or option, the problem and the fix (argparse's
-  usage errors exit 2 too);
+- **2**: bad input: one line naming the file or option, the problem and the fix (a usage
+  error, such as a missing option, too);
 - **3**: internal error (an unexpected exception): one short line; the global ``--debug``
   flag prints the traceback as well.
 
@@ -47,13 +47,20 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line on standard error (exit 2)."""
+
+    def error(self, message: str):
+        self.exit(BAD_INPUT, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
 def _add_debug(parser: argparse.ArgumentParser, default) -> None:
     parser.add_argument("--debug", action="store_true", default=default,
                         help="on an error, print the traceback as well (default: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="openmm-reversible", formatter_class=HelpFormatter,
         description="Train OpenMM force fields by differentiating through molecular dynamics "
                     "with reversible simulation.",

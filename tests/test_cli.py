@@ -94,3 +94,18 @@ def test_exit_codes_are_documented():
 
     for line in ("**0**", "**1**", "**2**", "**3**", "--debug"):
         assert line in cli.__doc__
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["gradcheck", "--pdb", "x.pdb", "--steps", "2"], "the following arguments are required: "
+                                                      "--forcefield"),
+    (["verify", "s.xml", "c.pdb", "--platform"], "argument --platform: expected one argument"),
+    (["benchmark", "exact", "--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_usage_errors_are_one_line_exit_2(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0] and lines[0].endswith("--help'"), lines
