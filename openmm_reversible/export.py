@@ -21,13 +21,15 @@ import os
 from pathlib import Path
 
 from .errors import InputError
-from .files import atomic_write_all, text_writer
+from .files import Writer, atomic_write_all, text_writer
 from .parameters import ParameterSet, is_bundled
 
 
 def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None = None,
               strip_markup: bool = False) -> list[Path]:
     """Write the current parameter values into copies of (or over) the original XML files.
+
+    All files are written, or none (:func:`~openmm_reversible.files.atomic_write_all`).
 
     Parameters
     ----------
@@ -48,6 +50,21 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
     -------
     list of pathlib.Path
         The files written, in the order the force field loads them.
+    """
+    writes = xml_writes(parameter_set, path_or_dir, strip_markup)
+    atomic_write_all(writes)
+    return [target for target, _ in writes]
+
+
+def xml_writes(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None = None,
+               strip_markup: bool = False) -> list[tuple[Path, Writer]]:
+    """What :func:`write_xml` writes, without writing it: (target, writer) per file, for
+    :func:`~openmm_reversible.files.atomic_write_all` together with other files.
+
+    Raises
+    ------
+    InputError
+        As :func:`write_xml` (bundled file in place, shared names, missing directory).
     """
     texts = parameter_set.texts(strip_markup=strip_markup)
     indices = parameter_set.site_files()
@@ -73,13 +90,12 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
         raise InputError(f"parameters live in {len(sources)} files "
                          f"({', '.join(s.name for s in sources)}) but {str(path_or_dir)!r} "
                          "is not a directory; pass an existing directory")
-    atomic_write_all([(target, text_writer(texts[index]))
-                      for index, target in zip(indices, targets, strict=True)])
-    return targets
+    return [(target, text_writer(texts[index]))
+            for index, target in zip(indices, targets, strict=True)]
 
 
 export_forcefield = write_xml
 """Alias of :func:`write_xml`, the name the training loop uses."""
 
-__all__ = ["write_xml", "export_forcefield"]
+__all__ = ["write_xml", "xml_writes", "export_forcefield"]
 

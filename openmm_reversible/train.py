@@ -12,13 +12,14 @@ One epoch (:meth:`Trainer.run_epoch`):
 4. one optimiser step on the *scaled* parameters (value / start value, as in the reversible
    simulation paper), then clip them so that σ, ε, force constants and lengths stay positive.
 
-After every epoch the output directory receives, each file written atomically (temporary file
-+ rename): the trained ForceField XML (the user's file with only the tagged values changed),
-``checkpoint.pt`` (parameters, optimiser state, simulation state, history), ``log.jsonl`` (one
-JSON object per epoch: each loss term, observables, parameters, gradients, timings) and
-``training.png`` (loss and each observable against its target). A run killed at any moment
-loses at most the epoch in progress, and ``resume=True`` continues exactly where the checkpoint
-left off (bit for bit on a deterministic platform: Reference, or CPU in NVT).
+After every epoch the output directory receives, all files written together and atomically
+(temporary files, renamed only when every one is complete): the trained ForceField XML (the
+user's file with only the tagged values changed), ``checkpoint.pt`` (parameters, optimiser
+state, simulation state, history), ``log.jsonl`` (one JSON object per epoch: each loss term,
+observables, parameters, gradients, timings) and ``training.png`` (loss and each observable
+against its target). A run killed at any moment loses at most the epoch in progress, and
+``resume=True`` continues exactly where the checkpoint left off (bit for bit on a deterministic
+platform: Reference, or CPU in NVT).
 
 A simulation that produces NaN or runs away stops the epoch with a message naming the step and
 the parameter values; the last good parameters and optimiser state are restored, and the epoch
@@ -42,8 +43,8 @@ from tqdm.auto import tqdm
 
 from .config import SCALAR_UNITS, FitConfig, to_dict
 from .errors import InputError, structure_errors
-from .export import write_xml
-from .files import atomic_write, atomic_write_text
+from .export import xml_writes
+from .files import atomic_write_all, text_writer
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation, counter_seed
 from .losses import Loss, Target
 from .observables.density import density, pressure
@@ -600,15 +601,14 @@ class Trainer:
     # -- outputs --------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        """Trained XML, checkpoint, log and plot, each written atomically."""
+        """Trained XML, checkpoint, log and plot: all of them written, or none."""
         self.output.mkdir(parents=True, exist_ok=True)
-        write_xml(self.parameters, self.output)
-        atomic_write(self.output / CHECKPOINT,
-                     lambda tmp: torch.save(self._checkpoint(), tmp))
-        atomic_write_text(self.output / LOG,
-                    "".join(json.dumps(r) + "\n" for r in self.records))
-        atomic_write(self.output / PLOT,
-                     lambda tmp: plot_training(self.records, self.objective, tmp))
+        atomic_write_all([
+            *xml_writes(self.parameters, self.output),
+            (self.output / CHECKPOINT, lambda tmp: torch.save(self._checkpoint(), tmp)),
+            (self.output / LOG, text_writer("".join(json.dumps(r) + "\n"
+                                                    for r in self.records))),
+            (self.output / PLOT, lambda tmp: plot_training(self.records, self.objective, tmp))])
 
     def run(self) -> TrainResult:
         """Run the remaining epochs of the schedule.
