@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -90,6 +91,13 @@ class StructureConfig:
     water_box: int | None = _spec(None, _positive, "number of water molecules in a cubic box")
     model: str = _spec("tip3p", doc="water model Modeller uses for water_box / padding")
     padding: float | None = _spec(None, _positive, "nm of water added around the PDB solute")
+
+    @property
+    def source(self) -> str:
+        """What the structure comes from, for messages: the PDB path or the water box."""
+        if self.pdb is None:
+            return f"the {self.water_box}-molecule {self.model} water box"
+        return self.pdb if self.padding is None else f"{self.pdb} (with {self.padding} nm of water)"
 
 
 @dataclass(frozen=True)
@@ -217,9 +225,27 @@ def _type_name(annotation) -> str:
     return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def _table_of(key: str) -> str | None:
+    """The table that takes ``key`` (as ``[name]`` or ``[[targets]]``), or None."""
+    hints = typing.get_type_hints(FitConfig)
+    for name in _SECTIONS:
+        cls = hints[name]
+        many = typing.get_origin(cls) is list
+        cls = typing.get_args(cls)[0] if many else cls
+        if key in {f.name for f in dataclasses.fields(cls)}:
+            return f"[[{name}]]" if many else f"[{name}]"
+    return None
+
+
 def _unknown(key: str, known, where: str) -> InputError:
+    home = _table_of(key)
     close = difflib.get_close_matches(key, list(known), n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    if home is not None:
+        hint = f"; it belongs in {home}"
+    elif close:
+        hint = f"; did you mean {close[0]!r}?"
+    else:
+        hint = f"; known keys: {', '.join(known)}"
     return InputError(f"{where}: unknown key{hint}")
 
 
@@ -242,6 +268,8 @@ def _build(cls, table, where: str):
         if not _type_ok(value, hints[name]):
             raise InputError(f"{where}.{name}: expected {_type_name(hints[name])}, "
                              f"got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(f"{where}.{name} = {value!r}: must be a finite number")
         if hints[name] is float and value is not None:
             value = float(value)
         check = f.metadata.get("check")
@@ -290,6 +318,11 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
             raise InputError(f"{where}.file: {path} is not a numeric table ({exc})") from None
         if data.shape[1] < 2 or data.shape[0] < 3 or not np.all(np.isfinite(data[:, :2])):
             raise InputError(f"{where}.file: {path} needs >= 3 rows of finite r (nm), g columns")
+        if np.any(data[:, :2] < 0):
+            column = "r" if np.any(data[:, 0] < 0) else "g"
+            row = int(np.flatnonzero((data[:, :2] < 0).any(axis=1))[0]) + 1
+            raise InputError(f"{where}.file: {path} has a negative {column} in data row {row}; "
+                             f"r (nm) and g(r) are >= 0: fix the file")
         spacing = np.diff(data[:, 0])
         if np.any(spacing <= 0) or np.ptp(spacing) > 1e-6 * spacing.mean() + 1e-9:
             raise InputError(f"{where}.file: r (first column) of {path} must be bin centres "

@@ -8,8 +8,11 @@ located by the position of their element's start tag in the text
 (:mod:`openmm_reversible.parameters` records it), never by re-serialising an XML tree, so the
 exported file differs from the original only where a value moved and can be trained again.
 
-Files are written atomically: a temporary file in the destination directory is renamed over
-the target with ``os.replace``, so an interrupted export never leaves a truncated force field.
+Files are written atomically: each is written to a temporary file in its destination directory,
+and only when all are complete are they renamed over their targets with ``os.replace``, so an
+interrupted or failed export never leaves a truncated force field, nor some files and not
+others. The trained values of a fit come from the trainer
+(:func:`openmm_reversible.train.trained_parameters`), which alone reads its checkpoint.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import os
 from pathlib import Path
 
 from .errors import InputError
-from .files import atomic_write_text
+from .files import Writer, atomic_write_all, text_writer
 from .parameters import ParameterSet, is_bundled
 
 
 def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None = None,
               strip_markup: bool = False) -> list[Path]:
     """Write the current parameter values into copies of (or over) the original XML files.
+
+    All files are written, or none (:func:`~openmm_reversible.files.atomic_write_all`).
 
     Parameters
     ----------
@@ -46,6 +51,23 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
     -------
     list of pathlib.Path
         The files written, in the order the force field loads them.
+    """
+    writes = xml_writes(parameter_set, path_or_dir, strip_markup)
+    for target, _ in writes:
+        target.parent.mkdir(parents=True, exist_ok=True)  # a new directory given as 'dir/'
+    atomic_write_all(writes)
+    return [target for target, _ in writes]
+
+
+def xml_writes(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None = None,
+               strip_markup: bool = False) -> list[tuple[Path, Writer]]:
+    """What :func:`write_xml` writes, without writing it: (target, writer) per file, for
+    :func:`~openmm_reversible.files.atomic_write_all` together with other files.
+
+    Raises
+    ------
+    InputError
+        As :func:`write_xml` (bundled file in place, shared names, missing directory).
     """
     texts = parameter_set.texts(strip_markup=strip_markup)
     indices = parameter_set.site_files()
@@ -72,54 +94,12 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
                          f"({', '.join(s.name for s in sources)}) but {str(path_or_dir)!r} "
                          "is not a directory; pass a directory (an existing one, or a path "
                          "ending in '/')")
-    for index, target in zip(indices, targets, strict=True):
-        target.parent.mkdir(parents=True, exist_ok=True)  # a new directory given as 'dir/'
-        atomic_write_text(target, texts[index])
-    return targets
+    return [(target, text_writer(texts[index]))
+            for index, target in zip(indices, targets, strict=True)]
 
 
 export_forcefield = write_xml
 """Alias of :func:`write_xml`, the name the training loop uses."""
 
-__all__ = ["write_xml", "export_forcefield"]
+__all__ = ["write_xml", "xml_writes", "export_forcefield"]
 
-
-def add_arguments(parser) -> None:
-    parser.add_argument("config", metavar="CONFIG.toml", help="the fit's TOML config")
-    parser.add_argument("--from", dest="fit_dir", required=True, metavar="FIT_DIR",
-                        help="output directory of `openmm-reversible fit` (its checkpoint.pt)")
-    parser.add_argument("--output", "-o", required=True, metavar="DIR",
-                        help="directory to write the trained ForceField XML into")
-    parser.add_argument("--plain", action="store_true",
-                        help="drop the parameterize/parameter_eval tags (a file that any "
-                             "OpenMM loads, but that cannot be trained again)")
-
-
-def run(args) -> int:
-    """CLI: write the values of a fit's checkpoint into copies of the original XML files."""
-    import torch
-
-    from .config import load_config
-    from .sampler import build_structure, create_system_kwargs
-
-    config = load_config(args.config)
-    checkpoint = Path(args.fit_dir) / "checkpoint.pt"
-    if not checkpoint.is_file():
-        raise InputError(f"--from {args.fit_dir}: no checkpoint.pt there; pass the output "
-                         "directory of `openmm-reversible fit`")
-    saved = torch.load(checkpoint, weights_only=True)
-    topology, _ = build_structure(config)
-    parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
-                                              **create_system_kwargs(config))
-    if saved["sites"] != parameters.names:
-        raise InputError(f"{checkpoint} holds parameters {saved['sites']} but the config's force "
-                         f"field has {parameters.names}; pass the config the fit used")
-    with torch.no_grad():
-        parameters.scaled.copy_(saved["scaled"])
-    output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
-    for path in write_xml(parameters, output, strip_markup=args.plain):
-        print(path)
-    for key, value in parameters.values().items():
-        print(f"  {key} = {value!r}")
-    return 0

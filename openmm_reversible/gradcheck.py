@@ -1,4 +1,4 @@
-"""``openmm-reversible gradcheck``: check reversible gradients of a force field on a structure.
+"""Check the reversible gradients of a force field on a structure.
 
 For every trainable parameter of a tagged ForceField XML (``parameterize`` /
 ``parameter_eval``, see :mod:`openmm_reversible.parameters`), the gradient of a trajectory loss
@@ -10,9 +10,10 @@ is computed three ways on the same short simulation (same initial state, same no
 
 Gradients are with respect to the trainable variables of the ParameterSet (each parameter
 scaled by its start value, so a gradient is the change of the loss per unit *relative* change
-of the parameter). The command prints them with the largest relative errors,
-``rel_error_bptt`` and ``rel_error_fd``, and exits 0 when both are within tolerance, 1 when
-not, 2 for bad input.
+of the parameter). :func:`check_forcefield_gradients` does it for a tagged ForceField XML on a
+PDB file; ``openmm-reversible gradcheck`` (:mod:`openmm_reversible.commands.gradcheck`) prints
+the gradients with the largest relative errors, ``rel_error_bptt`` and ``rel_error_fd``, and
+exits 0 when both are within tolerance, 1 when not, 2 for bad input.
 
 Relative error of one parameter: ``|g - g_ref| / max(|g_ref|, 1e-3·max_k |g_ref,k|)``, so a
 parameter with a negligible gradient is judged on the scale of the largest one.
@@ -58,9 +59,7 @@ gradient is meaningful.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -69,17 +68,16 @@ import openmm
 import openmm.app as app
 import torch
 
-from .errors import InputError
+from .errors import InputError, check_at_least, check_positive, structure_errors
 from .geometry import box_widths
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from .methods import NONBONDED_METHODS
 from .observables.energy import frame_energies
 from .reweighting import reweighted_average
 from .trajectory import Trajectory
 from .units import box_tensor, positions_tensor
 
 LOSSES = ("energy", "kinetic", "rdf")
-NONBONDED_METHODS = {"NoCutoff": app.NoCutoff, "CutoffNonPeriodic": app.CutoffNonPeriodic,
-                     "CutoffPeriodic": app.CutoffPeriodic, "Ewald": app.Ewald, "PME": app.PME}
 RDF_R_MAX = 0.9
 FD_CONSISTENCY = 1e-2
 """Largest relative difference between the central differences at steps h and h/2 for which
@@ -384,93 +382,88 @@ def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
                          reconstruction_error, reweighted, frames.n_frames, half, fd_step)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--forcefield", action="append", required=True, metavar="FF.xml",
-                        help="ForceField XML with parameterize tags (repeat for several files, "
-                             "in load order; bundled names such as tip3p.xml work)")
-    parser.add_argument("--pdb", required=True, metavar="COORDS",
-                        help="PDB file with the structure (CRYST1 gives the periodic box)")
-    parser.add_argument("--steps", type=int, required=True, help="simulation steps")
-    parser.add_argument("--loss", choices=LOSSES, default="energy",
-                        help="mean potential energy, mean kinetic energy, or O-O RDF deviation "
-                             "from 1 (default: energy)")
-    parser.add_argument("--snapshot-every", type=int, default=None,
-                        help="steps between loss snapshots (default: steps // 5, at least 1)")
-    parser.add_argument("--timestep", type=float, default=0.001, help="ps (default 0.001)")
-    parser.add_argument("--friction", type=float, default=1.0, help="1/ps (default 1)")
-    parser.add_argument("--temperature", type=float, default=295.15, help="K (default 295.15)")
-    parser.add_argument("--seed", type=int, default=0, help="noise and velocity seed")
-    parser.add_argument("--nonbonded-method", choices=sorted(NONBONDED_METHODS), default=None,
-                        help="default: CutoffPeriodic (reaction field) with a box, else "
-                             "NoCutoff")
-    parser.add_argument("--cutoff", type=float, default=0.9, help="nm (default 0.9)")
-    parser.add_argument("--fd-step", type=float, default=1e-6,
-                        help="finite-difference step in the scaled variables (default 1e-6)")
-    parser.add_argument("--tol-bptt", type=float, default=1e-8,
-                        help="tolerance on rel_error_bptt (default 1e-8)")
-    parser.add_argument("--tol-fd", type=float, default=1e-4,
-                        help="tolerance on rel_error_fd (default 1e-4)")
-    parser.add_argument("--fd-consistency", type=float, default=FD_CONSISTENCY,
-                        help="finite differences judge a parameter only where those at steps "
-                             "h and h/2 agree within this (relative)")
-    parser.add_argument("--reweighting", action="store_true",
-                        help="also report the ensemble-reweighting (fluctuation-formula) "
-                             "gradient from the run's snapshots; compare it on long runs "
-                             "with many snapshots (not part of the pass/fail test)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
+def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps: int,
+                               loss: str = "energy", snapshot_every: int | None = None,
+                               timestep: float = 0.001, friction: float = 1.0,
+                               temperature: float = 295.15, seed: int = 0,
+                               nonbonded_method: str | None = None, cutoff: float = 0.9,
+                               fd_step: float = 1e-6, reweighting: bool = False
+                               ) -> GradientCheck:
+    """:func:`check_gradients` for a tagged force field on a structure file.
 
+    The System is built by OpenMM from ``forcefield`` for the structure (flexible: no
+    constraints, no rigid water, no centre-of-mass remover), its tagged parameters are the
+    variables, and a short Langevin simulation from the structure's positions, with initial
+    velocities drawn from the same noise stream, gives the loss.
 
-def run(args: argparse.Namespace) -> int:
+    Parameters
+    ----------
+    forcefield : str or sequence of str
+        ForceField XML files with ``parameterize`` tags, in load order (bundled names work).
+    pdb : str
+        PDB or PDBx file of the structure; a CRYST1 record makes it periodic.
+    steps : int
+        Simulation steps (>= 1).
+    loss : {"energy", "kinetic", "rdf"}
+        Mean potential energy per atom, mean kinetic energy per atom (kJ/mol), or the O–O RDF's
+        deviation from 1 (:func:`rdf_loss`).
+    snapshot_every : int, optional
+        Steps between loss snapshots (default ``steps // 5``, at least 1).
+    timestep : float, ps
+    friction : float, 1/ps
+    temperature : float, K
+    seed : int
+        Noise stream and initial velocities.
+    nonbonded_method : str, optional
+        A key of :data:`NONBONDED_METHODS`; default CutoffPeriodic (reaction field) with a box,
+        else NoCutoff.
+    cutoff : float, nm
+        Nonbonded cutoff (ignored with NoCutoff).
+    fd_step, reweighting
+        As in :func:`check_gradients`.
+
+    Raises
+    ------
+    InputError
+        For bad values, unreadable files, or a structure the force field does not describe.
+    """
+    from .files import read_structure
     from .parameters import ParameterSet
     from .potential import TorchPotential
 
-    if args.steps < 1:
-        raise InputError(f"--steps must be >= 1, got {args.steps}")
-    snapshot_every = args.snapshot_every or max(1, args.steps // 5)
-    pdb = app.PDBFile(args.pdb)
-    vectors = pdb.topology.getPeriodicBoxVectors()
-    method = args.nonbonded_method or ("CutoffPeriodic" if vectors is not None else "NoCutoff")
+    check_at_least(1, steps=steps)
+    if snapshot_every is not None and not 1 <= snapshot_every <= steps:
+        raise InputError(f"--snapshot-every must be between 1 and --steps ({steps}), got "
+                         f"{snapshot_every}")
+    if loss not in LOSSES:
+        raise InputError(f"--loss {loss!r}: choose one of {', '.join(LOSSES)}")
+    check_positive(timestep=timestep, temperature=temperature, cutoff=cutoff, fd_step=fd_step)
+    check_at_least(0, friction=friction)
+    snapshot_every = snapshot_every or max(1, steps // 5)
+    files = [forcefield] if isinstance(forcefield, str) else list(forcefield)
+    structure = read_structure(pdb)
+    vectors = structure.topology.getPeriodicBoxVectors()
+    method = nonbonded_method or ("CutoffPeriodic" if vectors is not None else "NoCutoff")
+    if method not in NONBONDED_METHODS:
+        raise InputError(f"--nonbonded-method {method!r}: choose one of "
+                         f"{', '.join(sorted(NONBONDED_METHODS))}")
     if vectors is None and method in ("CutoffPeriodic", "Ewald", "PME"):
-        raise InputError(f"--nonbonded-method {method} needs a periodic box, but {args.pdb} "
+        raise InputError(f"--nonbonded-method {method} needs a periodic box, but {pdb} "
                          "has no CRYST1 record")
     kwargs = {"nonbondedMethod": NONBONDED_METHODS[method], "constraints": None,
               "rigidWater": False, "removeCMMotion": False}
     if method != "NoCutoff":
-        kwargs["nonbondedCutoff"] = args.cutoff * openmm.unit.nanometer
-    parameters = ParameterSet.from_forcefield(args.forcefield, pdb.topology, **kwargs)
+        kwargs["nonbondedCutoff"] = cutoff * openmm.unit.nanometer
+    with structure_errors(pdb, files):
+        parameters = ParameterSet.from_forcefield(files, structure.topology, **kwargs)
     potential = TorchPotential(parameters.system, parameters=parameters)
     box = None if vectors is None else box_tensor(vectors)
-    positions = positions_tensor(pdb.getPositions())
-    integrator = LangevinMiddleIntegrator(args.timestep, args.friction, args.temperature,
-                                          args.seed)
+    positions = positions_tensor(structure.getPositions())
+    integrator = LangevinMiddleIntegrator(timestep, friction, temperature, seed)
     # State 0 never uses the noise of "step 0", so it seeds the initial velocities.
     velocities = integrator.noise(0, potential.masses)
-    loss_fn = {"energy": energy_loss, "kinetic": kinetic_loss}.get(args.loss) \
-        or rdf_loss(pdb.topology, box)
-    sim = ReversibleSimulation(potential, integrator, args.steps, snapshot_every, loss_fn)
-    result = check_gradients(sim, positions, velocities, box, parameters.trainable_keys,
-                             args.fd_step, reweighting=args.reweighting)
-    ok, why = result.verdict(args.tol_bptt, args.tol_fd, args.fd_consistency)
-    if args.json:
-        print(json.dumps(result.as_dict() | {"ok": ok, "verdict": why, "loss_name": args.loss,
-                                             "steps": args.steps}))
-    else:
-        width = max(len(n) for n in result.names)
-        print(f"loss {args.loss} = {result.loss:.10g} after {args.steps} steps "
-              f"(reconstruction error {result.reconstruction_error:.2e} nm)")
-        columns = [result.reversible, result.bptt, result.finite_difference]
-        header = ["reversible", "bptt", "finite diff"]
-        if result.reweighting is not None:
-            columns.append(result.reweighting)
-            header.append("reweighting")
-        print(f"{'parameter':<{width}}" + "".join(f"  {h:>16}" for h in header))
-        for i, name in enumerate(result.names):
-            print(f"{name:<{width}}" + "".join(f"  {c[i]:16.9e}" for c in columns))
-        if result.reweighting is not None:
-            print(f"reweighting from {result.n_frames} snapshots: largest relative difference "
-                  f"from reversible {result.rel_difference_reweighting:.3e} (statistical; "
-                  f"static observables only)")
-        print(f"rel_error_bptt {result.rel_error_bptt:.3e} (tol {args.tol_bptt:g})  "
-              f"rel_error_fd {result.rel_error_fd:.3e} (tol {args.tol_fd:g})  "
-              f"{'ok' if ok else 'FAILED'}: {why}")
-    return 0 if ok else 1
+    loss_fn = {"energy": energy_loss, "kinetic": kinetic_loss}.get(loss) \
+        or rdf_loss(structure.topology, box)
+    sim = ReversibleSimulation(potential, integrator, steps, snapshot_every, loss_fn)
+    return check_gradients(sim, positions, velocities, box, parameters.trainable_keys,
+                           fd_step, reweighting=reweighting)

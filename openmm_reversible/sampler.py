@@ -29,6 +29,7 @@ from openmm import app, unit
 
 from .config import FitConfig
 from .errors import InputError
+from .files import read_structure
 from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .parameters import residue_tag_error
 from .units import KB
@@ -162,12 +163,12 @@ def build_structure(config: FitConfig, forcefield_files: list[str] | None = None
         forcefield = app.ForceField(*files)
     except Exception as exc:
         raise residue_tag_error(files) or InputError(
-            f"forcefield.files: OpenMM cannot load {files} ({exc})") from None
+            f"forcefield.files: OpenMM cannot load {files} ({exc}); fix the file") from None
     if s.water_box is not None:
         modeller = app.Modeller(app.Topology(), [])
         modeller.addSolvent(forcefield, model=s.model, numAdded=s.water_box)
     else:
-        pdb = app.PDBFile(s.pdb)
+        pdb = read_structure(s.pdb)
         modeller = app.Modeller(pdb.topology, pdb.positions)
         if s.padding is not None:
             modeller.addSolvent(forcefield, model=s.model, padding=s.padding * unit.nanometer)

@@ -14,13 +14,14 @@ One epoch (:meth:`Trainer.run_epoch`):
    parameters (value / start value, as in the reversible simulation paper), then clip them so
    that σ, ε, force constants and lengths stay positive, and project them into their bounds.
 
-After every epoch the output directory receives, each file written atomically (temporary file
-+ rename): the trained ForceField XML (the user's file with only the tagged values changed),
-``checkpoint.pt`` (parameters, optimiser state, simulation state, history), ``log.jsonl`` (one
-JSON object per epoch: each loss term, observables, parameters, gradients, timings) and
-``training.png`` (loss and each observable against its target). A run killed at any moment
-loses at most the epoch in progress, and ``resume=True`` continues exactly where the checkpoint
-left off (bit for bit on a deterministic platform: Reference, or CPU in NVT).
+After every epoch the output directory receives, all files written together and atomically
+(temporary files, renamed only when every one is complete): the trained ForceField XML (the
+user's file with only the tagged values changed), ``checkpoint.pt`` (parameters, optimiser
+state, simulation state, history), ``log.jsonl`` (one JSON object per epoch: each loss term,
+observables, parameters, gradients, timings) and ``training.png`` (loss and each observable
+against its target). A run killed at any moment loses at most the epoch in progress, and
+``resume=True`` continues exactly where the checkpoint left off (bit for bit on a deterministic
+platform: Reference, or CPU in NVT).
 
 A simulation that produces NaN or runs away stops the epoch with a message naming the step and
 the parameter values; the last good parameters and optimiser state are restored, and the epoch
@@ -46,9 +47,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import SCALAR_UNITS, FitConfig, to_dict
-from .errors import InputError
-from .export import write_xml
-from .files import atomic_write, atomic_write_text
+from .errors import InputError, structure_errors
+from .export import xml_writes
+from .files import atomic_write_all, text_writer
 from .geometry import box_widths
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from .integrators.noise import counter_seed
@@ -115,6 +116,103 @@ def read_log(path: str | os.PathLike) -> list[dict]:
     """The epoch records of a ``log.jsonl`` file."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+_CHECKPOINT_ENTRIES = ("version", "epoch", "sites", "scaled", "optimizer", "records", "state",
+                       "config")
+"""The entries :meth:`Trainer._checkpoint` writes."""
+
+
+def _read_checkpoint(path: str | os.PathLike) -> dict:
+    """A ``checkpoint.pt`` written by :class:`Trainer`, checked for its format.
+
+    Parameters
+    ----------
+    path : path
+        The checkpoint file.
+
+    Returns
+    -------
+    dict
+        The checkpoint's entries. The format is the trainer's own: other modules read the
+        trained values with :func:`trained_parameters`.
+
+    Raises
+    ------
+    InputError
+        If the file is missing, unreadable (truncated, not a torch file), of another format
+        version or without the entries the trainer writes.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"no checkpoint at {path}; pass the output directory of "
+                         "`openmm-reversible fit`")
+    try:
+        checkpoint = torch.load(path, weights_only=True)
+    except Exception as exc:  # torch reports a truncated or foreign file in many ways
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise InputError(f"{path}: not a readable checkpoint ({reason}); the file is truncated "
+                         "or was not written by `openmm-reversible fit`: restore it or start a "
+                         "new fit") from None
+    missing = ([] if not isinstance(checkpoint, dict) else
+               [k for k in _CHECKPOINT_ENTRIES if k not in checkpoint])
+    if not isinstance(checkpoint, dict) or "version" in missing:
+        raise InputError(f"{path}: not a checkpoint of `openmm-reversible fit` (no format "
+                         "version); pass the output directory of a fit")
+    if checkpoint["version"] != CHECKPOINT_VERSION:
+        raise InputError(f"{path} has format version {checkpoint['version']}, this version "
+                         f"reads {CHECKPOINT_VERSION}; start a new fit")
+    if missing:
+        raise InputError(f"{path}: checkpoint lacks {', '.join(missing)}; it was not written by "
+                         "`openmm-reversible fit`: restore it or start a new fit")
+    return checkpoint
+
+
+def _restore_parameters(parameters: ParameterSet, checkpoint: dict,
+                        path: str | os.PathLike) -> None:
+    """Set ``parameters`` to the checkpoint's trained values (same sites required)."""
+    if checkpoint["sites"] != parameters.names:
+        raise InputError(f"{path} holds parameters {checkpoint['sites']} but the config's force "
+                         f"field has {parameters.names}; pass the config the fit used, or "
+                         "start a new fit")
+    scaled = checkpoint["scaled"]
+    if not isinstance(scaled, torch.Tensor) or scaled.shape != parameters.scaled.shape:
+        raise InputError(f"{path}: its trained values do not fit the "
+                         f"{parameters.scaled.numel()} trainable parameters of the force field; "
+                         "the checkpoint is damaged: restore it or start a new fit")
+    with torch.no_grad():
+        parameters.scaled.copy_(scaled)
+
+
+def trained_parameters(config: FitConfig, output: str | os.PathLike) -> ParameterSet:
+    """The config's force-field parameters set to the values of the fit in ``output``.
+
+    Parameters
+    ----------
+    config : FitConfig
+        The config the fit ran with.
+    output : path
+        The fit's output directory (its ``checkpoint.pt`` holds the values).
+
+    Returns
+    -------
+    ParameterSet
+        Built from the config's original files, holding the trained values (write them with
+        :func:`~openmm_reversible.export.write_xml`).
+
+    Raises
+    ------
+    InputError
+        If the checkpoint is missing or damaged, or belongs to a different force field.
+    """
+    path = Path(output) / CHECKPOINT
+    checkpoint = _read_checkpoint(path)
+    with structure_errors(config.structure.source, config.forcefield.files):
+        topology, _ = build_structure(config)
+        parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
+                                                  **create_system_kwargs(config))
+    _restore_parameters(parameters, checkpoint, path)
+    return parameters
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,16 +437,17 @@ class Trainer:
             if not checkpoint_path.is_file():
                 raise InputError(f"--resume: no checkpoint in {self.output}; run without "
                                  f"--resume to start a new fit")
-            checkpoint = torch.load(checkpoint_path, weights_only=True)
+            checkpoint = _read_checkpoint(checkpoint_path)
             self._check_checkpoint(checkpoint)
         elif checkpoint_path.exists():
             raise InputError(f"{self.output} already holds a fit ({CHECKPOINT}); pass --resume "
                              f"to continue it or choose another --output directory")
 
-        topology, positions = build_structure(config)
+        with structure_errors(config.structure.source, config.forcefield.files):
+            topology, positions = build_structure(config)
+            self.parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
+                                                           **create_system_kwargs(config))
         self.topology = topology
-        self.parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
-                                                       **create_system_kwargs(config))
         self.regularization = Regularization(self.parameters, config.parameters)
         configure_system(self.parameters.system, config)
         self.potential = TorchPotential(self.parameters.system, parameters=self.parameters)
@@ -377,10 +476,6 @@ class Trainer:
         return self.sampler.state()
 
     def _check_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint.get("version") != CHECKPOINT_VERSION:
-            raise InputError(f"{self.output / CHECKPOINT} has format version "
-                             f"{checkpoint.get('version')}, this version reads "
-                             f"{CHECKPOINT_VERSION}; start a new fit")
         saved, current = checkpoint["config"], _comparable(to_dict(self.config))
         changed = sorted(_changed_keys(saved, current))
         # Only the number of epochs may grow between runs.
@@ -391,11 +486,7 @@ class Trainer:
                              f"change) or start a new fit in another directory")
 
     def _load_checkpoint(self, checkpoint: dict) -> None:
-        if checkpoint["sites"] != self.parameters.names:
-            raise InputError(f"the checkpoint's parameters {checkpoint['sites']} differ from the "
-                             f"force field's {self.parameters.names}; start a new fit")
-        with torch.no_grad():
-            self.parameters.scaled.copy_(checkpoint["scaled"])
+        _restore_parameters(self.parameters, checkpoint, self.output / CHECKPOINT)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.epoch = int(checkpoint["epoch"])
         self.records = list(checkpoint["records"])
@@ -585,15 +676,14 @@ class Trainer:
     # -- outputs --------------------------------------------------------------------------------
 
     def _save(self) -> None:
-        """Trained XML, checkpoint, log and plot, each written atomically."""
+        """Trained XML, checkpoint, log and plot: all of them written, or none."""
         self.output.mkdir(parents=True, exist_ok=True)
-        write_xml(self.parameters, self.output)
-        atomic_write(self.output / CHECKPOINT,
-                     lambda tmp: torch.save(self._checkpoint(), tmp))
-        atomic_write_text(self.output / LOG,
-                    "".join(json.dumps(r) + "\n" for r in self.records))
-        atomic_write(self.output / PLOT,
-                     lambda tmp: plot_training(self.records, self.objective, tmp))
+        atomic_write_all([
+            *xml_writes(self.parameters, self.output),
+            (self.output / CHECKPOINT, lambda tmp: torch.save(self._checkpoint(), tmp)),
+            (self.output / LOG, text_writer("".join(json.dumps(r) + "\n"
+                                                    for r in self.records))),
+            (self.output / PLOT, lambda tmp: plot_training(self.records, self.objective, tmp))])
 
     def run(self) -> TrainResult:
         """Run the remaining epochs of the schedule.

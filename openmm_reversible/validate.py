@@ -1,6 +1,7 @@
 """Validate a trained force field in plain OpenMM.
 
-``openmm-reversible validate TRAINED.xml [...] --config CONFIG.toml [options]``
+The command line is ``openmm-reversible validate TRAINED.xml [...] --config CONFIG.toml``
+(:mod:`openmm_reversible.commands.validate`).
 
 Two checks, neither with torch in the simulation loop:
 
@@ -12,14 +13,14 @@ Two checks, neither with torch in the simulation loop:
    reaction field or ``--pme``, NVT or NPT with ``--pressure``) reports each target's
    observable next to its target — density, ΔH_vap, RDF (mdtraj), pressure (molecular virial
    by a finite volume change) — plus the self-diffusion coefficient from the molecules' mean
-   squared displacement, as a table, ``validation.json`` and ``validation.png``.
+   squared displacement, as a table (:func:`format_table`), ``validation.json`` and
+   ``validation.png`` (:func:`save_report`).
 
-Exit code 0 when the round trip is within tolerance, 1 when it is not, 2 for bad input.
+The command exits 0 when the round trip is within tolerance, 1 when it is not.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,9 +32,11 @@ import numpy as np
 import openmm
 import torch
 from openmm import app, unit
+from tqdm.auto import tqdm
 
-from .config import SCALAR_UNITS, FitConfig, load_config
-from .errors import InputError
+from .config import SCALAR_UNITS, FitConfig
+from .errors import InputError, structure_errors
+from .files import atomic_write_all, text_writer
 from .observables.density import G_CM3_PER_AMU_NM3
 from .observables.selection import molecules
 from .parameters import ParameterSet
@@ -165,8 +168,11 @@ def _molecular_pressure(context: openmm.Context, groups: list[np.ndarray], masse
 
 def simulate(system: openmm.System, topology: app.Topology, positions: np.ndarray,
              config: FitConfig, steps: int, equilibration: int, every: int,
-             pressure: float | None, platform: str, seed: int) -> Frames:
-    """Minimise, equilibrate and record ``steps // every`` frames in plain OpenMM."""
+             pressure: float | None, platform: str, seed: int, progress: bool = True) -> Frames:
+    """Minimise, equilibrate and record ``steps // every`` frames in plain OpenMM.
+
+    With ``progress``, a bar on standard error (shown on a terminal only) counts the steps.
+    """
     sim = config.simulation
     system = openmm.XmlSerializer.clone(system)
     if pressure is not None:
@@ -182,14 +188,21 @@ def simulate(system: openmm.System, topology: app.Topology, positions: np.ndarra
     context.setPositions(positions)
     openmm.LocalEnergyMinimizer.minimize(context)
     context.setVelocitiesToTemperature(sim.temperature, seed)
-    integrator.step(equilibration)
+    n_frames = max(1, steps // every)
+    bar = tqdm(total=equilibration + n_frames * every, desc="validation run (OpenMM)",
+               unit="step", leave=False, disable=not progress or None)
+    for done in range(0, equilibration, every):
+        chunk = min(every, equilibration - done)
+        integrator.step(chunk)
+        bar.update(chunk)
     groups = molecules(topology)
     masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                        for i in range(system.getNumParticles())])
     periodic = system.usesPeriodicBoundaryConditions()
     xs, boxes, energies, pressures, times = [], [], [], [], []
-    for _ in range(max(1, steps // every)):
+    for _ in range(n_frames):
         integrator.step(every)
+        bar.update(every)
         state = context.getState(getPositions=True, getEnergy=True)
         xs.append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
         boxes.append(np.asarray(state.getPeriodicBoxVectors(asNumpy=True)
@@ -198,6 +211,7 @@ def simulate(system: openmm.System, topology: app.Topology, positions: np.ndarra
         pressures.append(_molecular_pressure(context, groups, masses, sim.temperature)
                          if periodic else math.nan)
         times.append(state.getTime().value_in_unit(unit.picosecond))
+    bar.close()
     return Frames(np.asarray(xs), np.asarray(boxes), np.asarray(energies),
                   np.asarray(pressures), np.asarray(times))
 
@@ -307,14 +321,36 @@ def plot(rows: list[dict], path: str | os.PathLike) -> None:
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_ylabel("simulated / target (grey: no target)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+REPORT = "validation.json"
+FIGURE = "validation.png"
+
+
+def save_report(report: dict, output: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``validation.json`` and ``validation.png`` (:func:`plot`) into ``output``.
+
+    Both are written to temporary files first and renamed only when both are complete
+    (:func:`~openmm_reversible.files.atomic_write_all`), so a failure leaves neither.
+
+    Returns
+    -------
+    (pathlib.Path, pathlib.Path)
+        The report and the figure.
+    """
+    output = Path(output)
+    paths = output / REPORT, output / FIGURE
+    atomic_write_all([(paths[0], text_writer(json.dumps(report, indent=1))),
+                      (paths[1], lambda tmp: plot(report["observables"], tmp))])
+    return paths
 
 
 def validate(trained: list[str], config: FitConfig, steps: int = 5000,
              equilibration: int = 2000, every: int = 50, rigid: bool = False,
              nonbonded: str | None = None, pressure: float | None = None,
-             platform: str | None = None, seed: int = 1) -> dict:
+             platform: str | None = None, seed: int = 1, progress: bool = True) -> dict:
     """Run both checks; returns a report dict (``round_trip``, ``observables``, ``settings``).
 
     Parameters
@@ -333,10 +369,25 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
         NPT at this pressure (default: the config's ``simulation.pressure``; NVT if none).
     platform : str, optional
         OpenMM platform (default: the config's).
+    seed : int
+        Seed of OpenMM's thermostat and initial velocities.
+    progress : bool
+        Show a progress bar of the OpenMM run (on a terminal only).
+
+    Raises
+    ------
+    InputError
+        For bad values or files, or a structure the force field does not describe.
     """
+    for name, value in (("steps", steps), ("every", every)):
+        if value < 1:
+            raise InputError(f"--{name} {value}: must be >= 1")
+    if equilibration < 0:
+        raise InputError(f"--equilibration {equilibration}: must be >= 0")
     files = substitute_files(config, trained)
-    topology, positions = build_structure(config)
-    check = round_trip(config, files, topology, positions)
+    with structure_errors(config.structure.source, files):
+        topology, positions = build_structure(config)
+        check = round_trip(config, files, topology, positions)
     system_cfg = dataclasses.replace(config.system, rigid_water=rigid or config.system.rigid_water,
                                      constraints="HBonds" if rigid else config.system.constraints,
                                      nonbonded_method=nonbonded or config.system.nonbonded_method)
@@ -344,12 +395,14 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
     if rigid:
         sim_cfg = dataclasses.replace(sim_cfg, timestep=max(sim_cfg.timestep, 0.002))
     run_config = dataclasses.replace(config, system=system_cfg, simulation=sim_cfg)
-    system = configure_system(
-        ParameterSet.from_forcefield(files, topology, **create_system_kwargs(run_config)).system,
-        run_config)
+    with structure_errors(config.structure.source, files):
+        system = configure_system(
+            ParameterSet.from_forcefield(files, topology,
+                                         **create_system_kwargs(run_config)).system,
+            run_config)
     pressure = sim_cfg.pressure if pressure is None else pressure
     frames = simulate(system, topology, positions, run_config, steps, equilibration, every,
-                      pressure, platform or sim_cfg.platform, seed)
+                      pressure, platform or sim_cfg.platform, seed, progress)
     rows = observables(run_config, topology, system, frames, rigid=system_cfg.rigid_water)
     return {"round_trip": check, "observables": rows,
             "settings": {"files": files, "steps": steps, "equilibration": equilibration,
@@ -358,51 +411,3 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
                          "pressure_bar": pressure, "timestep_ps": sim_cfg.timestep,
                          "temperature_K": sim_cfg.temperature}}
 
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("trained", nargs="+", help="trained ForceField XML file(s)")
-    parser.add_argument("--config", required=True, help="the fitting config (TOML)")
-    parser.add_argument("--steps", type=int, default=5000, help="production steps")
-    parser.add_argument("--equilibration", type=int, default=2000, help="equilibration steps")
-    parser.add_argument("--every", type=int, default=50, help="steps between frames")
-    parser.add_argument("--rigid", action="store_true", help="rigid water (2 fs step)")
-    parser.add_argument("--nonbonded", choices=("ReactionField", "PME", "CutoffPeriodic",
-                                                "Ewald"), default=None,
-                        help="override the config's nonbonded method")
-    parser.add_argument("--pressure", type=float, default=None,
-                        help="NPT at this pressure, bar (default: the config's)")
-    parser.add_argument("--platform", default=None, help="OpenMM platform (default: config)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--output", "-o", default=None,
-                        help="directory for validation.json and validation.png "
-                             "(default: beside the first trained file)")
-
-
-def run(args: argparse.Namespace) -> int:
-    for name in ("steps", "every"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} {getattr(args, name)}: must be >= 1")
-    if args.equilibration < 0:
-        raise InputError(f"--equilibration {args.equilibration}: must be >= 0")
-    config = load_config(args.config)
-    report = validate(args.trained, config, steps=args.steps, equilibration=args.equilibration,
-                      every=args.every, rigid=args.rigid, nonbonded=args.nonbonded,
-                      pressure=args.pressure, platform=args.platform, seed=args.seed)
-    output = Path(args.output) if args.output else Path(args.trained[0]).resolve().parent
-    output.mkdir(parents=True, exist_ok=True)
-    with open(output / "validation.json", "w", encoding="utf-8") as fh:
-        json.dump(report, fh, indent=1)
-    plot(report["observables"], output / "validation.png")
-    check = report["round_trip"]
-    verdict = "ok" if check["ok"] else "FAILED"
-    print(f"round trip (trained XML in OpenMM vs torch twin): energy rel. error "
-          f"{check['energy_rel_error']:.2e}, force rel. RMS error "
-          f"{check['force_rel_rms_error']:.2e} (tolerance {check['tolerance']:.0e}): {verdict}")
-    print(format_table(report["observables"]))
-    print(f"wrote {output / 'validation.json'} and {output / 'validation.png'}")
-    return 0 if check["ok"] else 1

@@ -1,6 +1,7 @@
 """Compare the torch twin of an OpenMM System with OpenMM itself, force by force.
 
-``openmm-reversible verify SYSTEM.xml COORDS [--platform NAME] [--json]``
+The command line is ``openmm-reversible verify SYSTEM.xml COORDS``
+(:mod:`openmm_reversible.commands.verify`).
 
 Each force of the System is put in its own force group so OpenMM reports its energy and forces
 separately; the twin's term for the same force is differentiated by autograd. Tolerances are the
@@ -10,19 +11,17 @@ relative RMS force error ≤ 1e-5.
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import openmm
 import torch
-from openmm import app, unit
+from openmm import unit
 
 from .errors import InputError
+from .files import read_structure
 from .potential import IGNORED_FORCES, TorchPotential
 from .potential.torchforce import concrete_force, deserialize_system
 from .units import DTYPE
@@ -91,10 +90,10 @@ def _rel_rms(diff: np.ndarray, ref: np.ndarray) -> float:
 def load_system(path: str) -> openmm.System:
     """Deserialize an OpenMM System from XML, with errors that say what the file is instead."""
     if not os.path.exists(path):
-        raise InputError(f"no such file: {path}")
-    with open(path) as fh:
-        text = fh.read()
+        raise InputError(f"no such file: {path}; check the path")
     try:
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
         obj = deserialize_system(text) if "<System" in text[:2000] \
             else openmm.XmlSerializer.deserialize(text)
     except Exception as exc:
@@ -108,27 +107,27 @@ def load_system(path: str) -> openmm.System:
 def load_coordinates(path: str, system: openmm.System) -> tuple[np.ndarray, np.ndarray | None]:
     """Positions (nm) and box (nm, or None) from a PDB/PDBx file or a serialized State."""
     if not os.path.exists(path):
-        raise InputError(f"no such file: {path}")
+        raise InputError(f"no such file: {path}; check the path")
     lower = path.lower()
     box = None
-    if lower.endswith((".pdb", ".ent")):
-        pdb = app.PDBFile(path)
-        positions, top_box = pdb.getPositions(asNumpy=True), pdb.topology.getPeriodicBoxVectors()
-    elif lower.endswith((".cif", ".pdbx")):
-        pdb = app.PDBxFile(path)
+    if lower.endswith((".pdb", ".ent", ".cif", ".pdbx")):
+        pdb = read_structure(path)
         positions, top_box = pdb.getPositions(asNumpy=True), pdb.topology.getPeriodicBoxVectors()
     else:
-        with open(path) as fh:
-            try:
+        try:
+            with open(path, encoding="utf-8") as fh:
                 state = openmm.XmlSerializer.deserialize(fh.read())
-            except Exception:
-                raise InputError(f"{path}: COORDS must be a PDB/PDBx file or a serialized "
-                                 "OpenMM State (XML)") from None
+        except Exception as exc:
+            raise InputError(f"{path}: COORDS must be a PDB/PDBx file or a serialized "
+                             f"OpenMM State (XML), and this does not parse as one ({exc})"
+                             ) from None
         if not isinstance(state, openmm.State):
             raise InputError(f"{path} holds a serialized {type(state).__name__}, not a State")
         positions = state.getPositions(asNumpy=True)
         top_box = state.getPeriodicBoxVectors()
     positions = np.asarray(positions.value_in_unit(unit.nanometer), dtype=float)
+    if not np.isfinite(positions).all():
+        raise InputError(f"{path}: non-finite coordinates; fix the positions")
     if positions.shape[0] != system.getNumParticles():
         raise InputError(f"{path} has {positions.shape[0]} atoms but the System has "
                          f"{system.getNumParticles()} particles")
@@ -238,22 +237,3 @@ def format_report(report: VerifyReport) -> str:
                      "do not support constraints or virtual sites yet)")
     return "\n".join(lines)
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("system", metavar="SYSTEM.xml", help="serialized OpenMM System")
-    parser.add_argument("coords", metavar="COORDS", help="PDB/PDBx file or serialized State XML")
-    parser.add_argument("--platform", default="Reference",
-                        help="OpenMM platform for the reference values (default: Reference)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run(args: argparse.Namespace) -> int:
-    system = load_system(args.system)
-    positions, box = load_coordinates(args.coords, system)
-    report = verify(system, positions, box, args.platform)
-    if args.json:
-        print(json.dumps(report.to_dict()))
-    else:
-        print(format_report(report))
-    sys.stdout.flush()
-    return 0 if report.ok else 1

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from openmm_reversible import fit as fit_cli
+from openmm_reversible.commands import fit as fit_cli
 from openmm_reversible.config import config_from_dict, load_config, to_dict
 from openmm_reversible.errors import InputError
 

@@ -17,8 +17,10 @@ import openmm.app as app
 import pytest
 import torch
 
-from openmm_reversible import benchmarks, gradcheck
+from openmm_reversible import gradcheck
 from openmm_reversible.benchmarks import memory
+from openmm_reversible.commands import benchmark as benchmark_command
+from openmm_reversible.commands import gradcheck as gradcheck_command
 from openmm_reversible.errors import InputError
 from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from openmm_reversible.observables import atom_indices, rdf
@@ -43,12 +45,12 @@ def water_pdb(tmp_path_factory):
 
 def gradcheck_args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    gradcheck.add_arguments(parser)
+    gradcheck_command.add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def run_json(capsys, *argv: str) -> tuple[int, dict]:
-    code = gradcheck.run(gradcheck_args(*argv, "--json"))
+    code = gradcheck_command.run(gradcheck_args(*argv, "--json"))
     return code, json.loads(capsys.readouterr().out)
 
 
@@ -66,8 +68,8 @@ def test_gradcheck_agrees_for_every_loss(water_pdb, capsys, loss):
 
 
 def test_gradcheck_table_and_failure_exit_code(water_pdb, capsys):
-    code = gradcheck.run(gradcheck_args("--forcefield", XML, "--pdb", water_pdb, "--steps",
-                                        "4", "--cutoff", "0.35", "--tol-fd", "0"))
+    code = gradcheck_command.run(gradcheck_args("--forcefield", XML, "--pdb", water_pdb, "--steps",
+                                                "4", "--cutoff", "0.35", "--tol-fd", "0"))
     out = capsys.readouterr().out
     assert code == 1
     assert "Atom/sigma/tip3p-O" in out and "FAILED" in out
@@ -75,23 +77,24 @@ def test_gradcheck_table_and_failure_exit_code(water_pdb, capsys):
 
 def test_gradcheck_bad_input(water_pdb, tmp_path):
     with pytest.raises(InputError, match="--steps must be >= 1"):
-        gradcheck.run(gradcheck_args("--forcefield", XML, "--pdb", water_pdb, "--steps", "0"))
+        gradcheck_command.run(gradcheck_args("--forcefield", XML, "--pdb", water_pdb,
+                                             "--steps", "0"))
     pdb = app.PDBFile(water_pdb)
     pdb.topology.setPeriodicBoxVectors(None)
     no_box = tmp_path / "nobox.pdb"
     with open(no_box, "w") as handle:
         app.PDBFile.writeFile(pdb.topology, pdb.positions, handle)
     with pytest.raises(InputError, match="needs a periodic box"):
-        gradcheck.run(gradcheck_args("--forcefield", XML, "--pdb", str(no_box), "--steps", "2",
-                                     "--nonbonded-method", "PME"))
+        gradcheck_command.run(gradcheck_args("--forcefield", XML, "--pdb", str(no_box),
+                                             "--steps", "2", "--nonbonded-method", "PME"))
 
 
 def test_gradient_benchmark_reports_json(capsys):
     parser = argparse.ArgumentParser()
-    benchmarks.add_arguments(parser)
+    benchmark_command.add_arguments(parser)
     args = parser.parse_args(["gradient", "--waters", "16", "--steps", "4",
                               "--snapshot-every", "2", "--cutoff", "0.35", "--json"])
-    assert benchmarks.run(args) == 0
+    assert benchmark_command.run(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["n_atoms"] == 48 and result["steps"] == 4
     # Timings are reported, never asserted (wall clock on a shared machine).
@@ -117,8 +120,9 @@ def test_gradcheck_reweighting_entry(water_pdb, capsys):
     assert [p["name"] for p in entry["parameters"]] == [p["name"] for p in result["parameters"]]
     assert all(np.isfinite(p["gradient"]) and p["gradient"] != 0 for p in entry["parameters"])
     assert entry["rel_difference_reversible"] > 0
-    code = gradcheck.run(gradcheck_args("--forcefield", XML, "--pdb", water_pdb, "--steps", "2",
-                                        "--cutoff", "0.35", "--reweighting"))
+    code = gradcheck_command.run(gradcheck_args("--forcefield", XML, "--pdb", water_pdb,
+                                                "--steps", "2", "--cutoff", "0.35",
+                                                "--reweighting"))
     assert code == 0 and "reweighting from 2 snapshots" in capsys.readouterr().out
 
 

@@ -16,8 +16,7 @@ ROOMS = [
     ("exact",),
     ("observables", "reweighting", "losses", "priors", "ml"),
     ("systems", "config", "sampler"),
-    ("train", "train_elastic", "export", "verify", "gradcheck", "validate", "benchmarks",
-     "demo", "fit"),
+    ("train", "train_elastic", "export", "verify", "gradcheck", "validate", "benchmarks"),
     ("commands", "cli"),
 ]
 """Ground floor first; a module may import from its own room and the rooms below."""

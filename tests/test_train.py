@@ -18,7 +18,7 @@ import pytest
 import torch
 from openmm import app, unit
 
-from openmm_reversible import fit as fit_cli
+from openmm_reversible.commands import fit as fit_cli
 from openmm_reversible.config import load_config
 from openmm_reversible.errors import InputError
 from openmm_reversible.observables.rdf import rdf

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from openmm_reversible import validate as validate_cli
+from openmm_reversible.commands import validate as validate_cli
 from openmm_reversible.config import load_config
 from openmm_reversible.errors import InputError
 from openmm_reversible.export import write_xml

@@ -16,25 +16,14 @@ Runs ``--steps`` (100,000) steps of exact Langevin dynamics on the flexible TIP3
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import InputError
+from ..errors import check_at_least
 from ..exact import ExactLangevinIntegrator
 from .water import FRICTION, TEMPERATURE, TIMESTEP, flexible_water
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--waters", type=int, default=216, help="water molecules (216)")
-    parser.add_argument("--steps", type=int, default=100_000,
-                        help="steps forward, then as many back (100000)")
-    parser.add_argument("--timing-steps", type=int, default=200,
-                        help="steps of the float integrator timed for the ratio (200)")
-    parser.add_argument("--cutoff", type=float, default=0.9, help="nm (0.9)")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _round_trip_times(exact: ExactLangevinIntegrator, forces, water, steps: int,
@@ -60,53 +49,74 @@ def _round_trip_times(exact: ExactLangevinIntegrator, forces, water, steps: int,
     return best[0] / (2 * steps), best[1] / (2 * steps)
 
 
-def _run_in_chunks(advance, n_steps: int, description: str, chunk: int = 1000) -> None:
+def _run_in_chunks(advance, n_steps: int, description: str, progress: bool,
+                   chunk: int = 1000) -> None:
     """``advance(k)`` moves the state ``k`` steps; called in chunks under a progress bar (shown
-    on a terminal) so that a 100,000-step run reports where it is."""
-    with tqdm(total=n_steps, desc=description, unit="step", disable=None, leave=False) as bar:
+    on a terminal, with ``progress``) so that a 100,000-step run reports where it is."""
+    with tqdm(total=n_steps, desc=description, unit="step", disable=not progress or None,
+              leave=False) as bar:
         for done in range(0, n_steps, chunk):
             k = min(chunk, n_steps - done)
             advance(k)
             bar.update(k)
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.steps < 2:
-        raise InputError(f"--steps must be at least 2, got {args.steps}")
-    if args.timing_steps < 1:
-        raise InputError(f"--timing-steps must be at least 1, got {args.timing_steps}")
-    water = flexible_water(args.waters, args.cutoff, args.seed)
+def measure(waters: int = 216, steps: int = 100_000, timing_steps: int = 200,
+            cutoff: float = 0.9, seed: int = 0, progress: bool = True) -> dict:
+    """Round trip of the water box in fixed point: ``steps`` forward, as many back.
+
+    Parameters
+    ----------
+    waters : int
+        Water molecules in the box.
+    steps : int
+        Steps forward, then as many back (>= 2).
+    timing_steps : int
+        Steps of the float and exact round trips timed for ``exact_over_float``.
+    cutoff : float, nm
+    seed : int
+    progress : bool
+        Show progress bars of the long runs on a terminal.
+
+    Returns
+    -------
+    dict
+        The JSON record (module docstring).
+    """
+    check_at_least(2, steps=steps)
+    check_at_least(1, timing_steps=timing_steps)
+    water = flexible_water(waters, cutoff, seed)
     potential, box, masses = water.potential, water.box, water.potential.masses
-    exact = ExactLangevinIntegrator(TIMESTEP, FRICTION, TEMPERATURE, args.seed)
+    exact = ExactLangevinIntegrator(TIMESTEP, FRICTION, TEMPERATURE, seed)
     forces = exact.forces(potential)
     state = exact.state(water.positions, water.velocities)
     initial = state.copy()
 
     with torch.no_grad():
         float_step_s, exact_step_s = _round_trip_times(exact, forces, water,
-                                                       min(args.timing_steps, args.steps))
-        half = args.steps // 2
+                                                       min(timing_steps, steps))
+        half = steps // 2
         t0 = time.perf_counter()
         def forward(k):
             exact.run(state, forces, box, masses, k)
 
-        _run_in_chunks(forward, half, "forward, first half")
+        _run_in_chunks(forward, half, "forward, first half", progress)
         bits_half = float(state.buffer.bit_lengths().mean())
-        _run_in_chunks(forward, args.steps - half, "forward, second half")
+        _run_in_chunks(forward, steps - half, "forward, second half", progress)
         forward_s = time.perf_counter() - t0
         bits_end = float(state.buffer.bit_lengths().mean())
         buffer_bytes = state.buffer.nbytes
         t0 = time.perf_counter()
-        _run_in_chunks(lambda k: exact.run_reverse(state, forces, box, masses, k), args.steps,
-                       "reverse")
+        _run_in_chunks(lambda k: exact.run_reverse(state, forces, box, masses, k), steps,
+                       "reverse", progress)
         reverse_s = time.perf_counter() - t0
 
     identical = (state.step == 0 and torch.equal(state.positions, initial[0])
                  and torch.equal(state.velocities, initial[1]) and state.buffer.n_limbs == 0)
-    return {"benchmark": "exact", "waters": args.waters, "atoms": water.n_atoms,
-            "steps": args.steps, "bitwise_identical": bool(identical),
+    return {"benchmark": "exact", "waters": waters, "atoms": water.n_atoms,
+            "steps": steps, "bitwise_identical": bool(identical),
             "buffer_bytes": buffer_bytes, "buffer_bits_per_dof": bits_end,
-            "bits_per_dof_per_step": (bits_end - bits_half) / (args.steps - half),
+            "bits_per_dof_per_step": (bits_end - bits_half) / (steps - half),
             "expected_bits_per_dof_per_step": exact.bits_per_step,
             "friction_used": exact.friction, "forward_s": forward_s, "reverse_s": reverse_s,
             "exact_step_s": exact_step_s, "float_step_s": float_step_s,

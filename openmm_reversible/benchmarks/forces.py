@@ -19,11 +19,14 @@ import numpy as np
 import openmm
 import torch
 from openmm import unit
+from tqdm.auto import tqdm
 
+from ..errors import check_at_least, check_positive
 from ..parameters import ParameterSet
 from ..potential import TorchPotential
 from ..systems import water_box
 from ..units import DTYPE
+from .water import check_cutoff
 
 WATER_SELECTION = [("NonbondedForce/Atom", "tip3p-O", ("charge", "sigma", "epsilon"))]
 WATER_TIES = {("NonbondedForce/Atom", "tip3p-H", "charge"): "-0.5*PARM['Atom/charge/tip3p-O']"}
@@ -40,10 +43,35 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
-            openmm_steps: int = 200) -> dict:
-    """Time the twin and OpenMM on the same flexible water box; returns the JSON record."""
+            openmm_steps: int = 200, progress: bool = True) -> dict:
+    """Time the twin and OpenMM on the same flexible water box.
+
+    Parameters
+    ----------
+    box_size : float, nm
+        Edge of the cubic water box (3.0: 2661 atoms).
+    cutoff : float, nm
+        Reaction-field cutoff, below half the box edge.
+    repeats : int
+        Timed repeats of each torch evaluation (the median is reported).
+    openmm_steps : int
+        OpenMM steps timed for ``openmm_step_ms``.
+    progress : bool
+        Show a progress bar of the three timings on a terminal.
+
+    Returns
+    -------
+    dict
+        The JSON record (module docstring).
+    """
+    check_positive(box_size=box_size, cutoff=cutoff)
+    check_at_least(1, repeats=repeats, openmm_steps=openmm_steps)
+    bar = tqdm(total=3, desc="benchmark forces", unit="stage", leave=False,
+               disable=not progress or None)
+    bar.set_postfix_str("building the water box")
     msys = water_box(None, box_size=box_size, forcefield=("tip3p.xml",), nonbonded="RF",
                      cutoff=cutoff, rigid=False)
+    check_cutoff(msys.box, cutoff)
     params = ParameterSet.select("tip3p.xml", msys.topology, select=WATER_SELECTION,
                                  ties=WATER_TIES, **params_kwargs(cutoff))
     potential = TorchPotential(params.system, parameters=params)
@@ -62,8 +90,13 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
         (g,) = torch.autograd.grad(potential(xr, box), xr, create_graph=True)
         return torch.autograd.grad(g, [xr, *weights], cotangent)
 
+    bar.set_postfix_str("torch forces")
     torch_force_ms = _median_ms(force, repeats)
+    bar.update()
+    bar.set_postfix_str("torch forces and VJPs")
     torch_force_vjp_ms = _median_ms(force_vjp, repeats)
+    bar.update()
+    bar.set_postfix_str("OpenMM steps")
 
     integrator = openmm.LangevinMiddleIntegrator(295.15 * unit.kelvin, 1.0 / unit.picosecond,
                                                  1.0 * unit.femtosecond)
@@ -78,6 +111,8 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
     integrator.step(openmm_steps)
     context.getState(getEnergy=True)  # forces the queued steps to finish
     openmm_step_ms = 1e3 * (time.perf_counter() - t0) / openmm_steps
+    bar.update()
+    bar.close()
     return {
         "benchmark": "forces",
         "n_atoms": potential.n_atoms,
@@ -97,14 +132,3 @@ def params_kwargs(cutoff: float) -> dict:
     return {"nonbondedMethod": openmm.app.CutoffPeriodic,
             "nonbondedCutoff": cutoff * unit.nanometer, "rigidWater": False,
             "constraints": None}
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--box-size", type=float, default=3.0,
-                        help="edge of the water box, nm (default 3.0: 2661 atoms)")
-    parser.add_argument("--cutoff", type=float, default=1.0, help="cutoff, nm (default 1.0)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
-
-
-def run(args) -> dict:
-    return measure(box_size=args.box_size, cutoff=args.cutoff, repeats=args.repeats)

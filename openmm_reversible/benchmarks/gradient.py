@@ -8,38 +8,62 @@ the oxygen σ and ε). Reports ``forward_s``, ``forward_reverse_s`` and their ra
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
+from tqdm.auto import tqdm
 
+from ..errors import check_at_least
 from .water import flexible_water
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--waters", type=int, default=216, help="water molecules (216)")
-    parser.add_argument("--steps", type=int, default=1000, help="steps in the window (1000)")
-    parser.add_argument("--snapshot-every", type=int, default=100,
-                        help="steps between loss snapshots (100)")
-    parser.add_argument("--cutoff", type=float, default=0.9, help="nm (0.9)")
-    parser.add_argument("--seed", type=int, default=0)
+def measure(waters: int = 216, steps: int = 1000, snapshot_every: int = 100,
+            cutoff: float = 0.9, seed: int = 0, progress: bool = True) -> dict:
+    """Time a forward window and a forward + reverse (gradient) window of the water box.
 
+    Parameters
+    ----------
+    waters : int
+        Water molecules in the box.
+    steps : int
+        Steps in the window.
+    snapshot_every : int
+        Steps between loss snapshots.
+    cutoff : float, nm
+        Reaction-field cutoff (below half the box width).
+    seed : int
+        Noise stream and initial velocities.
+    progress : bool
+        Show a progress bar of the three stages (build, forward, gradient) on a terminal.
 
-def run(args: argparse.Namespace) -> dict:
-    water = flexible_water(args.waters, args.cutoff, args.seed)
-    sim = water.simulation(args.steps, args.snapshot_every)
-    with torch.no_grad():
+    Returns
+    -------
+    dict
+        The JSON record (times in s, reconstruction error in nm).
+    """
+    check_at_least(1, steps=steps, snapshot_every=snapshot_every)
+    with tqdm(total=3, desc="benchmark gradient", unit="stage", leave=False,
+              disable=not progress or None) as bar:
+        bar.set_postfix_str("building the water box")
+        water = flexible_water(waters, cutoff, seed)
+        sim = water.simulation(steps, snapshot_every)
+        bar.update()
+        bar.set_postfix_str("forward window")
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            sim(water.positions, water.velocities, water.box)
+            forward_s = time.perf_counter() - t0
+        bar.update()
+        bar.set_postfix_str("forward + reverse window")
+        params = sim.trainable_parameters()
+        for p in params:
+            p.grad = None
         t0 = time.perf_counter()
-        sim(water.positions, water.velocities, water.box)
-        forward_s = time.perf_counter() - t0
-    params = sim.trainable_parameters()
-    for p in params:
-        p.grad = None
-    t0 = time.perf_counter()
-    loss = sim(water.positions, water.velocities, water.box)
-    loss.backward()
-    forward_reverse_s = time.perf_counter() - t0
-    return {"benchmark": "gradient", "n_atoms": water.n_atoms, "steps": args.steps,
+        loss = sim(water.positions, water.velocities, water.box)
+        loss.backward()
+        forward_reverse_s = time.perf_counter() - t0
+        bar.update()
+    return {"benchmark": "gradient", "n_atoms": water.n_atoms, "steps": steps,
             "forward_s": forward_s, "forward_reverse_s": forward_reverse_s,
             "gradient_over_forward": forward_reverse_s / forward_s,
             "reconstruction_error_nm": sim.info["reconstruction_error"],

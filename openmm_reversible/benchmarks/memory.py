@@ -8,36 +8,24 @@ Reports each peak RSS (MiB), the peak after building the system (``baseline``), 
 above it, and ``memory_ratio`` = peak(long) / peak(short) for the reversible gradient; the
 method's promise is a ratio close to 1, where BPTT grows with the steps.
 
-Run one measurement alone with
-``python -m openmm_reversible.benchmarks.memory --measure reversible --steps 1000``.
+One measurement alone is :func:`measure` (call it in a fresh process).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import subprocess
 import sys
 
-from ..errors import InputError
+from tqdm.auto import tqdm
+
+from ..errors import InputError, check_at_least
 
 
 def _peak_rss_mib() -> float:
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--waters", type=int, default=216, help="water molecules (216)")
-    parser.add_argument("--short-steps", type=int, default=1000, help="(1000)")
-    parser.add_argument("--long-steps", type=int, default=20000, help="(20000)")
-    parser.add_argument("--snapshots", type=int, default=10,
-                        help="loss snapshots per run, the same for every length (10): the "
-                             "loss's own graph over its snapshots grows with their number, "
-                             "not with the steps between them")
-    parser.add_argument("--cutoff", type=float, default=0.9, help="nm (0.9)")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def measure(mode: str, steps: int, waters: int, snapshot_every: int, cutoff: float,
@@ -53,28 +41,75 @@ def measure(mode: str, steps: int, waters: int, snapshot_every: int, cutoff: flo
             "peak_mib": _peak_rss_mib()}
 
 
-def _in_subprocess(mode: str, steps: int, args: argparse.Namespace) -> dict:
-    snapshot_every = max(1, steps // args.snapshots)
-    command = [sys.executable, "-m", __name__, "--measure", mode, "--steps", str(steps),
-               "--waters", str(args.waters), "--snapshot-every", str(snapshot_every),
-               "--cutoff", str(args.cutoff), "--seed", str(args.seed)]
+_MEASURE = """
+import json, sys
+from openmm_reversible.benchmarks.memory import measure
+from openmm_reversible.errors import InputError
+try:
+    print(json.dumps(measure(**json.loads(sys.argv[1]))))
+except InputError as exc:
+    print(json.dumps({"input_error": str(exc)}))
+"""
+"""What a fresh interpreter runs for one measurement: ``measure(**kwargs)`` as one JSON line."""
+
+
+def _in_subprocess(**kwargs) -> dict:
+    """:func:`measure` in a fresh Python process (so its peak RSS is its own)."""
+    command = [sys.executable, "-c", _MEASURE, json.dumps(kwargs)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"memory measurement {mode} {steps} steps failed:\n{done.stderr}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"memory measurement {kwargs['mode']} {kwargs['steps']} steps "
+                           f"failed: {last}")
+    result = json.loads(lines[-1])
+    if "input_error" in result:
+        raise InputError(result["input_error"])
+    return result
 
 
-def run(args: argparse.Namespace) -> dict:
-    if args.snapshots < 1:
-        raise InputError(f"--snapshots must be >= 1, got {args.snapshots}")
-    if not 1 <= args.short_steps <= args.long_steps:
-        raise InputError(f"need 1 <= --short-steps <= --long-steps, got {args.short_steps} "
-                         f"and {args.long_steps}")
-    short = _in_subprocess("reversible", args.short_steps, args)
-    long = _in_subprocess("reversible", args.long_steps, args)
-    bptt = _in_subprocess("bptt", args.short_steps, args)
-    return {"benchmark": "memory", "waters": args.waters, "short_steps": args.short_steps,
-            "long_steps": args.long_steps, "snapshots": args.snapshots,
+def compare(waters: int = 216, short_steps: int = 1000, long_steps: int = 20000,
+            snapshots: int = 10, cutoff: float = 0.9, seed: int = 0,
+            progress: bool = True) -> dict:
+    """Peak memory of reversible gradients through ``short_steps`` and ``long_steps`` and of
+    BPTT through ``short_steps``, each measured in a fresh process.
+
+    Parameters
+    ----------
+    waters : int
+        Water molecules in the box.
+    short_steps, long_steps : int
+        Trajectory lengths, ``1 <= short_steps <= long_steps``.
+    snapshots : int
+        Loss snapshots per run, the same for every length: the loss's own graph over its
+        snapshots grows with their number, not with the steps between them.
+    cutoff : float, nm
+    seed : int
+    progress : bool
+        Show a progress bar of the three measurements on a terminal.
+
+    Returns
+    -------
+    dict
+        The JSON record (MiB; ``memory_ratio`` = peak(long) / peak(short), reversible).
+    """
+    check_at_least(1, snapshots=snapshots)
+    if not 1 <= short_steps <= long_steps:
+        raise InputError(f"need 1 <= --short-steps <= --long-steps, got {short_steps} "
+                         f"and {long_steps}")
+    runs = {"short": ("reversible", short_steps), "long": ("reversible", long_steps),
+            "bptt": ("bptt", short_steps)}
+    results = {}
+    bar = tqdm(runs.items(), desc="benchmark memory", unit="run", leave=False,
+               disable=not progress or None)
+    for key, (mode, steps) in bar:
+        bar.set_postfix_str(f"{mode}, {steps} steps")
+        results[key] = _in_subprocess(mode=mode, steps=steps, waters=waters,
+                                      snapshot_every=max(1, steps // snapshots), cutoff=cutoff,
+                                      seed=seed)
+    short, long, bptt = results["short"], results["long"], results["bptt"]
+    return {"benchmark": "memory", "waters": waters, "short_steps": short_steps,
+            "long_steps": long_steps, "snapshots": snapshots,
             "baseline_mib": short["baseline_mib"],
             "reversible_short_peak_mib": short["peak_mib"],
             "reversible_long_peak_mib": long["peak_mib"],
@@ -83,21 +118,3 @@ def run(args: argparse.Namespace) -> dict:
             "reversible_long_growth_mib": long["peak_mib"] - long["baseline_mib"],
             "bptt_short_growth_mib": bptt["peak_mib"] - bptt["baseline_mib"],
             "memory_ratio": long["peak_mib"] / short["peak_mib"]}
-
-
-def _main() -> None:
-    parser = argparse.ArgumentParser(description="one memory measurement (used by the "
-                                                 "memory benchmark)")
-    parser.add_argument("--measure", choices=("reversible", "bptt"), required=True)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--waters", type=int, default=216)
-    parser.add_argument("--snapshot-every", type=int, default=100)
-    parser.add_argument("--cutoff", type=float, default=0.9)
-    parser.add_argument("--seed", type=int, default=0)
-    a = parser.parse_args()
-    print(json.dumps(measure(a.measure, a.steps, a.waters, a.snapshot_every, a.cutoff,
-                             a.seed)))
-
-
-if __name__ == "__main__":
-    _main()

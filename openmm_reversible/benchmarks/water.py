@@ -11,11 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import openmm
 import openmm.app as app
 import torch
 from openmm import unit
 
+from ..errors import InputError, check_at_least, check_positive
 from ..integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from ..trajectory import Trajectory
 from ..units import box_tensor, positions_tensor
@@ -70,8 +72,11 @@ def flexible_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> W
     from ..potential import TorchPotential
     from ..systems import water_box
 
+    check_at_least(1, waters=n_waters)
+    check_positive(cutoff=cutoff)
     water = water_box(n_waters, forcefield=("tip3p.xml",), nonbonded="RF", cutoff=cutoff,
                       rigid=False, removeCMMotion=False)
+    check_cutoff(water.box, cutoff)
     parameters = ParameterSet.select(
         "tip3p.xml", water.topology, select=[("NonbondedForce/Atom", "tip3p-O",
                                               ("sigma", "epsilon"))],
@@ -83,6 +88,16 @@ def flexible_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> W
                     positions=_minimized(parameters.system, water.positions),
                     velocities=integrator.noise(0, potential.masses),
                     box=box_tensor(water.box), integrator=integrator)
+
+
+def check_cutoff(box: np.ndarray, cutoff: float) -> None:
+    """Raise :class:`InputError` unless ``cutoff`` (nm) is below half the width of ``box`` (rows:
+    box vectors, nm), as OpenMM's periodic cutoffs require."""
+    half = 0.5 * float(np.min(np.diag(box)))
+    if cutoff >= half:
+        raise InputError(f"--cutoff {cutoff} nm: not below half the box width ({half:.3g} nm); "
+                         "lower the cutoff or make the box larger")
+
 
 def _minimized(system: openmm.System, positions) -> torch.Tensor:
     """Positions after OpenMM's local energy minimisation (nm)."""

@@ -10,9 +10,12 @@ good parameters stay in DIR), 2 bad input.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from .config import load_config
+from . import OK, OUTSIDE_TOLERANCE, with_epochs
+
+HELP = "train tagged force-field parameters from a TOML config"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,34 +25,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from DIR/checkpoint.pt")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="override schedule.epochs (e.g. to extend a finished fit)")
+                        help="override schedule.epochs, e.g. to extend a finished fit "
+                             "(default: the config's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def output_directory(config_path: str, output: str | None) -> Path:
+def fit_directory(config_path: str, output: str | None) -> Path:
     """``--output`` or, by default, ``fit-output`` beside the config file."""
     return Path(output) if output else Path(config_path).resolve().parent / "fit-output"
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
+    from ..config import load_config
+    from ..train import Trainer, TrainingFailed
 
-    from .errors import InputError
-    from .train import Trainer, TrainingFailed
-
-    config = load_config(args.config)
-    if args.epochs is not None:
-        if args.epochs < 1:
-            raise InputError(f"--epochs {args.epochs}: must be >= 1")
-        config = dataclasses.replace(
-            config, schedule=dataclasses.replace(config.schedule, epochs=args.epochs))
-    output = output_directory(args.config, args.output)
+    config = with_epochs(load_config(args.config), args.epochs)
+    output = fit_directory(args.config, args.output)
     trainer = Trainer(config, output, resume=args.resume, progress=not args.no_progress)
     try:
         result = trainer.run()
     except TrainingFailed as exc:
-        print(f"openmm-reversible fit: training failed: {exc}")
-        return 1
+        print(f"openmm-reversible fit: training failed: {' '.join(str(exc).split())}",
+              file=sys.stderr)
+        return OUTSIDE_TOLERANCE
     last = result.records[-1] if result.records else None
     if last is not None:
         print(f"epoch {last['epoch']}: loss {last['loss']:.6g}")
@@ -57,4 +55,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"  {key} = {value:.6g}")
     print(f"trained force field: {', '.join(str(p) for p in result.files['forcefield'])}")
     print(f"log: {result.files['log']}  plot: {result.files['plot']}")
-    return 0
+    return OK

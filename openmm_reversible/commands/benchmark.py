@@ -1,0 +1,81 @@
+"""``openmm-reversible benchmark NAME``: performance measurements, one record each.
+
+The measurements are functions of :mod:`openmm_reversible.benchmarks`; this command prints a
+record as ``key: value`` lines or, with ``--json``, as one JSON line. Exit 0, or 2 for bad
+options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import OK, defaults
+
+HELP = "run a benchmark (forces, gradient, memory, exact) and print its results"
+
+BENCHMARKS = {
+    "gradient": ("openmm_reversible.benchmarks.gradient", "measure",
+                 "Time of a reversible gradient relative to the forward run"),
+    "memory": ("openmm_reversible.benchmarks.memory", "compare",
+               "Peak memory of reversible gradients vs steps, and of BPTT"),
+    "forces": ("openmm_reversible.benchmarks.forces", "measure",
+               "Cost of the torch forces and VJPs against an OpenMM CPU step"),
+    "exact": ("openmm_reversible.benchmarks.exact", "measure",
+              "Bitwise round trip of the water box in fixed point: buffer size, bits per step, "
+              "cost vs float"),
+}
+"""name -> (module, function, one-line help)."""
+
+OPTIONS = {
+    "gradient": {"waters": (int, "water molecules"), "steps": (int, "steps in the window"),
+                 "snapshot_every": (int, "steps between loss snapshots"),
+                 "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed")},
+    "memory": {"waters": (int, "water molecules"),
+               "short_steps": (int, "steps of the short runs"),
+               "long_steps": (int, "steps of the long reversible run"),
+               "snapshots": (int, "loss snapshots per run, the same for every length: the "
+                                  "loss's own graph over its snapshots grows with their "
+                                  "number, not with the steps between them"),
+               "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed")},
+    "forces": {"box_size": (float, "edge of the water box, nm (3.0: 2661 atoms)"),
+               "cutoff": (float, "nm"), "repeats": (int, "timed repeats (median)")},
+    "exact": {"waters": (int, "water molecules"),
+              "steps": (int, "steps forward, then as many back"),
+              "timing_steps": (int, "steps of the float and exact round trips timed for the "
+                                    "ratio"),
+              "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed")},
+}
+"""name -> {parameter of the benchmark function: (type, help)}; each is an option
+``--parameter-name`` whose default is the function's."""
+
+
+def _function(name: str):
+    import importlib
+
+    module, function, _ = BENCHMARKS[name]
+    return getattr(importlib.import_module(module), function)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
+    for name, (_, _, help_text) in BENCHMARKS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=parser.formatter_class)
+        default = defaults(_function(name))
+        for option, (kind, option_help) in OPTIONS[name].items():
+            p.add_argument(f"--{option.replace('_', '-')}", type=kind, default=default[option],
+                           help=option_help)
+        p.add_argument("--json", action="store_true", help="print one JSON line")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    options = {option: getattr(args, option) for option in OPTIONS[args.benchmark]}
+    result = _function(args.benchmark)(**options, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+    return OK
