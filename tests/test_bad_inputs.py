@@ -289,8 +289,8 @@ CASES: list[Case] = [
      ("forcefield.files: OpenMM cannot load",)),
     ("fit-tag-on-residue-template-atom",
      lambda d, o, w: ["fit", _config(d / "c.toml", forcefield=TAGGED), "--output", str(o)],
-     ("OpenMM cannot load", "could not convert string to float: 'charge'",
-      "tag on a residue template's <Atom>")),
+     ('parameterize="charge" on <Atom name="O" type="tip3p-O"> of <Residue name="HOH">',
+      "could not convert string to float", "Tag the value where the force defines it")),
     ("fit-resume-truncated-checkpoint",
      lambda d, o, w: ["fit", _config(d / "c.toml"), "--resume", "--output", _fit_dir(
          o, lambda p: _truncated(p, _checkpoint(d / "full.pt", {"version": 1}), 0.5))],
