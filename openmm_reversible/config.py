@@ -5,9 +5,10 @@ A config file has one table per concern::
     [forcefield]   files = ["water.xml"]           ForceField XML, tagged with parameterize
     [structure]    water_box = 216 | pdb = "x.pdb"  what to simulate (Modeller builds boxes)
     [system]       nonbonded_method, cutoff, ...   arguments of ForceField.createSystem
-    [simulation]   temperature, friction, timestep, pressure, platform, seed
+    [simulation]   temperature, friction, timestep, pressure, platform, seed, deterministic
     [schedule]     epochs, equilibration_steps, bulk_steps, windows, window_steps, optimiser
     [failure]      what to do when a simulation blows up (retries, new noise, smaller step)
+    [output]       trajectory format and frames per epoch (besides XML, log, CSV, checkpoint)
     [[targets]]    one table per observable with its target and weight
 
 Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
@@ -47,8 +48,13 @@ NONBONDED_METHODS = ("NoCutoff", "CutoffNonPeriodic", "CutoffPeriodic", "Reactio
 
 CONSTRAINTS = ("none", "HBonds", "AllBonds", "HAngles")
 PLATFORMS = ("auto", "Reference", "CPU", "CUDA", "OpenCL", "HIP")
+DETERMINISTIC_PLATFORMS = ("auto", "CPU", "Reference")
+"""Platforms ``simulation.deterministic = true`` accepts (``auto`` then means CPU; the Context
+settings and the measurements behind them: :func:`openmm_reversible.sampler.platform_properties`).
+GPU platforms are not accepted: their repeatability has not been checked."""
 OPTIMIZERS = ("adam", "sgd")
 FAILURE_ACTIONS = ("renoise", "shrink_lr", "stop")
+TRAJECTORY_FORMATS = ("dcd", "xtc", "none")
 OBSERVABLES = ("rdf", "enthalpy_of_vaporization", "density", "pressure", "diffusion")
 SCALAR_UNITS = {"enthalpy_of_vaporization": "kJ/mol", "density": "g/cm^3", "pressure": "bar",
                 "diffusion": "nm^2/ps"}
@@ -116,6 +122,9 @@ class SimulationConfig:
     barostat_interval: int = _spec(25, _positive, "steps between barostat moves")
     platform: str = _spec("auto", _one_of(*PLATFORMS), "auto: CUDA when present, else CPU")
     seed: int = _spec(1, _non_negative)
+    deterministic: bool = _spec(False, doc="bit-for-bit repeatable fits and resumes: OpenMM "
+                                           "samples on one CPU thread with deterministic "
+                                           "forces, or on Reference (DETERMINISTIC_PLATFORMS)")
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,15 @@ class FailureConfig:
     lr_factor: float = _spec(0.5, lambda v: None if 0 < v < 1 else "must be in (0, 1)")
     max_temperature: float | None = _spec(None, _positive,
                                           "K; hotter is an explosion (default 3 × temperature)")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    trajectory: str = _spec("dcd", _one_of(*TRAJECTORY_FORMATS),
+                            "format of the sampled frames, one file per epoch in trajectory/ "
+                            "(dcd, xtc, or none)")
+    frames_per_epoch: int = _spec(5, _positive, "OpenMM frames saved per epoch, evenly spaced "
+                                                "over its equilibration and bulk steps")
 
 
 @dataclass(frozen=True)
@@ -191,6 +209,7 @@ class FitConfig:
     schedule: ScheduleConfig
     system: SystemConfig = field(default_factory=SystemConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     targets: list[TargetConfig] = field(default_factory=list)
     path: str | None = None
     """The config file this was read from (absolute), None when built from a dict."""
@@ -364,6 +383,11 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                                                                       "CutoffNonPeriodic"):
         raise InputError(f"simulation.pressure: NPT needs a periodic system, but "
                          f"system.nonbonded_method is {system.nonbonded_method}")
+    if simulation.deterministic and simulation.platform not in DETERMINISTIC_PLATFORMS:
+        raise InputError(f"simulation.deterministic = true: repeatable sampling is established "
+                         f"on the {', '.join(DETERMINISTIC_PLATFORMS[1:])} platforms only, not "
+                         f"{simulation.platform}; set simulation.platform = \"CPU\" (or "
+                         f"\"auto\"), or deterministic = false")
     schedule = _build(ScheduleConfig, data["schedule"], "schedule")
     if schedule.snapshot_every > schedule.window_steps:
         raise InputError(f"schedule.snapshot_every = {schedule.snapshot_every}: larger than "
@@ -373,6 +397,7 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
         raise InputError(f"schedule.window_steps = {schedule.window_steps}: must be a multiple "
                          f"of schedule.snapshot_every = {schedule.snapshot_every}")
     failure = _build(FailureConfig, data.get("failure", {}), "failure")
+    output = _build(OutputConfig, data.get("output", {}), "output")
     raw_targets = data.get("targets", [])
     if not isinstance(raw_targets, list) or not raw_targets:
         raise InputError("targets: give at least one [[targets]] table")
@@ -387,7 +412,8 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
     if not any(t.weight > 0 for t in targets):
         raise InputError("targets: every weight is 0, nothing to fit")
     return FitConfig(forcefield=ff, structure=structure, system=system, simulation=simulation,
-                     schedule=schedule, failure=failure, targets=targets, path=path)
+                     schedule=schedule, failure=failure, output=output, targets=targets,
+                     path=path)
 
 
 def load_config(path: str | os.PathLike) -> FitConfig:

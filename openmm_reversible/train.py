@@ -15,10 +15,25 @@ One epoch (:meth:`Trainer.run_epoch`):
 After every epoch the output directory receives, each file written atomically (temporary file
 + rename): the trained ForceField XML (the user's file with only the tagged values changed),
 ``checkpoint.pt`` (parameters, optimiser state, simulation state, history), ``log.jsonl`` (one
-JSON object per epoch: each loss term, observables, parameters, gradients, timings) and
-``training.png`` (loss and each observable against its target). A run killed at any moment
-loses at most the epoch in progress, and ``resume=True`` continues exactly where the checkpoint
-left off (bit for bit on a deterministic platform: Reference, or CPU in NVT).
+JSON object per epoch: each loss term, observables, parameters, gradients, the OpenMM state,
+timings), ``state_data.csv`` (the same per epoch in OpenMM's StateDataReporter layout),
+``trajectory/epoch_NNNN.dcd`` (frames of the epoch's OpenMM sampling, see
+:mod:`openmm_reversible.outputs`) and ``training.png`` (loss and each observable against its
+target). A run killed at any moment loses at most the epoch in progress, and ``resume=True``
+continues from the checkpoint: same parameters, optimiser state, simulation state and seeds.
+
+What repeats. With ``simulation.deterministic = true`` (OpenMM on one CPU thread with
+deterministic forces, or the Reference platform) a fit is bit-for-bit repeatable: two runs of
+one config give identical losses, gradients, parameters and files (timings aside), and a fit
+killed at any point and resumed equals the uninterrupted run. By default OpenMM samples on its
+fastest platform with all CPU threads (or a GPU), where the same state and seed give a
+different trajectory on every run (the order of floating-point sums varies between threads);
+the sampled states, hence losses, gradients and parameters, then differ from run to run by
+sampling noise, and a resumed fit is a statistically equivalent continuation, not the same
+numbers. What holds in both modes: the reversible windows are torch float64 code that gives
+the same loss and gradient for the same starting state and seed, the epoch seeds depend only on
+``(seed, epoch, attempt)``, and a resume starts from exactly the checkpoint's parameters,
+optimiser state and simulation state.
 
 A simulation that produces NaN or runs away stops the epoch with a message naming the step and
 the parameter values; the last good parameters and optimiser state are restored, and the epoch
@@ -50,6 +65,13 @@ from .observables.density import density, pressure
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
 from .observables.rdf import rdf
 from .observables.selection import molecules, pair_indices
+from .outputs import (
+    STATE_DATA,
+    trajectory_path,
+    write_state_data,
+    write_topology,
+    write_trajectory,
+)
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .potential.neighbors import box_widths
@@ -251,7 +273,8 @@ class TrainResult:
     parameters : dict of str to float
         Final values of every parameter site, MD units.
     files : dict of str to pathlib.Path
-        ``forcefield`` (list of trained XML files), ``log``, ``checkpoint``, ``plot``.
+        ``forcefield`` (list of trained XML files), ``log``, ``state_data``, ``checkpoint``,
+        ``plot``.
     """
 
     records: list[dict]
@@ -294,6 +317,7 @@ class Trainer:
 
         topology, positions = build_structure(config)
         self.topology = topology
+        self._start_positions = positions
         self.parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
                                                        **create_system_kwargs(config))
         configure_system(self.parameters.system, config)
@@ -329,12 +353,12 @@ class Trainer:
                              f"{CHECKPOINT_VERSION}; start a new fit")
         saved, current = checkpoint["config"], _comparable(to_dict(self.config))
         changed = sorted(_changed_keys(saved, current))
-        # Only the number of epochs may grow between runs.
-        changed = [k for k in changed if k != "schedule.epochs"]
+        # Only the number of epochs and the output settings may change between runs.
+        changed = [k for k in changed if k != "schedule.epochs" and not k.startswith("output")]
         if changed:
             raise InputError(f"the config differs from the checkpoint's in {', '.join(changed)}; "
-                             f"resume with the original config (only schedule.epochs may "
-                             f"change) or start a new fit in another directory")
+                             f"resume with the original config (only schedule.epochs and "
+                             f"[output] may change) or start a new fit in another directory")
 
     def _load_checkpoint(self, checkpoint: dict) -> None:
         if checkpoint["sites"] != self.parameters.names:
@@ -409,10 +433,22 @@ class Trainer:
                                              float(simulation.info.get("reconstruction_error",
                                                                        0.0)))
 
+    def _frame_steps(self) -> set[int]:
+        """OpenMM steps of the current epoch at which a trajectory frame is saved: the
+        configured number, evenly spaced over the epoch's sampling, the last at its end."""
+        sched, out = self.config.schedule, self.config.output
+        steps = sched.equilibration_steps + sched.windows * sched.bulk_steps
+        if out.trajectory == "none" or steps == 0:
+            return set()
+        start = self.state.step
+        n = out.frames_per_epoch
+        return {start + round(k * steps / n) for k in range(1, n + 1)} - {start}
+
     def _attempt(self, attempt: int) -> dict:
         """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
         sched = self.config.schedule
         epoch = self.epoch + 1
+        frame_steps = self._frame_steps()
         timings = {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0, "forward_s": 0.0,
                    "backward_s": 0.0}
         t = time.perf_counter()
@@ -420,7 +456,7 @@ class Trainer:
         self.sampler.restart(self.state, self._seed(epoch, attempt))
         timings["push_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        self.sampler.step(sched.equilibration_steps)
+        frames = self.sampler.step(sched.equilibration_steps, frame_steps)
         timings["equilibrate_s"] = time.perf_counter() - t
         self.optimizer.zero_grad(set_to_none=False)
         totals = {"loss": 0.0, "terms": {}, "observables": {}, "timings": timings,
@@ -429,7 +465,7 @@ class Trainer:
                        disable=not self.progress or None, unit="window")
         for w in windows:
             t = time.perf_counter()
-            self.sampler.step(sched.bulk_steps)
+            frames += self.sampler.step(sched.bulk_steps, frame_steps)
             timings["bulk_s"] += time.perf_counter() - t
             self._window(w, self.sampler.state(), self._seed(epoch, attempt, w + 1), totals)
         grad = self.parameters.scaled.grad.detach().clone()
@@ -443,7 +479,9 @@ class Trainer:
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "attempts": attempt + 1,
             "reconstruction_error": totals["reconstruction_error"],
+            "state": self.sampler.thermodynamic_state(),
             "end_state": self.sampler.state(),
+            "frames": frames,
             "timings": timings,
         }
 
@@ -499,24 +537,32 @@ class Trainer:
             scaled = self.parameters.scaled
             scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
         self.state = record.pop("end_state")
+        frames = record.pop("frames")
         record["parameters_after"] = self.parameters.values()
         record["failures"] = messages
         record["timings"]["total_s"] = time.perf_counter() - start
         self.epoch += 1
         self.records.append(_jsonable(record))
-        self._save()
+        self._save(frames)
         return self.records[-1]
 
     # -- outputs --------------------------------------------------------------------------------
 
-    def _save(self) -> None:
-        """Trained XML, checkpoint, log and plot, each written atomically."""
+    def _save(self, frames: list[SampledState]) -> None:
+        """The epoch's trajectory, trained XML, checkpoint, log, CSV and plot, each written
+        atomically (the trajectory first: a kill before the checkpoint reruns its epoch)."""
         self.output.mkdir(parents=True, exist_ok=True)
+        if frames:
+            write_topology(self.output, self.topology, self._start_positions)
+            fmt = self.config.output.trajectory
+            write_trajectory(trajectory_path(self.output, self.epoch, fmt), frames,
+                             self.topology, fmt, self.config.simulation.timestep)
         write_xml(self.parameters, self.output)
         atomic_write(self.output / CHECKPOINT,
                      lambda tmp: torch.save(self._checkpoint(), tmp))
         atomic_write_text(self.output / LOG,
                     "".join(json.dumps(r) + "\n" for r in self.records))
+        write_state_data(self.output / STATE_DATA, self.records, self.config.targets)
         atomic_write(self.output / PLOT,
                      lambda tmp: plot_training(self.records, self.objective, tmp))
 
@@ -540,6 +586,7 @@ class Trainer:
                                                  (self.parameters.files[i] for i in
                                                   self.parameters.site_files())],
                                   "log": self.output / LOG,
+                                  "state_data": self.output / STATE_DATA,
                                   "checkpoint": self.output / CHECKPOINT,
                                   "plot": self.output / PLOT})
 
