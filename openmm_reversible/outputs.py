@@ -11,7 +11,8 @@ Beside ``log.jsonl`` (everything, one JSON object per epoch) a fit writes
   positions and the box, with ``trajectory/topology.pdb`` to read them with mdtraj
   (``mdtraj.load("epoch_0001.dcd", top="topology.pdb")``), VMD or PyMOL. Each file is written
   atomically once its epoch has finished; an epoch interrupted by a kill is sampled again on
-  resume and its file replaced (identical bytes when ``simulation.deterministic = true``).
+  resume and its file replaced (the same frames when ``simulation.deterministic = true``; the
+  DCD header also records its creation time).
 """
 
 from __future__ import annotations
