@@ -27,8 +27,8 @@ deterministic forces, or the Reference platform) a fit is bit-for-bit repeatable
 one config give identical losses, gradients, parameters, files and trajectory frames (timings
 aside), and a fit killed at any point and resumed equals the uninterrupted run. By default
 OpenMM samples on its fastest platform with all CPU threads (or a GPU), where the same state
-and seed give a different trajectory on every run (the order of floating-point sums varies
-between threads);
+and seed give a different trajectory on every run (measured: the CPU platform repeats only with
+one thread *and* deterministic forces, :func:`~openmm_reversible.sampler.platform_properties`);
 the sampled states, hence losses, gradients and parameters, then differ from run to run by
 sampling noise, and a resumed fit is a statistically equivalent continuation, not the same
 numbers. What holds in both modes: the reversible windows are torch float64 code that gives
