@@ -35,6 +35,7 @@ import numpy as np
 from openmm import app
 
 from .errors import InputError
+from .target_files import R_UNITS, RdfGrid, rdf_bins, read_rdf
 
 try:
     import tomllib
@@ -167,10 +168,21 @@ class TargetConfig:
     observable: str = _spec(check=_one_of(*OBSERVABLES))
     weight: float = _spec(1.0, _non_negative)
     value: float | None = _spec(None, doc="scalar target, units in SCALAR_UNITS")
-    file: str | None = _spec(None, doc="rdf: two-column text file, r (nm) and g(r)")
+    file: str | None = _spec(None, doc="rdf: text table, r then g columns (r, g, error, g2, "
+                                       "...; see openmm_reversible.target_files)")
+    column: int | str = _spec(2, doc="rdf: the g column of file, counted from 1 (r is column "
+                                     "1), or its name in the file's header")
+    r_unit: str | None = _spec(None, _one_of(*R_UNITS),
+                               "rdf: unit of the file's r (nm or angstrom); default nm, and an "
+                               "r beyond 5 nm is refused unless r_unit is given")
     atoms: list[str] = _spec([], doc="rdf: the two atom names of the pair, e.g. ['O', 'H']")
     name: str | None = _spec(None, doc="label in logs and plots")
+    r_min: float | None = _spec(None, _non_negative, "rdf: smallest r used, nm")
     r_max: float | None = _spec(None, _positive, "rdf: largest r used, nm")
+    bin_width: float | None = _spec(None, _positive,
+                                    "rdf: width of the fit's bins, nm (default: the file's own "
+                                    "bins if its r is uniform, else its median spacing; g is "
+                                    "then interpolated)")
     bandwidth: float | None = _spec(None, _positive,
                                     "rdf: Gaussian smoothing width, nm (default: bin width)")
     tolerance: float | None = _spec(None, _positive,
@@ -194,9 +206,14 @@ class TargetConfig:
         return self.tolerance or DEFAULT_TOLERANCES[self.observable]
 
     def rdf_data(self) -> tuple[np.ndarray, np.ndarray]:
-        """Target RDF (r in nm, g) read from ``file``."""
-        data = np.loadtxt(self.file, ndmin=2)
-        return data[:, 0], data[:, 1]
+        """Target RDF (r in nm, g) read from ``column`` of ``file``."""
+        return read_rdf(self.file, self.column, self.r_unit)
+
+    def rdf_grid(self) -> RdfGrid:
+        """The target RDF on the fit's bins (:func:`~openmm_reversible.target_files.rdf_bins`
+        with this target's ``r_min``, ``r_max`` and ``bin_width``)."""
+        return rdf_bins(*self.rdf_data(), r_min=self.r_min, r_max=self.r_max,
+                        bin_width=self.bin_width)
 
 
 @dataclass(frozen=True)
@@ -305,18 +322,15 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
         path = _resolve(t.file, base)
         if not os.path.isfile(path):
             raise InputError(f"{where}.file: {path} does not exist")
+        t = dataclasses.replace(t, file=path)
         try:
-            data = np.loadtxt(path, ndmin=2)
-        except ValueError as exc:
-            raise InputError(f"{where}.file: {path} is not a numeric table ({exc})") from None
-        if data.shape[1] < 2 or data.shape[0] < 3 or not np.all(np.isfinite(data[:, :2])):
-            raise InputError(f"{where}.file: {path} needs >= 3 rows of finite r (nm), g columns")
-        spacing = np.diff(data[:, 0])
-        if np.any(spacing <= 0) or np.ptp(spacing) > 1e-6 * spacing.mean() + 1e-9:
-            raise InputError(f"{where}.file: r (first column) of {path} must be bin centres "
-                             f"with a uniform spacing")
-        return dataclasses.replace(t, file=path)
-    for key in ("file", "r_max", "bandwidth"):
+            t.rdf_grid()
+        except InputError as exc:
+            raise InputError(f"{where}.file: {exc}") from None
+        return t
+    if t.column != 2 or t.r_unit is not None:
+        raise InputError(f"{where}: only rdf targets take 'column' and 'r_unit'")
+    for key in ("file", "r_min", "r_max", "bin_width", "bandwidth"):
         if getattr(t, key) is not None:
             raise InputError(f"{where}.{key}: only rdf targets take {key!r}")
     if t.atoms:

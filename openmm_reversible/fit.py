@@ -45,6 +45,8 @@ def run(args: argparse.Namespace) -> int:
             config, schedule=dataclasses.replace(config.schedule, epochs=args.epochs))
     output = output_directory(args.config, args.output)
     trainer = Trainer(config, output, resume=args.resume, progress=not args.no_progress)
+    for label, note in trainer.objective.rdf_notes.items():
+        print(f"{label}: {note}")
     try:
         result = trainer.run()
     except TrainingFailed as exc:

@@ -150,16 +150,6 @@ def rdf_pairs(topology, atoms: list[str]) -> np.ndarray:
                         exclude=molecules(topology))
 
 
-def rdf_target(target) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """Bin centres r (nm), target g(r) and the bins' range (nm) of an rdf target, up to its
-    ``r_max``."""
-    r, g = target.rdf_data()
-    width = float(r[1] - r[0])
-    keep = r + 0.5 * width <= (target.r_max or np.inf) + 1e-12
-    r, g = r[keep], g[keep]
-    return r, g, (float(r[0] - 0.5 * width), float(r[-1] + 0.5 * width))
-
-
 def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
     """Classical mean potential energy of one isolated molecule, kJ/mol: k_B T / 2 per
     internal mode (3n - 6, or 3n - 5 for a linear 2-atom molecule), 0 when rigid."""
@@ -175,8 +165,9 @@ def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
 class Objective:
     """Weighted sum of the config's target terms, as a ``loss_fn(trajectory, potential)``.
 
-    - ``rdf``: ``weight · mean_r (g(r) - g_target(r))²`` on the target file's bins, g from the
-      smooth histogram of the window's snapshots (intermolecular pairs);
+    - ``rdf``: ``weight · mean_r (g(r) - g_target(r))²`` on the fit's bins (the target file's
+      own, or the file's g interpolated onto uniform bins: :meth:`TargetConfig.rdf_grid`), g
+      from the smooth histogram of the window's snapshots (intermolecular pairs);
     - scalar targets (``enthalpy_of_vaporization``, ``pressure``): ``weight · ((x - value) /
       tolerance)²`` with x averaged over the window's snapshots;
     - ``density`` only with weight 0 (reported: the window's box is fixed, so it carries no
@@ -194,11 +185,13 @@ class Objective:
         rigid = config.system.rigid_water or config.system.constraints != "none"
         for t in self.targets:
             if t.observable == "rdf":
-                r, g, r_range = rdf_target(t)
+                grid = t.rdf_grid()
                 self.rdf_setup[t.label] = {
-                    "pairs": rdf_pairs(topology, t.atoms), "r": r,
-                    "target": torch.as_tensor(g, dtype=DTYPE), "r_range": r_range,
-                    "n_bins": len(r), "sigma": t.bandwidth or float(r[1] - r[0])}
+                    "pairs": rdf_pairs(topology, t.atoms), "r": grid.r,
+                    "target": torch.as_tensor(grid.g, dtype=DTYPE), "r_range": grid.r_range,
+                    "n_bins": len(grid.r),
+                    "sigma": t.bandwidth or (grid.r_range[1] - grid.r_range[0]) / len(grid.r),
+                    "note": grid.note}
             elif t.observable == "diffusion" or (t.observable == "density" and t.weight > 0):
                 raise InputError(f"targets: {t.observable} cannot be fitted through the "
                                  f"reversible windows (fixed box, short windows); give it "
@@ -211,6 +204,11 @@ class Objective:
         self.loss = Loss([self._target(t) for t in self.targets])
         self.last_terms: dict[str, float] = {}
         self.last_observables: dict[str, object] = {}
+
+    @property
+    def rdf_notes(self) -> dict[str, str]:
+        """For each rdf target, the range of its file used and how (its bins, interpolation)."""
+        return {label: s["note"] for label, s in self.rdf_setup.items()}
 
     def observable(self, target, traj: Trajectory, potential) -> torch.Tensor:
         """The target's observable over the window's snapshots (differentiable)."""
@@ -480,6 +478,7 @@ class Trainer:
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "attempts": attempt + 1,
             "reconstruction_error": totals["reconstruction_error"],
+            "rdf_bins": self.objective.rdf_notes,
             "state": self.sampler.thermodynamic_state(),
             "end_state": self.sampler.state(),
             "frames": frames,

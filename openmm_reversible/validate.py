@@ -39,7 +39,7 @@ from .observables.selection import molecules
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .sampler import build_structure, configure_system, create_system_kwargs, select_platform
-from .train import harmonic_gas_energy, rdf_pairs, rdf_target
+from .train import harmonic_gas_energy, rdf_pairs
 from .units import DTYPE, KB
 
 ENERGY_TOL = 1e-6
@@ -236,7 +236,8 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
         row = {"name": t.label, "observable": t.observable, "target": t.value,
                "unit": SCALAR_UNITS.get(t.observable, "")}
         if t.observable == "rdf":
-            r, g_target, r_range = rdf_target(t)
+            grid = t.rdf_grid()
+            r, g_target, r_range = grid.r, grid.g, grid.r_range
             traj = mdtraj.Trajectory(frames.positions, mdtraj.Topology.from_openmm(topology))
             traj.unitcell_vectors = frames.boxes
             _, g = mdtraj.compute_rdf(traj, rdf_pairs(topology, t.atoms), r_range=r_range,
