@@ -466,6 +466,7 @@ class Sampler:
         self.context.setPositions(state.positions)
         self.context.setVelocities(state.velocities)
         self.context.setStepCount(state.step)
+        self.context.setTime(state.step * self.timestep)
 
     @classmethod
     def from_config(cls, config: FitConfig, system: openmm.System, positions: np.ndarray,
