@@ -1,7 +1,8 @@
 """What repeats: ``simulation.deterministic = true`` fits bit for bit, and what the default keeps.
 
-A 30-molecule flexible water box (reaction field, 0.45 nm cutoff) on OpenMM's CPU platform,
-2 epochs of 150 OpenMM steps and one 10-step reversible window each: a few seconds per fit.
+A 30-molecule flexible water box (reaction field, 0.45 nm cutoff, NPT with a Monte Carlo
+barostat every 10 steps) on OpenMM's CPU platform, 2 epochs of 150 OpenMM steps and one
+10-step reversible window each: a few seconds per fit.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ BASE = {
     "forcefield": {"files": [str(EXAMPLE / "water_flexible.xml")]},
     "structure": {"water_box": 30},
     "system": {"cutoff": 0.45},
-    "simulation": {"temperature": 295.15, "platform": "CPU", "seed": 5, "deterministic": True},
+    "simulation": {"temperature": 295.15, "platform": "CPU", "seed": 5, "deterministic": True,
+                   "pressure": 1.0, "barostat_interval": 10},
     "schedule": {"epochs": 2, "equilibration_steps": 100, "bulk_steps": 50, "window_steps": 10,
                  "snapshot_every": 5, "lr_decay": 0.5},
     "targets": [{"observable": "rdf", "atoms": ["O", "O"],
@@ -69,9 +71,11 @@ def test_two_deterministic_fits_are_identical(tmp_path):
     assert [r["gradient"] for r in first.records] == [r["gradient"] for r in second.records]
     assert first.parameters == second.parameters
     _same_fit(tmp_path / "a", tmp_path / "b")
-    # The fit did something: the parameters moved and the two epochs differ.
+    # The fit did something: the parameters moved, the two epochs differ, the box changed.
     assert first.records[0]["loss"] != first.records[1]["loss"]
     assert first.records[0]["parameters"] != first.parameters
+    assert first.records[0]["state"]["Box Volume (nm^3)"] != \
+        first.records[1]["state"]["Box Volume (nm^3)"]
 
 
 def test_killed_and_resumed_equals_uninterrupted(tmp_path, monkeypatch):

@@ -121,3 +121,12 @@ def test_xtc_and_no_trajectory_options(tmp_path):
     fit(_config(trajectory="none"), tmp_path / "none", progress=False)
     assert not (tmp_path / "none" / "trajectory").exists()
     assert (tmp_path / "none" / "state_data.csv").is_file()
+    # [output] may change on resume: the fit goes on, now with XTC frames from epoch 2 on.
+    data = copy.deepcopy(BASE)
+    data["schedule"]["epochs"] = 3
+    data["output"] = {"trajectory": "xtc", "frames_per_epoch": 2}
+    result = fit(config_from_dict(data, EXAMPLE), tmp_path / "none", resume=True,
+                 progress=False)
+    assert [r["epoch"] for r in result.records] == [1, 2, 3]
+    assert not trajectory_path(tmp_path / "none", 2, "xtc").exists()
+    assert trajectory_path(tmp_path / "none", 3, "xtc").is_file()
