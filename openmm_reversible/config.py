@@ -174,7 +174,8 @@ class TargetConfig:
                                      "1), or its name in the file's header")
     r_unit: str | None = _spec(None, _one_of(*R_UNITS),
                                "rdf: unit of the file's r (nm or angstrom); default nm, and an "
-                               "r beyond 5 nm is refused unless r_unit is given")
+                               "implausibly large r (target_files.IMPLAUSIBLE_NM) is refused "
+                               "unless r_unit is given")
     atoms: list[str] = _spec([], doc="rdf: the two atom names of the pair, e.g. ['O', 'H']")
     name: str | None = _spec(None, doc="label in logs and plots")
     r_min: float | None = _spec(None, _non_negative, "rdf: smallest r used, nm")

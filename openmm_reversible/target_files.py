@@ -154,6 +154,8 @@ class RdfGrid:
         Target g at the centres.
     r_range : tuple of float, nm
         Lower edge of the first bin, upper edge of the last.
+    width : float, nm
+        Bin width.
     interpolated : bool
         Whether g was interpolated from the file's grid (False: the file's own points).
     note : str
@@ -163,6 +165,7 @@ class RdfGrid:
     r: np.ndarray
     g: np.ndarray
     r_range: tuple[float, float]
+    width: float
     interpolated: bool
     note: str
 
@@ -185,7 +188,7 @@ def rdf_bins(r: np.ndarray, g: np.ndarray, r_min: float | None = None,
     uniform = float(np.ptp(steps)) <= _UNIFORM * float(steps.mean()) + 1e-12
     file_range = f"the file's r {r[0]:.5g}-{r[-1]:.5g} nm"
     if uniform and bin_width is None:
-        width = float(steps.mean())
+        width = float(r[1] - r[0])
         keep = ((r + 0.5 * width <= (math.inf if r_max is None else r_max) + 1e-12)
                 & (r - 0.5 * width >= (-math.inf if r_min is None else r_min) - 1e-12))
         if not keep.any():
@@ -195,7 +198,7 @@ def rdf_bins(r: np.ndarray, g: np.ndarray, r_min: float | None = None,
         lo, hi = float(centres[0] - 0.5 * width), float(centres[-1] + 0.5 * width)
         note = (f"{len(centres)} bins of {width:.5g} nm over {lo:.5g}-{hi:.5g} nm, the file's "
                 f"own bin centres ({file_range})")
-        return RdfGrid(centres, values, (lo, hi), False, note)
+        return RdfGrid(centres, values, (lo, hi), width, False, note)
     width = float(np.median(steps)) if bin_width is None else float(bin_width)
     lo = float(r[0]) if r_min is None else float(r_min)
     hi = float(r[-1]) if r_max is None else min(float(r_max), float(r[-1]))
@@ -210,4 +213,4 @@ def rdf_bins(r: np.ndarray, g: np.ndarray, r_min: float | None = None,
     how = "uniform" if uniform else "non-uniform"
     note = (f"{n_bins} bins of {width:.5g} nm over {lo:.5g}-{lo + n_bins * width:.5g} nm, "
             f"g interpolated linearly from {file_range} ({how} grid, {len(r)} points)")
-    return RdfGrid(centres, values, (lo, lo + n_bins * width), True, note)
+    return RdfGrid(centres, values, (lo, lo + n_bins * width), width, True, note)

@@ -189,8 +189,7 @@ class Objective:
                 self.rdf_setup[t.label] = {
                     "pairs": rdf_pairs(topology, t.atoms), "r": grid.r,
                     "target": torch.as_tensor(grid.g, dtype=DTYPE), "r_range": grid.r_range,
-                    "n_bins": len(grid.r),
-                    "sigma": t.bandwidth or (grid.r_range[1] - grid.r_range[0]) / len(grid.r),
+                    "n_bins": len(grid.r), "sigma": t.bandwidth or grid.width,
                     "note": grid.note}
             elif t.observable == "diffusion" or (t.observable == "density" and t.weight > 0):
                 raise InputError(f"targets: {t.observable} cannot be fitted through the "
