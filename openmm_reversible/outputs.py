@@ -27,11 +27,35 @@ from openmm import app, unit
 
 from .config import SCALAR_UNITS, TargetConfig
 from .files import atomic_write, atomic_write_text
-from .sampler import SampledState
+from .observables.density import G_CM3_PER_AMU_NM3
+from .sampler import SampledState, Sampler
 
 STATE_DATA = "state_data.csv"
 TRAJECTORY_DIR = "trajectory"
 TOPOLOGY = "topology.pdb"
+
+
+def state_values(sampler: Sampler) -> dict[str, float]:
+    """The sampler's current state as StateDataReporter values, keyed by its column names:
+    ``Step``, ``Time (ps)``, ``Potential Energy (kJ/mole)``, ``Kinetic Energy (kJ/mole)``,
+    ``Total Energy (kJ/mole)``, ``Temperature (K)`` and, for a periodic System, ``Box Volume
+    (nm^3)`` and ``Density (g/mL)``."""
+    state = sampler.context.getState(getEnergy=True)
+    potential = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    kinetic = state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
+    values = {"Step": sampler.current_step(),
+              "Time (ps)": state.getTime().value_in_unit(unit.picosecond),
+              "Potential Energy (kJ/mole)": potential, "Kinetic Energy (kJ/mole)": kinetic,
+              "Total Energy (kJ/mole)": potential + kinetic,
+              "Temperature (K)": sampler.kinetic_temperature()}
+    system = sampler.system
+    if system.usesPeriodicBoundaryConditions():
+        volume = state.getPeriodicBoxVolume().value_in_unit(unit.nanometer ** 3)
+        mass = sum(system.getParticleMass(i).value_in_unit(unit.dalton)
+                   for i in range(system.getNumParticles()))
+        values["Box Volume (nm^3)"] = volume
+        values["Density (g/mL)"] = mass / volume * G_CM3_PER_AMU_NM3
+    return values
 
 
 def state_data_columns(targets: Sequence[TargetConfig]) -> list[str]:
@@ -49,7 +73,7 @@ def state_data_csv(records: Sequence[dict], targets: Sequence[TargetConfig]) -> 
     """The epoch records as StateDataReporter-style CSV text (header line starts with ``#``).
 
     Each record needs ``epoch``, ``loss``, ``terms``, ``observables`` and ``state`` (the
-    StateDataReporter-named values of :meth:`Sampler.thermodynamic_state`). Values are written
+    StateDataReporter-named values of :func:`state_values`). Values are written
     at full precision (``repr``); a missing value (a non-periodic box) is an empty field.
     """
     columns = state_data_columns(targets)

@@ -32,7 +32,6 @@ from openmm import app, unit
 
 from .config import FitConfig
 from .errors import InputError
-from .observables.density import G_CM3_PER_AMU_NM3
 from .units import KB
 
 _OPENMM_METHODS = {
@@ -410,27 +409,6 @@ class Sampler:
 
     def current_step(self) -> int:
         return int(self.context.getStepCount())
-
-    def thermodynamic_state(self) -> dict[str, float]:
-        """Energies, temperature and box of the current state, keyed by the column names of
-        OpenMM's ``StateDataReporter``: ``Step``, ``Time (ps)``, ``Potential Energy (kJ/mole)``,
-        ``Kinetic Energy (kJ/mole)``, ``Total Energy (kJ/mole)``, ``Temperature (K)``, and for
-        a periodic System ``Box Volume (nm^3)`` and ``Density (g/mL)``."""
-        state = self.context.getState(getEnergy=True)
-        potential = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
-        kinetic = state.getKineticEnergy().value_in_unit(unit.kilojoule_per_mole)
-        row = {"Step": self.current_step(),
-               "Time (ps)": state.getTime().value_in_unit(unit.picosecond),
-               "Potential Energy (kJ/mole)": potential, "Kinetic Energy (kJ/mole)": kinetic,
-               "Total Energy (kJ/mole)": potential + kinetic,
-               "Temperature (K)": 2.0 * kinetic / (self._dof * KB)}
-        if self.system.usesPeriodicBoundaryConditions():
-            volume = state.getPeriodicBoxVolume().value_in_unit(unit.nanometer ** 3)
-            mass = sum(self.system.getParticleMass(i).value_in_unit(unit.dalton)
-                       for i in range(self.system.getNumParticles()))
-            row["Box Volume (nm^3)"] = volume
-            row["Density (g/mL)"] = mass / volume * G_CM3_PER_AMU_NM3
-        return row
 
     def state(self) -> SampledState:
         """Positions, velocities and box of the current state (float64 arrays, nm, nm/ps)."""

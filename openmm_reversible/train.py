@@ -68,6 +68,7 @@ from .observables.rdf import rdf
 from .observables.selection import molecules, pair_indices
 from .outputs import (
     STATE_DATA,
+    state_values,
     trajectory_path,
     write_state_data,
     write_topology,
@@ -478,7 +479,7 @@ class Trainer:
             "attempts": attempt + 1,
             "reconstruction_error": totals["reconstruction_error"],
             "rdf_bins": self.objective.rdf_notes,
-            "state": self.sampler.thermodynamic_state(),
+            "state": state_values(self.sampler),
             "end_state": self.sampler.state(),
             "frames": frames,
             "timings": timings,
