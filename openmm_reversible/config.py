@@ -459,3 +459,33 @@ def load_config(path: str | os.PathLike) -> FitConfig:
 def to_dict(config: FitConfig) -> dict:
     """The config as plain data (for logs and checkpoints)."""
     return dataclasses.asdict(config)
+
+
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return f.default
+
+
+def _fill_defaults(table: dict, cls) -> dict:
+    filled = dict(table)
+    for f in dataclasses.fields(cls):
+        if f.name not in filled and (f.default is not dataclasses.MISSING
+                                     or f.default_factory is not dataclasses.MISSING):
+            filled[f.name] = _default(f)
+    return filled
+
+
+def with_defaults(data: dict) -> dict:
+    """A config saved as plain data (:func:`to_dict`) by an earlier version, with every key
+    added since then set to its default, so that it compares equal to the same config read
+    today (a checkpoint written before a key existed resumes with that key at its default)."""
+    filled = _fill_defaults(data, FitConfig)
+    hints = typing.get_type_hints(FitConfig)
+    for name in _SECTIONS:
+        if name == "targets":
+            filled[name] = [_fill_defaults(t, TargetConfig) for t in filled[name]]
+        elif isinstance(filled.get(name), dict):
+            filled[name] = _fill_defaults(filled[name], hints[name])
+    return filled

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import SCALAR_UNITS, FitConfig, to_dict
+from .config import SCALAR_UNITS, FitConfig, to_dict, with_defaults
 from .errors import InputError
 from .export import write_xml
 from .files import atomic_write, atomic_write_text
@@ -350,7 +350,8 @@ class Trainer:
             raise InputError(f"{self.output / CHECKPOINT} has format version "
                              f"{checkpoint.get('version')}, this version reads "
                              f"{CHECKPOINT_VERSION}; start a new fit")
-        saved, current = checkpoint["config"], _comparable(to_dict(self.config))
+        saved = _comparable(with_defaults(checkpoint["config"]))
+        current = _comparable(to_dict(self.config))
         changed = sorted(_changed_keys(saved, current))
         # Only the number of epochs and the output settings may change between runs.
         changed = [k for k in changed if k != "schedule.epochs" and not k.startswith("output")]

@@ -158,3 +158,24 @@ def test_deterministic_platform_settings():
     assert trainer.sampler.context.getPlatform().getPropertyValue(
         trainer.sampler.context, "Threads") == "1"
     assert np.isfinite(trainer.sampler.kinetic_temperature())
+
+
+def test_checkpoint_from_before_the_new_keys_resumes(tmp_path):
+    """A checkpoint whose saved config lacks keys added later (deterministic, [output], the
+    rdf file keys) resumes with those keys at their defaults; a real change is still named."""
+    config = _config(epochs=1, deterministic=False)
+    fit(config, tmp_path / "out", progress=False)
+    path = tmp_path / "out" / CHECKPOINT
+    saved = torch.load(path, weights_only=True)
+    del saved["config"]["output"]
+    del saved["config"]["simulation"]["deterministic"]
+    for target in saved["config"]["targets"]:
+        for key in ("column", "r_unit", "r_min", "bin_width"):
+            del target[key]
+    torch.save(saved, path)
+    resumed = fit(_config(epochs=2, deterministic=False), tmp_path / "out", resume=True,
+                  progress=False)
+    assert [r["epoch"] for r in resumed.records] == [1, 2]
+    with pytest.raises(InputError, match=r"differs from the checkpoint's in "
+                                         r"simulation.deterministic;"):
+        Trainer(_config(epochs=3), tmp_path / "out", resume=True, progress=False)
