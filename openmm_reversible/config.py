@@ -5,9 +5,10 @@ A config file has one table per concern::
     [forcefield]   files = ["water.xml"]           ForceField XML, tagged with parameterize
     [structure]    water_box = 216 | pdb = "x.pdb"  what to simulate (Modeller builds boxes)
     [system]       nonbonded_method, cutoff, ...   arguments of ForceField.createSystem
-    [simulation]   temperature, friction, timestep, pressure, platform, seed
+    [simulation]   temperature, friction, timestep, pressure, platform, seed, deterministic
     [schedule]     epochs, equilibration_steps, bulk_steps, windows, window_steps, optimiser
     [failure]      what to do when a simulation blows up (retries, new noise, smaller step)
+    [output]       trajectory format and frames per epoch (besides XML, log, CSV, checkpoint)
     [[targets]]    one table per observable with its target and weight
 
 Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
@@ -37,6 +38,7 @@ from openmm import app
 from .errors import InputError
 from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .priors import ParameterRule
+from .target_files import R_UNITS, RdfGrid, rdf_bins, read_rdf
 
 try:
     import tomllib
@@ -44,8 +46,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 PLATFORMS = ("auto", "Reference", "CPU", "CUDA", "OpenCL", "HIP")
+DETERMINISTIC_PLATFORMS = ("auto", "CPU", "Reference")
+"""Platforms ``simulation.deterministic = true`` accepts (``auto`` then means CPU; the Context
+settings and the measurements behind them: :func:`openmm_reversible.sampler.platform_properties`).
+GPU platforms are not accepted: their repeatability has not been checked."""
 OPTIMIZERS = ("adam", "sgd")
 FAILURE_ACTIONS = ("renoise", "shrink_lr", "stop")
+TRAJECTORY_FORMATS = ("dcd", "xtc", "none")
 OBSERVABLES = ("rdf", "enthalpy_of_vaporization", "density", "pressure", "diffusion")
 SCALAR_UNITS = {"enthalpy_of_vaporization": "kJ/mol", "density": "g/cm^3", "pressure": "bar",
                 "diffusion": "nm^2/ps"}
@@ -120,6 +127,9 @@ class SimulationConfig:
     barostat_interval: int = _spec(25, _positive, "steps between barostat moves")
     platform: str = _spec("auto", _one_of(*PLATFORMS), "auto: CUDA when present, else CPU")
     seed: int = _spec(1, _non_negative)
+    deterministic: bool = _spec(False, doc="bit-for-bit repeatable fits and resumes: OpenMM "
+                                           "samples on one CPU thread with deterministic "
+                                           "forces, or on Reference (DETERMINISTIC_PLATFORMS)")
 
 
 @dataclass(frozen=True)
@@ -149,14 +159,35 @@ class FailureConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    trajectory: str = _spec("dcd", _one_of(*TRAJECTORY_FORMATS),
+                            "format of the sampled frames, one file per epoch in trajectory/ "
+                            "(dcd, xtc, or none)")
+    frames_per_epoch: int = _spec(5, _positive, "OpenMM frames saved per epoch, evenly spaced "
+                                                "over its equilibration and bulk steps")
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     observable: str = _spec(check=_one_of(*OBSERVABLES))
     weight: float = _spec(1.0, _non_negative)
     value: float | None = _spec(None, doc="scalar target, units in SCALAR_UNITS")
-    file: str | None = _spec(None, doc="rdf: two-column text file, r (nm) and g(r)")
+    file: str | None = _spec(None, doc="rdf: text table, r then g columns (r, g, error, g2, "
+                                       "...; see openmm_reversible.target_files)")
+    column: int | str = _spec(2, doc="rdf: the g column of file, counted from 1 (r is column "
+                                     "1), or its name in the file's header")
+    r_unit: str | None = _spec(None, _one_of(*R_UNITS),
+                               "rdf: unit of the file's r (nm or angstrom); default nm, and an "
+                               "implausibly large r (target_files.IMPLAUSIBLE_NM) is refused "
+                               "unless r_unit is given")
     atoms: list[str] = _spec([], doc="rdf: the two atom names of the pair, e.g. ['O', 'H']")
     name: str | None = _spec(None, doc="label in logs and plots")
+    r_min: float | None = _spec(None, _non_negative, "rdf: smallest r used, nm")
     r_max: float | None = _spec(None, _positive, "rdf: largest r used, nm")
+    bin_width: float | None = _spec(None, _positive,
+                                    "rdf: width of the fit's bins, nm (default: the file's own "
+                                    "bins if its r is uniform, else its median spacing; g is "
+                                    "then interpolated)")
     bandwidth: float | None = _spec(None, _positive,
                                     "rdf: Gaussian smoothing width, nm (default: bin width)")
     tolerance: float | None = _spec(None, _positive,
@@ -180,9 +211,14 @@ class TargetConfig:
         return self.tolerance or DEFAULT_TOLERANCES[self.observable]
 
     def rdf_data(self) -> tuple[np.ndarray, np.ndarray]:
-        """Target RDF (r in nm, g) read from ``file``."""
-        data = np.loadtxt(self.file, ndmin=2)
-        return data[:, 0], data[:, 1]
+        """Target RDF (r in nm, g) read from ``column`` of ``file``."""
+        return read_rdf(self.file, self.column, self.r_unit)
+
+    def rdf_grid(self) -> RdfGrid:
+        """The target RDF on the fit's bins (:func:`~openmm_reversible.target_files.rdf_bins`
+        with this target's ``r_min``, ``r_max`` and ``bin_width``)."""
+        return rdf_bins(*self.rdf_data(), r_min=self.r_min, r_max=self.r_max,
+                        bin_width=self.bin_width)
 
 
 @dataclass(frozen=True)
@@ -195,6 +231,7 @@ class FitConfig:
     schedule: ScheduleConfig
     system: SystemConfig = field(default_factory=SystemConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     targets: list[TargetConfig] = field(default_factory=list)
     parameters: list[ParameterRule] = field(default_factory=list)
     """Priors, bounds and frozen parameters (``[[parameters]]`` tables, :mod:`.priors`)."""
@@ -312,23 +349,15 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
         path = _resolve(t.file, base)
         if not os.path.isfile(path):
             raise InputError(f"{where}.file: {path} does not exist")
+        t = dataclasses.replace(t, file=path)
         try:
-            data = np.loadtxt(path, ndmin=2)
-        except ValueError as exc:
-            raise InputError(f"{where}.file: {path} is not a numeric table ({exc})") from None
-        if data.shape[1] < 2 or data.shape[0] < 3 or not np.all(np.isfinite(data[:, :2])):
-            raise InputError(f"{where}.file: {path} needs >= 3 rows of finite r (nm), g columns")
-        if np.any(data[:, :2] < 0):
-            column = "r" if np.any(data[:, 0] < 0) else "g"
-            row = int(np.flatnonzero((data[:, :2] < 0).any(axis=1))[0]) + 1
-            raise InputError(f"{where}.file: {path} has a negative {column} in data row {row}; "
-                             f"r (nm) and g(r) are >= 0: fix the file")
-        spacing = np.diff(data[:, 0])
-        if np.any(spacing <= 0) or np.ptp(spacing) > 1e-6 * spacing.mean() + 1e-9:
-            raise InputError(f"{where}.file: r (first column) of {path} must be bin centres "
-                             f"with a uniform spacing")
-        return dataclasses.replace(t, file=path)
-    for key in ("file", "r_max", "bandwidth"):
+            t.rdf_grid()
+        except InputError as exc:
+            raise InputError(f"{where}.file: {exc}") from None
+        return t
+    if t.column != 2 or t.r_unit is not None:
+        raise InputError(f"{where}: only rdf targets take 'column' and 'r_unit'")
+    for key in ("file", "r_min", "r_max", "bin_width", "bandwidth"):
         if getattr(t, key) is not None:
             raise InputError(f"{where}.{key}: only rdf targets take {key!r}")
     if t.atoms:
@@ -406,6 +435,11 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                                                                       "CutoffNonPeriodic"):
         raise InputError(f"simulation.pressure: NPT needs a periodic system, but "
                          f"system.nonbonded_method is {system.nonbonded_method}")
+    if simulation.deterministic and simulation.platform not in DETERMINISTIC_PLATFORMS:
+        raise InputError(f"simulation.deterministic = true: repeatable sampling is established "
+                         f"on the {', '.join(DETERMINISTIC_PLATFORMS[1:])} platforms only, not "
+                         f"{simulation.platform}; set simulation.platform = \"CPU\" (or "
+                         f"\"auto\"), or deterministic = false")
     schedule = _build(ScheduleConfig, data["schedule"], "schedule")
     if schedule.snapshot_every > schedule.window_steps:
         raise InputError(f"schedule.snapshot_every = {schedule.snapshot_every}: larger than "
@@ -415,6 +449,7 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
         raise InputError(f"schedule.window_steps = {schedule.window_steps}: must be a multiple "
                          f"of schedule.snapshot_every = {schedule.snapshot_every}")
     failure = _build(FailureConfig, data.get("failure", {}), "failure")
+    output = _build(OutputConfig, data.get("output", {}), "output")
     raw_targets = data.get("targets", [])
     if not isinstance(raw_targets, list) or not raw_targets:
         raise InputError("targets: give at least one [[targets]] table")
@@ -434,7 +469,8 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                          "prior_width, lower, upper, frozen)")
     rules = [_build(ParameterRule, r, f"parameters[{i}]") for i, r in enumerate(raw_rules)]
     return FitConfig(forcefield=ff, structure=structure, system=system, simulation=simulation,
-                     schedule=schedule, failure=failure, targets=targets, parameters=rules,
+                     schedule=schedule, failure=failure, output=output, targets=targets,
+                     parameters=rules,
                      path=path)
 
 
@@ -466,3 +502,33 @@ def load_config(path: str | os.PathLike) -> FitConfig:
 def to_dict(config: FitConfig) -> dict:
     """The config as plain data (for logs and checkpoints)."""
     return dataclasses.asdict(config)
+
+
+def _default(f: dataclasses.Field):
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return f.default
+
+
+def _fill_defaults(table: dict, cls) -> dict:
+    filled = dict(table)
+    for f in dataclasses.fields(cls):
+        if f.name not in filled and (f.default is not dataclasses.MISSING
+                                     or f.default_factory is not dataclasses.MISSING):
+            filled[f.name] = _default(f)
+    return filled
+
+
+def with_defaults(data: dict) -> dict:
+    """A config saved as plain data (:func:`to_dict`) by an earlier version, with every key
+    added since then set to its default, so that it compares equal to the same config read
+    today (a checkpoint written before a key existed resumes with that key at its default)."""
+    filled = _fill_defaults(data, FitConfig)
+    hints = typing.get_type_hints(FitConfig)
+    for name in _SECTIONS:
+        if name == "targets":
+            filled[name] = [_fill_defaults(t, TargetConfig) for t in filled[name]]
+        elif isinstance(filled.get(name), dict):
+            filled[name] = _fill_defaults(filled[name], hints[name])
+    return filled

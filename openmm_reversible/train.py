@@ -14,14 +14,31 @@ One epoch (:meth:`Trainer.run_epoch`):
    parameters (value / start value, as in the reversible simulation paper), then clip them so
    that σ, ε, force constants and lengths stay positive, and project them into their bounds.
 
-After every epoch the output directory receives, all files written together and atomically
-(temporary files, renamed only when every one is complete): the trained ForceField XML (the
-user's file with only the tagged values changed), ``checkpoint.pt`` (parameters, optimiser
-state, simulation state, history), ``log.jsonl`` (one JSON object per epoch: each loss term,
-observables, parameters, gradients, timings) and ``training.png`` (loss and each observable
-against its target). A run killed at any moment loses at most the epoch in progress, and
-``resume=True`` continues exactly where the checkpoint left off (bit for bit on a deterministic
-platform: Reference, or CPU in NVT).
+After every epoch the output directory receives the epoch's trajectory (written first, on its
+own: a kill before the checkpoint reruns its epoch and replaces it) and then, all together and
+atomically (temporary files, renamed only when every one is complete): the trained ForceField
+XML (the user's file with only the tagged values changed),
+``checkpoint.pt`` (parameters, optimiser state, simulation state, history), ``log.jsonl`` (one
+JSON object per epoch: each loss term, observables, parameters, gradients, the OpenMM state,
+timings), ``state_data.csv`` (the same per epoch in OpenMM's StateDataReporter layout),
+``trajectory/epoch_NNNN.dcd`` (frames of the epoch's OpenMM sampling, see
+:mod:`openmm_reversible.outputs`) and ``training.png`` (loss and each observable against its
+target). A run killed at any moment loses at most the epoch in progress, and ``resume=True``
+continues from the checkpoint: same parameters, optimiser state, simulation state and seeds.
+
+What repeats. With ``simulation.deterministic = true`` (OpenMM on one CPU thread with
+deterministic forces, or the Reference platform) a fit is bit-for-bit repeatable: two runs of
+one config give identical losses, gradients, parameters, files and trajectory frames (timings
+aside), and a fit killed at any point and resumed equals the uninterrupted run. By default
+OpenMM samples on its fastest platform with all CPU threads (or a GPU), where the same state
+and seed give a different trajectory on every run (measured: the CPU platform repeats only with
+one thread *and* deterministic forces, :func:`~openmm_reversible.sampler.platform_properties`);
+the sampled states, hence losses, gradients and parameters, then differ from run to run by
+sampling noise, and a resumed fit is a statistically equivalent continuation, not the same
+numbers. What holds in both modes: the reversible windows are torch float64 code that gives
+the same loss and gradient for the same starting state and seed, the epoch seeds depend only on
+``(seed, epoch, attempt)``, and a resume starts from exactly the checkpoint's parameters,
+optimiser state and simulation state.
 
 A simulation that produces NaN or runs away stops the epoch with a message naming the step and
 the parameter values; the last good parameters and optimiser state are restored, and the epoch
@@ -46,7 +63,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import SCALAR_UNITS, FitConfig, to_dict
+from .config import SCALAR_UNITS, FitConfig, to_dict, with_defaults
 from .errors import InputError, structure_errors
 from .export import xml_writes
 from .files import atomic_write_all, text_writer
@@ -58,6 +75,14 @@ from .observables.density import density, pressure
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
 from .observables.rdf import rdf
 from .observables.selection import molecules, pair_indices
+from .outputs import (
+    STATE_DATA,
+    state_data_csv,
+    state_values,
+    trajectory_path,
+    write_topology,
+    write_trajectory,
+)
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
@@ -237,16 +262,6 @@ def rdf_pairs(topology, atoms: list[str]) -> np.ndarray:
                         exclude=molecules(topology))
 
 
-def rdf_target(target) -> tuple[np.ndarray, np.ndarray, tuple[float, float]]:
-    """Bin centres r (nm), target g(r) and the bins' range (nm) of an rdf target, up to its
-    ``r_max``."""
-    r, g = target.rdf_data()
-    width = float(r[1] - r[0])
-    keep = r + 0.5 * width <= (target.r_max or np.inf) + 1e-12
-    r, g = r[keep], g[keep]
-    return r, g, (float(r[0] - 0.5 * width), float(r[-1] + 0.5 * width))
-
-
 def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
     """Classical mean potential energy of one isolated molecule, kJ/mol: k_B T / 2 per
     internal mode (3n - 6, or 3n - 5 for a linear 2-atom molecule), 0 when rigid."""
@@ -262,8 +277,9 @@ def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
 class Objective:
     """Weighted sum of the config's target terms, as a ``loss_fn(trajectory, potential)``.
 
-    - ``rdf``: ``weight · mean_r (g(r) - g_target(r))²`` on the target file's bins, g from the
-      smooth histogram of the window's snapshots (intermolecular pairs);
+    - ``rdf``: ``weight · mean_r (g(r) - g_target(r))²`` on the fit's bins (the target file's
+      own, or the file's g interpolated onto uniform bins: :meth:`TargetConfig.rdf_grid`), g
+      from the smooth histogram of the window's snapshots (intermolecular pairs);
     - scalar targets (``enthalpy_of_vaporization``, ``pressure``): ``weight · ((x - value) /
       tolerance)²`` with x averaged over the window's snapshots;
     - ``density`` only with weight 0 (reported: the window's box is fixed, so it carries no
@@ -281,11 +297,12 @@ class Objective:
         rigid = config.system.rigid_water or config.system.constraints != "none"
         for t in self.targets:
             if t.observable == "rdf":
-                r, g, r_range = rdf_target(t)
+                grid = t.rdf_grid()
                 self.rdf_setup[t.label] = {
-                    "pairs": rdf_pairs(topology, t.atoms), "r": r,
-                    "target": torch.as_tensor(g, dtype=DTYPE), "r_range": r_range,
-                    "n_bins": len(r), "sigma": t.bandwidth or float(r[1] - r[0])}
+                    "pairs": rdf_pairs(topology, t.atoms), "r": grid.r,
+                    "target": torch.as_tensor(grid.g, dtype=DTYPE), "r_range": grid.r_range,
+                    "n_bins": len(grid.r), "sigma": t.bandwidth or grid.width,
+                    "note": grid.note}
             elif t.observable == "diffusion" or (t.observable == "density" and t.weight > 0):
                 raise InputError(f"targets: {t.observable} cannot be fitted through the "
                                  f"reversible windows (fixed box, short windows); give it "
@@ -298,6 +315,11 @@ class Objective:
         self.loss = Loss([self._target(t) for t in self.targets])
         self.last_terms: dict[str, float] = {}
         self.last_observables: dict[str, object] = {}
+
+    @property
+    def rdf_notes(self) -> dict[str, str]:
+        """For each rdf target, the range of its file used and how (its bins, interpolation)."""
+        return {label: s["note"] for label, s in self.rdf_setup.items()}
 
     def observable(self, target, traj: Trajectory, potential) -> torch.Tensor:
         """The target's observable over the window's snapshots (differentiable)."""
@@ -361,7 +383,8 @@ class TrainResult:
     parameters : dict of str to float
         Final values of every parameter site, MD units.
     files : dict of str to pathlib.Path
-        ``forcefield`` (list of trained XML files), ``log``, ``checkpoint``, ``plot``.
+        ``forcefield`` (list of trained XML files), ``log``, ``state_data``, ``checkpoint``,
+        ``plot``.
     """
 
     records: list[dict]
@@ -448,6 +471,7 @@ class Trainer:
             self.parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
                                                            **create_system_kwargs(config))
         self.topology = topology
+        self._start_positions = positions
         self.regularization = Regularization(self.parameters, config.parameters)
         configure_system(self.parameters.system, config)
         self.potential = TorchPotential(self.parameters.system, parameters=self.parameters)
@@ -476,14 +500,15 @@ class Trainer:
         return self.sampler.state()
 
     def _check_checkpoint(self, checkpoint: dict) -> None:
-        saved, current = checkpoint["config"], _comparable(to_dict(self.config))
+        saved = _comparable(with_defaults(checkpoint["config"]))
+        current = _comparable(to_dict(self.config))
         changed = sorted(_changed_keys(saved, current))
-        # Only the number of epochs may grow between runs.
-        changed = [k for k in changed if k != "schedule.epochs"]
+        # Only the number of epochs and the output settings may change between runs.
+        changed = [k for k in changed if k != "schedule.epochs" and not k.startswith("output")]
         if changed:
             raise InputError(f"the config differs from the checkpoint's in {', '.join(changed)}; "
-                             f"resume with the original config (only schedule.epochs may "
-                             f"change) or start a new fit in another directory")
+                             f"resume with the original config (only schedule.epochs and "
+                             f"[output] may change) or start a new fit in another directory")
 
     def _load_checkpoint(self, checkpoint: dict) -> None:
         _restore_parameters(self.parameters, checkpoint, self.output / CHECKPOINT)
@@ -569,10 +594,22 @@ class Trainer:
                                              float(simulation.info.get("reconstruction_error",
                                                                        0.0)))
 
+    def _frame_steps(self) -> set[int]:
+        """OpenMM steps of the current epoch at which a trajectory frame is saved: the
+        configured number, evenly spaced over the epoch's sampling, the last at its end."""
+        sched, out = self.config.schedule, self.config.output
+        steps = sched.equilibration_steps + sched.windows * sched.bulk_steps
+        if out.trajectory == "none" or steps == 0:
+            return set()
+        start = self.state.step
+        n = out.frames_per_epoch
+        return {start + round(k * steps / n) for k in range(1, n + 1)} - {start}
+
     def _attempt(self, attempt: int) -> dict:
         """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
         sched = self.config.schedule
         epoch = self.epoch + 1
+        frame_steps = self._frame_steps()
         timings = {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0, "forward_s": 0.0,
                    "backward_s": 0.0}
         t = time.perf_counter()
@@ -580,7 +617,7 @@ class Trainer:
         self.sampler.restart(self.state, self._seed(epoch, attempt))
         timings["push_s"] = time.perf_counter() - t
         t = time.perf_counter()
-        self.sampler.step(sched.equilibration_steps)
+        frames = self.sampler.step(sched.equilibration_steps, frame_steps)
         timings["equilibrate_s"] = time.perf_counter() - t
         self.optimizer.zero_grad(set_to_none=False)
         totals = {"loss": 0.0, "terms": {}, "observables": {}, "timings": timings,
@@ -589,7 +626,7 @@ class Trainer:
                        disable=not self.progress or None, unit="window")
         for w in windows:
             t = time.perf_counter()
-            self.sampler.step(sched.bulk_steps)
+            frames += self.sampler.step(sched.bulk_steps, frame_steps)
             timings["bulk_s"] += time.perf_counter() - t
             self._window(w, self.sampler.state(), self._seed(epoch, attempt, w + 1), totals)
         prior = self.regularization.penalty()
@@ -608,7 +645,10 @@ class Trainer:
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "attempts": attempt + 1,
             "reconstruction_error": totals["reconstruction_error"],
+            "rdf_bins": self.objective.rdf_notes,
+            "state": state_values(self.sampler),
             "end_state": self.sampler.state(),
+            "frames": frames,
             "timings": timings,
         }
 
@@ -665,24 +705,33 @@ class Trainer:
             scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
         self.regularization.project()
         self.state = record.pop("end_state")
+        frames = record.pop("frames")
         record["parameters_after"] = self.parameters.values()
         record["failures"] = messages
         record["timings"]["total_s"] = time.perf_counter() - start
         self.epoch += 1
         self.records.append(_jsonable(record))
-        self._save()
+        self._save(frames)
         return self.records[-1]
 
     # -- outputs --------------------------------------------------------------------------------
 
-    def _save(self) -> None:
-        """Trained XML, checkpoint, log and plot: all of them written, or none."""
+    def _save(self, frames: list[SampledState]) -> None:
+        """The epoch's trajectory (on its own, first), then trained XML, checkpoint, log, CSV
+        and plot: all of these written, or none."""
         self.output.mkdir(parents=True, exist_ok=True)
+        if frames:
+            write_topology(self.output, self.topology, self._start_positions)
+            fmt = self.config.output.trajectory
+            write_trajectory(trajectory_path(self.output, self.epoch, fmt), frames,
+                             self.topology, fmt, self.config.simulation.timestep)
         atomic_write_all([
             *xml_writes(self.parameters, self.output),
             (self.output / CHECKPOINT, lambda tmp: torch.save(self._checkpoint(), tmp)),
             (self.output / LOG, text_writer("".join(json.dumps(r) + "\n"
                                                     for r in self.records))),
+            (self.output / STATE_DATA,
+             text_writer(state_data_csv(self.records, self.config.targets))),
             (self.output / PLOT, lambda tmp: plot_training(self.records, self.objective, tmp))])
 
     def run(self) -> TrainResult:
@@ -705,6 +754,7 @@ class Trainer:
                                                  (self.parameters.files[i] for i in
                                                   self.parameters.site_files())],
                                   "log": self.output / LOG,
+                                  "state_data": self.output / STATE_DATA,
                                   "checkpoint": self.output / CHECKPOINT,
                                   "plot": self.output / PLOT})
 

@@ -13,8 +13,10 @@ Two checks, neither with torch in the simulation loop:
    reaction field or ``--pme``, NVT or NPT with ``--pressure``) reports each target's
    observable next to its target — density, ΔH_vap, RDF (mdtraj), pressure (molecular virial
    by a finite volume change) — plus the self-diffusion coefficient from the molecules' mean
-   squared displacement, as a table (:func:`format_table`), ``validation.json`` and
-   ``validation.png`` (:func:`save_report`).
+   squared displacement, each with its standard error by block averaging
+   (:mod:`openmm_reversible.observables.blocking`), as a table (:func:`format_table`),
+   ``validation.json`` and ``validation.png`` (:func:`save_report`); observables without a
+   target are reported as such, never drawn as a match.
 
 The command exits 0 when the round trip is within tolerance, 1 when it is not.
 """
@@ -37,12 +39,13 @@ from tqdm.auto import tqdm
 from .config import SCALAR_UNITS, FitConfig
 from .errors import InputError, structure_errors
 from .files import atomic_write_all, text_writer
+from .observables.blocking import block_average, block_slices
 from .observables.density import G_CM3_PER_AMU_NM3
 from .observables.selection import molecules
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .sampler import build_structure, configure_system, create_system_kwargs, select_platform
-from .train import harmonic_gas_energy, rdf_pairs, rdf_target
+from .train import harmonic_gas_energy, rdf_pairs
 from .units import DTYPE, KB
 from .verify import ENERGY_TOL, ENERGY_TOL_EWALD, FORCE_TOL
 
@@ -136,6 +139,11 @@ class Frames:
     energies: np.ndarray  # (S,) kJ/mol
     pressures: np.ndarray  # (S,) bar
     times: np.ndarray  # (S,) ps
+
+    def part(self, frames: slice) -> Frames:
+        """The frames selected by ``frames`` (e.g. one block of :func:`block_slices`)."""
+        return Frames(self.positions[frames], self.boxes[frames], self.energies[frames],
+                      self.pressures[frames], self.times[frames])
 
 
 def _molecular_pressure(context: openmm.Context, groups: list[np.ndarray], masses: np.ndarray,
@@ -234,92 +242,132 @@ def diffusion_coefficient(frames: Frames, groups: list[np.ndarray],
 
 
 def observables(config: FitConfig, topology: app.Topology, system: openmm.System,
-                frames: Frames, rigid: bool) -> list[dict]:
-    """One row per target (and density / diffusion always): name, value, target, unit."""
+                frames: Frames, rigid: bool, blocks: int = 5) -> list[dict]:
+    """One row per target (and density / diffusion always, with ``target`` None when the
+    config has no such target): name, value, target, error (value − target; RMS of the
+    difference for an RDF), unit and ``stderr``.
+
+    ``stderr`` is the standard error of ``value`` by block averaging over ``blocks``
+    contiguous blocks of the frames (fewer when there are fewer frames; NaN with under 2):
+    of the per-frame values for density, ΔH_vap and pressure, of the per-block estimates for
+    the diffusion coefficient and, bin by bin (a list), for g(r). It is trustworthy when a
+    block is longer than the observable's correlation time.
+    """
     groups = molecules(topology)
     masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                        for i in range(system.getNumParticles())])
-    volumes = np.abs(np.linalg.det(frames.boxes))
-    density = float(np.mean(masses.sum() / volumes) * G_CM3_PER_AMU_NM3)
+    densities = masses.sum() / np.abs(np.linalg.det(frames.boxes)) * G_CM3_PER_AMU_NM3
+    n_blocks = min(blocks, len(frames.energies))
+
+    def stderr(series):
+        return block_average(series, n_blocks)[1] if n_blocks >= 2 else math.nan
+
+    def per_block(estimate):
+        if n_blocks < 2:
+            return math.nan
+        return stderr([estimate(frames.part(b)) for b in block_slices(len(frames.energies),
+                                                                      n_blocks)])
+
+    def diffusion(part):
+        return diffusion_coefficient(part, groups, masses)
+
+    scalars = {"density": lambda: (float(np.mean(densities)), float(stderr(densities))),
+               "pressure": lambda: (float(np.mean(frames.pressures)),
+                                    float(stderr(frames.pressures))),
+               "diffusion": lambda: (diffusion(frames), float(per_block(diffusion)))}
     rows = []
-    seen = set()
     for t in config.targets:
-        seen.add(t.observable)
         row = {"name": t.label, "observable": t.observable, "target": t.value,
                "unit": SCALAR_UNITS.get(t.observable, "")}
         if t.observable == "rdf":
-            r, g_target, r_range = rdf_target(t)
-            traj = mdtraj.Trajectory(frames.positions, mdtraj.Topology.from_openmm(topology))
-            traj.unitcell_vectors = frames.boxes
-            _, g = mdtraj.compute_rdf(traj, rdf_pairs(topology, t.atoms), r_range=r_range,
-                                      n_bins=len(r))
-            row.update(r=r.tolist(), value=g.tolist(), target=g_target.tolist(),
-                       error=float(np.sqrt(np.mean((g - g_target) ** 2))), unit="rms")
+            grid = t.rdf_grid()
+            pairs = rdf_pairs(topology, t.atoms)
+
+            def g_of(part, grid=grid, pairs=pairs):
+                traj = mdtraj.Trajectory(part.positions, mdtraj.Topology.from_openmm(topology))
+                traj.unitcell_vectors = part.boxes
+                return mdtraj.compute_rdf(traj, pairs, r_range=grid.r_range,
+                                          n_bins=len(grid.r))[1]
+
+            g = g_of(frames)
+            g_stderr = per_block(g_of)
+            row.update(r=grid.r.tolist(), value=g.tolist(), target=grid.g.tolist(),
+                       error=float(np.sqrt(np.mean((g - grid.g) ** 2))), unit="rms",
+                       stderr=np.broadcast_to(g_stderr, g.shape).tolist())
         elif t.observable == "enthalpy_of_vaporization":
             gas = t.gas_energy if t.gas_energy is not None else \
                 harmonic_gas_energy(topology, config.simulation.temperature, rigid)
             row["value"] = float(gas - np.mean(frames.energies) / len(groups)
                                  + KB * config.simulation.temperature)
-        elif t.observable == "density":
-            row["value"] = density
-        elif t.observable == "pressure":
-            row["value"] = float(np.mean(frames.pressures))
+            row["stderr"] = float(stderr(frames.energies)) / len(groups)
         else:
-            row["value"] = diffusion_coefficient(frames, groups, masses)
+            row["value"], row["stderr"] = scalars[t.observable]()
         if t.observable != "rdf":
             row["error"] = row["value"] - t.value
         rows.append(row)
-    for name, value in (("density", density),
-                        ("diffusion", diffusion_coefficient(frames, groups, masses))):
+    seen = {t.observable for t in config.targets}
+    for name in ("density", "diffusion"):
         if name not in seen:
-            rows.append({"name": name, "observable": name, "value": value, "target": None,
-                         "error": None, "unit": SCALAR_UNITS[name]})
+            value, error = scalars[name]()
+            rows.append({"name": name, "observable": name, "value": value, "stderr": error,
+                         "target": None, "error": None, "unit": SCALAR_UNITS[name]})
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    """The observables as an aligned text table."""
-    lines = [f"{'observable':<28}{'simulated':>14}{'target':>14}{'error':>12}  unit"]
+    """The observables as an aligned text table (± the block-averaging standard error; for an
+    RDF its largest over the bins)."""
+    lines = [f"{'observable':<28}{'simulated':>14}{'± stderr':>11}{'target':>14}{'error':>12}"
+             f"  unit"]
     for row in rows:
         if row["observable"] == "rdf":
-            lines.append(f"{row['name']:<28}{'(curve)':>14}{'(curve)':>14}"
+            worst = np.nanmax(row["stderr"]) if np.isfinite(row["stderr"]).any() else math.nan
+            lines.append(f"{row['name']:<28}{'(curve)':>14}{worst:>11.2g}{'(curve)':>14}"
                          f"{row['error']:>12.4g}  rms of g(r)")
         else:
-            target = "-" if row["target"] is None else f"{row['target']:.5g}"
+            target = "no target" if row["target"] is None else f"{row['target']:.5g}"
             error = "-" if row["error"] is None else f"{row['error']:.4g}"
-            lines.append(f"{row['name']:<28}{row['value']:>14.5g}{target:>14}{error:>12}  "
-                         f"{row['unit']}")
+            lines.append(f"{row['name']:<28}{row['value']:>14.5g}{row['stderr']:>11.2g}"
+                         f"{target:>14}{error:>12}  {row['unit']}")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: str | os.PathLike) -> None:
-    """RDFs overlaid on their targets, and each scalar against its target."""
+    """RDFs overlaid on their targets (a band of ± 1 standard error), and each targeted scalar
+    as simulated ± standard error against its target line. Observables without a target are
+    not drawn as if they matched one: they are listed, value ± error, under the title."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     curves = [r for r in rows if r["observable"] == "rdf"]
-    scalars = [r for r in rows if r["observable"] != "rdf"]
-    n = len(curves) + (1 if scalars else 0)
-    fig, axes = plt.subplots(1, n, figsize=(4.5 * n, 3.4), squeeze=False)
+    scalars = [r for r in rows if r["observable"] != "rdf" and r["target"] is not None]
+    untargeted = [r for r in rows if r["observable"] != "rdf" and r["target"] is None]
+    n = max(1, len(curves) + len(scalars))
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n, 3.4), squeeze=False)
     for ax, row in zip(axes[0], curves, strict=False):
+        g, se = np.asarray(row["value"]), np.asarray(row["stderr"])
         ax.plot(row["r"], row["target"], "k-", lw=1.5, label="target")
-        ax.plot(row["r"], row["value"], "C3-", lw=1, label="trained (OpenMM)")
+        ax.plot(row["r"], g, "C3-", lw=1, label="trained (OpenMM)")
+        ax.fill_between(row["r"], g - se, g + se, color="C3", alpha=0.3, lw=0)
         ax.set_xlabel("r (nm)")
         ax.set_ylabel("g(r)")
         ax.set_title(row["name"], fontsize=9)
         ax.legend(fontsize=7)
-    if scalars:
-        ax = axes[0][-1]
-        labels, ratios = [], []
-        for row in scalars:
-            labels.append(f"{row['name']}\n{row['value']:.4g} {row['unit']}")
-            ratios.append(row["value"] / row["target"] if row["target"] else math.nan)
-        ax.bar(range(len(labels)), [1.0 if math.isnan(q) else q for q in ratios],
-               color=["C7" if math.isnan(q) else "C0" for q in ratios])
-        ax.axhline(1.0, color="k", lw=1)
-        ax.set_xticks(range(len(labels)), labels, fontsize=7)
-        ax.set_ylabel("simulated / target (grey: no target)")
+    for ax, row in zip(axes[0][len(curves):], scalars, strict=False):
+        ax.errorbar([0], [row["value"]], yerr=[row["stderr"]], fmt="o", color="C0", capsize=4,
+                    label="trained (OpenMM) ± stderr")
+        ax.axhline(row["target"], color="k", lw=1, label="target")
+        ax.set_xticks([])
+        ax.set_ylabel(f"{row['observable']} ({row['unit']})")
+        ax.set_title(row["name"], fontsize=9)
+        ax.legend(fontsize=7)
+    if not curves and not scalars:
+        axes[0][0].set_axis_off()
+    if untargeted:
+        fig.suptitle("no target: " + "; ".join(
+            f"{r['name']} {r['value']:.4g} ± {r['stderr']:.2g} {r['unit']}" for r in untargeted),
+            fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -350,7 +398,8 @@ def save_report(report: dict, output: str | os.PathLike) -> tuple[Path, Path]:
 def validate(trained: list[str], config: FitConfig, steps: int = 5000,
              equilibration: int = 2000, every: int = 50, rigid: bool = False,
              nonbonded: str | None = None, pressure: float | None = None,
-             platform: str | None = None, seed: int = 1, progress: bool = True) -> dict:
+             platform: str | None = None, seed: int = 1, progress: bool = True,
+             blocks: int = 5) -> dict:
     """Run both checks; returns a report dict (``round_trip``, ``observables``, ``settings``).
 
     Parameters
@@ -373,6 +422,8 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
         Seed of OpenMM's thermostat and initial velocities.
     progress : bool
         Show a progress bar of the OpenMM run (on a terminal only).
+    blocks : int
+        Blocks of the standard errors (:func:`observables`).
 
     Raises
     ------
@@ -403,7 +454,8 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
     pressure = sim_cfg.pressure if pressure is None else pressure
     frames = simulate(system, topology, positions, run_config, steps, equilibration, every,
                       pressure, platform or sim_cfg.platform, seed, progress)
-    rows = observables(run_config, topology, system, frames, rigid=system_cfg.rigid_water)
+    rows = observables(run_config, topology, system, frames, rigid=system_cfg.rigid_water,
+                       blocks=blocks)
     return {"round_trip": check, "observables": rows,
             "settings": {"files": files, "steps": steps, "equilibration": equilibration,
                          "every": every, "rigid": system_cfg.rigid_water,

@@ -140,10 +140,11 @@ def test_target_checks(base):
         d = copy.deepcopy(data)
         d["targets"] = [target]
         assert expected in _error(d, where), target
-    (where / "bad.dat").write_text("0.0 1.0\n0.01 1.0\n0.03 1.0\n")
+    (where / "bad.dat").write_text("0.0 1.0\n0.02 1.0\n0.01 1.0\n")
     d = copy.deepcopy(data)
     d["targets"] = [{"observable": "rdf", "atoms": ["O", "O"], "file": "bad.dat"}]
-    assert "uniform spacing" in _error(d, where)
+    assert "r (column 1) must increase strictly, but data row 3 has r = 0.01 after 0.02" \
+        in _error(d, where)
     d = copy.deepcopy(data)
     d["targets"] = []
     assert "targets: give at least one [[targets]] table" in _error(d, where)

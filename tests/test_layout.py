@@ -14,9 +14,10 @@ ROOMS = [
     ("parameters",),
     ("integrators",),
     ("exact",),
-    ("observables", "reweighting", "losses", "priors", "ml"),
+    ("observables", "reweighting", "losses", "priors", "target_files", "ml"),
     ("systems", "config", "sampler"),
-    ("train", "train_elastic", "export", "verify", "gradcheck", "validate", "benchmarks"),
+    ("train", "train_elastic", "outputs", "export", "verify", "gradcheck", "validate",
+     "benchmarks"),
     ("commands", "cli"),
 ]
 """Ground floor first; a module may import from its own room and the rooms below."""

@@ -153,3 +153,56 @@ def test_command_line(trained, capsys):
     report = json.loads((path / "report" / "validation.json").read_text())
     assert report["round_trip"]["ok"]
     assert (path / "report" / "validation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_standard_errors_by_block_averaging(trained):
+    """Per-frame energies, pressures and boxes with hand-computable block errors."""
+    config, xml, _ = trained
+    topology, _ = build_structure(config)
+    system = ParameterSet.from_forcefield(config.forcefield.files, topology,
+                                          **create_system_kwargs(config)).system
+    n = 10
+    energies = np.array([-1200.0, -1210, -1190, -1205, -1195, -1220, -1180, -1200, -1215,
+                         -1185])
+    pressures = np.arange(n, dtype=float) * 10.0
+    boxes = np.repeat(np.eye(3)[None] * 0.98, n, 0)
+    rng = np.random.default_rng(1)
+    positions = np.cumsum(rng.normal(0, 0.01, (n, 90, 3)), axis=0) + rng.uniform(0, 0.98,
+                                                                               (1, 90, 3))
+    frames = Frames(positions, boxes, energies, pressures, np.arange(n) * 0.05)
+    rows = {r["name"]: r for r in validate_cli.observables(config, topology, system, frames,
+                                                           rigid=False, blocks=5)}
+    block_means = energies.reshape(5, 2).mean(1)
+    assert rows["enthalpy_of_vaporization"]["stderr"] == pytest.approx(
+        np.std(block_means, ddof=1) / math.sqrt(5) / 30, rel=1e-12)
+    assert rows["pressure"]["stderr"] == pytest.approx(
+        np.std(pressures.reshape(5, 2).mean(1), ddof=1) / math.sqrt(5), rel=1e-12)
+    assert rows["density"]["stderr"] < 1e-15  # the box never changes
+    assert rows["density"]["target"] is None and rows["density"]["error"] is None
+    g_err = np.asarray(rows["rdf_OH"]["stderr"])
+    assert g_err.shape == np.asarray(rows["rdf_OH"]["value"]).shape and np.all(g_err >= 0)
+    assert np.any(g_err > 0)
+    table = validate_cli.format_table(list(rows.values()))
+    density_line = next(line for line in table.splitlines() if line.startswith("density"))
+    assert "no target" in density_line and "± stderr" in table.splitlines()[0]
+
+
+def test_untargeted_observables_are_not_drawn_as_a_match(trained, tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    rows = [{"name": "pressure", "observable": "pressure", "value": 30.0, "stderr": 5.0,
+             "target": 1.0, "error": 29.0, "unit": "bar"},
+            {"name": "density", "observable": "density", "value": 0.76, "stderr": 0.01,
+             "target": None, "error": None, "unit": "g/cm^3"},
+            {"name": "diffusion", "observable": "diffusion", "value": 2e-3, "stderr": 1e-4,
+             "target": None, "error": None, "unit": "nm^2/ps"}]
+    validate_cli.plot(rows, tmp_path / "v.png")
+    (fig,) = figures
+    (ax,) = fig.axes  # one panel: the only targeted observable
+    assert ax.get_title() == "pressure"
+    assert [line.get_ydata()[0] for line in ax.get_lines()][-1] == 1.0  # the target line
+    title = fig._suptitle.get_text()
+    assert title.startswith("no target: ") and "density 0.76 ± 0.01 g/cm^3" in title
+    assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"

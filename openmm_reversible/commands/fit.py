@@ -42,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     config = with_epochs(load_config(args.config), args.epochs)
     output = fit_directory(args.config, args.output)
     trainer = Trainer(config, output, resume=args.resume, progress=not args.no_progress)
+    for label, note in trainer.objective.rdf_notes.items():
+        print(f"{label}: {note}")
     try:
         result = trainer.run()
     except TrainingFailed as exc:

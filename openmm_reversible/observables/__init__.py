@@ -25,6 +25,8 @@ solids (:mod:`.elastic`)                :func:`stress_tensor`, :func:`born_terms
                                         :func:`relaxed_elastic_constants`
 selections (:mod:`.selection`)          :func:`atom_indices`, :func:`pair_indices`,
                                         :func:`molecules`
+uncertainty (:mod:`.blocking`)          :func:`block_average`, :func:`block_slices` (NumPy,
+                                        for reports: standard errors of correlated series)
 =====================================  ====================================================
 
 With a :class:`~openmm_reversible.trajectory.Trajectory` ``traj``::
@@ -57,6 +59,7 @@ observable with ``torch.autograd.gradcheck`` on a few float64 frames. Per-frame 
 reweighting, :mod:`openmm_reversible.reweighting`.
 """
 
+from .blocking import block_average, block_slices
 from .density import density, kinetic_tensor, pressure, pressure_tensor, virial
 from .dielectric import dipole_moment, static_dielectric
 from .diffusion import (
@@ -71,7 +74,8 @@ from .rdf import rdf
 from .selection import atom_indices, molecules, pair_indices
 
 __all__ = [
-    "atom_indices", "born_terms", "density", "dipole_moment", "elastic_constants",
+    "atom_indices", "block_average", "block_slices", "born_terms", "density", "dipole_moment",
+    "elastic_constants",
     "energy_per_molecule",
     "enthalpy_of_vaporization", "frame_energies", "kinetic_tensor",
     "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",

@@ -1,0 +1,68 @@
+"""Statistical uncertainty of a time series by block averaging.
+
+Successive MD frames are correlated, so the naive standard error ``std / sqrt(S)`` of S frames
+is too small. Block averaging (Flyvbjerg & Petersen, J. Chem. Phys. 91, 461 (1989)) splits the
+series into ``n_blocks`` contiguous blocks of equal length, averages each, and takes the
+standard error of the mean from the spread of the block means,
+
+    SE = std(block means, ddof=1) / sqrt(n_blocks),
+
+which is trustworthy once a block is longer than the correlation time (then more blocks of
+the same run give the same SE). For an estimator that is not a plain mean (g(r) with its
+volume normalisation, a diffusion coefficient from an MSD fit), evaluate it on each block's
+frames (:func:`block_slices`) and pass the per-block values to :func:`block_average` with
+``n_blocks`` equal to their number.
+
+These are numbers for reports, not differentiable observables: NumPy in, NumPy out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..errors import InputError
+
+
+def block_slices(n_samples: int, n_blocks: int) -> list[slice]:
+    """``n_blocks`` contiguous slices of ``n_samples // n_blocks`` samples each; the remainder
+    (fewer than ``n_blocks`` samples) at the end is left out.
+
+    Raises
+    ------
+    InputError
+        If ``n_blocks < 2`` or there are fewer samples than blocks.
+    """
+    if int(n_blocks) != n_blocks or n_blocks < 2:
+        raise InputError(f"block averaging needs n_blocks >= 2 (an integer), got {n_blocks!r}")
+    if n_samples < n_blocks:
+        raise InputError(f"block averaging: {n_samples} samples cannot fill {n_blocks} blocks; "
+                         f"record more frames or use fewer blocks")
+    size = n_samples // n_blocks
+    return [slice(k * size, (k + 1) * size) for k in range(n_blocks)]
+
+
+def block_average(samples, n_blocks: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of a series and its standard error by block averaging.
+
+    Parameters
+    ----------
+    samples : array-like, shape (S, ...)
+        Time series along the first axis (e.g. one energy per frame, kJ/mol, or one g(r) curve
+        per frame); any units, returned in the same units.
+    n_blocks : int, default 5
+        Number of contiguous blocks (>= 2, <= S).
+
+    Returns
+    -------
+    mean : ndarray, shape (...)
+        Mean of the samples the blocks cover (the first ``n_blocks · (S // n_blocks)``).
+    stderr : ndarray, shape (...)
+        Standard deviation of the block means (ddof = 1) divided by sqrt(n_blocks).
+    """
+    samples = np.asarray(samples, dtype=float)
+    if samples.ndim == 0:
+        raise InputError("block_average needs a series (shape (S, ...)), got a scalar")
+    means = np.stack([samples[s].mean(axis=0) for s in block_slices(len(samples), n_blocks)])
+    return means.mean(axis=0), means.std(axis=0, ddof=1) / math.sqrt(n_blocks)
