@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..units import DTYPE, strip
-from . import register
+from . import lawmath, register
 from .base import ParameterTable, Term
 from .neighbors import minimum_image
 
@@ -60,7 +60,7 @@ def bond_length(b: torch.Tensor) -> torch.Tensor:
     -------
     torch.Tensor, shape (...), nm
     """
-    return torch.linalg.vector_norm(b, dim=-1)
+    return lawmath.norm(b)
 
 
 def bond_angle(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
@@ -78,9 +78,9 @@ def bond_angle(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
         ``atan2(|u x v|, u . v)`` (well conditioned near 0 and pi, unlike ``acos``).
     """
     u = -b1
-    sine = torch.linalg.vector_norm(torch.linalg.cross(u, b2), dim=-1)
-    cosine = (u * b2).sum(-1)
-    return torch.atan2(sine, cosine)
+    sine = lawmath.norm(lawmath.cross(u, b2))
+    cosine = lawmath.dot(u, b2)
+    return lawmath.atan2(sine, cosine)
 
 
 def dihedral_angle(b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
@@ -98,11 +98,11 @@ def dihedral_angle(b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor) -> torc
         pi for trans, positive when ``b1 . (b2 x b3) > 0``. Computed as
         ``atan2(|b2| b1 . (b2 x b3), (b1 x b2) . (b2 x b3))``.
     """
-    n1 = torch.linalg.cross(b1, b2)
-    n2 = torch.linalg.cross(b2, b3)
-    y = torch.linalg.vector_norm(b2, dim=-1) * (b1 * n2).sum(-1)
-    x = (n1 * n2).sum(-1)
-    return torch.atan2(y, x)
+    n1 = lawmath.cross(b1, b2)
+    n2 = lawmath.cross(b2, b3)
+    y = lawmath.norm(b2) * lawmath.dot(b1, n2)
+    x = lawmath.dot(n1, n2)
+    return lawmath.atan2(y, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def harmonic_energy(x: torch.Tensor, x0: torch.Tensor, k: torch.Tensor) -> torch
 def periodic_torsion_energy(phi: torch.Tensor, periodicity: torch.Tensor, phase: torch.Tensor,
                             k: torch.Tensor) -> torch.Tensor:
     """``k (1 + cos(n phi - phase))``, kJ/mol (phi, phase in rad; n an integer)."""
-    return k * (1.0 + torch.cos(periodicity * phi - phase))
+    return k * (1.0 + lawmath.cos(periodicity * phi - phase))
 
 
 def rb_torsion_energy(phi: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ keeps exception parameters independent of particle offsets. ``LJPME`` is not sup
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -57,8 +58,9 @@ from openmm import unit
 
 from ..errors import InputError
 from ..units import ONE_4PI_EPS0
-from . import register
+from . import fused, lawmath, register
 from .base import ParameterTable, Term, UnsupportedForceError
+from .bonded import bond_length
 from .ewald import (
     EwaldReciprocal,
     PMEReciprocal,
@@ -139,7 +141,7 @@ def switching_function(r: torch.Tensor, switch_distance: float, cutoff: float) -
     switch_distance : float, nm
     cutoff : float, nm
     """
-    t = torch.clamp((r - switch_distance) / (cutoff - switch_distance), min=0.0)
+    t = lawmath.clamp_min((r - switch_distance) / (cutoff - switch_distance), 0.0)
     return 1.0 + t * t * t * (-10.0 + t * (15.0 - 6.0 * t))
 
 
@@ -173,6 +175,47 @@ def switched_tail_integrals(switch_distance: float, cutoff: float) -> tuple[floa
                 total += c * (cutoff ** (n + 1) - switch_distance ** (n + 1)) / (n + 1)
         results.append(total)
     return results[0], results[1]
+
+
+# --------------------------------------------------------------------------- fused laws
+# The same laws, lifted by the fused kernels (:mod:`.fused`) instead of autograd. Particle rows
+# are (charge e, sigma nm, sqrt(epsilon) (kJ/mol)^½); exception rows (chargeProd, sigma, eps).
+
+
+def _pair_law(method: str, switched: bool, r, a, b, c):
+    """Pair energy of two particles with rows ``a``, ``b`` and constants ``c``: the Coulomb
+    law of ``method`` (constants first) plus Lennard-Jones, switched by ``(r_s, r_c)`` last."""
+    qq = a[0] * b[0]
+    if method == "NoCutoff":
+        elec = coulomb(qq, r)
+    elif method in ("CutoffNonPeriodic", "CutoffPeriodic"):
+        elec = reaction_field(qq, r, c[0], c[1])
+    else:
+        elec = direct_pair_energy(qq, r, c[0])
+    lj = lennard_jones(r, 0.5 * (a[1] + b[1]), a[2] * b[2])
+    if switched:
+        lj = lj * switching_function(r, c[-2], c[-1])
+    return elec + lj
+
+
+def _exception_law(vectors, p, c):
+    """Exception energy (plain Coulomb + Lennard-Jones) of the pair vector ``vectors[0]``."""
+    r = bond_length(vectors[0])
+    return coulomb(p[0], r) + lennard_jones(r, p[1], p[2])
+
+
+@functools.cache
+def fused_pair_law(method: str, switched: bool) -> fused.PairLaw:
+    """The fused-kernel form of the non-excepted pair energy of a nonbonded method."""
+    n_consts = {"NoCutoff": 0, "CutoffNonPeriodic": 2, "CutoffPeriodic": 2}.get(method, 1)
+    return fused.PairLaw(f"nonbonded_{method}{'_switched' if switched else ''}",
+                         functools.partial(_pair_law, method, switched), n_params=3,
+                         n_consts=n_consts + 2 * switched,
+                         sources=(_pair_law, direct_pair_energy))
+
+
+EXCEPTION_LAW = fused.ChainLaw("nonbonded_exception", _exception_law, width=2, n_params=3,
+                               n_consts=0, sources=(bond_length,))
 
 
 # --------------------------------------------------------------------------- reading the force
@@ -312,6 +355,7 @@ class NonbondedTerm(Term):
 
     openmm_class = "NonbondedForce"
     derived_tables = ("exceptions",)
+    has_fused = True
 
     def __init__(self, force: openmm.NonbondedForce, force_index: int, system: openmm.System,
                  skin: float = 0.1):
@@ -465,9 +509,19 @@ class NonbondedTerm(Term):
     # ------------------------------------------------------------------ energy pieces
 
     def pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
-                    particles: torch.Tensor) -> torch.Tensor:
-        """Lennard-Jones plus direct/cutoff Coulomb energy of the non-excepted pairs, kJ/mol."""
+                    particles: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
+        """Lennard-Jones plus direct/cutoff Coulomb energy of the non-excepted pairs, kJ/mol
+        (by autograd, or by the fused pair kernel with ``use_fused``)."""
         i, j, shifts = self.interacting_pairs(positions, box)
+        if use_fused:
+            q, s, e = particles.unbind(1)
+            rows = torch.stack([q, s, safe_sqrt(e)], 1)
+            consts = {"NoCutoff": (), "CutoffNonPeriodic": (self.krf, self.crf),
+                      "CutoffPeriodic": (self.krf, self.crf)}.get(self.method, (self.alpha,))
+            if self.switch_distance is not None:
+                consts = consts + (self.switch_distance, self.cutoff)
+            law = fused_pair_law(self.method, self.switch_distance is not None)
+            return fused.pair_energy(law, positions, box, i, j, shifts, rows, consts)
         d = positions.index_select(0, j) - positions.index_select(0, i)
         if shifts is not None:
             d = d - shifts @ box
@@ -503,8 +557,12 @@ class NonbondedTerm(Term):
         return torch.linalg.vector_norm(d, dim=-1)
 
     def exception_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
-                         exceptions: torch.Tensor) -> torch.Tensor:
-        """Energy of the exceptions (plain Coulomb + LJ, no cutoff), kJ/mol."""
+                         exceptions: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
+        """Energy of the exceptions (plain Coulomb + LJ, no cutoff), kJ/mol (by autograd, or
+        by the fused chain kernel with ``use_fused``)."""
+        if use_fused:
+            return fused.chain_energy(EXCEPTION_LAW, positions, box, self.pair14, exceptions,
+                                      periodic=self.exceptions_periodic)
         r = self._exception_distances(self.pair14, positions, box)
         qq, sigma, epsilon = exceptions.unbind(1)
         return (coulomb(qq, r) + lennard_jones(r, sigma, epsilon)).sum()
@@ -560,6 +618,17 @@ class NonbondedTerm(Term):
         sites : torch.Tensor, optional
             Current values of the bound XML sites.
         """
+        return self._energy(positions, box, sites, use_fused=False)
+
+    def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     sites: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` with the pair sum and the exceptions in fused kernels; the
+        Ewald/PME reciprocal space, the excluded-pair correction and the dispersion correction
+        stay on the autograd path."""
+        return self._energy(positions, box, sites, use_fused=True)
+
+    def _energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                sites: torch.Tensor | None, use_fused: bool) -> torch.Tensor:
         if self.periodic:
             self.check_box(box)
         else:
@@ -567,8 +636,8 @@ class NonbondedTerm(Term):
         particles, exceptions = self.current_parameters(sites)
         energy = positions.new_zeros(())
         if self.include_direct:
-            energy = energy + self.pair_energy(positions, box, particles)
-            energy = energy + self.exception_energy(positions, box, exceptions)
+            energy = energy + self.pair_energy(positions, box, particles, use_fused)
+            energy = energy + self.exception_energy(positions, box, exceptions, use_fused)
             if self.reciprocal is not None:
                 energy = energy - self.exclusion_energy(positions, box, particles[:, 0])
             if self.dispersion is not None:
