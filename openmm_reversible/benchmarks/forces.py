@@ -1,12 +1,16 @@
 """``benchmark forces``: cost of the twin's forces and VJPs against an OpenMM CPU step.
 
-System: the 3 nm flexible TIP3P box (2661 atoms, reaction field, 1.0 nm cutoff) with the water
-oxygen's charge, sigma and epsilon trainable (hydrogen charge tied to keep molecules neutral).
-Reported, in milliseconds (median of ``repeats``):
+System: the 3 nm flexible TIP3P box (2661 atoms, reaction field, 1.0 nm cutoff; ``--nonbonded
+PME`` for particle-mesh Ewald) with the water oxygen's charge, sigma and epsilon trainable
+(hydrogen charge tied to keep molecules neutral). Reported, in milliseconds (median of
+``repeats``), all measured in the same run:
 
 - ``torch_force_ms``: energy and forces by autograd;
 - ``torch_force_vjp_ms``: forces with their graph, then both vector-Jacobian products the
   adjoint needs (w.r.t. positions and w.r.t. parameters) in one backward call;
+- ``fused_force_ms``, ``fused_force_vjp_ms``: the same with the fused kernels
+  (``TorchPotential(fused=True)``; with PME the reciprocal space stays on the autograd path),
+  and ``fused_threads``, the numba threads they could use;
 - ``openmm_step_ms``: one LangevinMiddleIntegrator step (1 fs) on OpenMM's CPU platform;
 - ratios of the torch timings to the OpenMM step.
 """
@@ -40,12 +44,13 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
-            openmm_steps: int = 200) -> dict:
-    """Time the twin and OpenMM on the same flexible water box; returns the JSON record."""
-    msys = water_box(None, box_size=box_size, forcefield=("tip3p.xml",), nonbonded="RF",
+            openmm_steps: int = 200, nonbonded: str = "RF") -> dict:
+    """Time the twin (autograd and fused) and OpenMM on the same flexible water box; returns
+    the JSON record."""
+    msys = water_box(None, box_size=box_size, forcefield=("tip3p.xml",), nonbonded=nonbonded,
                      cutoff=cutoff, rigid=False)
     params = ParameterSet.select("tip3p.xml", msys.topology, select=WATER_SELECTION,
-                                 ties=WATER_TIES, **params_kwargs(cutoff))
+                                 ties=WATER_TIES, **params_kwargs(cutoff, nonbonded))
     potential = TorchPotential(params.system, parameters=params)
     x = torch.tensor(msys.positions, dtype=DTYPE)
     box = torch.tensor(msys.box, dtype=DTYPE)
@@ -64,6 +69,12 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
 
     torch_force_ms = _median_ms(force, repeats)
     torch_force_vjp_ms = _median_ms(force_vjp, repeats)
+    potential.use_fused(True)
+    force()  # generates and compiles the kernels on a first run (cached afterwards)
+    force_vjp()
+    fused_force_ms = _median_ms(force, repeats)
+    fused_force_vjp_ms = _median_ms(force_vjp, repeats)
+    potential.use_fused(False)
 
     integrator = openmm.LangevinMiddleIntegrator(295.15 * unit.kelvin, 1.0 / unit.picosecond,
                                                  1.0 * unit.femtosecond)
@@ -81,20 +92,39 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
     return {
         "benchmark": "forces",
         "n_atoms": potential.n_atoms,
+        "nonbonded": nonbonded,
         "cutoff_nm": cutoff,
         "torch_threads": torch.get_num_threads(),
+        "fused_threads": fused_threads(),
         "torch_force_ms": round(torch_force_ms, 3),
         "torch_force_vjp_ms": round(torch_force_vjp_ms, 3),
+        "fused_force_ms": round(fused_force_ms, 3),
+        "fused_force_vjp_ms": round(fused_force_vjp_ms, 3),
         "openmm_step_ms": round(openmm_step_ms, 3),
         "force_over_openmm_step": round(torch_force_ms / openmm_step_ms, 3),
         "force_vjp_over_openmm_step": round(torch_force_vjp_ms / openmm_step_ms, 3),
+        "fused_force_over_openmm_step": round(fused_force_ms / openmm_step_ms, 3),
+        "fused_force_vjp_over_openmm_step": round(fused_force_vjp_ms / openmm_step_ms, 3),
         "goal_force_vjp_over_openmm_step": 3.0,
     }
 
 
-def params_kwargs(cutoff: float) -> dict:
-    """createSystem arguments of the benchmark's water box (flexible, reaction field)."""
-    return {"nonbondedMethod": openmm.app.CutoffPeriodic,
+def fused_threads() -> int:
+    """Threads the fused kernels may use (numba's setting; 0 when numba is missing)."""
+    try:
+        import numba
+    except ImportError:
+        return 0
+    return int(numba.get_num_threads())
+
+
+NONBONDED_METHODS = {"RF": openmm.app.CutoffPeriodic, "PME": openmm.app.PME}
+
+
+def params_kwargs(cutoff: float, nonbonded: str = "RF") -> dict:
+    """createSystem arguments of the benchmark's water box (flexible; reaction field or
+    PME)."""
+    return {"nonbondedMethod": NONBONDED_METHODS[nonbonded],
             "nonbondedCutoff": cutoff * unit.nanometer, "rigidWater": False,
             "constraints": None}
 
@@ -104,7 +134,10 @@ def add_arguments(parser) -> None:
                         help="edge of the water box, nm (default 3.0: 2661 atoms)")
     parser.add_argument("--cutoff", type=float, default=1.0, help="cutoff, nm (default 1.0)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats (median)")
+    parser.add_argument("--nonbonded", choices=sorted(NONBONDED_METHODS), default="RF",
+                        help="electrostatics: reaction field (default) or PME")
 
 
 def run(args) -> dict:
-    return measure(box_size=args.box_size, cutoff=args.cutoff, repeats=args.repeats)
+    return measure(box_size=args.box_size, cutoff=args.cutoff, repeats=args.repeats,
+                   nonbonded=args.nonbonded)

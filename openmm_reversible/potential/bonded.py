@@ -41,7 +41,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..units import DTYPE, strip
-from . import lawmath, register
+from . import fused, lawmath, register
 from .base import ParameterTable, Term
 from .neighbors import minimum_image
 
@@ -185,6 +185,23 @@ def _bicubic_coefficient_matrix() -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# The same laws as functions of the chain vectors, for the fused kernels (:mod:`.fused`)
+
+
+def _bond_law(vectors, p, c):
+    return harmonic_energy(bond_length(vectors[0]), p[0], p[1])
+
+
+def _angle_law(vectors, p, c):
+    return harmonic_energy(bond_angle(vectors[0], vectors[1]), p[0], p[1])
+
+
+def _torsion_law(vectors, p, c):
+    """Rows (periodicity, phase, k): the integer periodicity rides along as a float column."""
+    return periodic_torsion_energy(dihedral_angle(*vectors), p[0], p[1], p[2])
+
+
+# ---------------------------------------------------------------------------------------------
 # Terms
 
 
@@ -289,6 +306,25 @@ class BondedTerm(Term):
         """The current parameter table, shape (n_rows, len(columns))."""
         return self.tables[self.table_name](sites)
 
+    fused_law: fused.ChainLaw | None = None
+    """The term's law for the fused chain kernel (subclasses that have one)."""
+
+    @property
+    def has_fused(self) -> bool:
+        return self.fused_law is not None
+
+    def fused_rows(self, sites: torch.Tensor | None) -> torch.Tensor:
+        """Parameter rows of :attr:`fused_law`, one per item (default: the table)."""
+        return self.parameters_now(sites)
+
+    def fused_energy(self, positions, box, sites=None):
+        if not self.has_fused:
+            return super().fused_energy(positions, box, sites)
+        if self.periodic and box is None:
+            self.chain_vectors(positions, box)  # raises the missing-box error
+        return fused.chain_energy(self.fused_law, positions, box, self.atoms,
+                                  self.fused_rows(sites), periodic=self.periodic)
+
 
 class HarmonicBondTerm(BondedTerm):
     """``HarmonicBondForce``: ``E = sum k/2 (r - r0)^2``; table ``bonds`` (length nm, k
@@ -296,6 +332,8 @@ class HarmonicBondTerm(BondedTerm):
 
     openmm_class = "HarmonicBondForce"
     table_name, columns, chain_width = "bonds", ("length", "k"), 2
+    fused_law = fused.ChainLaw("harmonic_bond", _bond_law, width=2, n_params=2, n_consts=0,
+                               sources=(harmonic_energy,))
 
     def forward(self, positions, box, sites=None):
         params = self.parameters_now(sites)
@@ -319,6 +357,8 @@ class HarmonicAngleTerm(BondedTerm):
 
     openmm_class = "HarmonicAngleForce"
     table_name, columns, chain_width = "angles", ("angle", "k"), 3
+    fused_law = fused.ChainLaw("harmonic_angle", _angle_law, width=3, n_params=2, n_consts=0,
+                               sources=(harmonic_energy,))
 
     def forward(self, positions, box, sites=None):
         params = self.parameters_now(sites)
@@ -353,6 +393,8 @@ class PeriodicTorsionTerm(BondedTerm):
 
     openmm_class = "PeriodicTorsionForce"
     table_name, columns, chain_width = "torsions", ("phase", "k"), 4
+    fused_law = fused.ChainLaw("periodic_torsion", _torsion_law, width=4, n_params=3,
+                               n_consts=0, sources=(periodic_torsion_energy,))
 
     def __init__(self, atoms, periodicity, params, periodic: bool = False,
                  force_index: int = -1):
@@ -367,6 +409,10 @@ class PeriodicTorsionTerm(BondedTerm):
         params = self.parameters_now(sites)
         phi = dihedral_angle(*self.chain_vectors(positions, box))
         return periodic_torsion_energy(phi, self.periodicity, params[:, 0], params[:, 1]).sum()
+
+    def fused_rows(self, sites: torch.Tensor | None) -> torch.Tensor:
+        params = self.parameters_now(sites)
+        return torch.cat([self.periodicity.to(params.dtype)[:, None], params], 1)
 
     @classmethod
     def _read(cls, force: openmm.PeriodicTorsionForce) -> tuple:

@@ -40,6 +40,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import inspect
+import math
 import os
 import sys
 import tempfile
@@ -55,6 +56,10 @@ from . import lawmath
 
 N_CHUNKS = 16
 """Fixed number of summation chunks (independent of the thread count: determinism)."""
+
+PARALLEL_MIN_ITEMS = 50_000
+"""Items (pairs, bonds) from which the threaded kernels are used: below it, starting threads
+costs more than it saves. Results do not depend on the choice."""
 
 _VERSION = "1"
 """Bump when the generated code changes shape (part of the cache key)."""
@@ -169,6 +174,19 @@ import numpy as np
 '''
 
 
+_PAIR_ARGS = "x, box, i, j, shifts, wraps, P, consts, cutoff2, suspect2, n_chunks"
+_CHAIN_ARGS = "x, box, atoms, P, consts, periodic, n_chunks"
+
+
+def _kernel(name: str, arguments: str, body: str) -> str:
+    """A kernel twice: serial ``name`` and threaded ``name_parallel`` (same chunks, so the same
+    bits; numba compiles each on first use)."""
+    return "".join(f"""
+@numba.njit({flags}cache=True)
+def {name}{suffix}({arguments}):
+{body}""" for suffix, flags in (("", ""), ("_parallel", "parallel=True, ")))
+
+
 def _pair_source(spec: PairLaw) -> str:
     """Source of the module with ``forward``, ``backward`` and ``backward_vp`` pair kernels."""
     import sympy
@@ -188,7 +206,15 @@ def _pair_source(spec: PairLaw) -> str:
     consts = "\n".join(f"    c{m} = consts[{m}]" for m in range(spec.n_consts)) or "    pass"
     params = "\n".join([f"{ind}a{m} = P[ia, {m}]" for m in range(k)]
                        + [f"{ind}b{m} = P[ib, {m}]" for m in range(k)])
+    # The pair selection of neighbors.CutoffPairs, in the loop: cached image shifts plus the
+    # atoms' wraps since the list build; the full minimum image (OpenMM's order: c, b, a)
+    # where the cached image may not be the nearest; then the cutoff.
+    minimum_image = "\n".join(
+        f"{ind}    s = np.rint(d{'xyz'[axis]} / box[{axis}, {axis}])\n"
+        + "\n".join(f"{ind}    d{'xyz'[m]} -= s * box[{axis}, {m}]" for m in range(3))
+        for axis in (2, 1, 0))
     geometry = f'''    n = i.shape[0]
+    periodic = shifts.shape[0] > 0
 {consts}
     for chunk in numba.prange(n_chunks):
         lo = chunk * n // n_chunks
@@ -196,17 +222,26 @@ def _pair_source(spec: PairLaw) -> str:
         for t in range(lo, hi):
             ia = i[t]
             ib = j[t]
-            dx = x[ib, 0] - x[ia, 0]
-            dy = x[ib, 1] - x[ia, 1]
-            dz = x[ib, 2] - x[ia, 2]
-            if shifts.shape[0] > 0:
-                s0 = shifts[t, 0]
-                s1 = shifts[t, 1]
-                s2 = shifts[t, 2]
-                dx -= s0 * box[0, 0] + s1 * box[1, 0] + s2 * box[2, 0]
-                dy -= s0 * box[0, 1] + s1 * box[1, 1] + s2 * box[2, 1]
-                dz -= s0 * box[0, 2] + s1 * box[1, 2] + s2 * box[2, 2]
+            rx = x[ib, 0] - x[ia, 0]
+            ry = x[ib, 1] - x[ia, 1]
+            rz = x[ib, 2] - x[ia, 2]
+            dx = rx
+            dy = ry
+            dz = rz
+            if periodic:
+                s0 = shifts[t, 0] + wraps[ib, 0] - wraps[ia, 0]
+                s1 = shifts[t, 1] + wraps[ib, 1] - wraps[ia, 1]
+                s2 = shifts[t, 2] + wraps[ib, 2] - wraps[ia, 2]
+                dx = rx - (s0 * box[0, 0] + s1 * box[1, 0] + s2 * box[2, 0])
+                dy = ry - (s0 * box[0, 1] + s1 * box[1, 1] + s2 * box[2, 1])
+                dz = rz - (s0 * box[0, 2] + s1 * box[1, 2] + s2 * box[2, 2])
             r2 = dx * dx + dy * dy + dz * dz
+            if r2 > suspect2:
+                dx = rx
+                dy = ry
+                dz = rz
+{minimum_image}
+                r2 = dx * dx + dy * dy + dz * dz
             if r2 >= cutoff2:
                 continue
             r = math.sqrt(r2)
@@ -218,12 +253,9 @@ def _pair_source(spec: PairLaw) -> str:
         + [f"{ind}g[chunk, ia, {m}] -= f * d{'xyz'[m]}" for m in range(3)]
         + [f"{ind}gp[chunk, ia, {m}] += o{2 + m}" for m in range(k)]
         + [f"{ind}gp[chunk, ib, {m}] += o{2 + k + m}" for m in range(k)])
-    source = _HEADER.format(name=spec.name) + f'''
-@numba.njit(parallel=True, cache=True)
-def forward(x, box, i, j, shifts, P, consts, cutoff2, n_chunks, energy, g, gp):
-{geometry}{_cse_lines([u, u_r, *u_p], ind)}
-{forward_scatter}
-'''
+    source = _HEADER.format(name=spec.name) + _kernel(
+        "forward", f"{_PAIR_ARGS}, energy, g, gp",
+        f"{geometry}{_cse_lines([u, u_r, *u_p], ind)}\n{forward_scatter}\n")
     for variant, with_vp in (("backward", False), ("backward_vp", True)):
         exprs = [u_r, u_rr, *u_rp] + (u_pp if with_vp else [])
         lines = [f"{ind}wx = vx[ib, 0] - vx[ia, 0]", f"{ind}wy = vx[ib, 1] - vx[ia, 1]",
@@ -246,11 +278,8 @@ def forward(x, box, i, j, shifts, P, consts, cutoff2, n_chunks, energy, g, gp):
                 base = 2 + 2 * k + 2 * k * m
                 term += " + " + " + ".join(f"o{base + s} * v{s}" for s in range(2 * k))
             lines.append(f"{ind}hp[chunk, {row}, {col}] += {term}")
-        source += f'''
-@numba.njit(parallel=True, cache=True)
-def {variant}(x, box, i, j, shifts, P, consts, cutoff2, n_chunks, vx, vp, hx, hp):
-{geometry}{_cse_lines(exprs, ind)}
-''' + "\n".join(lines) + "\n"
+        source += _kernel(variant, f"{_PAIR_ARGS}, vx, vp, hx, hp",
+                          f"{geometry}{_cse_lines(exprs, ind)}\n" + "\n".join(lines) + "\n")
     return source
 
 
@@ -299,11 +328,9 @@ def _chain_source(spec: ChainLaw) -> str:
 
     forward_lines = ([f"{ind}energy[chunk] += o0"] + scatter("g", 1)
                      + [f"{ind}gp[t, {m}] = o{1 + 3 * nv + m}" for m in range(k)])
-    source = _HEADER.format(name=spec.name) + f'''
-@numba.njit(parallel=True, cache=True)
-def forward(x, box, atoms, P, consts, periodic, n_chunks, energy, g, gp):
-{geometry}{_cse_lines([energy, *e_d, *e_p], ind)}
-''' + "\n".join(forward_lines) + "\n"
+    source = _HEADER.format(name=spec.name) + _kernel(
+        "forward", f"{_CHAIN_ARGS}, energy, g, gp",
+        f"{geometry}{_cse_lines([energy, *e_d, *e_p], ind)}\n" + "\n".join(forward_lines) + "\n")
     for variant, with_vp in (("backward", False), ("backward_vp", True)):
         s = directional + (sum(g * q for g, q in zip(e_p, w, strict=True)) if with_vp else 0)
         exprs = [sympy.diff(s, q) for q in coords] + [sympy.diff(s, q) for q in p]
@@ -315,10 +342,9 @@ def forward(x, box, atoms, P, consts, periodic, n_chunks, energy, g, gp):
         if with_vp:
             load_v += [f"{ind}w{m} = vp[t, {m}]" for m in range(k)]
         lines = scatter("hx", 0) + [f"{ind}hp[t, {m}] = o{3 * nv + m}" for m in range(k)]
-        source += f'''
-@numba.njit(parallel=True, cache=True)
-def {variant}(x, box, atoms, P, consts, periodic, n_chunks, vx, vp, hx, hp):
-{geometry}''' + "\n".join(load_v) + "\n" + _cse_lines(exprs, ind) + "\n" + "\n".join(lines) + "\n"
+        source += _kernel(variant, f"{_CHAIN_ARGS}, vx, vp, hx, hp",
+                          geometry + "\n".join(load_v) + "\n" + _cse_lines(exprs, ind) + "\n"
+                          + "\n".join(lines) + "\n")
     return source
 
 
@@ -383,17 +409,21 @@ def _ordered_sum(chunks: np.ndarray) -> np.ndarray:
 class _Evaluation:
     """One fused evaluation: the kernels of a law and the fixed inputs of a call."""
 
-    def __init__(self, module: ModuleType, fixed: tuple, n_rows: int, per_item: bool):
-        self.module = module
+    def __init__(self, module: ModuleType, fixed: tuple, n_items: int, per_item: bool):
+        import numba
+
         self.fixed = fixed
-        self.n_rows = n_rows
         self.per_item = per_item  # chain laws: one parameter row per item, no chunk buffer
+        threaded = n_items >= PARALLEL_MIN_ITEMS and numba.get_num_threads() > 1
+        suffix = "_parallel" if threaded else ""
+        self.kernels = {name: getattr(module, name + suffix)
+                        for name in ("forward", "backward", "backward_vp")}
 
     def forward(self, x: np.ndarray, params: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         energy = np.zeros(N_CHUNKS)
         g = np.zeros((N_CHUNKS, *x.shape))
         gp = np.zeros(params.shape if self.per_item else (N_CHUNKS, *params.shape))
-        self.module.forward(x, *self.fixed, N_CHUNKS, energy, g, gp)
+        self.kernels["forward"](x, *self.fixed, N_CHUNKS, energy, g, gp)
         return (float(_ordered_sum(energy)), _ordered_sum(g),
                 gp if self.per_item else _ordered_sum(gp))
 
@@ -402,9 +432,9 @@ class _Evaluation:
         hx = np.zeros((N_CHUNKS, *x.shape))
         hp = np.zeros(params_shape if self.per_item else (N_CHUNKS, *params_shape))
         if vp is None:
-            self.module.backward(x, *self.fixed, N_CHUNKS, vx, np.zeros((0, 0)), hx, hp)
+            self.kernels["backward"](x, *self.fixed, N_CHUNKS, vx, np.zeros((0, 0)), hx, hp)
         else:
-            self.module.backward_vp(x, *self.fixed, N_CHUNKS, vx, vp, hx, hp)
+            self.kernels["backward_vp"](x, *self.fixed, N_CHUNKS, vx, vp, hx, hp)
         return _ordered_sum(hx), hp if self.per_item else _ordered_sum(hp)
 
 
@@ -467,7 +497,8 @@ def _consts(values) -> np.ndarray:
 
 def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None,
                 i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor | None,
-                params: torch.Tensor, consts=(), cutoff: float | None = None) -> torch.Tensor:
+                params: torch.Tensor, consts=(), cutoff: float | None = None,
+                wraps: torch.Tensor | None = None, suspect: float = math.inf) -> torch.Tensor:
     """``Σ u(r_ij; params[i], params[j])`` over pairs, by the fused pair kernel.
 
     Parameters
@@ -485,16 +516,25 @@ def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None
         The law's constants (``spec.n_consts``).
     cutoff : float, nm, optional
         Pairs at or beyond it contribute nothing.
+    wraps : torch.Tensor, shape (n_atoms, 3), optional
+        Whole box vectors each atom moved by since ``shifts`` were computed: the shift of a
+        pair is ``shifts + wraps[j] - wraps[i]`` (see
+        :meth:`~.neighbors.CutoffPairs.candidates`).
+    suspect : float, nm²
+        Squared distance above which the full minimum image replaces the shifted one.
 
     Returns
     -------
     torch.Tensor, 0-dim, kJ/mol
         Differentiable twice w.r.t. ``positions`` and ``params``.
     """
+    periodic = shifts is not None
     fixed = (_as_box(box), _np(i), _np(j),
-             np.zeros((0, 3)) if shifts is None else _np(shifts.to(torch.float64)),
-             _np(params), _consts(consts), np.inf if cutoff is None else float(cutoff) ** 2)
-    evaluation = _Evaluation(_module(spec), fixed, params.shape[0], per_item=False)
+             _np(shifts.to(torch.float64)) if periodic else np.zeros((0, 3)),
+             _np(wraps) if periodic and wraps is not None else np.zeros(positions.shape),
+             _np(params), _consts(consts), np.inf if cutoff is None else float(cutoff) ** 2,
+             float(suspect))
+    evaluation = _Evaluation(_module(spec), fixed, i.shape[0], per_item=False)
     return _FusedEnergy.apply(evaluation, positions, params)
 
 
@@ -520,5 +560,5 @@ def chain_energy(spec: ChainLaw, positions: torch.Tensor, box: torch.Tensor | No
     torch.Tensor, 0-dim, kJ/mol
     """
     fixed = (_as_box(box), _np(atoms), _np(params), _consts(consts), bool(periodic))
-    evaluation = _Evaluation(_module(spec), fixed, params.shape[0], per_item=True)
+    evaluation = _Evaluation(_module(spec), fixed, atoms.shape[0], per_item=True)
     return _FusedEnergy.apply(evaluation, positions, params)

@@ -58,7 +58,7 @@ from openmm import unit
 
 from ..errors import InputError
 from ..units import ONE_4PI_EPS0
-from . import fused, lawmath, register
+from . import ewald, fused, lawmath, register
 from .base import ParameterTable, Term, UnsupportedForceError
 from .bonded import bond_length
 from .ewald import (
@@ -182,20 +182,22 @@ def switched_tail_integrals(switch_distance: float, cutoff: float) -> tuple[floa
 # are (charge e, sigma nm, sqrt(epsilon) (kJ/mol)^½); exception rows (chargeProd, sigma, eps).
 
 
-def _pair_law(method: str, switched: bool, r, a, b, c):
-    """Pair energy of two particles with rows ``a``, ``b`` and constants ``c``: the Coulomb
-    law of ``method`` (constants first) plus Lennard-Jones, switched by ``(r_s, r_c)`` last."""
+def _coulomb_law(method: str, r, a, b, c):
+    """Coulomb energy of two particles with rows ``a = (q_i,)``, ``b = (q_j,)`` under
+    ``method`` (constants ``c``: ``(k_rf, c_rf)`` for reaction field, ``(α,)`` for Ewald/PME)."""
     qq = a[0] * b[0]
     if method == "NoCutoff":
-        elec = coulomb(qq, r)
-    elif method in ("CutoffNonPeriodic", "CutoffPeriodic"):
-        elec = reaction_field(qq, r, c[0], c[1])
-    else:
-        elec = direct_pair_energy(qq, r, c[0])
-    lj = lennard_jones(r, 0.5 * (a[1] + b[1]), a[2] * b[2])
-    if switched:
-        lj = lj * switching_function(r, c[-2], c[-1])
-    return elec + lj
+        return coulomb(qq, r)
+    if method in ("CutoffNonPeriodic", "CutoffPeriodic"):
+        return reaction_field(qq, r, c[0], c[1])
+    return direct_pair_energy(qq, r, c[0])
+
+
+def _lj_law(switched: bool, r, a, b, c):
+    """Lennard-Jones energy of two particles with rows ``(σ, sqrt(ε))``, switched between
+    ``c = (r_s, r_c)`` when ``switched``."""
+    lj = lennard_jones(r, 0.5 * (a[0] + b[0]), a[1] * b[1])
+    return lj * switching_function(r, c[0], c[1]) if switched else lj
 
 
 def _exception_law(vectors, p, c):
@@ -205,13 +207,14 @@ def _exception_law(vectors, p, c):
 
 
 @functools.cache
-def fused_pair_law(method: str, switched: bool) -> fused.PairLaw:
-    """The fused-kernel form of the non-excepted pair energy of a nonbonded method."""
+def fused_pair_laws(method: str, switched: bool) -> tuple[fused.PairLaw, fused.PairLaw]:
+    """The fused-kernel forms (Coulomb, Lennard-Jones) of the non-excepted pair energy."""
     n_consts = {"NoCutoff": 0, "CutoffNonPeriodic": 2, "CutoffPeriodic": 2}.get(method, 1)
-    return fused.PairLaw(f"nonbonded_{method}{'_switched' if switched else ''}",
-                         functools.partial(_pair_law, method, switched), n_params=3,
-                         n_consts=n_consts + 2 * switched,
-                         sources=(_pair_law, direct_pair_energy))
+    return (fused.PairLaw(f"coulomb_{method}", functools.partial(_coulomb_law, method),
+                          n_params=1, n_consts=n_consts, sources=(_coulomb_law, ewald)),
+            fused.PairLaw(f"lennard_jones{'_switched' if switched else ''}",
+                          functools.partial(_lj_law, switched), n_params=2,
+                          n_consts=2 * switched, sources=(_lj_law,)))
 
 
 EXCEPTION_LAW = fused.ChainLaw("nonbonded_exception", _exception_law, width=2, n_params=3,
@@ -391,6 +394,7 @@ class NonbondedTerm(Term):
             keep = ~np.isin(i * n + j, self.exclusion_keys.numpy())
             add_constant(self, "all_pairs", np.stack([i[keep], j[keep]]))
         self._pairs: CutoffPairs | None = None  # made on first use (holds native handles)
+        self._fused_candidates: tuple | None = None  # per list build (fused kernels)
 
         rf = force.getReactionFieldDielectric()
         self.krf = self.cutoff ** -3 * (rf - 1.0) / (2.0 * rf + 1.0)
@@ -487,10 +491,13 @@ class NonbondedTerm(Term):
         ``x[j] - x[i] - n @ box`` (see :class:`~.neighbors.CutoffPairs`)."""
         if not self.uses_cutoff:
             return self.all_pairs[0], self.all_pairs[1], None
+        return self._cutoff_pairs()(positions, box)
+
+    def _cutoff_pairs(self) -> CutoffPairs:
         if self._pairs is None:
             self._pairs = CutoffPairs(self.cutoff, self.skin, self.n_particles,
                                       self.exclusion_keys)
-        return self._pairs(positions, box)
+        return self._pairs
 
     def check_box(self, box: torch.Tensor | None) -> None:
         if box is None:
@@ -512,16 +519,9 @@ class NonbondedTerm(Term):
                     particles: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
         """Lennard-Jones plus direct/cutoff Coulomb energy of the non-excepted pairs, kJ/mol
         (by autograd, or by the fused pair kernel with ``use_fused``)."""
-        i, j, shifts = self.interacting_pairs(positions, box)
         if use_fused:
-            q, s, e = particles.unbind(1)
-            rows = torch.stack([q, s, safe_sqrt(e)], 1)
-            consts = {"NoCutoff": (), "CutoffNonPeriodic": (self.krf, self.crf),
-                      "CutoffPeriodic": (self.krf, self.crf)}.get(self.method, (self.alpha,))
-            if self.switch_distance is not None:
-                consts = consts + (self.switch_distance, self.cutoff)
-            law = fused_pair_law(self.method, self.switch_distance is not None)
-            return fused.pair_energy(law, positions, box, i, j, shifts, rows, consts)
+            return self._fused_pair_energy(positions, box, particles)
+        i, j, shifts = self.interacting_pairs(positions, box)
         d = positions.index_select(0, j) - positions.index_select(0, i)
         if shifts is not None:
             d = d - shifts @ box
@@ -546,6 +546,36 @@ class NonbondedTerm(Term):
         if self.switch_distance is not None:
             lj = lj * switching_function(r, self.switch_distance, self.cutoff)
         return elec.sum() + lj.sum()
+
+    def _fused_pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                           particles: torch.Tensor) -> torch.Tensor:
+        """:meth:`pair_energy` by the fused kernels: Coulomb over the candidate pairs, LJ over
+        those with ``ε_i ε_j > 0``; the kernels select the pairs within the cutoff themselves.
+        Candidate index arrays are prepared once per neighbour-list build."""
+        shifts = wraps = None
+        suspect = math.inf
+        if self.uses_cutoff:
+            i, j, shifts, wraps, suspect = self._cutoff_pairs().candidates(positions, box)
+        else:
+            i, j = self.all_pairs[0], self.all_pairs[1]
+        q, s, e = particles.unbind(1)
+        has_lj = e.detach() > 0
+        cache = self._fused_candidates
+        if cache is None or cache[0] is not i or not torch.equal(cache[1], has_lj):
+            lj = torch.nonzero(has_lj[i] & has_lj[j]).squeeze(1)
+            cache = (i, has_lj, (i.int(), j.int(), shifts),
+                     (i[lj].int(), j[lj].int(), None if shifts is None else shifts[lj]))
+            self._fused_candidates = cache
+        switched = self.switch_distance is not None
+        coulomb_law, lj_law = fused_pair_laws(self.method, switched)
+        coulomb_consts = {"NoCutoff": (), "CutoffNonPeriodic": (self.krf, self.crf),
+                          "CutoffPeriodic": (self.krf, self.crf)}.get(self.method, (self.alpha,))
+        cutoff = self.cutoff if self.uses_cutoff else None
+        energy = fused.pair_energy(coulomb_law, positions, box, *cache[2], q[:, None],
+                                   coulomb_consts, cutoff, wraps, suspect)
+        return energy + fused.pair_energy(
+            lj_law, positions, box, *cache[3], torch.stack([s, safe_sqrt(e)], 1),
+            (self.switch_distance, self.cutoff) if switched else (), cutoff, wraps, suspect)
 
     def _exception_distances(self, pairs: torch.Tensor, positions: torch.Tensor,
                              box: torch.Tensor | None) -> torch.Tensor:
