@@ -61,7 +61,7 @@ PARALLEL_MIN_ITEMS = 50_000
 """Items (pairs, bonds) from which the threaded kernels are used: below it, starting threads
 costs more than it saves. Results do not depend on the choice."""
 
-_VERSION = "1"
+_VERSION = "2"
 """Bump when the generated code changes shape (part of the cache key)."""
 
 
@@ -146,14 +146,22 @@ class ChainLaw:
 # ------------------------------------------------------------------------------- generation
 
 
-def _cse_lines(exprs, indent: str) -> str:
+def _cse_lines(exprs, indent: str, inverse: tuple | None = None) -> str:
     """Python assignments ``x_k = ...; o_m = ...`` computing ``exprs`` with common
-    subexpressions shared (the printer emits ``math.*`` calls and inline conditionals)."""
+    subexpressions shared (the printer emits ``math.*`` calls and inline conditionals).
+    ``inverse = (r, ir)`` writes negative powers of ``r`` as powers of ``ir = 1/r`` (one
+    division per pair instead of one per power)."""
     import sympy
     from sympy.printing.pycode import PythonCodePrinter
 
+    exprs = list(exprs)
+    if inverse is not None:
+        r, ir = inverse
+        exprs = [sympy.sympify(e).replace(
+            lambda e: e.is_Pow and e.base == r and e.exp.is_negative,
+            lambda e: ir ** (-e.exp)) for e in exprs]
     printer = PythonCodePrinter({"fully_qualified_modules": True})
-    replacements, reduced = sympy.cse(list(exprs), symbols=sympy.numbered_symbols("t_"))
+    replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("t_"))
     lines = [f"{indent}{name} = {printer.doprint(value)}" for name, value in replacements]
     lines += [f"{indent}o{k} = {printer.doprint(value)}" for k, value in enumerate(reduced)]
     return "\n".join(lines)
@@ -172,6 +180,13 @@ import numba
 import numpy as np
 
 '''
+
+
+def _hoisted(n_consts: int) -> str:
+    """Box entries and law constants as locals (the loop writes arrays, so the compiler could
+    not keep array loads out of it by itself)."""
+    return "\n".join([f"    box{a}{b} = box[{a}, {b}]" for a in range(3) for b in range(3)]
+                     + [f"    c{m} = consts[{m}]" for m in range(n_consts)])
 
 
 _PAIR_ARGS = "x, box, i, j, shifts, wraps, P, consts, cutoff2, suspect2, n_chunks"
@@ -193,6 +208,7 @@ def _pair_source(spec: PairLaw) -> str:
 
     k = spec.n_params
     r = sympy.Symbol("r", positive=True)
+    inverse = (r, sympy.Symbol("ir", positive=True))
     a, b, c = _symbols("a", k), _symbols("b", k), _symbols("c", spec.n_consts)
     p = a + b
     u = sympy.sympify(spec.law(r, a, b, c))
@@ -203,15 +219,15 @@ def _pair_source(spec: PairLaw) -> str:
     u_pp = [sympy.diff(u_p[m], s) for m in range(2 * k) for s in p]
 
     ind = " " * 12
-    consts = "\n".join(f"    c{m} = consts[{m}]" for m in range(spec.n_consts)) or "    pass"
+    consts = _hoisted(spec.n_consts)
     params = "\n".join([f"{ind}a{m} = P[ia, {m}]" for m in range(k)]
                        + [f"{ind}b{m} = P[ib, {m}]" for m in range(k)])
     # The pair selection of neighbors.CutoffPairs, in the loop: cached image shifts plus the
     # atoms' wraps since the list build; the full minimum image (OpenMM's order: c, b, a)
     # where the cached image may not be the nearest; then the cutoff.
     minimum_image = "\n".join(
-        f"{ind}    s = np.rint(d{'xyz'[axis]} / box[{axis}, {axis}])\n"
-        + "\n".join(f"{ind}    d{'xyz'[m]} -= s * box[{axis}, {m}]" for m in range(3))
+        f"{ind}    s = np.rint(d{'xyz'[axis]} / box{axis}{axis})\n"
+        + "\n".join(f"{ind}    d{'xyz'[m]} -= s * box{axis}{m}" for m in range(3))
         for axis in (2, 1, 0))
     geometry = f'''    n = i.shape[0]
     periodic = shifts.shape[0] > 0
@@ -219,6 +235,7 @@ def _pair_source(spec: PairLaw) -> str:
     for chunk in numba.prange(n_chunks):
         lo = chunk * n // n_chunks
         hi = (chunk + 1) * n // n_chunks
+        acc = 0.0
         for t in range(lo, hi):
             ia = i[t]
             ib = j[t]
@@ -232,9 +249,9 @@ def _pair_source(spec: PairLaw) -> str:
                 s0 = shifts[t, 0] + wraps[ib, 0] - wraps[ia, 0]
                 s1 = shifts[t, 1] + wraps[ib, 1] - wraps[ia, 1]
                 s2 = shifts[t, 2] + wraps[ib, 2] - wraps[ia, 2]
-                dx = rx - (s0 * box[0, 0] + s1 * box[1, 0] + s2 * box[2, 0])
-                dy = ry - (s0 * box[0, 1] + s1 * box[1, 1] + s2 * box[2, 1])
-                dz = rz - (s0 * box[0, 2] + s1 * box[1, 2] + s2 * box[2, 2])
+                dx = rx - (s0 * box00 + s1 * box10 + s2 * box20)
+                dy = ry - (s0 * box01 + s1 * box11 + s2 * box21)
+                dz = rz - (s0 * box02 + s1 * box12 + s2 * box22)
             r2 = dx * dx + dy * dy + dz * dz
             if r2 > suspect2:
                 dx = rx
@@ -245,28 +262,30 @@ def _pair_source(spec: PairLaw) -> str:
             if r2 >= cutoff2:
                 continue
             r = math.sqrt(r2)
+            ir = 1.0 / r
 {params}
 '''
     forward_scatter = "\n".join(
-        [f"{ind}energy[chunk] += o0", f"{ind}f = o1 / r"]
+        [f"{ind}acc += o0", f"{ind}f = o1 * ir"]
         + [f"{ind}g[chunk, ib, {m}] += f * d{'xyz'[m]}" for m in range(3)]
         + [f"{ind}g[chunk, ia, {m}] -= f * d{'xyz'[m]}" for m in range(3)]
         + [f"{ind}gp[chunk, ia, {m}] += o{2 + m}" for m in range(k)]
         + [f"{ind}gp[chunk, ib, {m}] += o{2 + k + m}" for m in range(k)])
     source = _HEADER.format(name=spec.name) + _kernel(
         "forward", f"{_PAIR_ARGS}, energy, g, gp",
-        f"{geometry}{_cse_lines([u, u_r, *u_p], ind)}\n{forward_scatter}\n")
+        f"{geometry}{_cse_lines([u, u_r, *u_p], ind, inverse)}\n{forward_scatter}\n"
+        "        energy[chunk] = acc\n")
     for variant, with_vp in (("backward", False), ("backward_vp", True)):
         exprs = [u_r, u_rr, *u_rp] + (u_pp if with_vp else [])
         lines = [f"{ind}wx = vx[ib, 0] - vx[ia, 0]", f"{ind}wy = vx[ib, 1] - vx[ia, 1]",
                  f"{ind}wz = vx[ib, 2] - vx[ia, 2]",
-                 f"{ind}nw = (dx * wx + dy * wy + dz * wz) / r",
-                 f"{ind}f = o0 / r", f"{ind}q = (o1 - f) * nw / r"]
+                 f"{ind}nw = (dx * wx + dy * wy + dz * wz) * ir",
+                 f"{ind}f = o0 * ir", f"{ind}q = (o1 - f) * nw * ir"]
         if with_vp:
             lines += [f"{ind}v{m} = vp[ia, {m}]" for m in range(k)]
             lines += [f"{ind}v{k + m} = vp[ib, {m}]" for m in range(k)]
             lines.append(f"{ind}q += (" + " + ".join(f"o{2 + m} * v{m}" for m in range(2 * k))
-                         + ") / r")
+                         + ") * ir")
         lines += [f"{ind}hx[chunk, ib, {m}] += f * w{'xyz'[m]} + q * d{'xyz'[m]}"
                   for m in range(3)]
         lines += [f"{ind}hx[chunk, ia, {m}] -= f * w{'xyz'[m]} + q * d{'xyz'[m]}"
@@ -278,8 +297,8 @@ def _pair_source(spec: PairLaw) -> str:
                 base = 2 + 2 * k + 2 * k * m
                 term += " + " + " + ".join(f"o{base + s} * v{s}" for s in range(2 * k))
             lines.append(f"{ind}hp[chunk, {row}, {col}] += {term}")
-        source += _kernel(variant, f"{_PAIR_ARGS}, vx, vp, hx, hp",
-                          f"{geometry}{_cse_lines(exprs, ind)}\n" + "\n".join(lines) + "\n")
+        body = f"{geometry}{_cse_lines(exprs, ind, inverse)}\n" + "\n".join(lines) + "\n"
+        source += _kernel(variant, f"{_PAIR_ARGS}, vx, vp, hx, hp", body)
     return source
 
 
@@ -299,7 +318,7 @@ def _chain_source(spec: ChainLaw) -> str:
     directional = sum(g * s for g, s in zip(e_d, cotangent, strict=True))
 
     ind = " " * 12
-    consts = "\n".join(f"    c{m} = consts[{m}]" for m in range(spec.n_consts)) or "    pass"
+    consts = _hoisted(spec.n_consts)
     load = [f"{ind}p{m} = P[t, {m}]" for m in range(k)]
     for m in range(nv):
         for a in range(3):
@@ -307,13 +326,14 @@ def _chain_source(spec: ChainLaw) -> str:
     for m in range(nv):  # minimum image, OpenMM's order (c, then b, then a): as neighbors.py
         for axis in (2, 1, 0):
             load.append(f"{ind}if periodic:")
-            load.append(f"{ind}    s = np.rint(d{m}_{axis} / box[{axis}, {axis}])")
-            load += [f"{ind}    d{m}_{a} -= s * box[{axis}, {a}]" for a in range(3)]
+            load.append(f"{ind}    s = np.rint(d{m}_{axis} / box{axis}{axis})")
+            load += [f"{ind}    d{m}_{a} -= s * box{axis}{a}" for a in range(3)]
     geometry = f'''    n = atoms.shape[0]
 {consts}
     for chunk in numba.prange(n_chunks):
         lo = chunk * n // n_chunks
         hi = (chunk + 1) * n // n_chunks
+        acc = 0.0
         for t in range(lo, hi):
 ''' + "\n".join(load) + "\n"
 
@@ -326,8 +346,9 @@ def _chain_source(spec: ChainLaw) -> str:
                 lines.append(f"{ind}{out}[chunk, atoms[t, {m}], {a}] -= {o}")
         return lines
 
-    forward_lines = ([f"{ind}energy[chunk] += o0"] + scatter("g", 1)
-                     + [f"{ind}gp[t, {m}] = o{1 + 3 * nv + m}" for m in range(k)])
+    forward_lines = ([f"{ind}acc += o0"] + scatter("g", 1)
+                     + [f"{ind}gp[t, {m}] = o{1 + 3 * nv + m}" for m in range(k)]
+                     + ["        energy[chunk] = acc"])
     source = _HEADER.format(name=spec.name) + _kernel(
         "forward", f"{_CHAIN_ARGS}, energy, g, gp",
         f"{geometry}{_cse_lines([energy, *e_d, *e_p], ind)}\n" + "\n".join(forward_lines) + "\n")
@@ -509,7 +530,8 @@ def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None
         Needed with ``shifts``; not differentiated.
     i, j : torch.Tensor of int64, shape (n_pairs,)
     shifts : torch.Tensor, shape (n_pairs, 3), or None
-        Integer image shifts ``n``: the displacement is ``x[j] - x[i] - n @ box``.
+        Integer image shifts ``n`` (any integer or float dtype): the displacement is
+        ``x[j] - x[i] - n @ box``.
     params : torch.Tensor, shape (n_particles, n_params)
         Per-particle parameter rows; differentiable.
     consts : sequence of float
@@ -530,7 +552,7 @@ def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None
     """
     periodic = shifts is not None
     fixed = (_as_box(box), _np(i), _np(j),
-             _np(shifts.to(torch.float64)) if periodic else np.zeros((0, 3)),
+             _np(shifts) if periodic else np.zeros((0, 3)),
              _np(wraps) if periodic and wraps is not None else np.zeros(positions.shape),
              _np(params), _consts(consts), np.inf if cutoff is None else float(cutoff) ** 2,
              float(suspect))

@@ -563,8 +563,11 @@ class NonbondedTerm(Term):
         cache = self._fused_candidates
         if cache is None or cache[0] is not i or not torch.equal(cache[1], has_lj):
             lj = torch.nonzero(has_lj[i] & has_lj[j]).squeeze(1)
-            cache = (i, has_lj, (i.int(), j.int(), shifts),
-                     (i[lj].int(), j[lj].int(), None if shifts is None else shifts[lj]))
+            compact = shifts  # small integers: int8 when they fit (less memory traffic)
+            if shifts is not None and (not shifts.numel() or float(shifts.abs().max()) < 127):
+                compact = shifts.to(torch.int8)
+            cache = (i, has_lj, (i.int(), j.int(), compact),
+                     (i[lj].int(), j[lj].int(), None if shifts is None else compact[lj]))
             self._fused_candidates = cache
         switched = self.switch_distance is not None
         coulomb_law, lj_law = fused_pair_laws(self.method, switched)
