@@ -61,7 +61,7 @@ PARALLEL_MIN_ITEMS = 50_000
 """Items (pairs, bonds) from which the threaded kernels are used: below it, starting threads
 costs more than it saves. Results do not depend on the choice."""
 
-_VERSION = "2"
+_VERSION = "3"
 """Bump when the generated code changes shape (part of the cache key)."""
 
 
@@ -195,9 +195,10 @@ _CHAIN_ARGS = "x, box, atoms, P, consts, periodic, n_chunks"
 
 def _kernel(name: str, arguments: str, body: str) -> str:
     """A kernel twice: serial ``name`` and threaded ``name_parallel`` (same chunks, so the same
-    bits; numba compiles each on first use)."""
+    bits; numba compiles each on first use). NumPy's error model: IEEE division without a
+    zero check per operation (the laws are finite wherever the pairs are distinct)."""
     return "".join(f"""
-@numba.njit({flags}cache=True)
+@numba.njit({flags}cache=True, error_model="numpy")
 def {name}{suffix}({arguments}):
 {body}""" for suffix, flags in (("", ""), ("_parallel", "parallel=True, ")))
 

@@ -395,6 +395,7 @@ class NonbondedTerm(Term):
             add_constant(self, "all_pairs", np.stack([i[keep], j[keep]]))
         self._pairs: CutoffPairs | None = None  # made on first use (holds native handles)
         self._fused_candidates: tuple | None = None  # per list build (fused kernels)
+        self._dispersion_classes: tuple | None = None  # per (sigma, epsilon) values
 
         rf = force.getReactionFieldDielectric()
         self.krf = self.cutoff ** -3 * (rf - 1.0) / (2.0 * rf + 1.0)
@@ -617,12 +618,17 @@ class NonbondedTerm(Term):
         per-particle derivative, by symmetry).
         """
         sigma, epsilon = particles[:, 1], particles[:, 2]
-        # (NumPy's row-unique is ~20x faster than torch.unique(dim=0) here.)
-        _, member, counts = np.unique(
-            torch.stack([sigma, epsilon], 1).detach().cpu().numpy(), axis=0,
-            return_inverse=True, return_counts=True)
-        member = torch.as_tensor(member.reshape(-1), device=sigma.device)
-        counts = torch.as_tensor(counts, dtype=sigma.dtype, device=sigma.device)
+        values = torch.stack([sigma, epsilon], 1).detach().cpu().numpy()
+        cached = self._dispersion_classes
+        if cached is None or not np.array_equal(cached[0], values):
+            # (NumPy's row-unique is ~20x faster than torch.unique(dim=0) here; the classes
+            # only change when sigma or epsilon do, so they are kept for the next call.)
+            _, member, counts = np.unique(values, axis=0, return_inverse=True,
+                                          return_counts=True)
+            cached = (values.copy(), torch.as_tensor(member.reshape(-1), device=sigma.device),
+                      torch.as_tensor(counts, dtype=sigma.dtype, device=sigma.device))
+            self._dispersion_classes = cached
+        member, counts = cached[1], cached[2]
         k = counts.shape[0]
         sigma_c = sigma.new_zeros(k).index_add(0, member, sigma) / counts
         root_c = safe_sqrt(epsilon.new_zeros(k).index_add(0, member, epsilon) / counts)
