@@ -44,10 +44,12 @@ def kernel_calls(monkeypatch) -> list:
     return calls
 
 
-def chain_system(method: str, switching: bool = False, n: int = 48, seed: int = 0):
+def chain_system(method: str, switching: bool = False, n: int = 48, seed: int = 0,
+                 periodic_bonds: bool = False):
     """A periodic box holding one flexible chain of ``n`` atoms (a random walk of 0.15 nm
     steps, turned so that no two atoms come closer than 0.12 nm) with every bonded family and
-    a NonbondedForce using ``method``."""
+    a NonbondedForce using ``method``; bonded terms and exceptions by minimum image when
+    ``periodic_bonds``."""
     rng = np.random.default_rng(seed)
     x = [np.array([0.3, 0.3, 0.3])]
     while len(x) < n:
@@ -83,6 +85,9 @@ def chain_system(method: str, switching: bool = False, n: int = 48, seed: int = 
     nb.setUseSwitchingFunction(switching)
     nb.setSwitchingDistance(0.8)
     nb.setEwaldErrorTolerance(1e-5)
+    nb.setExceptionsUsePeriodicBoundaryConditions(periodic_bonds)
+    for force in (bonds, angles, torsions):
+        force.setUsesPeriodicBoundaryConditions(periodic_bonds)
     for force in (bonds, angles, torsions, nb):
         system.addForce(force)
     return system, torch.tensor(x), torch.tensor(box)
@@ -271,3 +276,18 @@ def test_bitwise_deterministic_whatever_the_thread_count(monkeypatch):
         torch.set_num_threads(torch_threads)
     for result in results:
         assert all(torch.equal(a, b) for a, b in zip(serial, result, strict=True))
+
+
+def test_atoms_wrapped_since_the_list_build(kernel_calls):
+    """Atoms moved by whole box vectors after the neighbour list was built (wrapping): the
+    kernels add the wraps to the cached image shifts; energies and forces are unchanged."""
+    system, x, box = chain_system("CutoffPeriodic", switching=True, periodic_bonds=True)
+    fast, reference = TorchPotential(system, fused=True), TorchPotential(system)
+    fast(x, box)  # builds the list at x
+    wrapped = x.clone()
+    wrapped[::3] += torch.tensor([1.0, -2.0, 0.0], dtype=x.dtype) @ box
+    wrapped[1::5] -= box[2]
+    before = kernel_calls[:]
+    assert_close(adjoint_products(fast, wrapped, box), adjoint_products(reference, x, box))
+    assert len(kernel_calls) > len(before)
+    assert fast.terms[-1]._pairs.neighbors.n_builds == 1

@@ -557,17 +557,19 @@ class NonbondedTerm(Term):
         suspect = math.inf
         if self.uses_cutoff:
             i, j, shifts, wraps, suspect = self._cutoff_pairs().candidates(positions, box)
+            listed = i  # the same object until the list is rebuilt
         else:
-            i, j = self.all_pairs[0], self.all_pairs[1]
+            listed = self.all_pairs
+            i, j = listed[0], listed[1]
         q, s, e = particles.unbind(1)
         has_lj = e.detach() > 0
         cache = self._fused_candidates
-        if cache is None or cache[0] is not i or not torch.equal(cache[1], has_lj):
+        if cache is None or cache[0] is not listed or not torch.equal(cache[1], has_lj):
             lj = torch.nonzero(has_lj[i] & has_lj[j]).squeeze(1)
             compact = shifts  # small integers: int8 when they fit (less memory traffic)
             if shifts is not None and (not shifts.numel() or float(shifts.abs().max()) < 127):
                 compact = shifts.to(torch.int8)
-            cache = (i, has_lj, (i.int(), j.int(), compact),
+            cache = (listed, has_lj, (i.int(), j.int(), compact),
                      (i[lj].int(), j[lj].int(), None if shifts is None else compact[lj]))
             self._fused_candidates = cache
         switched = self.switch_distance is not None
