@@ -44,12 +44,15 @@ def kernel_calls(monkeypatch) -> list:
     return calls
 
 
+TRICLINIC = np.array([[EDGE, 0.0, 0.0], [0.7, EDGE, 0.0], [-0.5, 0.9, EDGE]])  # reduced form
+
+
 def chain_system(method: str, switching: bool = False, n: int = 48, seed: int = 0,
-                 periodic_bonds: bool = False):
+                 periodic_bonds: bool = False, box: np.ndarray | None = None):
     """A periodic box holding one flexible chain of ``n`` atoms (a random walk of 0.15 nm
     steps, turned so that no two atoms come closer than 0.12 nm) with every bonded family and
     a NonbondedForce using ``method``; bonded terms and exceptions by minimum image when
-    ``periodic_bonds``."""
+    ``periodic_bonds``; ``box`` (rows a, b, c, nm) replaces the cubic box."""
     rng = np.random.default_rng(seed)
     x = [np.array([0.3, 0.3, 0.3])]
     while len(x) < n:
@@ -59,7 +62,7 @@ def chain_system(method: str, switching: bool = False, n: int = 48, seed: int = 
             x.append(candidate)
     x = np.asarray(x)
     system = openmm.System()
-    box = np.eye(3) * EDGE
+    box = np.eye(3) * EDGE if box is None else box
     system.setDefaultPeriodicBoxVectors(*(openmm.Vec3(*row) for row in box))
     for _ in range(n):
         system.addParticle(12.0)
@@ -131,11 +134,13 @@ def assert_close(fast: list[torch.Tensor], reference: list[torch.Tensor], rtol=R
         assert error <= rtol, f"quantity {k}: relative error {error:.3g} > {rtol}"
 
 
-@pytest.mark.parametrize("method,switching", [
-    ("NoCutoff", False), ("CutoffNonPeriodic", False), ("CutoffPeriodic", False),
-    ("CutoffPeriodic", True), ("Ewald", False), ("PME", True)])
-def test_every_term_matches_autograd(method, switching, kernel_calls):
-    system, x, box = chain_system(method, switching)
+@pytest.mark.parametrize("method,switching,triclinic", [
+    ("NoCutoff", False, False), ("CutoffNonPeriodic", False, False),
+    ("CutoffPeriodic", False, False), ("CutoffPeriodic", True, True), ("Ewald", False, False),
+    ("PME", True, False), ("PME", False, True)])
+def test_every_term_matches_autograd(method, switching, triclinic, kernel_calls):
+    system, x, box = chain_system(method, switching, box=TRICLINIC if triclinic else None,
+                                  periodic_bonds=triclinic)
     potential = TorchPotential(system)
     assert [t.name for t in potential.terms] == ["HarmonicBondForce", "HarmonicAngleForce",
                                                 "PeriodicTorsionForce", "NonbondedForce"]
