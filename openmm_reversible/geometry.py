@@ -13,6 +13,8 @@ boxes, so they are differentiable w.r.t. positions and box vectors and unaffecte
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import vesin
@@ -196,6 +198,25 @@ class CutoffPairs:
                     shifts = image_shifts(raw, minimum_image(raw, box), box)
             self._cache = (listed, i, j, x, shifts)
         return self._cache[1:]
+
+    def candidates(self, positions: torch.Tensor, box: torch.Tensor | None) -> tuple:
+        """The candidate pairs as they stand, for a kernel that selects the pairs itself.
+
+        Returns ``(i, j, shifts, wraps, suspect)``: the candidates ``i < j`` (the same objects
+        until the list is rebuilt, so derived data can be cached on them), their image shifts
+        at the last build (``None`` without a box), the whole box vectors each atom has moved
+        by since (``None`` without a box), and the squared distance (nm²) above which a
+        displacement ``x[j] - x[i] - (shifts + wraps[j] - wraps[i]) @ box`` must be replaced by
+        the full minimum image. A pair interacts when that distance is below the cutoff:
+        exactly the pairs and shifts :meth:`__call__` returns.
+        """
+        i, j, x_ref, shifts = self._candidates(positions, box)
+        if box is None:
+            return i, j, None, None, math.inf
+        with torch.no_grad():
+            wraps = torch.round((positions.detach() - x_ref) @ torch.linalg.inv(box))
+            width = float(box_widths(box).min())
+        return i, j, shifts, wraps, (width - self.cutoff) ** 2
 
     def __call__(self, positions: torch.Tensor, box: torch.Tensor | None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -1,12 +1,16 @@
 """``benchmark forces``: cost of the twin's forces and VJPs against an OpenMM CPU step.
 
-System: the 3 nm flexible TIP3P box (2661 atoms, reaction field, 1.0 nm cutoff) with the water
-oxygen's charge, sigma and epsilon trainable (hydrogen charge tied to keep molecules neutral).
-Reported, in milliseconds (median of ``repeats``):
+System: the 3 nm flexible TIP3P box (2661 atoms, reaction field, 1.0 nm cutoff; ``--nonbonded
+PME`` for particle-mesh Ewald) with the water oxygen's charge, sigma and epsilon trainable
+(hydrogen charge tied to keep molecules neutral). Reported, in milliseconds (median of
+``repeats``), all measured in the same run:
 
 - ``torch_force_ms``: energy and forces by autograd;
 - ``torch_force_vjp_ms``: forces with their graph, then both vector-Jacobian products the
   adjoint needs (w.r.t. positions and w.r.t. parameters) in one backward call;
+- ``fused_force_ms``, ``fused_force_vjp_ms``: the same with the fused kernels
+  (``TorchPotential(fused=True)``; with PME the reciprocal space stays on the autograd path),
+  and ``fused_threads``, the numba threads they could use;
 - ``openmm_step_ms``: one LangevinMiddleIntegrator step (1 fs) on OpenMM's CPU platform;
 - ratios of the torch timings to the OpenMM step.
 """
@@ -21,7 +25,7 @@ import torch
 from openmm import unit
 from tqdm.auto import tqdm
 
-from ..errors import check_at_least, check_positive
+from ..errors import InputError, check_at_least, check_positive
 from ..parameters import ParameterSet
 from ..potential import TorchPotential
 from ..systems import water_box
@@ -43,8 +47,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
-            openmm_steps: int = 200, progress: bool = True) -> dict:
-    """Time the twin and OpenMM on the same flexible water box.
+            openmm_steps: int = 200, nonbonded: str = "RF", progress: bool = True) -> dict:
+    """Time the twin (autograd and fused) and OpenMM on the same flexible water box.
 
     Parameters
     ----------
@@ -56,6 +60,8 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
         Timed repeats of each torch evaluation (the median is reported).
     openmm_steps : int
         OpenMM steps timed for ``openmm_step_ms``.
+    nonbonded : {"RF", "PME"}
+        Electrostatics: reaction field or particle-mesh Ewald.
     progress : bool
         Show a progress bar of the three timings on a terminal.
 
@@ -66,14 +72,16 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
     """
     check_positive(box_size=box_size, cutoff=cutoff)
     check_at_least(1, repeats=repeats, openmm_steps=openmm_steps)
-    bar = tqdm(total=3, desc="benchmark forces", unit="stage", leave=False,
+    if nonbonded not in NONBONDED_METHODS:
+        raise InputError(f"nonbonded = {nonbonded!r}: choose {' or '.join(NONBONDED_METHODS)}")
+    bar = tqdm(total=4, desc="benchmark forces", unit="stage", leave=False,
                disable=not progress or None)
     bar.set_postfix_str("building the water box")
-    msys = water_box(None, box_size=box_size, forcefield=("tip3p.xml",), nonbonded="RF",
+    msys = water_box(None, box_size=box_size, forcefield=("tip3p.xml",), nonbonded=nonbonded,
                      cutoff=cutoff, rigid=False)
     check_cutoff(msys.box, cutoff)
     params = ParameterSet.select("tip3p.xml", msys.topology, select=WATER_SELECTION,
-                                 ties=WATER_TIES, **params_kwargs(cutoff))
+                                 ties=WATER_TIES, **params_kwargs(cutoff, nonbonded))
     potential = TorchPotential(params.system, parameters=params)
     x = torch.tensor(msys.positions, dtype=DTYPE)
     box = torch.tensor(msys.box, dtype=DTYPE)
@@ -96,6 +104,14 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
     bar.set_postfix_str("torch forces and VJPs")
     torch_force_vjp_ms = _median_ms(force_vjp, repeats)
     bar.update()
+    bar.set_postfix_str("fused forces and VJPs (first use compiles them)")
+    potential.use_fused(True)
+    force()  # generates and compiles the kernels on a first run (cached afterwards)
+    force_vjp()
+    fused_force_ms = _median_ms(force, repeats)
+    fused_force_vjp_ms = _median_ms(force_vjp, repeats)
+    potential.use_fused(False)
+    bar.update()
     bar.set_postfix_str("OpenMM steps")
 
     integrator = openmm.LangevinMiddleIntegrator(295.15 * unit.kelvin, 1.0 / unit.picosecond,
@@ -116,19 +132,38 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
     return {
         "benchmark": "forces",
         "n_atoms": potential.n_atoms,
+        "nonbonded": nonbonded,
         "cutoff_nm": cutoff,
         "torch_threads": torch.get_num_threads(),
+        "fused_threads": fused_threads(),
         "torch_force_ms": round(torch_force_ms, 3),
         "torch_force_vjp_ms": round(torch_force_vjp_ms, 3),
+        "fused_force_ms": round(fused_force_ms, 3),
+        "fused_force_vjp_ms": round(fused_force_vjp_ms, 3),
         "openmm_step_ms": round(openmm_step_ms, 3),
         "force_over_openmm_step": round(torch_force_ms / openmm_step_ms, 3),
         "force_vjp_over_openmm_step": round(torch_force_vjp_ms / openmm_step_ms, 3),
+        "fused_force_over_openmm_step": round(fused_force_ms / openmm_step_ms, 3),
+        "fused_force_vjp_over_openmm_step": round(fused_force_vjp_ms / openmm_step_ms, 3),
         "goal_force_vjp_over_openmm_step": 3.0,
     }
 
 
-def params_kwargs(cutoff: float) -> dict:
-    """createSystem arguments of the benchmark's water box (flexible, reaction field)."""
-    return {"nonbondedMethod": openmm.app.CutoffPeriodic,
+def fused_threads() -> int:
+    """Threads the fused kernels may use (numba's setting; 0 when numba is missing)."""
+    try:
+        import numba
+    except ImportError:
+        return 0
+    return int(numba.get_num_threads())
+
+
+NONBONDED_METHODS = {"RF": openmm.app.CutoffPeriodic, "PME": openmm.app.PME}
+
+
+def params_kwargs(cutoff: float, nonbonded: str = "RF") -> dict:
+    """createSystem arguments of the benchmark's water box (flexible; reaction field or
+    PME)."""
+    return {"nonbondedMethod": NONBONDED_METHODS[nonbonded],
             "nonbondedCutoff": cutoff * unit.nanometer, "rigidWater": False,
             "constraints": None}

@@ -3,7 +3,8 @@
 A window of flexible TIP3P water (216 molecules, reaction field, 1 fs, 1000 steps by default)
 is run forward only (the loss), then forward and backward (loss and gradient with respect to
 the oxygen σ and ε). Reports ``forward_s``, ``forward_reverse_s`` and their ratio
-``gradient_over_forward``, plus the reverse pass's state reconstruction error.
+``gradient_over_forward``, plus the reverse pass's state reconstruction error. ``--fused``
+evaluates the potential with the fused kernels (:mod:`~openmm_reversible.potential.fused`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from .water import flexible_water
 
 
 def measure(waters: int = 216, steps: int = 1000, snapshot_every: int = 100,
-            cutoff: float = 0.9, seed: int = 0, progress: bool = True) -> dict:
+            cutoff: float = 0.9, seed: int = 0, fused: bool = False,
+            progress: bool = True) -> dict:
     """Time a forward window and a forward + reverse (gradient) window of the water box.
 
     Parameters
@@ -33,6 +35,8 @@ def measure(waters: int = 216, steps: int = 1000, snapshot_every: int = 100,
         Reaction-field cutoff (below half the box width).
     seed : int
         Noise stream and initial velocities.
+    fused : bool
+        Evaluate the potential with the fused kernels instead of autograd.
     progress : bool
         Show a progress bar of the three stages (build, forward, gradient) on a terminal.
 
@@ -46,6 +50,7 @@ def measure(waters: int = 216, steps: int = 1000, snapshot_every: int = 100,
               disable=not progress or None) as bar:
         bar.set_postfix_str("building the water box")
         water = flexible_water(waters, cutoff, seed)
+        water.potential.use_fused(fused)
         sim = water.simulation(steps, snapshot_every)
         bar.update()
         bar.set_postfix_str("forward window")
@@ -68,4 +73,4 @@ def measure(waters: int = 216, steps: int = 1000, snapshot_every: int = 100,
             "gradient_over_forward": forward_reverse_s / forward_s,
             "reconstruction_error_nm": sim.info["reconstruction_error"],
             "gradient_norm": float(torch.cat([p.grad.reshape(-1) for p in params]).norm()),
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "fused": bool(fused)}

@@ -30,7 +30,8 @@ BENCHMARKS = {
 OPTIONS = {
     "gradient": {"waters": (int, "water molecules"), "steps": (int, "steps in the window"),
                  "snapshot_every": (int, "steps between loss snapshots"),
-                 "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed")},
+                 "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed"),
+                 "fused": (bool, "use the fused kernels instead of autograd")},
     "memory": {"waters": (int, "water molecules"),
                "short_steps": (int, "steps of the short runs"),
                "long_steps": (int, "steps of the long reversible run"),
@@ -39,7 +40,8 @@ OPTIONS = {
                                   "number, not with the steps between them"),
                "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed")},
     "forces": {"box_size": (float, "edge of the water box, nm (3.0: 2661 atoms)"),
-               "cutoff": (float, "nm"), "repeats": (int, "timed repeats (median)")},
+               "cutoff": (float, "nm"), "repeats": (int, "timed repeats (median)"),
+               "nonbonded": (str, "electrostatics: RF (reaction field) or PME")},
     "exact": {"waters": (int, "water molecules"),
               "steps": (int, "steps forward, then as many back"),
               "timing_steps": (int, "steps of the float and exact round trips timed for the "
@@ -64,8 +66,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            formatter_class=parser.formatter_class)
         default = defaults(_function(name))
         for option, (kind, option_help) in OPTIONS[name].items():
-            p.add_argument(f"--{option.replace('_', '-')}", type=kind, default=default[option],
-                           help=option_help)
+            flag = f"--{option.replace('_', '-')}"
+            if kind is bool:  # a switch, off by default
+                p.add_argument(flag, action="store_true", help=option_help)
+            else:
+                p.add_argument(flag, type=kind, default=default[option], help=option_help)
         p.add_argument("--json", action="store_true", help="print one JSON line")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

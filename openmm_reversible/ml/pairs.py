@@ -9,7 +9,7 @@ Two ways to find candidate pairs, the same interactions either way (pairs beyond
 dropped, so any superset of the true pairs gives the same energy):
 
 - eager (training, the reversible integrator): the project's
-  :class:`~openmm_reversible.potential.neighbors.NeighborList`, an O(N) cell list with a skin;
+  :class:`~openmm_reversible.geometry.NeighborList`, an O(N) cell list with a skin;
 - TorchScript (the model exported into OpenMM's TorchForce): every pair, in pure torch, O(N²)
   memory, which is fine up to a few thousand atoms on a GPU.
 

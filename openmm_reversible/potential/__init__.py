@@ -8,6 +8,7 @@ come from autograd.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..units import DTYPE, box_tensor, positions_tensor
+from . import fused
 from .base import ParameterTable, Term, UnsupportedForceError
 from .virtual_sites import VirtualSites
 
@@ -79,6 +81,13 @@ class TorchPotential(nn.Module):
         The System to mirror. Every force must be supported or ignorable.
     parameters : openmm_reversible.parameters.ParameterSet, optional
         Trainable force-field parameters; binds XML values into the terms' tables.
+    fused : bool
+        Evaluate the terms that have one through their fused kernels (:mod:`.fused`: forces,
+        Hessian-vector products and parameter VJPs in compiled loops, same values as the
+        autograd path to round-off). Terms without one, and inputs the kernels cannot take
+        (not float64 on the CPU, a box that requires grad, numba missing), use autograd; each
+        such fallback is reported once per potential by a ``UserWarning``. See
+        :meth:`use_fused`.
 
     Attributes
     ----------
@@ -95,7 +104,7 @@ class TorchPotential(nn.Module):
     >>> forces = -torch.autograd.grad(energy, positions)[0]
     """
 
-    def __init__(self, system: openmm.System, parameters=None):
+    def __init__(self, system: openmm.System, parameters=None, fused: bool = False):
         super().__init__()
         terms, ignored, problems = [], [], []
         try:
@@ -133,6 +142,35 @@ class TorchPotential(nn.Module):
         self.parameters_set = parameters
         if parameters is not None:
             parameters.bind(self)
+        self._warned: set[str] = set()
+        self.use_fused(fused)
+
+    def use_fused(self, enabled: bool = True) -> None:
+        """Switch the fused kernels on or off (warns once about terms that have none)."""
+        self.fused = bool(enabled)
+        if self.fused:
+            without = sorted({t.name for t in self.terms if not t.has_fused})
+            if without:
+                self._warn_once(f"no fused kernel for {', '.join(without)}: "
+                                "these terms use the autograd path")
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            warnings.warn(f"TorchPotential: {message}", UserWarning, stacklevel=3)
+
+    def _fused_now(self, positions: torch.Tensor, box: torch.Tensor | None) -> bool:
+        if not self.fused:
+            return False
+        reason = fused.unavailable_reason(positions, box)
+        if reason is not None:
+            self._warn_once(f"fused kernels not used ({reason}); using the autograd path")
+        return reason is None
+
+    def _term_energy(self, term: Term, positions, box, sites, use_fused: bool):
+        if use_fused and term.has_fused:
+            return term.fused_energy(positions, box, sites)
+        return term(positions, box, sites)
 
     @property
     def n_atoms(self) -> int:
@@ -152,9 +190,10 @@ class TorchPotential(nn.Module):
         """
         sites = self.sites()
         positions = self.virtual_sites(positions)
+        use_fused = self._fused_now(positions, box)
         energy = positions.new_zeros(())
         for term in self.terms:
-            energy = energy + term(positions, box, sites)
+            energy = energy + self._term_energy(term, positions, box, sites, use_fused)
         return energy
 
     def energies(self, positions: torch.Tensor, box: torch.Tensor | None = None
@@ -162,7 +201,9 @@ class TorchPotential(nn.Module):
         """Energy of each term keyed by its force index in the System, kJ/mol."""
         sites = self.sites()
         positions = self.virtual_sites(positions)
-        return {term.force_index: term(positions, box, sites) for term in self.terms}
+        use_fused = self._fused_now(positions, box)
+        return {term.force_index: self._term_energy(term, positions, box, sites, use_fused)
+                for term in self.terms}
 
     def term_for_force(self, index: int) -> Term:
         for term in self.terms:

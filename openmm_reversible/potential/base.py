@@ -108,6 +108,16 @@ class Term(nn.Module):
                 sites: torch.Tensor | None = None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
+    has_fused: bool = False
+    """Whether :meth:`fused_energy` is implemented (see :mod:`.fused`)."""
+
+    def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     sites: torch.Tensor | None = None) -> torch.Tensor:
+        """The energy of :meth:`forward` (same arguments, kJ/mol), computed by fused kernels
+        whose backward gives the forces and whose double backward gives Hessian-vector
+        products and parameter VJPs. Only for terms with ``has_fused``."""
+        raise NotImplementedError(f"{self.name} has no fused kernel; call it directly")
+
 
 class UnsupportedForceError(ValueError):
     """An OpenMM force that the torch twin cannot represent."""

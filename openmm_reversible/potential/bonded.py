@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import InputError
 from ..geometry import minimum_image
 from ..units import DTYPE, scalar, strip
-from . import register
+from . import fused, lawmath, register
 from .base import ParameterTable, Term
 
 # ---------------------------------------------------------------------------------------------
@@ -60,7 +60,7 @@ def bond_length(b: torch.Tensor) -> torch.Tensor:
     -------
     torch.Tensor, shape (...), nm
     """
-    return torch.linalg.vector_norm(b, dim=-1)
+    return lawmath.norm(b)
 
 
 def bond_angle(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
@@ -78,9 +78,9 @@ def bond_angle(b1: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
         ``atan2(|u x v|, u . v)`` (well conditioned near 0 and pi, unlike ``acos``).
     """
     u = -b1
-    sine = torch.linalg.vector_norm(torch.linalg.cross(u, b2), dim=-1)
-    cosine = (u * b2).sum(-1)
-    return torch.atan2(sine, cosine)
+    sine = lawmath.norm(lawmath.cross(u, b2))
+    cosine = lawmath.dot(u, b2)
+    return lawmath.atan2(sine, cosine)
 
 
 def dihedral_angle(b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
@@ -98,11 +98,11 @@ def dihedral_angle(b1: torch.Tensor, b2: torch.Tensor, b3: torch.Tensor) -> torc
         pi for trans, positive when ``b1 . (b2 x b3) > 0``. Computed as
         ``atan2(|b2| b1 . (b2 x b3), (b1 x b2) . (b2 x b3))``.
     """
-    n1 = torch.linalg.cross(b1, b2)
-    n2 = torch.linalg.cross(b2, b3)
-    y = torch.linalg.vector_norm(b2, dim=-1) * (b1 * n2).sum(-1)
-    x = (n1 * n2).sum(-1)
-    return torch.atan2(y, x)
+    n1 = lawmath.cross(b1, b2)
+    n2 = lawmath.cross(b2, b3)
+    y = lawmath.norm(b2) * lawmath.dot(b1, n2)
+    x = lawmath.dot(n1, n2)
+    return lawmath.atan2(y, x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def harmonic_energy(x: torch.Tensor, x0: torch.Tensor, k: torch.Tensor) -> torch
 def periodic_torsion_energy(phi: torch.Tensor, periodicity: torch.Tensor, phase: torch.Tensor,
                             k: torch.Tensor) -> torch.Tensor:
     """``k (1 + cos(n phi - phase))``, kJ/mol (phi, phase in rad; n an integer)."""
-    return k * (1.0 + torch.cos(periodicity * phi - phase))
+    return k * (1.0 + lawmath.cos(periodicity * phi - phase))
 
 
 def rb_torsion_energy(phi: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
@@ -182,6 +182,23 @@ def _bicubic_coefficient_matrix() -> np.ndarray:
     rows = [[monomial(p, ox, x) * monomial(q, oy, y) for p, q in powers]
             for ox, oy in orders for x, y in corners]
     return np.linalg.inv(np.asarray(rows, dtype=float))
+
+
+# ---------------------------------------------------------------------------------------------
+# The same laws as functions of the chain vectors, for the fused kernels (:mod:`.fused`)
+
+
+def _bond_law(vectors, p, c):
+    return harmonic_energy(bond_length(vectors[0]), p[0], p[1])
+
+
+def _angle_law(vectors, p, c):
+    return harmonic_energy(bond_angle(vectors[0], vectors[1]), p[0], p[1])
+
+
+def _torsion_law(vectors, p, c):
+    """Rows (periodicity, phase, k): the integer periodicity rides along as a float column."""
+    return periodic_torsion_energy(dihedral_angle(*vectors), p[0], p[1], p[2])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,6 +302,25 @@ class BondedTerm(Term):
         """The current parameter table, shape (n_rows, len(columns))."""
         return self.tables[self.table_name](sites)
 
+    fused_law: fused.ChainLaw | None = None
+    """The term's law for the fused chain kernel (subclasses that have one)."""
+
+    @property
+    def has_fused(self) -> bool:
+        return self.fused_law is not None
+
+    def fused_rows(self, sites: torch.Tensor | None) -> torch.Tensor:
+        """Parameter rows of :attr:`fused_law`, one per item (default: the table)."""
+        return self.parameters_now(sites)
+
+    def fused_energy(self, positions, box, sites=None):
+        if not self.has_fused:
+            return super().fused_energy(positions, box, sites)
+        if self.periodic and box is None:
+            self.chain_vectors(positions, box)  # raises the missing-box error
+        return fused.chain_energy(self.fused_law, positions, box, self.atoms,
+                                  self.fused_rows(sites), periodic=self.periodic)
+
 
 class HarmonicBondTerm(BondedTerm):
     """``HarmonicBondForce``: ``E = sum k/2 (r - r0)^2``; table ``bonds`` (length nm, k
@@ -292,6 +328,8 @@ class HarmonicBondTerm(BondedTerm):
 
     openmm_class = "HarmonicBondForce"
     table_name, columns, chain_width = "bonds", ("length", "k"), 2
+    fused_law = fused.ChainLaw("harmonic_bond", _bond_law, width=2, n_params=2, n_consts=0,
+                               sources=(harmonic_energy,))
 
     def forward(self, positions, box, sites=None):
         params = self.parameters_now(sites)
@@ -315,6 +353,8 @@ class HarmonicAngleTerm(BondedTerm):
 
     openmm_class = "HarmonicAngleForce"
     table_name, columns, chain_width = "angles", ("angle", "k"), 3
+    fused_law = fused.ChainLaw("harmonic_angle", _angle_law, width=3, n_params=2, n_consts=0,
+                               sources=(harmonic_energy,))
 
     def forward(self, positions, box, sites=None):
         params = self.parameters_now(sites)
@@ -349,6 +389,8 @@ class PeriodicTorsionTerm(BondedTerm):
 
     openmm_class = "PeriodicTorsionForce"
     table_name, columns, chain_width = "torsions", ("phase", "k"), 4
+    fused_law = fused.ChainLaw("periodic_torsion", _torsion_law, width=4, n_params=3,
+                               n_consts=0, sources=(periodic_torsion_energy,))
 
     def __init__(self, atoms, periodicity, params, periodic: bool = False,
                  force_index: int = -1):
@@ -363,6 +405,10 @@ class PeriodicTorsionTerm(BondedTerm):
         params = self.parameters_now(sites)
         phi = dihedral_angle(*self.chain_vectors(positions, box))
         return periodic_torsion_energy(phi, self.periodicity, params[:, 0], params[:, 1]).sum()
+
+    def fused_rows(self, sites: torch.Tensor | None) -> torch.Tensor:
+        params = self.parameters_now(sites)
+        return torch.cat([self.periodicity.to(params.dtype)[:, None], params], 1)
 
     @classmethod
     def _read(cls, force: openmm.PeriodicTorsionForce) -> tuple:

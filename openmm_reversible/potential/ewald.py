@@ -46,6 +46,7 @@ from openmm import unit
 from torch import nn
 
 from ..units import DTYPE, ONE_4PI_EPS0
+from . import lawmath
 
 PME_ORDER = 5
 """B-spline interpolation order of OpenMM's PME."""
@@ -170,7 +171,7 @@ def direct_pair_energy(qq: torch.Tensor, r: torch.Tensor, alpha: float) -> torch
     r : torch.Tensor, shape (n_pairs,), nm
     alpha : float, 1/nm
     """
-    return ONE_4PI_EPS0 * qq * torch.special.erfc(alpha * r) / r
+    return ONE_4PI_EPS0 * qq * lawmath.erfc(alpha * r) / r
 
 
 def exclusion_pair_energy(qq: torch.Tensor, r: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -48,6 +48,7 @@ keeps exception parameters independent of particle offsets. ``LJPME`` is not sup
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -60,8 +61,9 @@ from ..geometry import CutoffPairs, minimum_image
 from ..methods import NONBONDED_FORCE_METHODS
 from ..safe_math import safe_sqrt
 from ..units import ONE_4PI_EPS0, scalar
-from . import register
+from . import ewald, fused, lawmath, register
 from .base import ParameterTable, Term, UnsupportedForceError
+from .bonded import bond_length
 from .ewald import (
     EwaldReciprocal,
     PMEReciprocal,
@@ -134,7 +136,7 @@ def switching_function(r: torch.Tensor, switch_distance: float, cutoff: float) -
     switch_distance : float, nm
     cutoff : float, nm
     """
-    t = torch.clamp((r - switch_distance) / (cutoff - switch_distance), min=0.0)
+    t = lawmath.clamp_min((r - switch_distance) / (cutoff - switch_distance), 0.0)
     return 1.0 + t * t * t * (-10.0 + t * (15.0 - 6.0 * t))
 
 
@@ -168,6 +170,50 @@ def switched_tail_integrals(switch_distance: float, cutoff: float) -> tuple[floa
                 total += c * (cutoff ** (n + 1) - switch_distance ** (n + 1)) / (n + 1)
         results.append(total)
     return results[0], results[1]
+
+
+# --------------------------------------------------------------------------- fused laws
+# The same laws, lifted by the fused kernels (:mod:`.fused`) instead of autograd. Particle rows
+# are (charge e, sigma nm, sqrt(epsilon) (kJ/mol)^½); exception rows (chargeProd, sigma, eps).
+
+
+def _coulomb_law(method: str, r, a, b, c):
+    """Coulomb energy of two particles with rows ``a = (q_i,)``, ``b = (q_j,)`` under
+    ``method`` (constants ``c``: ``(k_rf, c_rf)`` for reaction field, ``(α,)`` for Ewald/PME)."""
+    qq = a[0] * b[0]
+    if method == "NoCutoff":
+        return coulomb(qq, r)
+    if method in ("CutoffNonPeriodic", "CutoffPeriodic"):
+        return reaction_field(qq, r, c[0], c[1])
+    return direct_pair_energy(qq, r, c[0])
+
+
+def _lj_law(switched: bool, r, a, b, c):
+    """Lennard-Jones energy of two particles with rows ``(σ, sqrt(ε))``, switched between
+    ``c = (r_s, r_c)`` when ``switched``."""
+    lj = lennard_jones(r, 0.5 * (a[0] + b[0]), a[1] * b[1])
+    return lj * switching_function(r, c[0], c[1]) if switched else lj
+
+
+def _exception_law(vectors, p, c):
+    """Exception energy (plain Coulomb + Lennard-Jones) of the pair vector ``vectors[0]``."""
+    r = bond_length(vectors[0])
+    return coulomb(p[0], r) + lennard_jones(r, p[1], p[2])
+
+
+@functools.cache
+def fused_pair_laws(method: str, switched: bool) -> tuple[fused.PairLaw, fused.PairLaw]:
+    """The fused-kernel forms (Coulomb, Lennard-Jones) of the non-excepted pair energy."""
+    n_consts = {"NoCutoff": 0, "CutoffNonPeriodic": 2, "CutoffPeriodic": 2}.get(method, 1)
+    return (fused.PairLaw(f"coulomb_{method}", functools.partial(_coulomb_law, method),
+                          n_params=1, n_consts=n_consts, sources=(_coulomb_law, ewald)),
+            fused.PairLaw(f"lennard_jones{'_switched' if switched else ''}",
+                          functools.partial(_lj_law, switched), n_params=2,
+                          n_consts=2 * switched, sources=(_lj_law,)))
+
+
+EXCEPTION_LAW = fused.ChainLaw("nonbonded_exception", _exception_law, width=2, n_params=3,
+                               n_consts=0, sources=(bond_length,))
 
 
 # --------------------------------------------------------------------------- reading the force
@@ -303,6 +349,7 @@ class NonbondedTerm(Term):
 
     openmm_class = "NonbondedForce"
     derived_tables = ("exceptions",)
+    has_fused = True
 
     def __init__(self, force: openmm.NonbondedForce, force_index: int, system: openmm.System,
                  skin: float = 0.1):
@@ -338,6 +385,8 @@ class NonbondedTerm(Term):
             keep = ~np.isin(i * n + j, self.exclusion_keys.numpy())
             add_constant(self, "all_pairs", np.stack([i[keep], j[keep]]))
         self._pairs: CutoffPairs | None = None  # made on first use (holds native handles)
+        self._fused_candidates: tuple | None = None  # per list build (fused kernels)
+        self._dispersion_classes: tuple | None = None  # per (sigma, epsilon) values
 
         rf = force.getReactionFieldDielectric()
         self.krf = self.cutoff ** -3 * (rf - 1.0) / (2.0 * rf + 1.0)
@@ -434,10 +483,13 @@ class NonbondedTerm(Term):
         ``x[j] - x[i] - n @ box`` (see :class:`~openmm_reversible.geometry.CutoffPairs`)."""
         if not self.uses_cutoff:
             return self.all_pairs[0], self.all_pairs[1], None
+        return self._cutoff_pairs()(positions, box)
+
+    def _cutoff_pairs(self) -> CutoffPairs:
         if self._pairs is None:
             self._pairs = CutoffPairs(self.cutoff, self.skin, self.n_particles,
                                       self.exclusion_keys)
-        return self._pairs(positions, box)
+        return self._pairs
 
     def check_box(self, box: torch.Tensor | None) -> None:
         if box is None:
@@ -456,8 +508,11 @@ class NonbondedTerm(Term):
     # ------------------------------------------------------------------ energy pieces
 
     def pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
-                    particles: torch.Tensor) -> torch.Tensor:
-        """Lennard-Jones plus direct/cutoff Coulomb energy of the non-excepted pairs, kJ/mol."""
+                    particles: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
+        """Lennard-Jones plus direct/cutoff Coulomb energy of the non-excepted pairs, kJ/mol
+        (by autograd, or by the fused pair kernel with ``use_fused``)."""
+        if use_fused:
+            return self._fused_pair_energy(positions, box, particles)
         i, j, shifts = self.interacting_pairs(positions, box)
         d = positions.index_select(0, j) - positions.index_select(0, i)
         if shifts is not None:
@@ -500,6 +555,41 @@ class NonbondedTerm(Term):
             lj = lj * switching_function(r, self.switch_distance, self.cutoff)
         return elec.sum() + lj.sum()
 
+    def _fused_pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                           particles: torch.Tensor) -> torch.Tensor:
+        """:meth:`pair_energy` by the fused kernels: Coulomb over the candidate pairs, LJ over
+        those with ``ε_i ε_j > 0``; the kernels select the pairs within the cutoff themselves.
+        Candidate index arrays are prepared once per neighbour-list build."""
+        shifts = wraps = None
+        suspect = math.inf
+        if self.uses_cutoff:
+            i, j, shifts, wraps, suspect = self._cutoff_pairs().candidates(positions, box)
+            listed = i  # the same object until the list is rebuilt
+        else:
+            listed = self.all_pairs
+            i, j = listed[0], listed[1]
+        q, s, e = particles.unbind(1)
+        has_lj = e.detach() > 0
+        cache = self._fused_candidates
+        if cache is None or cache[0] is not listed or not torch.equal(cache[1], has_lj):
+            lj = torch.nonzero(has_lj[i] & has_lj[j]).squeeze(1)
+            compact = shifts  # small integers: int8 when they fit (less memory traffic)
+            if shifts is not None and (not shifts.numel() or float(shifts.abs().max()) < 127):
+                compact = shifts.to(torch.int8)
+            cache = (listed, has_lj, (i.int(), j.int(), compact),
+                     (i[lj].int(), j[lj].int(), None if shifts is None else compact[lj]))
+            self._fused_candidates = cache
+        switched = self.switch_distance is not None
+        coulomb_law, lj_law = fused_pair_laws(self.method, switched)
+        coulomb_consts = {"NoCutoff": (), "CutoffNonPeriodic": (self.krf, self.crf),
+                          "CutoffPeriodic": (self.krf, self.crf)}.get(self.method, (self.alpha,))
+        cutoff = self.cutoff if self.uses_cutoff else None
+        energy = fused.pair_energy(coulomb_law, positions, box, *cache[2], q[:, None],
+                                   coulomb_consts, cutoff, wraps, suspect)
+        return energy + fused.pair_energy(
+            lj_law, positions, box, *cache[3], torch.stack([s, safe_sqrt(e)], 1),
+            (self.switch_distance, self.cutoff) if switched else (), cutoff, wraps, suspect)
+
     def _exception_distances(self, pairs: torch.Tensor, positions: torch.Tensor,
                              box: torch.Tensor | None) -> torch.Tensor:
         """Distances (nm) of exception pairs (n, 2): minimum image only if OpenMM's
@@ -510,8 +600,12 @@ class NonbondedTerm(Term):
         return torch.linalg.vector_norm(d, dim=-1)
 
     def exception_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
-                         exceptions: torch.Tensor) -> torch.Tensor:
-        """Energy of the exceptions (plain Coulomb + LJ, no cutoff), kJ/mol."""
+                         exceptions: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
+        """Energy of the exceptions (plain Coulomb + LJ, no cutoff), kJ/mol (by autograd, or
+        by the fused chain kernel with ``use_fused``)."""
+        if use_fused:
+            return fused.chain_energy(EXCEPTION_LAW, positions, box, self.pair14, exceptions,
+                                      periodic=self.exceptions_periodic)
         return exception_law(self._exception_distances(self.pair14, positions, box),
                              exceptions)
 
@@ -532,12 +626,17 @@ class NonbondedTerm(Term):
         per-particle derivative, by symmetry).
         """
         sigma, epsilon = particles[:, 1], particles[:, 2]
-        # (NumPy's row-unique is ~20x faster than torch.unique(dim=0) here.)
-        _, member, counts = np.unique(
-            torch.stack([sigma, epsilon], 1).detach().cpu().numpy(), axis=0,
-            return_inverse=True, return_counts=True)
-        member = torch.as_tensor(member.reshape(-1), device=sigma.device)
-        counts = torch.as_tensor(counts, dtype=sigma.dtype, device=sigma.device)
+        values = torch.stack([sigma, epsilon], 1).detach().cpu().numpy()
+        cached = self._dispersion_classes
+        if cached is None or not np.array_equal(cached[0], values):
+            # (NumPy's row-unique is ~20x faster than torch.unique(dim=0) here; the classes
+            # only change when sigma or epsilon do, so they are kept for the next call.)
+            _, member, counts = np.unique(values, axis=0, return_inverse=True,
+                                          return_counts=True)
+            cached = (values.copy(), torch.as_tensor(member.reshape(-1), device=sigma.device),
+                      torch.as_tensor(counts, dtype=sigma.dtype, device=sigma.device))
+            self._dispersion_classes = cached
+        member, counts = cached[1], cached[2]
         k = counts.shape[0]
         sigma_c = sigma.new_zeros(k).index_add(0, member, sigma) / counts
         root_c = safe_sqrt(epsilon.new_zeros(k).index_add(0, member, epsilon) / counts)
@@ -566,6 +665,17 @@ class NonbondedTerm(Term):
         sites : torch.Tensor, optional
             Current values of the bound XML sites.
         """
+        return self._energy(positions, box, sites, use_fused=False)
+
+    def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     sites: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` with the pair sum and the exceptions in fused kernels; the
+        Ewald/PME reciprocal space, the excluded-pair correction and the dispersion correction
+        stay on the autograd path."""
+        return self._energy(positions, box, sites, use_fused=True)
+
+    def _energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                sites: torch.Tensor | None, use_fused: bool) -> torch.Tensor:
         if self.periodic:
             self.check_box(box)
         else:
@@ -573,8 +683,8 @@ class NonbondedTerm(Term):
         particles, exceptions = self.current_parameters(sites)
         energy = positions.new_zeros(())
         if self.include_direct:
-            energy = energy + self.pair_energy(positions, box, particles)
-            energy = energy + self.exception_energy(positions, box, exceptions)
+            energy = energy + self.pair_energy(positions, box, particles, use_fused)
+            energy = energy + self.exception_energy(positions, box, exceptions, use_fused)
             if self.reciprocal is not None:
                 energy = energy - self.exclusion_energy(positions, box, particles[:, 0])
             if self.dispersion is not None:

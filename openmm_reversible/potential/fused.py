@@ -1,0 +1,587 @@
+"""Fused CPU kernels for energy terms: forces, Hessian-vector products and parameter VJPs.
+
+The autograd path builds per-pair tensors and a double-backward graph at every step of a
+reversible window. The fused path instead lifts a *scalar law* over a term's pairs or bonded
+chains in one compiled loop, with every derivative the reverse pass needs **generated** from
+the law by sympy (never written by hand):
+
+- **Pair family** (:class:`PairLaw`): ``u(r; p_i, p_j)`` of a distance and the parameter rows of
+  the two particles (e.g. charge, sigma, sqrt(epsilon)). Generated: ``u``, ``u'``, ``u''``,
+  ``∂u/∂p``, ``∂u'/∂p`` and ``∂²u/∂p²``. The kernel lifts them with the radial identities
+  ``∇u = u' d/r`` and ``H w = (u'/r) w + (u'' - u'/r)(d·w) d / r²``.
+- **Chain family** (:class:`ChainLaw`): ``E(b_1 … b_k; p)`` of the chain vectors of a bond,
+  angle or torsion (``b_m = x[a_m] - x[a_{m-1}]``) through its geometry (length, angle,
+  dihedral) and energy law. Generated: ``E``, ``∂E/∂b``, ``∂E/∂p`` and the directional
+  derivatives of ``(∂E/∂b)·v + (∂E/∂p)·w`` in ``b`` and ``p``.
+
+Each law is the same Python function the autograd path evaluates (it is called with sympy
+symbols here, see :mod:`.lawmath`), so the two paths cannot drift apart.
+
+The kernels plug into autograd without changing any caller's math: :func:`pair_energy` and
+:func:`chain_energy` return an energy whose backward gives the forces (computed in the same
+pass as the energy), and that gradient's backward gives the Hessian-vector product with the
+cotangent and the parameter VJP in one further pass. Accelerations, their VJPs and double
+backward in the integrators work unchanged.
+
+Determinism: the items are split into a fixed number of contiguous chunks (``N_CHUNKS``, not
+the thread count); each chunk is summed serially into its own buffer and the buffers are added
+in chunk order. The same positions give bitwise the same results whatever the number of
+threads. Kernels run on the CPU in float64 (numba; CUDA is not covered): other dtypes and
+devices, or a box that requires grad, use the autograd path (:func:`unavailable_reason`).
+
+Generated modules are written to a cache directory outside the source tree (environment
+variable ``OPENMM_REVERSIBLE_CACHE``, default ``~/.cache/openmm-reversible``), keyed by a hash
+of the generator and law sources, and numba caches their machine code beside them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import inspect
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from . import lawmath
+
+N_CHUNKS = 16
+"""Fixed number of summation chunks (independent of the thread count: determinism)."""
+
+PARALLEL_MIN_ITEMS = 50_000
+"""Items (pairs, bonds) from which the threaded kernels are used: below it, starting threads
+costs more than it saves. Results do not depend on the choice."""
+
+_VERSION = "3"
+"""Bump when the generated code changes shape (part of the cache key)."""
+
+
+# ------------------------------------------------------------------------------- availability
+
+
+def _numba_missing() -> bool:
+    return importlib.util.find_spec("numba") is None
+
+
+def unavailable_reason(positions: torch.Tensor, box: torch.Tensor | None) -> str | None:
+    """Why the fused kernels cannot evaluate at these inputs, or ``None`` if they can.
+
+    Parameters
+    ----------
+    positions : torch.Tensor, shape (n_atoms, 3), nm
+    box : torch.Tensor, shape (3, 3), nm, or None
+    """
+    if _numba_missing():
+        return "numba is not installed (pip install numba)"
+    if positions.device.type != "cpu":
+        return f"positions are on {positions.device.type}; the fused kernels run on the CPU only"
+    if positions.dtype != torch.float64:
+        return f"positions are {positions.dtype}; the fused kernels need float64"
+    if box is not None and box.requires_grad:
+        return "the box requires grad; the fused kernels give no derivatives w.r.t. the box"
+    return None
+
+
+# ------------------------------------------------------------------------------- laws
+
+
+@dataclass(frozen=True)
+class PairLaw:
+    """A pair energy ``u(r; p_i, p_j; c)`` to lift over pairs of particles.
+
+    Parameters
+    ----------
+    name : str
+        Identifier (part of the generated module's name).
+    law : callable
+        ``law(r, a, b, c) -> energy``: ``r`` the distance (nm), ``a`` and ``b`` the parameter
+        rows of the two particles (tuples of length ``n_params``), ``c`` the constants (tuple
+        of length ``n_consts``). Called with sympy symbols; must use only arithmetic and
+        :mod:`.lawmath`.
+    n_params, n_consts : int
+    sources : tuple of callables
+        Functions whose source defines the law (for the cache key).
+    """
+
+    name: str
+    law: Callable
+    n_params: int
+    n_consts: int
+    sources: tuple = field(default=())
+
+
+@dataclass(frozen=True)
+class ChainLaw:
+    """An energy ``E(b_1 … b_k; p; c)`` of the chain vectors of one bonded item.
+
+    Parameters
+    ----------
+    name : str
+    law : callable
+        ``law(vectors, p, c) -> energy`` with ``vectors`` a list of ``width - 1`` sympy 3-vectors
+        (nm), ``p`` the item's parameter row (tuple of ``n_params``), ``c`` the constants.
+    width : int
+        Atoms per chain (2 bond, 3 angle, 4 torsion).
+    n_params, n_consts : int
+    sources : tuple of callables
+    """
+
+    name: str
+    law: Callable
+    width: int
+    n_params: int
+    n_consts: int
+    sources: tuple = field(default=())
+
+
+# ------------------------------------------------------------------------------- generation
+
+
+def _cse_lines(exprs, indent: str, inverse: tuple | None = None) -> str:
+    """Python assignments ``x_k = ...; o_m = ...`` computing ``exprs`` with common
+    subexpressions shared (the printer emits ``math.*`` calls and inline conditionals).
+    ``inverse = (r, ir)`` writes negative powers of ``r`` as powers of ``ir = 1/r`` (one
+    division per pair instead of one per power)."""
+    import sympy
+    from sympy.printing.pycode import PythonCodePrinter
+
+    exprs = list(exprs)
+    if inverse is not None:
+        r, ir = inverse
+        exprs = [sympy.sympify(e).replace(
+            lambda e: e.is_Pow and e.base == r and e.exp.is_negative,
+            lambda e: ir ** (-e.exp)) for e in exprs]
+    printer = PythonCodePrinter({"fully_qualified_modules": True})
+    replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("t_"))
+    lines = [f"{indent}{name} = {printer.doprint(value)}" for name, value in replacements]
+    lines += [f"{indent}o{k} = {printer.doprint(value)}" for k, value in enumerate(reduced)]
+    return "\n".join(lines)
+
+
+def _symbols(prefix: str, count: int) -> tuple:
+    import sympy
+
+    return tuple(sympy.Symbol(f"{prefix}{k}", real=True) for k in range(count))
+
+
+_HEADER = '''"""Generated by openmm_reversible.potential.fused from the law {name!r}"""
+import math
+
+import numba
+import numpy as np
+
+'''
+
+
+def _hoisted(n_consts: int) -> str:
+    """Box entries and law constants as locals (the loop writes arrays, so the compiler could
+    not keep array loads out of it by itself)."""
+    return "\n".join([f"    box{a}{b} = box[{a}, {b}]" for a in range(3) for b in range(3)]
+                     + [f"    c{m} = consts[{m}]" for m in range(n_consts)])
+
+
+_PAIR_ARGS = "x, box, i, j, shifts, wraps, P, consts, cutoff2, suspect2, n_chunks"
+_CHAIN_ARGS = "x, box, atoms, P, consts, periodic, n_chunks"
+
+
+def _kernel(name: str, arguments: str, body: str) -> str:
+    """A kernel twice: serial ``name`` and threaded ``name_parallel`` (same chunks, so the same
+    bits; numba compiles each on first use). NumPy's error model: IEEE division without a
+    zero check per operation (the laws are finite wherever the pairs are distinct)."""
+    return "".join(f"""
+@numba.njit({flags}cache=True, error_model="numpy")
+def {name}{suffix}({arguments}):
+{body}""" for suffix, flags in (("", ""), ("_parallel", "parallel=True, ")))
+
+
+def _pair_source(spec: PairLaw) -> str:
+    """Source of the module with ``forward``, ``backward`` and ``backward_vp`` pair kernels."""
+    import sympy
+
+    k = spec.n_params
+    r = sympy.Symbol("r", positive=True)
+    inverse = (r, sympy.Symbol("ir", positive=True))
+    a, b, c = _symbols("a", k), _symbols("b", k), _symbols("c", spec.n_consts)
+    p = a + b
+    u = sympy.sympify(spec.law(r, a, b, c))
+    u_r = sympy.diff(u, r)
+    u_rr = sympy.diff(u_r, r)
+    u_p = [sympy.diff(u, s) for s in p]
+    u_rp = [sympy.diff(u_r, s) for s in p]
+    u_pp = [sympy.diff(u_p[m], s) for m in range(2 * k) for s in p]
+
+    ind = " " * 12
+    consts = _hoisted(spec.n_consts)
+    params = "\n".join([f"{ind}a{m} = P[ia, {m}]" for m in range(k)]
+                       + [f"{ind}b{m} = P[ib, {m}]" for m in range(k)])
+    # The pair selection of neighbors.CutoffPairs, in the loop: cached image shifts plus the
+    # atoms' wraps since the list build; the full minimum image (OpenMM's order: c, b, a)
+    # where the cached image may not be the nearest; then the cutoff.
+    minimum_image = "\n".join(
+        f"{ind}    s = np.rint(d{'xyz'[axis]} / box{axis}{axis})\n"
+        + "\n".join(f"{ind}    d{'xyz'[m]} -= s * box{axis}{m}" for m in range(3))
+        for axis in (2, 1, 0))
+    geometry = f'''    n = i.shape[0]
+    periodic = shifts.shape[0] > 0
+{consts}
+    for chunk in numba.prange(n_chunks):
+        lo = chunk * n // n_chunks
+        hi = (chunk + 1) * n // n_chunks
+        acc = 0.0
+        for t in range(lo, hi):
+            ia = i[t]
+            ib = j[t]
+            rx = x[ib, 0] - x[ia, 0]
+            ry = x[ib, 1] - x[ia, 1]
+            rz = x[ib, 2] - x[ia, 2]
+            dx = rx
+            dy = ry
+            dz = rz
+            if periodic:
+                s0 = shifts[t, 0] + wraps[ib, 0] - wraps[ia, 0]
+                s1 = shifts[t, 1] + wraps[ib, 1] - wraps[ia, 1]
+                s2 = shifts[t, 2] + wraps[ib, 2] - wraps[ia, 2]
+                dx = rx - (s0 * box00 + s1 * box10 + s2 * box20)
+                dy = ry - (s0 * box01 + s1 * box11 + s2 * box21)
+                dz = rz - (s0 * box02 + s1 * box12 + s2 * box22)
+            r2 = dx * dx + dy * dy + dz * dz
+            if r2 > suspect2:
+                dx = rx
+                dy = ry
+                dz = rz
+{minimum_image}
+                r2 = dx * dx + dy * dy + dz * dz
+            if r2 >= cutoff2:
+                continue
+            r = math.sqrt(r2)
+            ir = 1.0 / r
+{params}
+'''
+    forward_scatter = "\n".join(
+        [f"{ind}acc += o0", f"{ind}f = o1 * ir"]
+        + [f"{ind}g[chunk, ib, {m}] += f * d{'xyz'[m]}" for m in range(3)]
+        + [f"{ind}g[chunk, ia, {m}] -= f * d{'xyz'[m]}" for m in range(3)]
+        + [f"{ind}gp[chunk, ia, {m}] += o{2 + m}" for m in range(k)]
+        + [f"{ind}gp[chunk, ib, {m}] += o{2 + k + m}" for m in range(k)])
+    source = _HEADER.format(name=spec.name) + _kernel(
+        "forward", f"{_PAIR_ARGS}, energy, g, gp",
+        f"{geometry}{_cse_lines([u, u_r, *u_p], ind, inverse)}\n{forward_scatter}\n"
+        "        energy[chunk] = acc\n")
+    for variant, with_vp in (("backward", False), ("backward_vp", True)):
+        exprs = [u_r, u_rr, *u_rp] + (u_pp if with_vp else [])
+        lines = [f"{ind}wx = vx[ib, 0] - vx[ia, 0]", f"{ind}wy = vx[ib, 1] - vx[ia, 1]",
+                 f"{ind}wz = vx[ib, 2] - vx[ia, 2]",
+                 f"{ind}nw = (dx * wx + dy * wy + dz * wz) * ir",
+                 f"{ind}f = o0 * ir", f"{ind}q = (o1 - f) * nw * ir"]
+        if with_vp:
+            lines += [f"{ind}v{m} = vp[ia, {m}]" for m in range(k)]
+            lines += [f"{ind}v{k + m} = vp[ib, {m}]" for m in range(k)]
+            lines.append(f"{ind}q += (" + " + ".join(f"o{2 + m} * v{m}" for m in range(2 * k))
+                         + ") * ir")
+        lines += [f"{ind}hx[chunk, ib, {m}] += f * w{'xyz'[m]} + q * d{'xyz'[m]}"
+                  for m in range(3)]
+        lines += [f"{ind}hx[chunk, ia, {m}] -= f * w{'xyz'[m]} + q * d{'xyz'[m]}"
+                  for m in range(3)]
+        for m in range(2 * k):
+            row, col = ("ia", m) if m < k else ("ib", m - k)
+            term = f"o{2 + m} * nw"
+            if with_vp:
+                base = 2 + 2 * k + 2 * k * m
+                term += " + " + " + ".join(f"o{base + s} * v{s}" for s in range(2 * k))
+            lines.append(f"{ind}hp[chunk, {row}, {col}] += {term}")
+        body = f"{geometry}{_cse_lines(exprs, ind, inverse)}\n" + "\n".join(lines) + "\n"
+        source += _kernel(variant, f"{_PAIR_ARGS}, vx, vp, hx, hp", body)
+    return source
+
+
+def _chain_source(spec: ChainLaw) -> str:
+    """Source of the module with ``forward``, ``backward`` and ``backward_vp`` chain kernels."""
+    import sympy
+
+    nv, k = spec.width - 1, spec.n_params
+    d = [sympy.Matrix(_symbols(f"d{m}_", 3)) for m in range(nv)]
+    v = [sympy.Matrix(_symbols(f"v{m}_", 3)) for m in range(nv)]
+    coords = [s for vec in d for s in vec]
+    cotangent = [s for vec in v for s in vec]
+    p, w, c = _symbols("p", k), _symbols("w", k), _symbols("c", spec.n_consts)
+    energy = sympy.sympify(spec.law(d, p, c))
+    e_d = [sympy.diff(energy, s) for s in coords]
+    e_p = [sympy.diff(energy, s) for s in p]
+    directional = sum(g * s for g, s in zip(e_d, cotangent, strict=True))
+
+    ind = " " * 12
+    consts = _hoisted(spec.n_consts)
+    load = [f"{ind}p{m} = P[t, {m}]" for m in range(k)]
+    for m in range(nv):
+        for a in range(3):
+            load.append(f"{ind}d{m}_{a} = x[atoms[t, {m + 1}], {a}] - x[atoms[t, {m}], {a}]")
+    for m in range(nv):  # minimum image, OpenMM's order (c, then b, then a): as neighbors.py
+        for axis in (2, 1, 0):
+            load.append(f"{ind}if periodic:")
+            load.append(f"{ind}    s = np.rint(d{m}_{axis} / box{axis}{axis})")
+            load += [f"{ind}    d{m}_{a} -= s * box{axis}{a}" for a in range(3)]
+    geometry = f'''    n = atoms.shape[0]
+{consts}
+    for chunk in numba.prange(n_chunks):
+        lo = chunk * n // n_chunks
+        hi = (chunk + 1) * n // n_chunks
+        acc = 0.0
+        for t in range(lo, hi):
+''' + "\n".join(load) + "\n"
+
+    def scatter(out: str, first: int) -> list[str]:
+        lines = []
+        for m in range(nv):
+            for a in range(3):
+                o = f"o{first + 3 * m + a}"
+                lines.append(f"{ind}{out}[chunk, atoms[t, {m + 1}], {a}] += {o}")
+                lines.append(f"{ind}{out}[chunk, atoms[t, {m}], {a}] -= {o}")
+        return lines
+
+    forward_lines = ([f"{ind}acc += o0"] + scatter("g", 1)
+                     + [f"{ind}gp[t, {m}] = o{1 + 3 * nv + m}" for m in range(k)]
+                     + ["        energy[chunk] = acc"])
+    source = _HEADER.format(name=spec.name) + _kernel(
+        "forward", f"{_CHAIN_ARGS}, energy, g, gp",
+        f"{geometry}{_cse_lines([energy, *e_d, *e_p], ind)}\n" + "\n".join(forward_lines) + "\n")
+    for variant, with_vp in (("backward", False), ("backward_vp", True)):
+        s = directional + (sum(g * q for g, q in zip(e_p, w, strict=True)) if with_vp else 0)
+        exprs = [sympy.diff(s, q) for q in coords] + [sympy.diff(s, q) for q in p]
+        load_v = []
+        for m in range(nv):
+            for a in range(3):
+                load_v.append(f"{ind}v{m}_{a} = vx[atoms[t, {m + 1}], {a}]"
+                              f" - vx[atoms[t, {m}], {a}]")
+        if with_vp:
+            load_v += [f"{ind}w{m} = vp[t, {m}]" for m in range(k)]
+        lines = scatter("hx", 0) + [f"{ind}hp[t, {m}] = o{3 * nv + m}" for m in range(k)]
+        source += _kernel(variant, f"{_CHAIN_ARGS}, vx, vp, hx, hp",
+                          geometry + "\n".join(load_v) + "\n" + _cse_lines(exprs, ind) + "\n"
+                          + "\n".join(lines) + "\n")
+    return source
+
+
+# ------------------------------------------------------------------------------- loading
+
+_MODULES: dict[tuple, ModuleType] = {}
+
+
+def cache_directory() -> Path:
+    """Where generated kernel modules (and numba's compiled code) are kept."""
+    root = os.environ.get("OPENMM_REVERSIBLE_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "openmm-reversible"
+    return base / "fused"
+
+
+def _cache_key(spec: PairLaw | ChainLaw) -> str:
+    digest = hashlib.sha256()
+    shape = (type(spec).__name__, spec.name, spec.n_params, spec.n_consts,
+             getattr(spec, "width", 2))
+    digest.update(f"{_VERSION} {importlib.metadata.version('sympy')} {shape}".encode())
+    modules = {inspect.getmodule(fn) for fn in (_pair_source, lawmath.dot, spec.law,
+                                                *spec.sources)} - {None}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        digest.update(inspect.getsource(module).encode())
+    return digest.hexdigest()[:20]
+
+
+def _module(spec: PairLaw | ChainLaw) -> ModuleType:
+    """The generated kernel module of a law: from memory, else from the cache directory, else
+    generated (sympy) and written there first."""
+    key = (type(spec).__name__, spec.name, spec.law, spec.n_params, spec.n_consts)
+    if key in _MODULES:
+        return _MODULES[key]
+    name = f"fused_{spec.name}_{_cache_key(spec)}"
+    path = cache_directory() / f"{name}.py"
+    if not path.exists():
+        source = _pair_source(spec) if isinstance(spec, PairLaw) else _chain_source(spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp",
+                                         delete=False) as tmp:
+            tmp.write(source)
+        os.replace(tmp.name, path)  # atomic: concurrent processes see a whole file
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[name] = module
+    module_spec.loader.exec_module(module)
+    _MODULES[key] = module
+    return module
+
+
+# ------------------------------------------------------------------------------- autograd
+
+
+def _ordered_sum(chunks: np.ndarray) -> np.ndarray:
+    """Sum of per-chunk buffers in chunk order (fixed order: bitwise reproducible)."""
+    total = chunks[0].copy()
+    for part in chunks[1:]:
+        total += part
+    return total
+
+
+class _Evaluation:
+    """One fused evaluation: the kernels of a law and the fixed inputs of a call."""
+
+    def __init__(self, module: ModuleType, fixed: tuple, n_items: int, per_item: bool):
+        import numba
+
+        self.fixed = fixed
+        self.per_item = per_item  # chain laws: one parameter row per item, no chunk buffer
+        threaded = n_items >= PARALLEL_MIN_ITEMS and numba.get_num_threads() > 1
+        suffix = "_parallel" if threaded else ""
+        self.kernels = {name: getattr(module, name + suffix)
+                        for name in ("forward", "backward", "backward_vp")}
+
+    def forward(self, x: np.ndarray, params: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        energy = np.zeros(N_CHUNKS)
+        g = np.zeros((N_CHUNKS, *x.shape))
+        gp = np.zeros(params.shape if self.per_item else (N_CHUNKS, *params.shape))
+        self.kernels["forward"](x, *self.fixed, N_CHUNKS, energy, g, gp)
+        return (float(_ordered_sum(energy)), _ordered_sum(g),
+                gp if self.per_item else _ordered_sum(gp))
+
+    def backward(self, x: np.ndarray, vx: np.ndarray, vp: np.ndarray | None,
+                 params_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
+        hx = np.zeros((N_CHUNKS, *x.shape))
+        hp = np.zeros(params_shape if self.per_item else (N_CHUNKS, *params_shape))
+        if vp is None:
+            self.kernels["backward"](x, *self.fixed, N_CHUNKS, vx, np.zeros((0, 0)), hx, hp)
+        else:
+            self.kernels["backward_vp"](x, *self.fixed, N_CHUNKS, vx, vp, hx, hp)
+        return _ordered_sum(hx), hp if self.per_item else _ordered_sum(hp)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().numpy())
+
+
+class _FusedEnergy(torch.autograd.Function):
+    """Energy; its backward is the gradient computed in the same kernel pass."""
+
+    @staticmethod
+    def forward(ctx, evaluation: _Evaluation, x: torch.Tensor, params: torch.Tensor):
+        with torch.no_grad():
+            params_np = _np(params)
+            energy, g, gp = evaluation.forward(_np(x), params_np)
+        ctx.evaluation = evaluation
+        ctx.gradients = (torch.from_numpy(g), torch.from_numpy(gp))
+        ctx.save_for_backward(x, params)
+        return x.new_tensor(energy)
+
+    @staticmethod
+    def backward(ctx, grad_energy):
+        x, params = ctx.saved_tensors
+        g, gp = _FusedGradient.apply(ctx.evaluation, ctx.gradients, x, params)
+        return None, grad_energy * g, grad_energy * gp
+
+
+class _FusedGradient(torch.autograd.Function):
+    """``(∂E/∂x, ∂E/∂p)``; its backward is the Hessian-vector product ``H·(v_x, v_p)`` from one
+    kernel pass (positions and parameter blocks together)."""
+
+    @staticmethod
+    def forward(ctx, evaluation: _Evaluation, gradients: tuple, x: torch.Tensor,
+                params: torch.Tensor):
+        ctx.set_materialize_grads(False)
+        ctx.evaluation = evaluation
+        ctx.save_for_backward(x, params)
+        return gradients[0].clone(), gradients[1].clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, vx, vp):
+        x, params = ctx.saved_tensors
+        if vx is None and vp is None:
+            return None, None, None, None
+        x_np = _np(x)
+        vx_np = np.zeros_like(x_np) if vx is None else _np(vx)
+        vp_np = None if vp is None else _np(vp)
+        hx, hp = ctx.evaluation.backward(x_np, vx_np, vp_np, tuple(params.shape))
+        return None, None, torch.from_numpy(hx), torch.from_numpy(hp)
+
+
+def _as_box(box: torch.Tensor | None) -> np.ndarray:
+    return np.zeros((3, 3)) if box is None else _np(box.to(torch.float64))
+
+
+def _consts(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).reshape(-1)
+
+
+def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None,
+                i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor | None,
+                params: torch.Tensor, consts=(), cutoff: float | None = None,
+                wraps: torch.Tensor | None = None, suspect: float = math.inf) -> torch.Tensor:
+    """``Σ u(r_ij; params[i], params[j])`` over pairs, by the fused pair kernel.
+
+    Parameters
+    ----------
+    spec : PairLaw
+    positions : torch.Tensor, shape (n_atoms, 3), nm, float64, CPU
+    box : torch.Tensor, shape (3, 3), nm, or None
+        Needed with ``shifts``; not differentiated.
+    i, j : torch.Tensor of int64, shape (n_pairs,)
+    shifts : torch.Tensor, shape (n_pairs, 3), or None
+        Integer image shifts ``n`` (any integer or float dtype): the displacement is
+        ``x[j] - x[i] - n @ box``.
+    params : torch.Tensor, shape (n_particles, n_params)
+        Per-particle parameter rows; differentiable.
+    consts : sequence of float
+        The law's constants (``spec.n_consts``).
+    cutoff : float, nm, optional
+        Pairs at or beyond it contribute nothing.
+    wraps : torch.Tensor, shape (n_atoms, 3), optional
+        Whole box vectors each atom moved by since ``shifts`` were computed: the shift of a
+        pair is ``shifts + wraps[j] - wraps[i]`` (see
+        :meth:`~openmm_reversible.geometry.CutoffPairs.candidates`).
+    suspect : float, nm²
+        Squared distance above which the full minimum image replaces the shifted one.
+
+    Returns
+    -------
+    torch.Tensor, 0-dim, kJ/mol
+        Differentiable twice w.r.t. ``positions`` and ``params``.
+    """
+    periodic = shifts is not None
+    fixed = (_as_box(box), _np(i), _np(j),
+             _np(shifts) if periodic else np.zeros((0, 3)),
+             _np(wraps) if periodic and wraps is not None else np.zeros(positions.shape),
+             _np(params), _consts(consts), np.inf if cutoff is None else float(cutoff) ** 2,
+             float(suspect))
+    evaluation = _Evaluation(_module(spec), fixed, i.shape[0], per_item=False)
+    return _FusedEnergy.apply(evaluation, positions, params)
+
+
+def chain_energy(spec: ChainLaw, positions: torch.Tensor, box: torch.Tensor | None,
+                 atoms: torch.Tensor, params: torch.Tensor, consts=(),
+                 periodic: bool = False) -> torch.Tensor:
+    """``Σ E(chain vectors of item t; params[t])`` over bonded items, by the fused chain kernel.
+
+    Parameters
+    ----------
+    spec : ChainLaw
+    positions : torch.Tensor, shape (n_atoms, 3), nm, float64, CPU
+    box : torch.Tensor, shape (3, 3), nm, or None
+        Required when ``periodic`` (minimum image on every chain vector); not differentiated.
+    atoms : torch.Tensor of int64, shape (n_items, spec.width)
+    params : torch.Tensor, shape (n_items, spec.n_params)
+        Per-item parameter rows; differentiable.
+    consts : sequence of float
+    periodic : bool
+
+    Returns
+    -------
+    torch.Tensor, 0-dim, kJ/mol
+    """
+    fixed = (_as_box(box), _np(atoms), _np(params), _consts(consts), bool(periodic))
+    evaluation = _Evaluation(_module(spec), fixed, atoms.shape[0], per_item=True)
+    return _FusedEnergy.apply(evaluation, positions, params)
