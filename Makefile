@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_OUT ?= demo-output
 
-.PHONY: env test demo lint clean
+.PHONY: env test demo lint clean gpu-check
 
 env: $(STAMP)
 
@@ -24,8 +24,16 @@ test: env
 demo: env
 	$(VENV)/bin/openmm-reversible demo --output $(DEMO_OUT)
 
+# On a machine with a CUDA GPU: the gpu-marked tests (they skip without one), results in
+# gpu-check/ (pytest report and JUnit XML). Under 10 minutes.
+gpu-check: env
+	@mkdir -p gpu-check
+	-nvidia-smi > gpu-check/nvidia-smi.txt 2>&1
+	$(PY) -m pytest -m gpu -rA --junitxml=gpu-check/pytest.xml > gpu-check/pytest.txt 2>&1; \
+	  status=$$?; cat gpu-check/pytest.txt; exit $$status
+
 lint: env
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) build *.egg-info
+	rm -rf $(VENV) $(DEMO_OUT) gpu-check build *.egg-info

@@ -130,6 +130,8 @@ class SimulationConfig:
     deterministic: bool = _spec(False, doc="bit-for-bit repeatable fits and resumes: OpenMM "
                                            "samples on one CPU thread with deterministic "
                                            "forces, or on Reference (DETERMINISTIC_PLATFORMS)")
+    fused: bool = _spec(False, doc="reversible windows on the fused CPU kernels (numba) "
+                                   "instead of autograd, where a term has one")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ import numpy as np
 import openmm
 import openmm.app as app
 import torch
+from tqdm.auto import tqdm
 
 from .errors import InputError, check_at_least, check_positive, structure_errors
 from .geometry import box_widths
@@ -320,7 +321,7 @@ def relative_error(value: np.ndarray, reference: np.ndarray) -> float:
 def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
                     velocities: torch.Tensor, box: torch.Tensor | None,
                     names: Sequence[str] | None = None, fd_step: float = 1e-6,
-                    reweighting: bool = False) -> GradientCheck:
+                    reweighting: bool = False, progress: bool = False) -> GradientCheck:
     """Reversible, BPTT and central finite-difference gradients of ``sim``'s loss.
 
     Parameters
@@ -336,6 +337,9 @@ def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
     reweighting : bool
         Also compute the fluctuation-formula gradient from the snapshots of the reversible run
         (``sim.loss_fn`` must then be a :class:`FrameLoss`).
+    progress : bool
+        Show a progress bar (one tick per simulation: reversible, BPTT, then four runs per
+        variable for the finite differences) on a terminal.
     """
     params = sim.trainable_parameters()
     if not params:
@@ -355,14 +359,22 @@ def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
         raise InputError("the reweighting gradient needs a loss written as a FrameLoss "
                          "(a function of the mean of a per-frame quantity); got "
                          f"{type(sim.loss_fn).__name__}")
+    n_variables = sum(p.numel() for p in params)
+    bar = tqdm(total=2 + 4 * n_variables, desc="gradcheck", unit="run", leave=False,
+               disable=not progress or None)
+    bar.set_postfix_str("reversible")
     loss, reversible = flat_gradient(sim)
     reconstruction_error = float(sim.info["reconstruction_error"])
     frames = sim.trajectory
     reweighted = reweighting_gradient(sim.loss_fn, frames, sim.potential, params) \
         if reweighting else None
+    bar.update()
+    bar.set_postfix_str("backprop through time")
     _, through_time = flat_gradient(bptt)
+    bar.update()
+    bar.set_postfix_str("finite differences")
     fd = {step: [] for step in (fd_step, 0.5 * fd_step)}
-    with torch.no_grad():
+    with bar, torch.no_grad():
         for p in params:
             flat = p.view(-1)
             for i in range(flat.numel()):
@@ -372,6 +384,7 @@ def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
                     for sign in (1.0, -1.0):
                         flat[i] = original + sign * step
                         values.append(float(sim(positions, velocities, box)))
+                        bar.update()
                     flat[i] = original
                     column.append((values[0] - values[1]) / (2.0 * step))
     if names is None:
@@ -387,8 +400,8 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
                                timestep: float = 0.001, friction: float = 1.0,
                                temperature: float = 295.15, seed: int = 0,
                                nonbonded_method: str | None = None, cutoff: float = 0.9,
-                               fd_step: float = 1e-6, reweighting: bool = False
-                               ) -> GradientCheck:
+                               fd_step: float = 1e-6, reweighting: bool = False,
+                               progress: bool = False) -> GradientCheck:
     """:func:`check_gradients` for a tagged force field on a structure file.
 
     The System is built by OpenMM from ``forcefield`` for the structure (flexible: no
@@ -419,7 +432,7 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
         else NoCutoff.
     cutoff : float, nm
         Nonbonded cutoff (ignored with NoCutoff).
-    fd_step, reweighting
+    fd_step, reweighting, progress
         As in :func:`check_gradients`.
 
     Raises
@@ -466,4 +479,4 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
         or rdf_loss(structure.topology, box)
     sim = ReversibleSimulation(potential, integrator, steps, snapshot_every, loss_fn)
     return check_gradients(sim, positions, velocities, box, parameters.trainable_keys,
-                           fd_step, reweighting=reweighting)
+                           fd_step, reweighting=reweighting, progress=progress)

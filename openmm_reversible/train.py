@@ -474,7 +474,8 @@ class Trainer:
         self._start_positions = positions
         self.regularization = Regularization(self.parameters, config.parameters)
         configure_system(self.parameters.system, config)
-        self.potential = TorchPotential(self.parameters.system, parameters=self.parameters)
+        self.potential = TorchPotential(self.parameters.system, parameters=self.parameters,
+                                        fused=config.simulation.fused)
         self.objective = Objective(config, topology)
         self.sampler = Sampler.from_config(config, self.parameters.system, positions, topology)
         sched = config.schedule

@@ -342,3 +342,15 @@ def test_priors_bounds_and_frozen_parameters_in_a_fit(argon, tmp_path):
     with pytest.raises(InputError, match="did you mean 'Atom/sigma/Ar'"):
         Trainer(bad, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists()
+
+
+def test_fused_fit_equals_the_autograd_fit(argon, tmp_path):
+    """simulation.fused = true: the same epoch as autograd, to round-off."""
+    config = _config(argon, "fused", SIGMA * 1.02, EPSILON * 0.95, epochs=1)
+    fused = dataclasses.replace(config, simulation=dataclasses.replace(config.simulation,
+                                                                       fused=True))
+    plain = fit(config, tmp_path / "plain", progress=False).records[0]
+    fast = fit(fused, tmp_path / "fused", progress=False).records[0]
+    assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-10)
+    for key, value in plain["gradient"].items():
+        assert fast["gradient"][key] == pytest.approx(value, rel=1e-8, abs=1e-12)

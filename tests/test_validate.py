@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import openmm_reversible.validate as validate_lib
 from openmm_reversible.commands import validate as validate_cli
 from openmm_reversible.config import load_config
 from openmm_reversible.errors import InputError
@@ -170,7 +171,7 @@ def test_standard_errors_by_block_averaging(trained):
     positions = np.cumsum(rng.normal(0, 0.01, (n, 90, 3)), axis=0) + rng.uniform(0, 0.98,
                                                                                (1, 90, 3))
     frames = Frames(positions, boxes, energies, pressures, np.arange(n) * 0.05)
-    rows = {r["name"]: r for r in validate_cli.observables(config, topology, system, frames,
+    rows = {r["name"]: r for r in validate_lib.observables(config, topology, system, frames,
                                                            rigid=False, blocks=5)}
     block_means = energies.reshape(5, 2).mean(1)
     assert rows["enthalpy_of_vaporization"]["stderr"] == pytest.approx(
@@ -182,7 +183,7 @@ def test_standard_errors_by_block_averaging(trained):
     g_err = np.asarray(rows["rdf_OH"]["stderr"])
     assert g_err.shape == np.asarray(rows["rdf_OH"]["value"]).shape and np.all(g_err >= 0)
     assert np.any(g_err > 0)
-    table = validate_cli.format_table(list(rows.values()))
+    table = validate_lib.format_table(list(rows.values()))
     density_line = next(line for line in table.splitlines() if line.startswith("density"))
     assert "no target" in density_line and "± stderr" in table.splitlines()[0]
 
@@ -198,7 +199,7 @@ def test_untargeted_observables_are_not_drawn_as_a_match(trained, tmp_path, monk
              "target": None, "error": None, "unit": "g/cm^3"},
             {"name": "diffusion", "observable": "diffusion", "value": 2e-3, "stderr": 1e-4,
              "target": None, "error": None, "unit": "nm^2/ps"}]
-    validate_cli.plot(rows, tmp_path / "v.png")
+    validate_lib.plot(rows, tmp_path / "v.png")
     (fig,) = figures
     (ax,) = fig.axes  # one panel: the only targeted observable
     assert ax.get_title() == "pressure"

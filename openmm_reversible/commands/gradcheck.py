@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gradient from the run's snapshots; compare it on long runs "
                              "with many snapshots (not part of the pass/fail test)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def format_table(result, loss: str, steps: int, tol_bptt: float, tol_fd: float,
@@ -91,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         args.forcefield, args.pdb, args.steps, loss=args.loss,
         snapshot_every=args.snapshot_every, timestep=args.timestep, friction=args.friction,
         temperature=args.temperature, seed=args.seed, nonbonded_method=args.nonbonded_method,
-        cutoff=args.cutoff, fd_step=args.fd_step, reweighting=args.reweighting)
+        cutoff=args.cutoff, fd_step=args.fd_step, reweighting=args.reweighting,
+        progress=not args.no_progress)
     ok, why = result.verdict(args.tol_bptt, args.tol_fd, args.fd_consistency)
     if args.json:
         print(json.dumps(result.as_dict() | {"ok": ok, "verdict": why, "loss_name": args.loss,
