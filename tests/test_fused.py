@@ -9,21 +9,17 @@ method, with and without switching; 20 flexible TIP3P waters from the tagged for
 the reversible checks.
 """
 
-import os
 import warnings
 
 import numpy as np
 import openmm
-import openmm.app as app
 import pytest
 import torch
-from openmm import unit
 from test_reversible import TOL, compare_with_bptt, kinetic_and_energy_loss
+from water_systems import tagged_tip3p
 
 from openmm_reversible.integrators import LangevinMiddleIntegrator
-from openmm_reversible.parameters import ParameterSet
 from openmm_reversible.potential import TorchPotential, fused
-from openmm_reversible.units import box_tensor, positions_tensor
 
 RTOL = 1e-12
 EDGE = 2.6  # nm
@@ -164,20 +160,6 @@ def test_exceptions_and_exclusions_are_covered():
     assert float((nb.fused_energy(x, box) - nb(x, box)).abs()) <= RTOL * float(nb(x, box).abs())
 
 
-def tip3p_potential(fused_path: bool):
-    modeller = app.Modeller(app.Topology(), [])
-    modeller.addSolvent(app.ForceField("tip3p.xml"), model="tip3p", numAdded=20,
-                        neutralize=False)
-    xml = os.path.join(os.path.dirname(__file__), "data", "tip3p_flexible.xml")
-    parameters = ParameterSet.from_forcefield(
-        [xml], modeller.topology, nonbondedMethod=app.CutoffPeriodic,
-        nonbondedCutoff=0.4 * unit.nanometer, constraints=None, rigidWater=False,
-        removeCMMotion=False)
-    potential = TorchPotential(parameters.system, parameters=parameters, fused=fused_path)
-    return (potential, positions_tensor(modeller.getPositions()),
-            box_tensor(modeller.topology.getPeriodicBoxVectors()))
-
-
 def adjoint_products(potential, x, box, seed: int = 0):
     """Forces and both VJPs of the forces, exactly as the reverse pass asks for them."""
     weights = [p for p in potential.parameters() if p.requires_grad]
@@ -190,7 +172,7 @@ def adjoint_products(potential, x, box, seed: int = 0):
 def test_tied_force_field_parameters_match_autograd(kernel_calls):
     """Through a ParameterSet (charges tied, sigma/epsilon/bonds trainable) and the whole
     TorchPotential: forces, position VJP and parameter VJPs."""
-    potential, x, box = tip3p_potential(fused_path=False)
+    potential, x, box = tagged_tip3p(fused=False)
     reference = adjoint_products(potential, x, box)
     assert not kernel_calls
     potential.use_fused(True)
@@ -199,7 +181,7 @@ def test_tied_force_field_parameters_match_autograd(kernel_calls):
 
 
 def test_reversible_matches_bptt_on_the_fused_path(kernel_calls):
-    potential, x0, box = tip3p_potential(fused_path=True)
+    potential, x0, box = tagged_tip3p(fused=True)
     integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=8)
     v0 = integrator.noise(0, potential.masses)
     err, info = compare_with_bptt(potential, integrator, x0, v0, kinetic_and_energy_loss, 20,
@@ -213,7 +195,7 @@ def test_reversible_gradient_is_the_autograd_one():
     """The same window's reversible gradient on both paths (not only self-consistent)."""
     grads = {}
     for fused_path in (False, True):
-        potential, x0, box = tip3p_potential(fused_path)
+        potential, x0, box = tagged_tip3p(fused=fused_path)
         integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=8)
         v0 = integrator.noise(0, potential.masses)
         err, _ = compare_with_bptt(potential, integrator, x0, v0, kinetic_and_energy_loss, 10,

@@ -7,7 +7,6 @@ a neural pair potential (a tiny MLP on pair distances on top of a fixed repulsio
 20 flexible TIP3P waters (the classical TorchPotential of a tagged force field).
 """
 
-import os
 
 import openmm.app as app
 import pytest
@@ -15,13 +14,12 @@ import torch
 from openmm import unit
 from test_integrator import LennardJones, lj_cluster
 from torch import nn
+from water_systems import tagged_tip3p
 
 from openmm_reversible.errors import InputError
 from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
-from openmm_reversible.parameters import ParameterSet
 from openmm_reversible.potential import TorchPotential
 from openmm_reversible.trajectory import Trajectory
-from openmm_reversible.units import box_tensor, positions_tensor
 
 TOL = 1e-8  # docs/design.md: reversible vs BPTT, float64, untruncated, <= 1000 steps
 
@@ -252,17 +250,7 @@ def test_openmm_quantities_are_accepted_for_positions_and_velocities():
 
 def test_classical_water_matches_bptt():
     """Flexible TIP3P (reaction field) from tagged XML: charges, bonds and LJ all trainable."""
-    modeller = app.Modeller(app.Topology(), [])
-    modeller.addSolvent(app.ForceField("tip3p.xml"), model="tip3p", numAdded=20,
-                        neutralize=False)
-    xml = os.path.join(os.path.dirname(__file__), "data", "tip3p_flexible.xml")
-    parameters = ParameterSet.from_forcefield(
-        [xml], modeller.topology, nonbondedMethod=app.CutoffPeriodic,
-        nonbondedCutoff=0.4 * unit.nanometer, constraints=None, rigidWater=False,
-        removeCMMotion=False)
-    pot = TorchPotential(parameters.system, parameters=parameters)
-    x0 = positions_tensor(modeller.getPositions())
-    box = box_tensor(modeller.topology.getPeriodicBoxVectors())
+    pot, x0, box = tagged_tip3p()
     integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, seed=8)
     v0 = integrator.noise(0, pot.masses)
     err, info = compare_with_bptt(pot, integrator, x0, v0, kinetic_and_energy_loss, 20, 5,

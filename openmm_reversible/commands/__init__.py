@@ -50,3 +50,19 @@ def with_epochs(config, epochs: int | None):
     check_at_least(1, epochs=epochs)
     return dataclasses.replace(config,
                                schedule=dataclasses.replace(config.schedule, epochs=epochs))
+
+
+def train(trainer, command: str):
+    """Run ``trainer`` to the end; on :class:`~openmm_reversible.train.TrainingFailed` print
+    why on one line of standard error and return None (the command then exits
+    :data:`OUTSIDE_TOLERANCE`)."""
+    import sys
+
+    from ..train import TrainingFailed
+
+    try:
+        return trainer.run()
+    except TrainingFailed as exc:
+        print(f"openmm-reversible {command}: training failed: {' '.join(str(exc).split())}",
+              file=sys.stderr)
+        return None

@@ -13,11 +13,10 @@ passes the round trip in OpenMM, 1 when the training or the round trip fails, 2 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-from . import OK, OUTSIDE_TOLERANCE, with_epochs
+from . import OK, OUTSIDE_TOLERANCE, train, with_epochs
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "water"
 CONFIG = EXAMPLE / "water.toml"
@@ -37,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
     from ..errors import InputError
-    from ..train import CHECKPOINT, Trainer, TrainingFailed
+    from ..train import CHECKPOINT, Trainer
     from ..validate import format_table, save_report, validate
 
     if not CONFIG.is_file():
@@ -52,11 +51,8 @@ def run(args: argparse.Namespace) -> int:
           f"{trainer.sampler.platform_name} sampling, {config.schedule.epochs} epochs "
           f"× {config.schedule.windows} windows of {config.schedule.window_steps} steps"
           + (" (resuming)" if resume else ""))
-    try:
-        result = trainer.run()
-    except TrainingFailed as exc:
-        print(f"openmm-reversible demo: training failed: {' '.join(str(exc).split())}",
-              file=sys.stderr)
+    result = train(trainer, "demo")
+    if result is None:
         return OUTSIDE_TOLERANCE
     first, last = result.records[0], result.records[-1]
     print(f"loss: epoch {first['epoch']} {first['loss']:.4g} -> epoch {last['epoch']} "

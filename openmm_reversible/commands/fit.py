@@ -10,10 +10,9 @@ good parameters stay in DIR), 2 bad input.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from . import OK, OUTSIDE_TOLERANCE, with_epochs
+from . import OK, OUTSIDE_TOLERANCE, train, with_epochs
 
 HELP = "train tagged force-field parameters from a TOML config"
 
@@ -37,18 +36,15 @@ def fit_directory(config_path: str, output: str | None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..train import Trainer, TrainingFailed
+    from ..train import Trainer
 
     config = with_epochs(load_config(args.config), args.epochs)
     output = fit_directory(args.config, args.output)
     trainer = Trainer(config, output, resume=args.resume, progress=not args.no_progress)
     for label, note in trainer.objective.rdf_notes.items():
         print(f"{label}: {note}")
-    try:
-        result = trainer.run()
-    except TrainingFailed as exc:
-        print(f"openmm-reversible fit: training failed: {' '.join(str(exc).split())}",
-              file=sys.stderr)
+    result = train(trainer, "fit")
+    if result is None:
         return OUTSIDE_TOLERANCE
     last = result.records[-1] if result.records else None
     if last is not None:

@@ -83,12 +83,9 @@ class StillingerWeber(nn.Module):
                 atom_types: torch.Tensor | None = None) -> torch.Tensor:
         """Total energy, kJ/mol (0-dim), in the dtype of the module's parameters.
 
-        Parameters
-        ----------
-        positions : torch.Tensor, shape (N, 3), nm
-        box : torch.Tensor, shape (3, 3), nm, or None
-        atom_types : torch.Tensor, optional
-            Accepted for the common model signature; SW here has one species.
+        The arguments are those of the model contract (:mod:`.contract`): positions (N, 3) nm,
+        box (3, 3) nm or None; ``atom_types`` is accepted for that signature and ignored (one
+        species).
         """
         values = self.values().to(positions.dtype)
         A, B, a, lam, gamma, sigma, eps = values.unbind(0)

@@ -157,12 +157,9 @@ def pressure_tensor(potential: Potential, positions: torch.Tensor, velocities: t
 
     Parameters
     ----------
-    potential : callable
-        ``potential(positions (N, 3), box (3, 3)) -> energy``, kJ/mol.
-    positions : torch.Tensor, shape (n_frames, n_atoms, 3), nm
+    potential, positions, box, masses
+        As for :func:`virial` (``masses`` required here).
     velocities : torch.Tensor, shape (n_frames, n_atoms, 3), nm/ps
-    box : torch.Tensor, shape (3, 3) or (n_frames, 3, 3), nm
-    masses : torch.Tensor, shape (n_atoms,), amu
     molecules : list of array-like of int, optional
         Molecular virial and centre-of-mass kinetic term (required for constrained systems).
 

@@ -69,12 +69,8 @@ def stress_tensor(potential: Potential, positions: torch.Tensor, velocities: tor
 
     Parameters
     ----------
-    potential : callable
-        ``potential(positions (N, 3), box (3, 3)) -> energy``, kJ/mol.
-    positions : torch.Tensor, shape (n_frames, n_atoms, 3), nm
-    velocities : torch.Tensor, shape (n_frames, n_atoms, 3), nm/ps
-    box : torch.Tensor, shape (3, 3) or (n_frames, 3, 3), nm
-    masses : torch.Tensor, shape (n_atoms,), amu
+    potential, positions, velocities, box, masses
+        As for :func:`~openmm_reversible.observables.density.pressure_tensor` (atomic virial).
 
     Returns
     -------

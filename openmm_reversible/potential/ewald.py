@@ -428,15 +428,8 @@ class PMEReciprocal(nn.Module):
 
     def forward(self, positions: torch.Tensor, charges: torch.Tensor,
                 box: torch.Tensor) -> torch.Tensor:
-        """Reciprocal-space energy, kJ/mol.
-
-        Parameters
-        ----------
-        positions : torch.Tensor, shape (n_atoms, 3), nm
-        charges : torch.Tensor, shape (n_atoms,), e
-        box : torch.Tensor, shape (3, 3), nm
-            Box vectors as rows, OpenMM reduced form.
-        """
+        """Reciprocal-space energy, kJ/mol; arguments as for :meth:`EwaldReciprocal.forward`,
+        but ``box`` may be any box in OpenMM's reduced form (rows a, b, c)."""
         spectrum = torch.fft.rfftn(self.charge_grid(positions, charges, box))
         power = spectrum.real ** 2 + spectrum.imag ** 2
         return 0.5 * (self._influence_for(box) * power).sum()

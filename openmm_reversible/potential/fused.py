@@ -182,6 +182,19 @@ import numpy as np
 '''
 
 
+def _chunked_loop(count: str, consts: str, setup: str = "") -> str:
+    """Generated source opening a kernel's loop: ``count`` items in ``n_chunks`` fixed chunks
+    (``numba.prange``), each summing into ``acc`` in item order; the body follows at 12
+    spaces, item index ``t``. The fixed chunks make the sums independent of the thread
+    count."""
+    return (f"    n = {count}\n{setup}{consts}\n"
+            "    for chunk in numba.prange(n_chunks):\n"
+            "        lo = chunk * n // n_chunks\n"
+            "        hi = (chunk + 1) * n // n_chunks\n"
+            "        acc = 0.0\n"
+            "        for t in range(lo, hi):")
+
+
 def _hoisted(n_consts: int) -> str:
     """Box entries and law constants as locals (the loop writes arrays, so the compiler could
     not keep array loads out of it by itself)."""
@@ -230,14 +243,7 @@ def _pair_source(spec: PairLaw) -> str:
         f"{ind}    s = np.rint(d{'xyz'[axis]} / box{axis}{axis})\n"
         + "\n".join(f"{ind}    d{'xyz'[m]} -= s * box{axis}{m}" for m in range(3))
         for axis in (2, 1, 0))
-    geometry = f'''    n = i.shape[0]
-    periodic = shifts.shape[0] > 0
-{consts}
-    for chunk in numba.prange(n_chunks):
-        lo = chunk * n // n_chunks
-        hi = (chunk + 1) * n // n_chunks
-        acc = 0.0
-        for t in range(lo, hi):
+    geometry = _chunked_loop("i.shape[0]", consts, "    periodic = shifts.shape[0] > 0\n") + f'''
             ia = i[t]
             ib = j[t]
             rx = x[ib, 0] - x[ia, 0]
@@ -329,14 +335,7 @@ def _chain_source(spec: ChainLaw) -> str:
             load.append(f"{ind}if periodic:")
             load.append(f"{ind}    s = np.rint(d{m}_{axis} / box{axis}{axis})")
             load += [f"{ind}    d{m}_{a} -= s * box{axis}{a}" for a in range(3)]
-    geometry = f'''    n = atoms.shape[0]
-{consts}
-    for chunk in numba.prange(n_chunks):
-        lo = chunk * n // n_chunks
-        hi = (chunk + 1) * n // n_chunks
-        acc = 0.0
-        for t in range(lo, hi):
-''' + "\n".join(load) + "\n"
+    geometry = _chunked_loop("atoms.shape[0]", consts) + "\n" + "\n".join(load) + "\n"
 
     def scatter(out: str, first: int) -> list[str]:
         lines = []
