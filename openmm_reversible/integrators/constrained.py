@@ -140,7 +140,7 @@ class ConstrainedLangevin:
 
     def reverse_kick(self, positions: torch.Tensor, kicked: torch.Tensor, accel: torch.Tensor,
                      step: int, initial_velocities: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Velocities of state ``step`` (the state at ``positions``) from ``v'``.
 
         Parameters
@@ -164,13 +164,16 @@ class ConstrainedLangevin:
             Velocities of state ``step``.
         q : torch.Tensor, shape (N, 3), nm/ps
             ``velocities + Δt·accel``, the kicked velocity before its projection.
+        previous : tuple of torch.Tensor or None
+            What :meth:`reverse_drift` of step ``step`` returns, found on the way (None with
+            ``initial_velocities``).
         """
         c, dt = self.constraints, self.integ.timestep
         base = kicked - dt * accel
         if initial_velocities is not None:
             q = initial_velocities + dt * accel
             q = kicked + q - c.project_velocities(positions, q, self.inv_masses)
-            return q - dt * accel, q
+            return q - dt * accel, q, None
         noise = self._noise(step, positions)
         y = self._origin(positions, base, noise)
         nu = torch.zeros_like(y)
@@ -179,14 +182,15 @@ class ConstrainedLangevin:
             z = y + self.beta * nu
             previous, mu_p = c.project_positions(z, positions, self.inv_masses, initial=mu_p)
             v = base + (previous - z) / self.alpha
-            _, nu_next = self._drift_multipliers(previous, v, noise)
+            mu, nu_next = self._drift_multipliers(previous, v, noise)
             done = _settled(self.beta * nu_next, self.beta * nu) or self.beta == 0.0
             nu = nu_next
             if done:
                 break
         else:
             raise _no_convergence("kick")
-        return v, v + dt * accel
+        kicked_previous = (v + nu / dt - noise) / self.integ.c
+        return v, v + dt * accel, (previous, kicked_previous, mu)
 
 
 def _settled(new: torch.Tensor, old: torch.Tensor) -> bool:

@@ -27,9 +27,11 @@ import torch
 from ..errors import InputError
 from ..units import DTYPE
 
-# Newton stops once the largest relative residual |g_k|/d_k² is at round-off (a few ulps);
-# it has converged quadratically long before the iteration cap, which only guards divergence.
+# Newton stops once the largest relative residual |g_k|/d_k² is at round-off: a few ulps, or
+# below _FLOOR_TOL once a step no longer halves it (the round-off floor of the geometry). It
+# has converged quadratically long before the iteration cap, which only guards divergence.
 _RESIDUAL_TOL = 8.0 * torch.finfo(DTYPE).eps
+_FLOOR_TOL = 1e-12
 _MAX_ITERATIONS = 50
 
 
@@ -66,6 +68,8 @@ class Constraints:
             raise InputError("every constrained distance must be > 0 nm")
         self.pairs, self.distances, self.n_particles = pairs, distances, int(n_particles)
         self.clusters = _clusters(pairs, n_particles)
+        self._layout_key: torch.Tensor | None = None
+        self._layout_cache: tuple[torch.Tensor, ...] = ()
 
     @classmethod
     def from_system(cls, system: openmm.System) -> Constraints:
@@ -115,28 +119,42 @@ class Constraints:
         """``G(x)·w`` for a per-particle vector ``w``, shape (m,)."""
         return (self.bonds(x) * (w[self.pairs[:, 0]] - w[self.pairs[:, 1]])).sum(-1)
 
-    def _solve(self, left: torch.Tensor, right: torch.Tensor, inv_masses: torch.Tensor,
-               rhs: torch.Tensor) -> torch.Tensor:
-        """Solve ``G(left)M⁻¹G(right)ᵀ·y = rhs`` cluster by cluster, shape (m,)."""
+    def _layout(self, inv_masses: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Cluster tables for :meth:`_solve` (cached for the last ``inv_masses`` tensor):
+        constraint index per slot (C, K), the mass coupling of each slot pair (C, K, K), the
+        identity on padded slots and each constraint's flat slot (m,)."""
+        if self._layout_key is inv_masses:
+            return self._layout_cache
         clusters = self.clusters
-        pad = clusters < 0
-        index = clusters.clamp(min=0)
+        valid = clusters >= 0
+        index = clusters.clamp(min=0).to(inv_masses.device)
         a, b = self.pairs[index, 0], self.pairs[index, 1]          # (C, K)
         ai, aj, bi, bj = a[:, :, None], a[:, None, :], b[:, :, None], b[:, None, :]
         w_a, w_b = inv_masses[a][:, :, None], inv_masses[b][:, :, None]
+        dtype = inv_masses.dtype
         # ∂g_i/∂x_p · M⁻¹ · ∂g_j/∂x_p summed over the particles p the two constraints share.
-        coupling = (w_a * ((ai == aj).to(rhs.dtype) - (ai == bj).to(rhs.dtype))
-                    + w_b * ((bi == bj).to(rhs.dtype) - (bi == aj).to(rhs.dtype)))
-        r_left, r_right = self.bonds(left)[index], self.bonds(right)[index]
-        matrix = coupling * (r_left @ r_right.transpose(1, 2))
-        valid = ~pad
-        mask = valid[:, :, None] & valid[:, None, :]
-        eye = torch.eye(clusters.shape[1], dtype=rhs.dtype, device=rhs.device)
-        matrix = torch.where(mask, matrix, eye.expand_as(matrix))
-        b_vec = torch.where(valid, rhs[index], torch.zeros((), dtype=rhs.dtype))
-        y = torch.linalg.solve(matrix, b_vec[..., None])[..., 0]
-        out = torch.zeros_like(rhs)
-        return out.index_put((index[valid],), y[valid])
+        coupling = (w_a * ((ai == aj).to(dtype) - (ai == bj).to(dtype))
+                    + w_b * ((bi == bj).to(dtype) - (bi == aj).to(dtype)))
+        mask = (valid[:, :, None] & valid[:, None, :]).to(inv_masses.device)
+        coupling = torch.where(mask, coupling, torch.zeros((), dtype=dtype))
+        eye = torch.eye(clusters.shape[1], dtype=dtype, device=inv_masses.device)
+        padding = torch.where(mask, torch.zeros((), dtype=dtype), eye.expand_as(coupling))
+        slot = torch.empty(len(self), dtype=torch.long)
+        slot[clusters[valid]] = torch.nonzero(valid.reshape(-1))[:, 0]
+        self._layout_key = inv_masses
+        self._layout_cache = (index, coupling, padding, slot.to(inv_masses.device),
+                              valid.to(dtype).to(inv_masses.device))
+        return self._layout_cache
+
+    def _solve(self, left: torch.Tensor, right: torch.Tensor, inv_masses: torch.Tensor,
+               rhs: torch.Tensor) -> torch.Tensor:
+        """Solve ``G(left)M⁻¹G(right)ᵀ·y = rhs`` cluster by cluster, shape (m,)."""
+        index, coupling, padding, slot, valid = self._layout(inv_masses)
+        r_left = self.bonds(left)[index]
+        r_right = r_left if right is left else self.bonds(right)[index]
+        matrix = coupling * (r_left @ r_right.transpose(1, 2)) + padding
+        y = torch.linalg.solve(matrix, (rhs[index] * valid)[..., None])
+        return y.reshape(-1)[slot]
 
     # -- projections ------------------------------------------------------------------------
 
@@ -159,11 +177,18 @@ class Constraints:
         """
         mu = u.new_zeros(len(self)) if initial is None else initial
         d2 = self.distances**2
+        previous = float("inf")
         for _ in range(_MAX_ITERATIONS):
             x = u - self._apply(reference, mu, inv_masses)
             r = self.bonds(x)
             g = 0.5 * ((r * r).sum(-1) - d2)
-            converged = float((g.detach().abs() / d2).max()) <= _RESIDUAL_TOL
+            residual = float((g.detach().abs() / d2).max())
+            converged = residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL
+                                                      and residual > 0.5 * previous)
+            previous = residual
+            if converged and not torch.is_grad_enabled():
+                return mu
+            # Under autograd one more update also converges the derivative of μ.
             mu = mu + self._solve(x, reference, inv_masses, g)
             if converged:
                 return mu

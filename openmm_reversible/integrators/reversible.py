@@ -390,17 +390,26 @@ class _ConstrainedReverse(_FloatReverse):
         self.multipliers: torch.Tensor | None = None
         self.q: torch.Tensor | None = None
         self._graph: tuple[torch.Tensor, ...] | None = None
+        # The inverse of the next drift, found while undoing the kick (dropped on a resync).
+        self._next_drift: tuple[torch.Tensor, ...] | None = None
+
+    def visit(self, n: int) -> None:
+        super().visit(n)
+        if n in self.stored and n != self.top:
+            self._next_drift = None
 
     def undo_drift(self, n: int) -> torch.Tensor:
         self.n, self._graph = n, None
-        self.x, self.kicked, self.multipliers = self.scheme.reverse_drift(self.x, self.v, n)
+        if self._next_drift is None:
+            self._next_drift = self.scheme.reverse_drift(self.x, self.v, n)
+        self.x, self.kicked, self.multipliers = self._next_drift
         return self.x
 
     def undo_kick(self, accelerations: torch.Tensor | None) -> None:
         previous = self.n - 1
         initial = self.stored[previous][1] if previous == self.start else None
-        self.v, self.q = self.scheme.reverse_kick(self.x, self.kicked, accelerations, previous,
-                                                  initial_velocities=initial)
+        self.v, self.q, self._next_drift = self.scheme.reverse_kick(
+            self.x, self.kicked, accelerations, previous, initial_velocities=initial)
 
     def drift_cotangent(self, cot_positions: torch.Tensor, cot_velocities: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
