@@ -70,29 +70,29 @@ class ConstrainedLangevin:
 
     # -- forward ----------------------------------------------------------------------------
 
-    def after_kick(self, x: torch.Tensor, q: torch.Tensor, step: int, unrolled: bool = False,
+    def after_kick(self, x: torch.Tensor, q: torch.Tensor, step: int, autograd: bool = False,
                    initial: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """State ``step`` from the positions ``x`` and the kicked velocity ``q = v + Δt·a``.
 
         Returns positions (nm), velocities (nm/ps) and the position multipliers ``μ``.
-        Differentiable in ``x`` and ``q``: by the implicit-function theorem, or through the
-        Newton iterations with ``unrolled=True``.
+        Differentiable in ``x`` and ``q``: by the implicit-function theorem, or by autograd
+        through a Newton step at the solution with ``autograd=True``.
         """
         c, half = self.constraints, 0.5 * self.integ.timestep
         kicked = c.project_velocities(x, q, self.inv_masses)
         w = self.integ.c * kicked + self._noise(step, x)
         u = x + half * kicked + half * w
-        x_new, mu = c.project_positions(u, x, self.inv_masses, unrolled=unrolled,
+        x_new, mu = c.project_positions(u, x, self.inv_masses, autograd=autograd,
                                         initial=initial)
         return x_new, w + (x_new - u) / self.integ.timestep, mu
 
     def step(self, positions: torch.Tensor, velocities: torch.Tensor, accel: torch.Tensor,
-             step: int, unrolled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+             step: int, autograd: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward step, producing state ``step`` (as
         :meth:`~.langevin.LangevinMiddleIntegrator.step`, constrained)."""
         x, v, _ = self.after_kick(positions, velocities + self.integ.timestep * accel, step,
-                                  unrolled=unrolled)
+                                  autograd=autograd)
         return x, v
 
     # -- inverse ----------------------------------------------------------------------------

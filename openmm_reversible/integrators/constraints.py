@@ -172,9 +172,23 @@ class Constraints:
                              ) -> torch.Tensor:
         """Multipliers ``μ`` of ``Π(u; reference)`` by Newton's method, to round-off.
 
-        Differentiable by autograd through the iterations when the inputs require grad (the
-        ground truth the implicit vector-Jacobian product is checked against).
+        When the inputs require grad the result is differentiable by autograd: the converged
+        ``μ*`` (no graph) plus the graph of one more Newton update from it with its value
+        removed, ``Δ - Δ.detach()``. So the value is bitwise that of the no-grad solve and the
+        derivative is autograd's through a Newton step at the solution (the ground truth the
+        implicit vector-Jacobian product is checked against).
         """
+        with torch.no_grad():
+            mu = self._newton(u, reference, inv_masses, initial)
+        if not (torch.is_grad_enabled() and (u.requires_grad or reference.requires_grad)):
+            return mu
+        x = u - self._apply(reference, mu, inv_masses)
+        r = self.bonds(x)
+        step = self._solve(x, reference, inv_masses, 0.5 * ((r * r).sum(-1) - self.distances**2))
+        return mu + (step - step.detach())
+
+    def _newton(self, u: torch.Tensor, reference: torch.Tensor, inv_masses: torch.Tensor,
+                initial: torch.Tensor | None) -> torch.Tensor:
         mu = u.new_zeros(len(self)) if initial is None else initial
         d2 = self.distances**2
         previous = float("inf")
@@ -186,19 +200,16 @@ class Constraints:
             converged = residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL
                                                       and residual > 0.5 * previous)
             previous = residual
-            if converged and not torch.is_grad_enabled():
-                return mu
-            # Under autograd one more update also converges the derivative of μ.
-            mu = mu + self._solve(x, reference, inv_masses, g)
             if converged:
                 return mu
+            mu = mu + self._solve(x, reference, inv_masses, g)
         raise RuntimeError(
             f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
             f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
             "large for the constrained geometry: reduce the timestep")
 
     def project_positions(self, u: torch.Tensor, reference: torch.Tensor,
-                          inv_masses: torch.Tensor, unrolled: bool = False,
+                          inv_masses: torch.Tensor, autograd: bool = False,
                           initial: torch.Tensor | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
         """``Π(u; reference)`` and its multipliers ``μ``.
@@ -210,9 +221,10 @@ class Constraints:
         reference : torch.Tensor, shape (N, 3), nm
             Positions whose constraint gradients carry the correction (the step's start).
         inv_masses : torch.Tensor, shape (N,), 1/amu
-        unrolled : bool
-            Differentiate through the Newton iterations (for checks); default the
-            implicit-function vector-Jacobian product.
+        autograd : bool
+            Differentiate by autograd through a Newton step at the solution (for checks,
+            :meth:`position_multipliers`); default the implicit-function vector-Jacobian
+            product.
         initial : torch.Tensor, shape (m,), optional
             Starting multipliers for Newton's method (default zeros).
 
@@ -221,11 +233,11 @@ class Constraints:
         positions : torch.Tensor, shape (N, 3), nm
             Constrained positions, ``|r_k| = d_k`` to round-off.
         multipliers : torch.Tensor, shape (m,)
-            ``μ`` (detached unless ``unrolled``).
+            ``μ`` (detached unless ``autograd``).
         """
         if not len(self):
             return u, u.new_zeros(0)
-        if unrolled:
+        if autograd:
             mu = self.position_multipliers(u, reference, inv_masses, initial)
             return u - self._apply(reference, mu, inv_masses), mu
         x, mu = _PositionProjection.apply(u, reference, inv_masses, self, initial)
@@ -239,7 +251,7 @@ class _PositionProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, reference, inv_masses, constraints: Constraints, initial):
         with torch.no_grad():
-            mu = constraints.position_multipliers(u, reference, inv_masses, initial)
+            mu = constraints._newton(u, reference, inv_masses, initial)
             x = u - constraints._apply(reference, mu, inv_masses)
         ctx.constraints = constraints
         ctx.save_for_backward(x, reference, inv_masses, mu)

@@ -254,11 +254,11 @@ class ReversibleSimulation:
                              f"{type(loss).__name__} of shape {getattr(loss, 'shape', None)}")
         return loss.reshape(())
 
-    def _step(self, x, v, a, step: int, unrolled: bool = False):
+    def _step(self, x, v, a, step: int, autograd: bool = False):
         """One forward step (constrained when the simulation has constraints)."""
         if self.scheme is None:
             return self.integrator.step(x, v, a, step, self.masses)
-        return self.scheme.step(x, v, a, step, unrolled=unrolled)
+        return self.scheme.step(x, v, a, step, autograd=autograd)
 
     def _remember(self, xs, vs, box, start_step, x, v) -> None:
         self.trajectory = self._trajectory(xs.detach(), vs.detach(), box, start_step)
@@ -273,7 +273,7 @@ class ReversibleSimulation:
         xs, vs = [], []
         for k in range(1, self.n_steps + 1):
             a, x = accelerations(self.potential, x, box, inv_masses, create_graph=True)
-            x, v = self._step(x, v, a, start_step + k, unrolled=True)
+            x, v = self._step(x, v, a, start_step + k, autograd=True)
             if k % self.snapshot_every == 0:
                 xs.append(x)
                 vs.append(v)
