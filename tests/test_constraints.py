@@ -187,7 +187,7 @@ def test_hbonds_peptide_steps_match_openmm(custom):
 # -- reversible gradients ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("friction, n_steps", [(1.0, 60), (0.0, 30)])
+@pytest.mark.parametrize("friction, n_steps", [(1.0, 45), (0.0, 15)])
 def test_rigid_water_reversible_matches_bptt(water30, friction, n_steps):
     """Gradients of σ, ε, x₀ and v₀ through constrained dynamics, reversible = BPTT."""
     integ = LangevinMiddleIntegrator(0.002, friction, 295.15, seed=2)
@@ -203,21 +203,21 @@ def test_hbonds_peptide_reversible_matches_bptt():
     _, potential, constraints, x = dipeptide()
     integ = LangevinMiddleIntegrator(0.002, 1.0, 300.0, seed=6)
     err, info = compare_with_bptt(potential, integ, x, integ.noise(0, potential.masses),
-                                  position_loss, 300, 100, constraints=constraints)
+                                  position_loss, 100, 25, constraints=constraints)
     assert err < TOL
     assert info["reconstruction_error"] < 1e-10
 
 
-def test_rigid_water_reconstructs_300_steps_back_without_resync(water30):
-    """One snapshot at the end: the reverse pass walks 300 constrained steps back to the
+def test_rigid_water_reconstructs_150_steps_back_without_resync(water30):
+    """One snapshot at the end: the reverse pass walks 150 constrained steps back to the
     initial state with no resynchronisation on the way."""
     integ = LangevinMiddleIntegrator(0.002, 1.0, 295.15, seed=7)
-    sim = ReversibleSimulation(water30.potential, integ, 300, 300, position_loss,
+    sim = ReversibleSimulation(water30.potential, integ, 150, 150, position_loss,
                                constraints=water30.constraints)
     x0 = water30.positions.clone().requires_grad_(True)
     sim(x0, integ.noise(0, water30.potential.masses), water30.box).backward()
     moved = float((sim.final_state[0] - water30.positions).abs().max())
-    assert moved > 0.05
+    assert moved > 0.02
     assert sim.info["n_resyncs"] == 1  # the initial state only
     assert sim.info["reconstruction_error"] < 1e-10
     assert sim.info["velocity_error"] < 1e-8

@@ -1,0 +1,51 @@
+"""Benchmark ``constraints``: cost of a constrained reverse step against an unconstrained one.
+
+The same water box (TIP3P, reaction field, 1 fs) is built flexible and rigid
+(:func:`~.water.flexible_water`, :func:`~.water.rigid_water`); each runs a window of ``--steps``
+with a single loss snapshot at its end, forward then backward, and the backward time per step
+is the reverse step's cost (state reconstruction, force graph, adjoint). The two are measured
+alternately, ``--repeats`` times each, and the fastest of each is kept, so a busy machine
+slows both alike. Reports both costs, the ratio ``constrained_over_unconstrained`` (target
+``<= 1.5``) and the forward ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .water import flexible_water, rigid_water
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--waters", type=int, default=216, help="water molecules (216)")
+    parser.add_argument("--steps", type=int, default=50, help="steps in the window (50)")
+    parser.add_argument("--repeats", type=int, default=3, help="measurements of each (3)")
+    parser.add_argument("--cutoff", type=float, default=0.9, help="nm (0.9)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> dict:
+    boxes = {"unconstrained": flexible_water(args.waters, args.cutoff, args.seed),
+             "constrained": rigid_water(args.waters, args.cutoff, args.seed)}
+    sims = {name: box.simulation(args.steps, args.steps) for name, box in boxes.items()}
+    best = {name: (float("inf"), float("inf")) for name in boxes}
+    errors = {}
+    for _ in range(args.repeats):
+        for name, box in boxes.items():
+            sim = sims[name]
+            sim(box.positions, box.velocities, box.box).backward()
+            forward, backward = best[name]
+            best[name] = (min(forward, sim.info["forward_s"] / args.steps),
+                          min(backward, sim.info["backward_s"] / args.steps))
+            errors[name] = sim.info["reconstruction_error"]
+    (f_u, r_u), (f_c, r_c) = best["unconstrained"], best["constrained"]
+    return {"benchmark": "constraints", "n_atoms": boxes["constrained"].n_atoms,
+            "n_constraints": len(boxes["constrained"].constraints), "steps": args.steps,
+            "reverse_step_unconstrained_s": r_u, "reverse_step_constrained_s": r_c,
+            "constrained_over_unconstrained": r_c / r_u,
+            "forward_step_unconstrained_s": f_u, "forward_step_constrained_s": f_c,
+            "forward_constrained_over_unconstrained": f_c / f_u,
+            "reconstruction_error_nm": errors["constrained"],
+            "torch_threads": torch.get_num_threads()}
