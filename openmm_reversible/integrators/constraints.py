@@ -89,10 +89,6 @@ class Constraints:
         return (f"Constraints({len(self)} distances in {self.clusters.shape[0]} clusters of at "
                 f"most {self.clusters.shape[1]})")
 
-    def n_degrees_of_freedom(self, n_particles: int | None = None) -> int:
-        """``3·N - m``: the degrees of freedom the constraints leave (no momentum removal)."""
-        return 3 * (self.n_particles if n_particles is None else n_particles) - len(self)
-
     # -- geometry ---------------------------------------------------------------------------
 
     def bonds(self, x: torch.Tensor) -> torch.Tensor:
