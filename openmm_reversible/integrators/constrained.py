@@ -103,8 +103,8 @@ class ConstrainedLangevin:
         velocity constraint ``G(x)·(v + ν/Δt - s·ξ) = 0``."""
         c = self.constraints
         dt = self.integ.timestep
-        mu = -dt * c._solve(x, x, self.inv_masses, c._gradient_dot(x, v - noise))
-        return mu, c._apply(x, mu, self.inv_masses)
+        mu = -dt * c.solve(x, x, self.inv_masses, c.gradient_dot(x, v - noise))
+        return mu, c.displacement(x, mu, self.inv_masses)
 
     def _origin(self, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The step's start ``x_n + α·v_n + Δt·s·ξ/(2c)`` before the ``β·ν`` correction."""

@@ -106,17 +106,17 @@ class Constraints:
         out = torch.zeros_like(like)
         return out.index_add(0, self.pairs[:, 0], along).index_add(0, self.pairs[:, 1], -along)
 
-    def _apply(self, x: torch.Tensor, multipliers: torch.Tensor, inv_masses: torch.Tensor
-               ) -> torch.Tensor:
+    def displacement(self, x: torch.Tensor, multipliers: torch.Tensor,
+                     inv_masses: torch.Tensor) -> torch.Tensor:
         """``M⁻¹G(x)ᵀμ``: per-particle displacement of the multipliers, shape (N, 3)."""
         return self._scatter(multipliers[:, None] * self.bonds(x), x) * inv_masses[:, None]
 
-    def _gradient_dot(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def gradient_dot(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``G(x)·w`` for a per-particle vector ``w``, shape (m,)."""
         return (self.bonds(x) * (w[self.pairs[:, 0]] - w[self.pairs[:, 1]])).sum(-1)
 
     def _layout(self, inv_masses: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Cluster tables for :meth:`_solve` (cached for the last ``inv_masses`` tensor):
+        """Cluster tables for :meth:`solve` (cached for the last ``inv_masses`` tensor):
         constraint index per slot (C, K), the mass coupling of each slot pair (C, K, K), the
         identity on padded slots and each constraint's flat slot (m,)."""
         if self._layout_key is inv_masses:
@@ -142,8 +142,8 @@ class Constraints:
                               valid.to(dtype).to(inv_masses.device))
         return self._layout_cache
 
-    def _solve(self, left: torch.Tensor, right: torch.Tensor, inv_masses: torch.Tensor,
-               rhs: torch.Tensor) -> torch.Tensor:
+    def solve(self, left: torch.Tensor, right: torch.Tensor, inv_masses: torch.Tensor,
+              rhs: torch.Tensor) -> torch.Tensor:
         """Solve ``G(left)M⁻¹G(right)ᵀ·y = rhs`` cluster by cluster, shape (m,)."""
         index, coupling, padding, slot, valid = self._layout(inv_masses)
         r_left = self.bonds(left)[index]
@@ -160,8 +160,8 @@ class Constraints:
         gradients at ``x`` (nm/ps; explicit, differentiable by autograd)."""
         if not len(self):
             return q
-        lam = self._solve(x, x, inv_masses, self._gradient_dot(x, q))
-        return q - self._apply(x, lam, inv_masses)
+        lam = self.solve(x, x, inv_masses, self.gradient_dot(x, q))
+        return q - self.displacement(x, lam, inv_masses)
 
     def position_multipliers(self, u: torch.Tensor, reference: torch.Tensor,
                              inv_masses: torch.Tensor, initial: torch.Tensor | None = None
@@ -178,9 +178,9 @@ class Constraints:
             mu = self._newton(u, reference, inv_masses, initial)
         if not (torch.is_grad_enabled() and (u.requires_grad or reference.requires_grad)):
             return mu
-        x = u - self._apply(reference, mu, inv_masses)
+        x = u - self.displacement(reference, mu, inv_masses)
         r = self.bonds(x)
-        step = self._solve(x, reference, inv_masses, 0.5 * ((r * r).sum(-1) - self.distances**2))
+        step = self.solve(x, reference, inv_masses, 0.5 * ((r * r).sum(-1) - self.distances**2))
         return mu + (step - step.detach())
 
     def _newton(self, u: torch.Tensor, reference: torch.Tensor, inv_masses: torch.Tensor,
@@ -189,7 +189,7 @@ class Constraints:
         d2 = self.distances**2
         previous = float("inf")
         for _ in range(_MAX_ITERATIONS):
-            x = u - self._apply(reference, mu, inv_masses)
+            x = u - self.displacement(reference, mu, inv_masses)
             r = self.bonds(x)
             g = 0.5 * ((r * r).sum(-1) - d2)
             residual = float((g.detach().abs() / d2).max())
@@ -198,7 +198,7 @@ class Constraints:
             previous = residual
             if converged:
                 return mu
-            mu = mu + self._solve(x, reference, inv_masses, g)
+            mu = mu + self.solve(x, reference, inv_masses, g)
         raise RuntimeError(
             f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
             f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
@@ -235,7 +235,7 @@ class Constraints:
             return u, u.new_zeros(0)
         if autograd:
             mu = self.position_multipliers(u, reference, inv_masses, initial)
-            return u - self._apply(reference, mu, inv_masses), mu
+            return u - self.displacement(reference, mu, inv_masses), mu
         x, mu = _PositionProjection.apply(u, reference, inv_masses, self, initial)
         return x, mu.detach()
 
@@ -248,7 +248,7 @@ class _PositionProjection(torch.autograd.Function):
     def forward(ctx, u, reference, inv_masses, constraints: Constraints, initial):
         with torch.no_grad():
             mu = constraints._newton(u, reference, inv_masses, initial)
-            x = u - constraints._apply(reference, mu, inv_masses)
+            x = u - constraints.displacement(reference, mu, inv_masses)
         ctx.constraints = constraints
         ctx.save_for_backward(x, reference, inv_masses, mu)
         ctx.mark_non_differentiable(mu)
@@ -261,7 +261,7 @@ class _PositionProjection(torch.autograd.Function):
         with torch.no_grad():
             # ρ = λ - G(x)ᵀ (G(ref) M⁻¹ G(x)ᵀ)⁻¹ G(ref) M⁻¹ λ
             scaled = grad_x * inv_masses[:, None]
-            y = c._solve(reference, x, inv_masses, c._gradient_dot(reference, scaled))
+            y = c.solve(reference, x, inv_masses, c.gradient_dot(reference, scaled))
             rho = grad_x - c._scatter(y[:, None] * c.bonds(x), x)
             # x̄_ref = -∇_ref [μ · G(ref) M⁻¹ ρ]: ∓μ_k (σ_a - σ_b) on atoms a, b, σ = M⁻¹ρ.
             sigma = rho * inv_masses[:, None]
