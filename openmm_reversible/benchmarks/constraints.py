@@ -7,6 +7,10 @@ is the reverse step's cost (state reconstruction, force graph, adjoint). The two
 alternately, ``--repeats`` times each, and the fastest of each is kept, so a busy machine
 slows both alike. Reports both costs, the ratio ``constrained_over_unconstrained`` (target
 ``<= 1.5``) and the forward ratio.
+
+Measured (216 waters, 0.9 nm, 1 torch thread, 2-core CPU shared with other jobs): reverse step
+0.0834 s constrained against 0.0796 s unconstrained, 1.05×; forward 1.02×. On 64 waters
+(0.6 nm) the fixed cost of the projections shows: 1.6–1.7× (16 ms against 9.5 ms).
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from .water import flexible_water, rigid_water
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--waters", type=int, default=216, help="water molecules (216)")
-    parser.add_argument("--steps", type=int, default=50, help="steps in the window (50)")
-    parser.add_argument("--repeats", type=int, default=3, help="measurements of each (3)")
+    parser.add_argument("--steps", type=int, default=5, help="steps in the window (5)")
+    parser.add_argument("--repeats", type=int, default=8, help="measurements of each (8)")
     parser.add_argument("--cutoff", type=float, default=0.9, help="nm (0.9)")
     parser.add_argument("--seed", type=int, default=0)
 
