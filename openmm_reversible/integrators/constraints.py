@@ -31,7 +31,7 @@ from ..units import DTYPE
 # below _FLOOR_TOL once a step no longer halves it (the round-off floor of the geometry). It
 # has converged quadratically long before the iteration cap, which only guards divergence.
 _RESIDUAL_TOL = 8.0 * torch.finfo(DTYPE).eps
-_FLOOR_TOL = 1e-12
+_FLOOR_TOL = 1e-14
 _MAX_ITERATIONS = 50
 
 
