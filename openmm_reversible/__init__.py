@@ -32,6 +32,7 @@ _EXPORTS = {
     # reversible windows (float and exact)
     "LangevinMiddleIntegrator": "openmm_reversible.integrators",
     "ReversibleSimulation": "openmm_reversible.integrators",
+    "Constraints": "openmm_reversible.integrators",
     "ExactLangevinIntegrator": "openmm_reversible.exact",
     "ExactReversibleSimulation": "openmm_reversible.exact",
     "Trajectory": "openmm_reversible.trajectory",

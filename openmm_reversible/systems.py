@@ -90,6 +90,31 @@ def villin(nonbonded: str = "PME", cutoff: float = 1.0, **create_system_kwargs
     return _create(ff, pdb.topology, pdb.positions, nonbonded, cutoff, **create_system_kwargs)
 
 
+def alanine_dipeptide(nonbonded: str = "NoCutoff", cutoff: float = 1.0,
+                      **create_system_kwargs) -> MolecularSystem:
+    """Alanine dipeptide (ACE-ALA-NME, 22 atoms) in vacuum with amber14.
+
+    Cut from OpenMM's ``test.pdb`` (villin): residue ALA 8 keeps its heavy atoms, the carbonyl
+    and Cα of LYS 7 become the acetyl cap, the N and Cα of VAL 9 the N-methyl cap, and
+    Modeller adds the hydrogens.
+    """
+    pdb = app.PDBFile(openmm_data_file("test.pdb"))
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    keep = {6: {"C", "O", "CA"}, 7: {"N", "CA", "CB", "C", "O"}, 8: {"N", "CA"}}
+    modeller.delete([a for a in modeller.topology.atoms()
+                     if a.name not in keep.get(a.residue.index, ())])
+    ace, _, nme = modeller.topology.residues()
+    ace.name, nme.name = "ACE", "NME"
+    for residue, methyl in ((ace, "CH3"), (nme, "C")):
+        for atom in residue.atoms():
+            if atom.name == "CA":
+                atom.name = methyl
+    ff = app.ForceField("amber14-all.xml")
+    modeller.addHydrogens(ff)
+    return _create(ff, modeller.topology, modeller.positions, nonbonded, cutoff,
+                   **create_system_kwargs)
+
+
 def _create(ff: app.ForceField, topology: app.Topology, positions, nonbonded: str,
             cutoff: float, **kwargs) -> MolecularSystem:
     method = nonbonded_method(nonbonded)

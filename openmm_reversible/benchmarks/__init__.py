@@ -4,6 +4,8 @@
 - :func:`.memory.compare`: peak memory of reversible gradients through 1,000 and 20,000 steps
   and of backprop through time;
 - :func:`.forces.measure`: torch force and VJP cost against an OpenMM step;
+- :func:`.constraints.measure`: a constrained (rigid water) reverse step against an
+  unconstrained one on the same box;
 - :func:`.exact.measure`: bitwise round trip of the water box in fixed point:
   information-buffer size, bits per degree of freedom and step, and cost relative to the float
   mode.

@@ -1,7 +1,7 @@
-"""The benchmark system: a box of flexible TIP3P water with reaction-field electrostatics.
+"""The benchmark system: a box of TIP3P water with reaction-field electrostatics.
 
 OpenMM builds it (:func:`openmm_reversible.systems.water_box` with the bundled ``tip3p.xml``,
-flexible bonds and angles, ``CutoffPeriodic`` = reaction field, ε_rf 78.3); the
+flexible bonds and angles or rigid molecules, ``CutoffPeriodic`` = reaction field, ε_rf 78.3); the
 Lennard-Jones σ and ε of oxygen are the trainable parameters (a
 :class:`~openmm_reversible.parameters.ParameterSet` selection), so a gradient reaches the
 force field exactly as in training.
@@ -19,6 +19,7 @@ from openmm import unit
 
 from ..errors import InputError, check_at_least, check_positive
 from ..integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from ..integrators.constraints import Constraints
 from ..trajectory import Trajectory
 from ..units import box_tensor, positions_tensor
 
@@ -36,6 +37,7 @@ class WaterBox:
     velocities: torch.Tensor
     box: torch.Tensor
     integrator: LangevinMiddleIntegrator
+    constraints: Constraints | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -45,7 +47,8 @@ class WaterBox:
                    ) -> ReversibleSimulation:
         """A window of ``n_steps`` with the mean-potential-energy loss."""
         return ReversibleSimulation(self.potential, self.integrator, n_steps,
-                                    min(snapshot_every, n_steps), mean_energy, mode=mode)
+                                    min(snapshot_every, n_steps), mean_energy, mode=mode,
+                                    constraints=self.constraints)
 
 
 def mean_energy(traj: Trajectory, potential) -> torch.Tensor:
@@ -54,6 +57,17 @@ def mean_energy(traj: Trajectory, potential) -> torch.Tensor:
 
 
 def flexible_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> WaterBox:
+    """Build the flexible water box (arguments of :func:`water`)."""
+    return water(n_waters, cutoff, seed, rigid=False)
+
+
+def rigid_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> WaterBox:
+    """Build the rigid water box (arguments of :func:`water`), with its constraints."""
+    return water(n_waters, cutoff, seed, rigid=True)
+
+
+def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool = False
+          ) -> WaterBox:
     """Build the water box.
 
     Parameters
@@ -64,6 +78,10 @@ def flexible_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> W
         Reaction-field cutoff; must be below half the box width.
     seed : int
         Noise stream and initial velocities (Maxwell-Boltzmann at 295.15 K).
+    rigid : bool
+        Rigid molecules (three distance constraints each, :class:`Constraints`; the minimised
+        positions are put on the constraints to round-off) or flexible bonds and angles.
+
     The pre-equilibrated box is a rigid-water configuration; its flexible-water energy is relaxed by
     OpenMM's energy minimiser before the velocities are drawn, so the dynamics start near
     equilibrium instead of heating up from overlaps.
@@ -74,20 +92,25 @@ def flexible_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> W
 
     check_at_least(1, waters=n_waters)
     check_positive(cutoff=cutoff)
-    water = water_box(n_waters, forcefield=("tip3p.xml",), nonbonded="RF", cutoff=cutoff,
-                      rigid=False, removeCMMotion=False)
-    check_cutoff(water.box, cutoff)
+    box = water_box(n_waters, forcefield=("tip3p.xml",), nonbonded="RF", cutoff=cutoff,
+                    rigid=rigid, removeCMMotion=False)
+    check_cutoff(box.box, cutoff)
     parameters = ParameterSet.select(
-        "tip3p.xml", water.topology, select=[("NonbondedForce/Atom", "tip3p-O",
+        "tip3p.xml", box.topology, select=[("NonbondedForce/Atom", "tip3p-O",
                                               ("sigma", "epsilon"))],
         nonbondedMethod=app.CutoffPeriodic, nonbondedCutoff=cutoff * unit.nanometer,
-        constraints=None, rigidWater=False, removeCMMotion=False)
+        constraints=None, rigidWater=rigid, removeCMMotion=False)
     potential = TorchPotential(parameters.system, parameters=parameters)
     integrator = LangevinMiddleIntegrator(TIMESTEP, FRICTION, TEMPERATURE, seed)
-    return WaterBox(potential=potential,
-                    positions=_minimized(parameters.system, water.positions),
+    positions = _minimized(parameters.system, box.positions)
+    constraints = None
+    if rigid:
+        constraints = Constraints.from_system(parameters.system)
+        positions = constraints.project_positions(positions, positions,
+                                                  1.0 / potential.masses)[0]
+    return WaterBox(potential=potential, positions=positions,
                     velocities=integrator.noise(0, potential.masses),
-                    box=box_tensor(water.box), integrator=integrator)
+                    box=box_tensor(box.box), integrator=integrator, constraints=constraints)
 
 
 def check_cutoff(box: np.ndarray, cutoff: float) -> None:

@@ -12,7 +12,7 @@ import json
 
 from . import OK, defaults
 
-HELP = "run a benchmark (forces, gradient, memory, exact) and print its results"
+HELP = "run a benchmark (forces, gradient, memory, constraints, exact) and print its results"
 
 BENCHMARKS = {
     "gradient": ("openmm_reversible.benchmarks.gradient", "measure",
@@ -21,6 +21,9 @@ BENCHMARKS = {
                "Peak memory of reversible gradients vs steps, and of BPTT"),
     "forces": ("openmm_reversible.benchmarks.forces", "measure",
                "Cost of the torch forces and VJPs against an OpenMM CPU step"),
+    "constraints": ("openmm_reversible.benchmarks.constraints", "measure",
+                    "Cost of a constrained (rigid water) reverse step against an unconstrained "
+                    "one on the same box"),
     "exact": ("openmm_reversible.benchmarks.exact", "measure",
               "Bitwise round trip of the water box in fixed point: buffer size, bits per step, "
               "cost vs float"),
@@ -42,6 +45,10 @@ OPTIONS = {
     "forces": {"box_size": (float, "edge of the water box, nm (3.0: 2661 atoms)"),
                "cutoff": (float, "nm"), "repeats": (int, "timed repeats (median)"),
                "nonbonded": (str, "electrostatics: RF (reaction field) or PME")},
+    "constraints": {"waters": (int, "water molecules"),
+                    "steps": (int, "steps in each window"),
+                    "repeats": (int, "measurements of each (the fastest is kept)"),
+                    "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed")},
     "exact": {"waters": (int, "water molecules"),
               "steps": (int, "steps forward, then as many back"),
               "timing_steps": (int, "steps of the float and exact round trips timed for the "

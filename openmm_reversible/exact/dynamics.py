@@ -465,5 +465,10 @@ class _ExactReverse:
     def undo_kick(self, accelerations: torch.Tensor | None) -> None:
         self.integ.reverse_kick(self.state, self.forces, self.box, self.masses)
 
+    def drift_cotangent(self, cot_positions: torch.Tensor, cot_velocities: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        return cot_positions, self.integ.float_integrator.kick_cotangent(cot_positions,
+                                                                         cot_velocities)
+
 
 __all__ = ["ExactLangevinIntegrator", "ExactReversibleSimulation", "ExactState"]

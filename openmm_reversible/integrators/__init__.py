@@ -3,6 +3,8 @@
 - :mod:`.noise`: counter-based Gaussian noise, regenerated from ``(seed, step)``;
 - :mod:`.forces`: accelerations ``-∇E/m`` of any energy module, by autograd;
 - :mod:`.langevin`: the Langevin-middle step, its exact inverse and its adjoint;
+- :mod:`.constraints`: distance constraints (rigid water, HBonds) and their projections;
+  :mod:`.constrained`: OpenMM's constrained Langevin-middle step, its inverse and its adjoint;
 - :mod:`.adjoint`: the reverse sweep (adjoint recurrence, snapshot injection, truncation)
   shared by the float and the exact mode;
 - :mod:`.reversible`: :class:`ReversibleSimulation`, a window of dynamics whose loss is
@@ -11,7 +13,8 @@
 The exact mode (bitwise-reversible fixed-point dynamics) is :mod:`openmm_reversible.exact`.
 """
 
+from .constraints import Constraints
 from .langevin import LangevinMiddleIntegrator
 from .reversible import ReversibleSimulation
 
-__all__ = ["LangevinMiddleIntegrator", "ReversibleSimulation"]
+__all__ = ["Constraints", "LangevinMiddleIntegrator", "ReversibleSimulation"]

@@ -7,10 +7,11 @@ backward pass then
 1. differentiates the loss with respect to the stored frames (:func:`frame_cotangents`);
 2. walks the dynamics back from the last snapshot (:func:`reverse_sweep`), asking the
    dynamics to undo one step at a time (:class:`ReverseDynamics`), and carries the adjoint
-   ``(λx, λv)`` of every live truncation window over each kick (:func:`adjoint_kick`):
-
-   ``λv' = c·λv_n + Δt(1 + c)/2·λx_n``,
-   ``λx_{n-1} = λx_n + (∂a/∂x)ᵀ(Δt·λv')``, ``λv_{n-1} = λv'``, ``∇θ += (∂a/∂θ)ᵀ(Δt·λv')``;
+   ``(λx, λv)`` of every live truncation window over each step (:func:`adjoint_kick`): the
+   dynamics give the adjoint of the step after its kick, ``(λx_direct, λq)``
+   (:meth:`ReverseDynamics.drift_cotangent`; without constraints ``λx_direct = λx_n`` and
+   ``λq = c·λv_n + Δt(1 + c)/2·λx_n``), then
+   ``λx_{n-1} = λx_direct + (∂a/∂x)ᵀ(Δt·λq)``, ``λv_{n-1} = λq``, ``∇θ += (∂a/∂θ)ᵀ(Δt·λq)``;
 
 3. injects the cotangents of each snapshot when the sweep reaches it (:func:`inject`):
    untruncated, all snapshots share one adjoint; truncated to ``T`` steps, the snapshots whose
@@ -62,6 +63,14 @@ class ReverseDynamics(Protocol):
     def undo_kick(self, accelerations: torch.Tensor | None) -> None:
         """Undo the kick; the state becomes state ``n - 1``. ``accelerations`` are those at
         the positions :meth:`undo_drift` returned when the sweep computed them (nm/ps²)."""
+
+    def drift_cotangent(self, cot_positions: torch.Tensor, cot_velocities: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Adjoint of the step just undone from its kicked velocity on: the map
+        ``(x_{n-1}, q = v_{n-1} + Δt·a) → (x_n, v_n)``. Given ``(λx_n, λv_n)`` return
+        ``(λx_direct, λq)``: the cotangent of ``x_{n-1}`` through everything but the
+        accelerations, and that of ``q``. Called after :meth:`undo_kick`, with grad enabled.
+        Without constraints it is ``(λx_n, c·λv_n + Δt(1 + c)/2·λx_n)``."""
 
 
 def first_needed_step(snapshot_every: int, truncation: int | None) -> int:
@@ -122,29 +131,32 @@ def inject(adjoints: dict[int, Adjoint], n: int, start: int, truncation: int | N
         adjoints[stop] = Adjoint(g_x.clone(), g_v.clone(), stop)
 
 
-def adjoint_kick(potential: Potential, integ: LangevinMiddleIntegrator, x: torch.Tensor,
-                 box: torch.Tensor | None, inv_masses: torch.Tensor,
+def adjoint_kick(dynamics: ReverseDynamics, potential: Potential, timestep: float,
+                 x: torch.Tensor, box: torch.Tensor | None, inv_masses: torch.Tensor,
                  params: Sequence[torch.Tensor], adjoints: list[Adjoint],
-                 param_grads: list[torch.Tensor]) -> torch.Tensor:
-    """Carry every live adjoint back over one kick at the reconstructed positions ``x``.
+                 param_grads: list[torch.Tensor]) -> None:
+    """Undo the kick at the reconstructed positions ``x`` and carry every live adjoint back
+    over the step (``timestep`` in ps).
 
-    Updates the adjoints and ``param_grads`` in place and returns the (detached) accelerations
-    at ``x`` (nm/ps²). One force graph serves all adjoints; each adjoint needs its own position
-    VJP, the parameter VJPs come out of the same calls (double backward).
+    The dynamics undo their kick with the (detached) accelerations at ``x``; each adjoint then
+    goes through :meth:`ReverseDynamics.drift_cotangent` and the accelerations' VJP:
+    ``λx_{n-1} = λx_direct + (∂a/∂x)ᵀ(Δt·λq)``, ``λv_{n-1} = λq``, ``∇θ += (∂a/∂θ)ᵀ(Δt·λq)``.
+    Updates the adjoints and ``param_grads`` in place. One force graph serves all adjoints;
+    each adjoint needs its own position VJP, the parameter VJPs come out of the same calls
+    (double backward).
     """
-    dt = integ.timestep
     with torch.enable_grad():
         a, leaf = accelerations(potential, x, box, inv_masses, create_graph=True)
+        dynamics.undo_kick(a.detach())
         for j, adj in enumerate(adjoints):
-            kicked = integ.kick_cotangent(adj.x, adj.v)
-            vjps = torch.autograd.grad(a, [leaf, *params], dt * kicked, allow_unused=True,
+            direct, kicked = dynamics.drift_cotangent(adj.x, adj.v)
+            vjps = torch.autograd.grad(a, [leaf, *params], timestep * kicked, allow_unused=True,
                                        retain_graph=j < len(adjoints) - 1)
-            adj.x = adj.x + vjps[0]
+            adj.x = direct + vjps[0]
             adj.v = kicked
             for k, g in enumerate(vjps[1:]):
                 if g is not None:
                     param_grads[k] += g
-    return a.detach()
 
 
 def reverse_sweep(dynamics: ReverseDynamics, *, top: int, stop: int, start: int,
@@ -167,8 +179,8 @@ def reverse_sweep(dynamics: ReverseDynamics, *, top: int, stop: int, start: int,
     truncation : int or None
         Truncation window in steps.
     potential, integ, box, inv_masses, params
-        What :func:`adjoint_kick` needs (``integ`` is the float integrator whose coefficients
-        the adjoint uses).
+        What :func:`adjoint_kick` needs (``integ`` is the float integrator whose timestep the
+        adjoint uses).
     param_grads : list of torch.Tensor
         Accumulated in place.
     needs_accelerations : bool
@@ -190,13 +202,13 @@ def reverse_sweep(dynamics: ReverseDynamics, *, top: int, stop: int, start: int,
             if n == stop:
                 break
             x = dynamics.undo_drift(n)
-            a = None
             if adjoints:
-                a = adjoint_kick(potential, integ, x, box, inv_masses, params,
-                                 list(adjoints.values()), param_grads)
+                adjoint_kick(dynamics, potential, integ.timestep, x, box, inv_masses, params,
+                             list(adjoints.values()), param_grads)
             elif needs_accelerations:
-                a, _ = accelerations(potential, x, box, inv_masses)
-            dynamics.undo_kick(a)
+                dynamics.undo_kick(accelerations(potential, x, box, inv_masses)[0])
+            else:
+                dynamics.undo_kick(None)
             n -= 1
             if n > start:
                 adjoints.pop(n, None)

@@ -52,6 +52,8 @@ from ..errors import InputError
 from ..trajectory import Trajectory
 from ..units import box_tensor, positions_tensor, velocities_tensor
 from .adjoint import first_needed_step, frame_cotangents, initial_state_grads, reverse_sweep
+from .constrained import ConstrainedLangevin
+from .constraints import Constraints
 from .forces import accelerations
 from .langevin import LangevinMiddleIntegrator
 
@@ -61,17 +63,25 @@ LossFunction = Callable[[Trajectory, Any], torch.Tensor]
 MODES = ("reversible", "bptt")
 
 
-def check_unconstrained(potential) -> None:
-    """Refuse a potential whose System has constraints: the reversible windows integrate
-    unconstrained dynamics, so a rigid or HBonds System would train silently wrong."""
+# Initial positions must satisfy the constraints this closely (relative): the first step's
+# inverse assumes that it started on the constraint surface.
+INITIAL_CONSTRAINT_TOL = 1e-10
+
+
+def check_constraints(potential, constraints: Constraints | None) -> None:
+    """Refuse a potential whose System has constraints unless they are given: integrating a
+    rigid or HBonds System unconstrained would train silently wrong."""
     n = int(getattr(potential, "n_constraints", 0) or 0)
-    if n:
+    if n and constraints is None:
         raise InputError(
-            f"the System has {n} constraints (rigid water or bond constraints), which the "
-            "reversible windows do not support yet; build it with rigidWater=False and "
-            "constraints=None (config: system.rigid_water = false, system.constraints = "
-            "\"none\"), i.e. a flexible model, and validate the trained model rigid in plain "
-            "OpenMM if that is how it will be used")
+            f"the System has {n} constraints (rigid water or bond constraints); pass them, "
+            "ReversibleSimulation(..., constraints=Constraints.from_system(system)), to "
+            "integrate them, or build it with rigidWater=False and constraints=None (config: "
+            "system.rigid_water = false, system.constraints = \"none\") for a flexible model")
+    if constraints is not None and n and len(constraints) != n:
+        raise InputError(f"constraints has {len(constraints)} distances but the potential's "
+                         f"System has {n}; build them with Constraints.from_system(system) "
+                         "from the same System")
 
 
 class ReversibleSimulation:
@@ -103,6 +113,11 @@ class ReversibleSimulation:
     mode : {"reversible", "bptt"}
         Gradient by reversible simulation, or by backpropagation through time (for checks; no
         truncation).
+    constraints : Constraints, optional
+        Distance constraints (rigid water, HBonds), integrated as OpenMM's
+        LangevinMiddleIntegrator does (:mod:`.constrained`); required when the potential's
+        System has any. The initial positions must satisfy them (relative error
+        ``<= 1e-10``; :meth:`~.constraints.Constraints.project_positions` puts them there).
 
     Attributes
     ----------
@@ -128,7 +143,7 @@ class ReversibleSimulation:
     def __init__(self, potential: nn.Module, integrator: LangevinMiddleIntegrator, n_steps: int,
                  snapshot_every: int, loss_fn: LossFunction, truncation: int | None = None,
                  resync_every: int | None = None, masses: torch.Tensor | None = None,
-                 mode: str = "reversible"):
+                 mode: str = "reversible", constraints: Constraints | None = None):
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if int(n_steps) < 1:
@@ -149,7 +164,7 @@ class ReversibleSimulation:
                 raise InputError("the potential has no 'masses' attribute; pass masses= "
                                  "(tensor of shape (N,), amu)")
         masses = torch.as_tensor(masses)
-        check_unconstrained(potential)
+        check_constraints(potential, constraints)
         if not bool((masses > 0).all()):
             raise InputError("every mass must be > 0 amu (massless particles and virtual "
                              "sites are not supported by the integrator)")
@@ -162,6 +177,9 @@ class ReversibleSimulation:
         self.resync_every = None if resync_every is None else int(resync_every)
         self.masses = masses
         self.mode = mode
+        self.constraints = constraints if constraints is not None and len(constraints) else None
+        self.scheme = (None if self.constraints is None
+                       else ConstrainedLangevin(integrator, self.constraints, masses))
         self.info: dict[str, float | int | str] = {}
         self.trajectory: Trajectory | None = None
         self.final_state: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -206,6 +224,14 @@ class ReversibleSimulation:
             if tuple(t.shape) != (n_atoms, 3):
                 raise InputError(f"{name} has shape {tuple(t.shape)}; expected ({n_atoms}, 3) "
                                  "to match the masses")
+        if self.constraints is not None:
+            residual = self.constraints.residual(positions.detach())
+            if residual > INITIAL_CONSTRAINT_TOL:
+                raise InputError(
+                    f"the initial positions violate the constraints (largest relative error "
+                    f"{residual:.3g} > {INITIAL_CONSTRAINT_TOL:g}); constrain them first, e.g. "
+                    "positions = constraints.project_positions(positions, positions, "
+                    "1 / masses)[0], or Context.applyConstraints(1e-12) in OpenMM")
         if self.mode == "bptt":
             return self._bptt(positions, velocities, box, int(start_step))
         return _ReversibleFunction.apply(self, int(start_step), box, positions, velocities,
@@ -228,6 +254,12 @@ class ReversibleSimulation:
                              f"{type(loss).__name__} of shape {getattr(loss, 'shape', None)}")
         return loss.reshape(())
 
+    def _step(self, x, v, a, step: int, autograd: bool = False):
+        """One forward step (constrained when the simulation has constraints)."""
+        if self.scheme is None:
+            return self.integrator.step(x, v, a, step, self.masses)
+        return self.scheme.step(x, v, a, step, autograd=autograd)
+
     def _remember(self, xs, vs, box, start_step, x, v) -> None:
         self.trajectory = self._trajectory(xs.detach(), vs.detach(), box, start_step)
         self.final_state = (x.detach(), v.detach())
@@ -236,13 +268,12 @@ class ReversibleSimulation:
 
     def _bptt(self, positions, velocities, box, start_step) -> torch.Tensor:
         t0 = time.perf_counter()
-        integ, masses = self.integrator, self.masses
-        inv_masses = 1.0 / masses
+        inv_masses = 1.0 / self.masses
         x, v = positions, velocities
         xs, vs = [], []
         for k in range(1, self.n_steps + 1):
             a, x = accelerations(self.potential, x, box, inv_masses, create_graph=True)
-            x, v = integ.step(x, v, a, start_step + k, masses)
+            x, v = self._step(x, v, a, start_step + k, autograd=True)
             if k % self.snapshot_every == 0:
                 xs.append(x)
                 vs.append(v)
@@ -260,15 +291,14 @@ class _ReversibleFunction(torch.autograd.Function):
     def forward(ctx, sim: ReversibleSimulation, start_step: int, box, positions, velocities,
                 *params):
         t0 = time.perf_counter()
-        integ, masses = sim.integrator, sim.masses
-        inv_masses = 1.0 / masses
+        inv_masses = 1.0 / sim.masses
         last = sim.n_snapshots * sim.snapshot_every
         first_needed = first_needed_step(sim.snapshot_every, sim.truncation)
         x, v = positions.detach(), velocities.detach()
         xs, vs, resync = [], [], {}
         for k in range(1, sim.n_steps + 1):
             a, _ = accelerations(sim.potential, x, box, inv_masses)
-            x, v = integ.step(x, v, a, start_step + k, masses)
+            x, v = sim._step(x, v, a, start_step + k)
             if k % sim.snapshot_every == 0:
                 xs.append(x)
                 vs.append(v)
@@ -295,8 +325,11 @@ class _ReversibleFunction(torch.autograd.Function):
         every = sim.snapshot_every
         stored = {start + (i + 1) * every: (xs[i], vs[i]) for i in range(xs.shape[0])}
         top = start + sim.n_snapshots * every
-        dynamics = _FloatReverse(sim.integrator, sim.masses, (xs[-1], vs[-1]), top,
-                                 {**ctx.resync, start: ctx.initial, **stored})
+        exact = {**ctx.resync, start: ctx.initial, **stored}
+        if sim.scheme is None:
+            dynamics = _FloatReverse(sim.integrator, sim.masses, (xs[-1], vs[-1]), top, exact)
+        else:
+            dynamics = _ConstrainedReverse(sim.scheme, (xs[-1], vs[-1]), top, exact, start)
         at_start = reverse_sweep(
             dynamics, top=top, stop=start + first_needed_step(every, sim.truncation),
             start=start, snapshots={n: (g_x[i], g_v[i]) for i, n in enumerate(stored)},
@@ -339,6 +372,56 @@ class _FloatReverse:
 
     def undo_kick(self, accelerations: torch.Tensor | None) -> None:
         self.v = self.integ.reverse_kick(self.kicked, accelerations)
+
+    def drift_cotangent(self, cot_positions: torch.Tensor, cot_velocities: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        return cot_positions, self.integ.kick_cotangent(cot_positions, cot_velocities)
+
+
+class _ConstrainedReverse(_FloatReverse):
+    """Constrained float dynamics undone step by step (:mod:`.constrained`); resynchronised
+    at stored states as :class:`_FloatReverse`."""
+
+    def __init__(self, scheme: ConstrainedLangevin, state: tuple[torch.Tensor, torch.Tensor],
+                 top: int, stored: dict[int, tuple[torch.Tensor, torch.Tensor]], start: int):
+        super().__init__(scheme.integ, scheme.masses, state, top, stored)
+        self.scheme, self.start = scheme, start
+        self.n = top
+        self.multipliers: torch.Tensor | None = None
+        self.q: torch.Tensor | None = None
+        self._graph: tuple[torch.Tensor, ...] | None = None
+        # The inverse of the next drift, found while undoing the kick (dropped on a resync).
+        self._next_drift: tuple[torch.Tensor, ...] | None = None
+
+    def visit(self, n: int) -> None:
+        super().visit(n)
+        if n in self.stored and n != self.top:
+            self._next_drift = None
+
+    def undo_drift(self, n: int) -> torch.Tensor:
+        self.n, self._graph = n, None
+        if self._next_drift is None:
+            self._next_drift = self.scheme.reverse_drift(self.x, self.v, n)
+        self.x, self.kicked, self.multipliers = self._next_drift
+        return self.x
+
+    def undo_kick(self, accelerations: torch.Tensor | None) -> None:
+        previous = self.n - 1
+        initial = self.stored[previous][1] if previous == self.start else None
+        self.v, self.q, self._next_drift = self.scheme.reverse_kick(
+            self.x, self.kicked, accelerations, previous, initial_velocities=initial)
+
+    def drift_cotangent(self, cot_positions: torch.Tensor, cot_velocities: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._graph is None:
+            x = self.x.detach().requires_grad_(True)
+            q = self.q.detach().requires_grad_(True)
+            x_n, v_n, _ = self.scheme.after_kick(x, q, self.n, initial=self.multipliers)
+            self._graph = (x, q, x_n, v_n)
+        x, q, x_n, v_n = self._graph
+        direct, kicked = torch.autograd.grad((x_n, v_n), (x, q),
+                                             (cot_positions, cot_velocities), retain_graph=True)
+        return direct, kicked
 
 
 def _worst(current: float, difference: torch.Tensor) -> float:

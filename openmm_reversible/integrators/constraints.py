@@ -1,0 +1,298 @@
+"""Distance constraints ``|x_a - x_b| = d`` (rigid water, HBonds): the two projections of a
+constrained step, solved to round-off in float64, and their vector-Jacobian products.
+
+With ``g_k(x) = (|x_a - x_b|² - d_k²)/2``, its gradient ``G(x)`` (one row per constraint: ``+r_k``
+on atom a, ``-r_k`` on atom b, ``r_k = x_a - x_b``) and ``M⁻¹`` the inverse masses:
+
+- **velocity projection** at ``x`` (RATTLE's velocity step, OpenMM's ``applyToVelocities``):
+  ``P_x q = q - M⁻¹G(x)ᵀ(G(x)M⁻¹G(x)ᵀ)⁻¹G(x)q``, so that ``G(x)·P_x q = 0``. It is linear in
+  ``q`` and explicit in ``x``, so autograd differentiates it directly;
+- **position projection** of ``u`` with reference ``x`` (SHAKE/SETTLE/CCMA converged,
+  OpenMM's ``apply``): ``Π(u; x) = u - M⁻¹G(x)ᵀμ`` with ``μ`` such that ``g(Π) = 0``. Newton's
+  method on ``μ`` (Jacobian ``-G(Π)M⁻¹G(x)ᵀ``) converges quadratically to round-off. Its
+  vector-Jacobian product follows from the implicit-function theorem (no unrolled iterations):
+  with ``ρ = λ - G(Π)ᵀ(G(x)M⁻¹G(Π)ᵀ)⁻¹G(x)M⁻¹λ``, ``ū = ρ`` and ``x̄ = -∇_x[μ·G(x)M⁻¹ρ]``.
+
+SETTLE solves the same equations as converged SHAKE for a rigid triangle, so one solver
+serves rigid water and bond constraints alike. The constraints are grouped into clusters
+(connected components of the graph of constrained atoms: a water, a CH₃ group); each Newton or
+projection step is one batched dense solve over the clusters, padded to the largest one.
+"""
+
+from __future__ import annotations
+
+import openmm
+import torch
+
+from ..errors import InputError
+from ..units import DTYPE
+
+# Newton stops once the largest relative residual |g_k|/d_k² is at round-off: a few ulps, or
+# below _FLOOR_TOL once a step no longer halves it (the round-off floor of the geometry). It
+# has converged quadratically long before the iteration cap, which only guards divergence.
+_RESIDUAL_TOL = 8.0 * torch.finfo(DTYPE).eps
+_FLOOR_TOL = 1e-14
+_MAX_ITERATIONS = 50
+
+
+class Constraints:
+    """A set of distance constraints and the projections of a constrained step.
+
+    Parameters
+    ----------
+    pairs : torch.Tensor, shape (m, 2), int
+        Constrained particle pairs ``(a, b)``.
+    distances : torch.Tensor, shape (m,), nm
+        Constrained distances.
+    n_particles : int
+        Number of particles of the System.
+
+    Examples
+    --------
+    >>> constraints = Constraints.from_system(system)
+    >>> sim = ReversibleSimulation(potential, integrator, 100, 10, loss_fn,
+    ...                            constraints=constraints)
+    """
+
+    def __init__(self, pairs, distances, n_particles: int):
+        pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+        distances = torch.as_tensor(distances, dtype=DTYPE).reshape(-1)
+        if pairs.shape[0] != distances.shape[0]:
+            raise InputError(f"{pairs.shape[0]} constrained pairs but {distances.shape[0]} "
+                             "distances; give one distance per pair")
+        if pairs.numel() and not (0 <= int(pairs.min()) and int(pairs.max()) < n_particles):
+            raise InputError(f"a constrained pair names a particle outside 0..{n_particles - 1}")
+        if bool((pairs[:, 0] == pairs[:, 1]).any()):
+            raise InputError("a constraint joins a particle to itself; remove it")
+        if not bool((distances > 0).all()):
+            raise InputError("every constrained distance must be > 0 nm")
+        self.pairs, self.distances, self.n_particles = pairs, distances, int(n_particles)
+        self.clusters = _clusters(pairs, n_particles)
+        self._layout_key: torch.Tensor | None = None
+        self._layout_cache: tuple[torch.Tensor, ...] = ()
+
+    @classmethod
+    def from_system(cls, system: openmm.System) -> Constraints:
+        """The constraints of an OpenMM System (``system.getConstraintParameters``)."""
+        pairs, distances = [], []
+        for k in range(system.getNumConstraints()):
+            a, b, d = system.getConstraintParameters(k)
+            pairs.append((a, b))
+            distances.append(d.value_in_unit(openmm.unit.nanometer))
+        return cls(torch.tensor(pairs, dtype=torch.long).reshape(-1, 2),
+                   torch.tensor(distances, dtype=DTYPE), system.getNumParticles())
+
+    def __len__(self) -> int:
+        return int(self.pairs.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"Constraints({len(self)} distances in {self.clusters.shape[0]} clusters of at "
+                f"most {self.clusters.shape[1]})")
+
+    # -- geometry ---------------------------------------------------------------------------
+
+    def bonds(self, x: torch.Tensor) -> torch.Tensor:
+        """``r_k = x_a - x_b`` for every constraint, shape (m, 3), nm."""
+        return x[self.pairs[:, 0]] - x[self.pairs[:, 1]]
+
+    def residual(self, x: torch.Tensor) -> float:
+        """Largest relative violation ``| |r_k| - d_k | / d_k`` at ``x`` (dimensionless)."""
+        if not len(self):
+            return 0.0
+        return float(((self.bonds(x).norm(dim=-1) - self.distances).abs() / self.distances).max())
+
+    def _scatter(self, along: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Per-particle sum of ``+along_k`` on atom a and ``-along_k`` on atom b, (N, 3)."""
+        out = torch.zeros_like(like)
+        return out.index_add(0, self.pairs[:, 0], along).index_add(0, self.pairs[:, 1], -along)
+
+    def displacement(self, x: torch.Tensor, multipliers: torch.Tensor,
+                     inv_masses: torch.Tensor) -> torch.Tensor:
+        """``M⁻¹G(x)ᵀμ``: per-particle displacement of the multipliers, shape (N, 3)."""
+        return self._scatter(multipliers[:, None] * self.bonds(x), x) * inv_masses[:, None]
+
+    def gradient_dot(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``G(x)·w`` for a per-particle vector ``w``, shape (m,)."""
+        return (self.bonds(x) * (w[self.pairs[:, 0]] - w[self.pairs[:, 1]])).sum(-1)
+
+    def _layout(self, inv_masses: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Cluster tables for :meth:`solve` (cached for the last ``inv_masses`` tensor):
+        constraint index per slot (C, K), the mass coupling of each slot pair (C, K, K), the
+        identity on padded slots and each constraint's flat slot (m,)."""
+        if self._layout_key is inv_masses:
+            return self._layout_cache
+        clusters = self.clusters
+        valid = clusters >= 0
+        index = clusters.clamp(min=0).to(inv_masses.device)
+        a, b = self.pairs[index, 0], self.pairs[index, 1]          # (C, K)
+        ai, aj, bi, bj = a[:, :, None], a[:, None, :], b[:, :, None], b[:, None, :]
+        w_a, w_b = inv_masses[a][:, :, None], inv_masses[b][:, :, None]
+        dtype = inv_masses.dtype
+        # ∂g_i/∂x_p · M⁻¹ · ∂g_j/∂x_p summed over the particles p the two constraints share.
+        coupling = (w_a * ((ai == aj).to(dtype) - (ai == bj).to(dtype))
+                    + w_b * ((bi == bj).to(dtype) - (bi == aj).to(dtype)))
+        mask = (valid[:, :, None] & valid[:, None, :]).to(inv_masses.device)
+        coupling = torch.where(mask, coupling, torch.zeros((), dtype=dtype))
+        eye = torch.eye(clusters.shape[1], dtype=dtype, device=inv_masses.device)
+        padding = torch.where(mask, torch.zeros((), dtype=dtype), eye.expand_as(coupling))
+        slot = torch.empty(len(self), dtype=torch.long)
+        slot[clusters[valid]] = torch.nonzero(valid.reshape(-1))[:, 0]
+        self._layout_key = inv_masses
+        self._layout_cache = (index, coupling, padding, slot.to(inv_masses.device),
+                              valid.to(dtype).to(inv_masses.device))
+        return self._layout_cache
+
+    def solve(self, left: torch.Tensor, right: torch.Tensor, inv_masses: torch.Tensor,
+              rhs: torch.Tensor) -> torch.Tensor:
+        """Solve ``G(left)M⁻¹G(right)ᵀ·y = rhs`` cluster by cluster, shape (m,)."""
+        index, coupling, padding, slot, valid = self._layout(inv_masses)
+        r_left = self.bonds(left)[index]
+        r_right = r_left if right is left else self.bonds(right)[index]
+        matrix = coupling * (r_left @ r_right.transpose(1, 2)) + padding
+        y = torch.linalg.solve(matrix, (rhs[index] * valid)[..., None])
+        return y.reshape(-1)[slot]
+
+    # -- projections ------------------------------------------------------------------------
+
+    def project_velocities(self, x: torch.Tensor, q: torch.Tensor, inv_masses: torch.Tensor
+                           ) -> torch.Tensor:
+        """``P_x q``: remove the mass-weighted components of ``q`` along the constraint
+        gradients at ``x`` (nm/ps; explicit, differentiable by autograd)."""
+        if not len(self):
+            return q
+        lam = self.solve(x, x, inv_masses, self.gradient_dot(x, q))
+        return q - self.displacement(x, lam, inv_masses)
+
+    def position_multipliers(self, u: torch.Tensor, reference: torch.Tensor,
+                             inv_masses: torch.Tensor, initial: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+        """Multipliers ``μ`` of ``Π(u; reference)`` by Newton's method, to round-off.
+
+        When the inputs require grad the result is differentiable by autograd: the converged
+        ``μ*`` (no graph) plus the graph of one more Newton update from it with its value
+        removed, ``Δ - Δ.detach()``. So the value is bitwise that of the no-grad solve and the
+        derivative is autograd's through a Newton step at the solution (the ground truth the
+        implicit vector-Jacobian product is checked against).
+        """
+        with torch.no_grad():
+            mu = self._newton(u, reference, inv_masses, initial)
+        if not (torch.is_grad_enabled() and (u.requires_grad or reference.requires_grad)):
+            return mu
+        x = u - self.displacement(reference, mu, inv_masses)
+        r = self.bonds(x)
+        step = self.solve(x, reference, inv_masses, 0.5 * ((r * r).sum(-1) - self.distances**2))
+        return mu + (step - step.detach())
+
+    def _newton(self, u: torch.Tensor, reference: torch.Tensor, inv_masses: torch.Tensor,
+                initial: torch.Tensor | None) -> torch.Tensor:
+        mu = u.new_zeros(len(self)) if initial is None else initial
+        d2 = self.distances**2
+        previous = float("inf")
+        for _ in range(_MAX_ITERATIONS):
+            x = u - self.displacement(reference, mu, inv_masses)
+            r = self.bonds(x)
+            g = 0.5 * ((r * r).sum(-1) - d2)
+            residual = float((g.detach().abs() / d2).max())
+            converged = residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL
+                                                      and residual > 0.5 * previous)
+            previous = residual
+            if converged:
+                return mu
+            mu = mu + self.solve(x, reference, inv_masses, g)
+        raise RuntimeError(
+            f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
+            f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
+            "large for the constrained geometry: reduce the timestep")
+
+    def project_positions(self, u: torch.Tensor, reference: torch.Tensor,
+                          inv_masses: torch.Tensor, autograd: bool = False,
+                          initial: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``Π(u; reference)`` and its multipliers ``μ``.
+
+        Parameters
+        ----------
+        u : torch.Tensor, shape (N, 3), nm
+            Unconstrained positions.
+        reference : torch.Tensor, shape (N, 3), nm
+            Positions whose constraint gradients carry the correction (the step's start).
+        inv_masses : torch.Tensor, shape (N,), 1/amu
+        autograd : bool
+            Differentiate by autograd through a Newton step at the solution (for checks,
+            :meth:`position_multipliers`); default the implicit-function vector-Jacobian
+            product.
+        initial : torch.Tensor, shape (m,), optional
+            Starting multipliers for Newton's method (default zeros).
+
+        Returns
+        -------
+        positions : torch.Tensor, shape (N, 3), nm
+            Constrained positions, ``|r_k| = d_k`` to round-off.
+        multipliers : torch.Tensor, shape (m,)
+            ``μ`` (detached unless ``autograd``).
+        """
+        if not len(self):
+            return u, u.new_zeros(0)
+        if autograd:
+            mu = self.position_multipliers(u, reference, inv_masses, initial)
+            return u - self.displacement(reference, mu, inv_masses), mu
+        x, mu = _PositionProjection.apply(u, reference, inv_masses, self, initial)
+        return x, mu.detach()
+
+
+class _PositionProjection(torch.autograd.Function):
+    """``Π(u; reference)`` solved without a graph, differentiated by the implicit-function
+    theorem (module docs)."""
+
+    @staticmethod
+    def forward(ctx, u, reference, inv_masses, constraints: Constraints, initial):
+        with torch.no_grad():
+            mu = constraints._newton(u, reference, inv_masses, initial)
+            x = u - constraints.displacement(reference, mu, inv_masses)
+        ctx.constraints = constraints
+        ctx.save_for_backward(x, reference, inv_masses, mu)
+        ctx.mark_non_differentiable(mu)
+        return x, mu
+
+    @staticmethod
+    def backward(ctx, grad_x, grad_mu):
+        x, reference, inv_masses, mu = ctx.saved_tensors
+        c = ctx.constraints
+        with torch.no_grad():
+            # ρ = λ - G(x)ᵀ (G(ref) M⁻¹ G(x)ᵀ)⁻¹ G(ref) M⁻¹ λ
+            scaled = grad_x * inv_masses[:, None]
+            y = c.solve(reference, x, inv_masses, c.gradient_dot(reference, scaled))
+            rho = grad_x - c._scatter(y[:, None] * c.bonds(x), x)
+            # x̄_ref = -∇_ref [μ · G(ref) M⁻¹ ρ]: ∓μ_k (σ_a - σ_b) on atoms a, b, σ = M⁻¹ρ.
+            sigma = rho * inv_masses[:, None]
+            grad_ref = -c._scatter(mu[:, None] * (sigma[c.pairs[:, 0]] - sigma[c.pairs[:, 1]]),
+                                   x)
+        return rho, grad_ref, None, None, None
+
+
+def _clusters(pairs: torch.Tensor, n_particles: int) -> torch.Tensor:
+    """Constraint indices grouped by connected component of the constrained atoms, padded
+    with -1: shape (C, K), K the largest cluster."""
+    parent = list(range(n_particles))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a, b in pairs.tolist():
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[ra] = rb
+    groups: dict[int, list[int]] = {}
+    for k, (a, _) in enumerate(pairs.tolist()):
+        groups.setdefault(root(a), []).append(k)
+    width = max((len(g) for g in groups.values()), default=0)
+    table = torch.full((len(groups), width), -1, dtype=torch.long)
+    for row, members in enumerate(groups.values()):
+        table[row, :len(members)] = torch.tensor(members, dtype=torch.long)
+    return table
+
+
+__all__ = ["Constraints"]
