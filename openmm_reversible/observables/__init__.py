@@ -14,6 +14,8 @@ family                                  functions
 structure (:mod:`.rdf`)                 :func:`rdf` (smooth, mdtraj-normalised g(r))
 energy (:mod:`.energy`)                 :func:`frame_energies`, :func:`energy_per_molecule`,
                                         :func:`enthalpy_of_vaporization`
+temperature (:mod:`.temperature`)       :func:`temperature`, :func:`degrees_of_freedom`
+                                        (constraints and CM removal counted as OpenMM does)
 density, pressure (:mod:`.density`)     :func:`density`, :func:`virial`, :func:`kinetic_tensor`,
                                         :func:`pressure_tensor`, :func:`pressure`
 transport (:mod:`.diffusion`)           :func:`mean_squared_displacement`,
@@ -72,13 +74,14 @@ from .elastic import born_terms, elastic_constants, relaxed_elastic_constants, s
 from .energy import energy_per_molecule, enthalpy_of_vaporization, frame_energies
 from .rdf import rdf
 from .selection import atom_indices, molecules, pair_indices
+from .temperature import degrees_of_freedom, temperature
 
 __all__ = [
-    "atom_indices", "block_average", "block_slices", "born_terms", "density", "dipole_moment",
-    "elastic_constants",
+    "atom_indices", "block_average", "block_slices", "born_terms", "degrees_of_freedom",
+    "density", "dipole_moment", "elastic_constants",
     "energy_per_molecule",
     "enthalpy_of_vaporization", "frame_energies", "kinetic_tensor",
     "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",
     "rdf", "relaxed_elastic_constants", "self_diffusion_coefficient", "static_dielectric",
-    "stress_tensor", "time_between_frames", "unwrap", "virial",
+    "stress_tensor", "temperature", "time_between_frames", "unwrap", "virial",
 ]
