@@ -825,9 +825,9 @@ def _changed_keys(old, new, prefix: str = "") -> set[str]:
 
 
 def fit(config: FitConfig, output: str | os.PathLike, resume: bool = False,
-        progress: bool = True) -> TrainResult:
-    """Run a whole fit: :class:`Trainer` ``(config, output, resume, progress).run()``."""
-    return Trainer(config, output, resume=resume, progress=progress).run()
+        progress: bool = True, engine: Engine | None = None) -> TrainResult:
+    """Run a whole fit: :class:`Trainer` ``(config, output, resume, progress, engine).run()``."""
+    return Trainer(config, output, resume=resume, progress=progress, engine=engine).run()
 
 
 # ---------------------------------------------------------------------------------------------
