@@ -629,7 +629,9 @@ class Trainer:
                                       self.parameters.scaled.detach().clone(),
                                       self.sampler.state(), self._seed(epoch, attempt, w + 1),
                                       str(self.output)))
+        t = time.perf_counter()
         ran = self._run_windows(pieces)
+        timings["windows_s"] = time.perf_counter() - t
         totals = {"loss": 0.0, "terms": {}, "observables": {}, "reconstruction_error": 0.0}
         grad = torch.zeros_like(self.parameters.scaled)
         timings["windows"] = []

@@ -15,7 +15,7 @@ ROOMS = [
     ("integrators",),
     ("exact",),
     ("observables", "reweighting", "losses", "priors", "ml"),
-    ("systems", "config", "sampler"),
+    ("systems", "config", "sampler", "parallel"),
     ("train", "train_elastic", "export", "verify", "gradcheck", "validate", "benchmarks",
      "demo", "fit"),
     ("commands", "cli"),

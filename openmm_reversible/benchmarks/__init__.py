@@ -4,6 +4,8 @@
 - ``memory``: peak memory of reversible gradients through 1,000 and 20,000 steps and of
   backprop through time (:mod:`.memory`);
 - ``forces``: torch force and VJP cost against an OpenMM step (:mod:`.forces`);
+- ``parallel``: an epoch's windows on 1 and on N local Dask workers: speed-up, overhead per
+  piece, identical results (:mod:`.parallel`);
 - ``exact``: bitwise round trip of the water box in fixed point: information-buffer size,
   bits per degree of freedom and step, and cost relative to the float mode (:mod:`.exact`).
 
@@ -19,6 +21,8 @@ import json
 BENCHMARKS = {"gradient": "Time of a reversible gradient relative to the forward run",
               "memory": "Peak memory of reversible gradients vs steps, and of BPTT",
               "forces": "Cost of the torch forces and VJPs against an OpenMM CPU step",
+              "parallel": "An epoch's windows on 1 and on N local Dask workers: speed-up, "
+                          "overhead per piece",
               "exact": "Bitwise round trip of the water box in fixed point: buffer size, "
                        "bits per step, cost vs float"}
 
