@@ -54,7 +54,8 @@ class PieceFailed(RuntimeError):
 
 
 class ClusterUnavailable(InputError):
-    """The scheduler address is malformed, unreachable, or runs another Dask version."""
+    """The scheduler address is malformed or unreachable, or the cluster runs other versions of
+    Dask's required packages."""
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,8 @@ class _Raised:
 
 
 def _run_piece(function: Callable, threads: int | None, passthrough: tuple, item) -> Ran:
-    """Run ``function(item)`` (in a worker, or here); module-level so that it pickles."""
+    """Run ``function(item)``: on a Dask worker with ``threads`` torch threads, or here when
+    ``threads`` is None. Module-level so that it pickles."""
     if threads is not None:
         torch.set_num_threads(threads)
     where = IN_PROCESS
@@ -129,10 +131,6 @@ class Engine:
         """
         raise NotImplementedError
 
-    def describe(self) -> str:
-        """One line for logs: where the pieces run."""
-        raise NotImplementedError
-
     def close(self) -> None:
         """Release the workers (a no-op here)."""
 
@@ -156,9 +154,6 @@ class InProcess(Engine):
             if done is not None:
                 done(index, ran)
         return results
-
-    def describe(self) -> str:
-        return IN_PROCESS
 
 
 class DaskEngine(Engine):
@@ -238,7 +233,7 @@ class DaskEngine(Engine):
                 i = index[future.key]
                 try:
                     ran = future.result()
-                except Exception as exc:  # noqa: BLE001 - the engine names every failure
+                except Exception as exc:  # whatever it was, the piece is named
                     raise PieceFailed(i, f"piece {i + 1} of {len(futures)} failed on all "
                                          f"{self.retries + 1} runs allowed "
                                          f"(parallel.retries = {self.retries}): "
@@ -253,11 +248,6 @@ class DaskEngine(Engine):
             if isinstance(ran.value, _Raised):
                 raise ran.value.error
         return results
-
-    def describe(self) -> str:
-        workers = self.client.scheduler_info().get("workers", {})
-        return (f"Dask scheduler {self.client.scheduler.address}, {len(workers)} workers × "
-                f"{self.threads} threads")
 
     def close(self) -> None:
         self.client.close()

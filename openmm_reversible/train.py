@@ -611,6 +611,8 @@ class Trainer:
         """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
         sched = self.config.schedule
         epoch = self.epoch + 1
+        if self.engine is None:  # first, so that a bad scheduler address fails before sampling
+            self.engine = open_engine(self.config.parallel)
         timings = {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0, "forward_s": 0.0,
                    "backward_s": 0.0}
         t = time.perf_counter()
@@ -676,8 +678,6 @@ class Trainer:
     def _run_windows(self, pieces: list[WindowPiece]) -> list:
         """Each piece through :func:`compute_window`, here or on the engine's workers; the
         results (:class:`~openmm_reversible.parallel.Ran`) in window order."""
-        if self.engine is None:
-            self.engine = open_engine(self.config.parallel)
         if self.engine.local:
             function = functools.partial(compute_window, self.model)
         else:
