@@ -199,7 +199,10 @@ class DaskEngine(Engine):
                 self._cluster = LocalCluster(
                     n_workers=int(workers), threads_per_worker=1, processes=True,
                     dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
-                    env={"OMP_NUM_THREADS": str(self.threads)})
+                    env={"OMP_NUM_THREADS": str(self.threads)},
+                    # No dashboard; the scheduler's own HTTP endpoint (health, metrics) on a
+                    # free local port instead of 8787, which another cluster may hold.
+                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             self.client = Client(self._cluster, timeout=connect_timeout)
             return
         try:
