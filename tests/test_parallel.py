@@ -193,3 +193,15 @@ def test_config_and_command_line_choose_the_layout(argon, tmp_path):  # noqa: F8
         parser.parse_args([str(toml), "--workers", "2", "--scheduler", "tcp://h:1"])
     with pytest.raises(InputError, match=r"^--workers 0: must be >= 1$"):
         fit_cli.run(parser.parse_args([str(toml), "--workers", "0"]))
+
+
+def test_a_fit_resumes_on_another_layout_as_if_uninterrupted(argon, in_process, two_workers,  # noqa: F811
+                                                             tmp_path):
+    """The checkpoint does not hold the layout: epoch 1 here, epoch 2 on 2 workers (a config
+    whose [parallel] section changed) continue the in-process run exactly."""
+    fit(_windows_config(argon, "layout", epochs=1), tmp_path / "out", progress=False)
+    resumed = fit(_windows_config(argon, "layout", workers=2), tmp_path / "out", resume=True,
+                  progress=False, engine=two_workers)
+    assert [r["epoch"] for r in resumed.records] == [1, 2]
+    assert _results(resumed) == _results(in_process)
+    assert {w["worker"] for w in resumed.records[1]["timings"]["windows"]} != {IN_PROCESS}

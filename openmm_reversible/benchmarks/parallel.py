@@ -7,7 +7,9 @@ time and its window phase (sampling in OpenMM stays serial in this process), the
 N workers over 1, the overhead per piece (the window phase on 1 worker minus the time spent in
 the windows themselves: serialisation, transfer and scheduling, per window), the pickled size
 of a piece and of its result, and whether every layout gave the same gradients and parameters
-bit for bit.
+bit for bit. ``identical`` can only hold where OpenMM's sampling itself repeats from run to
+run (the Reference platform, as in the tests): the windows' start states come from it, and
+the water example (CPU platform, NPT) gives different losses in two in-process runs already.
 """
 
 from __future__ import annotations
