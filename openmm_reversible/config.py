@@ -9,6 +9,7 @@ A config file has one table per concern::
     [schedule]     epochs, equilibration_steps, bulk_steps, windows, window_steps, optimiser
     [failure]      what to do when a simulation blows up (retries, new noise, smaller step)
     [output]       trajectory format and frames per epoch (besides XML, log, CSV, checkpoint)
+    [parallel]     workers, scheduler, threads_per_worker: where the windows of an epoch run
     [[targets]]    one table per observable with its target and weight
 
 Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
@@ -170,6 +171,18 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    workers: int | None = _spec(None, _positive, "local worker processes for the windows "
+                                                 "(default: none, windows run in-process)")
+    scheduler: str | None = _spec(None, doc="address of a running Dask scheduler, e.g. "
+                                            "tcp://10.0.0.5:8786 (instead of local workers)")
+    threads_per_worker: int = _spec(1, _positive, "torch threads of each worker")
+    retries: int = _spec(2, _non_negative, "extra runs of a window whose worker died or "
+                                           "failed unexpectedly")
+    connect_timeout: float = _spec(10.0, _positive, "s to wait for the scheduler")
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     observable: str = _spec(check=_one_of(*OBSERVABLES))
     weight: float = _spec(1.0, _non_negative)
@@ -234,6 +247,8 @@ class FitConfig:
     system: SystemConfig = field(default_factory=SystemConfig)
     failure: FailureConfig = field(default_factory=FailureConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Where the windows run (:mod:`.parallel`); never changes the results."""
     targets: list[TargetConfig] = field(default_factory=list)
     parameters: list[ParameterRule] = field(default_factory=list)
     """Priors, bounds and frozen parameters (``[[parameters]]`` tables, :mod:`.priors`)."""
@@ -452,6 +467,10 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                          f"of schedule.snapshot_every = {schedule.snapshot_every}")
     failure = _build(FailureConfig, data.get("failure", {}), "failure")
     output = _build(OutputConfig, data.get("output", {}), "output")
+    parallel = _build(ParallelConfig, data.get("parallel", {}), "parallel")
+    if parallel.workers is not None and parallel.scheduler is not None:
+        raise InputError("parallel: give either 'workers' (local worker processes) or "
+                         "'scheduler' (the address of a running cluster), not both")
     raw_targets = data.get("targets", [])
     if not isinstance(raw_targets, list) or not raw_targets:
         raise InputError("targets: give at least one [[targets]] table")
@@ -471,9 +490,8 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                          "prior_width, lower, upper, frozen)")
     rules = [_build(ParameterRule, r, f"parameters[{i}]") for i, r in enumerate(raw_rules)]
     return FitConfig(forcefield=ff, structure=structure, system=system, simulation=simulation,
-                     schedule=schedule, failure=failure, output=output, targets=targets,
-                     parameters=rules,
-                     path=path)
+                     schedule=schedule, failure=failure, output=output, parallel=parallel,
+                     targets=targets, parameters=rules, path=path)
 
 
 def load_config(path: str | os.PathLike) -> FitConfig:

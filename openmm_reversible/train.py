@@ -6,9 +6,13 @@ One epoch (:meth:`Trainer.run_epoch`):
    and restart the simulation from the state the previous epoch ended in, with noise seeded by
    ``(seed, epoch, attempt)``;
 2. equilibrate in OpenMM (NPT with a MonteCarloBarostat when ``simulation.pressure`` is set);
-3. for each window: sample ``bulk_steps`` in OpenMM, hand the state to a torch
-   :class:`~openmm_reversible.integrators.ReversibleSimulation`, and back-propagate its loss
-   (gradients accumulate over the windows, each weighted 1/windows);
+3. for each window: sample ``bulk_steps`` in OpenMM (one chain, so the windows' start states
+   are collected first); then run each window as an independent piece
+   (:func:`compute_window`: a torch
+   :class:`~openmm_reversible.integrators.ReversibleSimulation` from its start state, its loss
+   back-propagated), in this process or on Dask workers (``[parallel]``,
+   :mod:`~openmm_reversible.parallel`), and sum the gradients, each weighted 1/windows, in
+   window order, so that the result is the same bit for bit with any number of workers;
 4. the priors of ``[[parameters]]`` (:mod:`~openmm_reversible.priors`) add their penalty
    and its gradient, frozen parameters lose theirs; one optimiser step on the *scaled*
    parameters (value / start value, as in the reversible simulation paper), then clip them so
@@ -52,6 +56,7 @@ parameters and the forces whose derivatives are not finite (:func:`nonfinite_gra
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -83,6 +88,7 @@ from .outputs import (
     write_topology,
     write_trajectory,
 )
+from .parallel import Engine, PieceFailed, open_engine
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
@@ -433,6 +439,177 @@ def nonfinite_gradient_terms(potential: TorchPotential, positions: torch.Tensor,
     return found
 
 
+# ---------------------------------------------------------------------------------------------
+# One reversible window as an independent piece (run here or on a worker)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WindowModel:
+    """What a window needs, built from the config once per process (:func:`window_model`).
+
+    Attributes
+    ----------
+    config : FitConfig
+    topology : openmm.app.Topology
+    positions : numpy.ndarray, shape (N, 3), nm
+        The config's starting structure.
+    parameters : ParameterSet
+    potential : TorchPotential
+        Bound to ``parameters``.
+    objective : Objective
+    """
+
+    config: FitConfig
+    topology: object
+    positions: np.ndarray
+    parameters: ParameterSet
+    potential: TorchPotential
+    objective: Objective
+
+
+def window_model(config: FitConfig) -> WindowModel:
+    """Build the structure, parameters, torch potential and objective of a config."""
+    with structure_errors(config.structure.source, config.forcefield.files):
+        topology, positions = build_structure(config)
+        parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
+                                                  **create_system_kwargs(config))
+    configure_system(parameters.system, config)
+    potential = TorchPotential(parameters.system, parameters=parameters,
+                               fused=config.simulation.fused)
+    return WindowModel(config, topology, positions, parameters, potential,
+                       Objective(config, topology))
+
+
+@dataclass(frozen=True)
+class WindowPiece:
+    """The inputs of one reversible window: with the config, all its result depends on.
+
+    Attributes
+    ----------
+    epoch : int
+        1-based, for messages.
+    index : int
+        0-based window index in the epoch.
+    windows : int
+        Windows in the epoch (the gradient is that of loss / windows).
+    scaled : torch.Tensor, shape (P,)
+        Scaled trainable parameter values (value / start value).
+    state : SampledState
+        Start state (nm, nm/ps) from OpenMM.
+    seed : int
+        Seed of the window's Langevin noise.
+    output : str
+        The fit's output directory, named in messages.
+    """
+
+    epoch: int
+    index: int
+    windows: int
+    scaled: torch.Tensor
+    state: SampledState
+    seed: int
+    output: str
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """What one window gives.
+
+    Attributes
+    ----------
+    loss : float
+        The window's loss (unweighted).
+    gradient : torch.Tensor, shape (P,)
+        d(loss / windows) / d(scaled parameters).
+    terms : dict of str to float
+        Each weighted loss term.
+    observables : dict of str to float or list
+        Each observable over the window.
+    info : dict of str to float
+        ``forward_s``, ``backward_s`` (s) and ``reconstruction_error`` (nm).
+    """
+
+    loss: float
+    gradient: torch.Tensor
+    terms: dict
+    observables: dict
+    info: dict
+
+
+def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
+    """Run one reversible window and back-propagate its loss (a pure function of its inputs).
+
+    The parameter values of ``piece`` are set into ``model.parameters`` first.
+
+    Raises
+    ------
+    _WindowFailed
+        Non-finite positions or loss, or no gradient (the epoch is retried with new noise).
+    NonFiniteGradient
+        A NaN or infinite parameter gradient (the fit stops), naming the parameters and forces.
+    """
+    sched, sim_cfg = model.config.schedule, model.config.simulation
+    parameters, state, index = model.parameters, piece.state, piece.index
+    with torch.no_grad():
+        parameters.scaled.copy_(piece.scaled)
+    parameters.scaled.grad = None
+    integrator = LangevinMiddleIntegrator(sim_cfg.timestep, sim_cfg.friction,
+                                          sim_cfg.temperature, seed=piece.seed)
+    simulation = ReversibleSimulation(
+        model.potential, integrator, sched.window_steps, sched.snapshot_every,
+        model.objective, truncation=sched.truncation, resync_every=sched.resync_every)
+    positions = torch.as_tensor(state.positions, dtype=DTYPE)
+    velocities = torch.as_tensor(state.velocities, dtype=DTYPE)
+    box = None if state.box is None else torch.as_tensor(state.box, dtype=DTYPE)
+    loss = simulation(positions, velocities, box)
+    frames = simulation.trajectory.positions
+    finite = torch.isfinite(frames).reshape(frames.shape[0], -1).all(dim=1)
+    if not bool(finite.all()) or not bool(torch.isfinite(loss)):
+        bad = int(torch.nonzero(~finite)[0, 0]) if not bool(finite.all()) else -1
+        step = int(simulation.trajectory.steps[bad]) if bad >= 0 else sched.window_steps
+        raise _WindowFailed(f"reversible window {index + 1} became non-finite by window "
+                            f"step {step} (started at OpenMM step {state.step})")
+    (loss / piece.windows).backward()
+    grad = parameters.scaled.grad
+    if grad is None:
+        raise _WindowFailed(f"reversible window {index + 1} (started at OpenMM step "
+                            f"{state.step}) gave no gradient")
+    if not bool(torch.isfinite(grad).all()):
+        keys = parameters.trainable_keys
+        bad = [f"{k} ({g})" for k, g in zip(keys, grad.tolist(), strict=True)
+               if not math.isfinite(g)]
+        terms = nonfinite_gradient_terms(model.potential, positions, box)
+        source = (f"at the window's first state it comes from {'; '.join(terms)}" if terms
+                  else "no force has a non-finite parameter gradient at the window's first "
+                  "state, so it arises later in the window or in the loss")
+        raise NonFiniteGradient(
+            f"epoch {piece.epoch}: reversible window {index + 1} (started at OpenMM step "
+            f"{state.step}) gave a non-finite gradient for {', '.join(bad)}; {source}. The "
+            "fit stops before any optimiser step; the last good parameters are kept in "
+            f"{piece.output}. Look for 0*inf in that force's expression (an infinite "
+            "intermediate such as r/rm with rm = 0, multiplied by a parameter) and give the "
+            "parameters involved nonzero values")
+    info = {key: float(simulation.info.get(key, 0.0))
+            for key in ("forward_s", "backward_s", "reconstruction_error")}
+    return WindowResult(float(loss.detach()), grad.detach().clone(),
+                        dict(model.objective.last_terms), dict(model.objective.last_observables),
+                        info)
+
+
+_MODELS: dict[str, WindowModel] = {}
+"""This process's window models, keyed by their config (a worker builds each once)."""
+
+
+def remote_window(config: FitConfig, piece: WindowPiece) -> WindowResult:
+    """:func:`compute_window` with this process's model of ``config`` (built on first use)."""
+    key = json.dumps(_comparable(to_dict(config)), sort_keys=True, default=str)
+    if key not in _MODELS:
+        _MODELS[key] = window_model(config)
+    return compute_window(_MODELS[key], piece)
+
+
+
 class Trainer:
     """Fit the tagged parameters of a force field to targets (see the module docstring).
 
@@ -447,11 +624,17 @@ class Trainer:
         holds a checkpoint is refused (so a finished run is never silently overwritten).
     progress : bool
         Show progress bars (epochs and windows).
+    engine : Engine, optional
+        Where the windows run; by default the one ``config.parallel`` asks for
+        (:func:`~openmm_reversible.parallel.open_engine`), opened at the first epoch and
+        closed when :meth:`run` returns. An engine given here is left open.
     """
 
     def __init__(self, config: FitConfig, output: str | os.PathLike, resume: bool = False,
-                 progress: bool = True):
+                 progress: bool = True, engine: Engine | None = None):
         self.config = config
+        self.engine = engine
+        self._owns_engine = engine is None
         self.output = Path(output)
         self.progress = progress
         checkpoint_path = self.output / CHECKPOINT
@@ -466,18 +649,15 @@ class Trainer:
             raise InputError(f"{self.output} already holds a fit ({CHECKPOINT}); pass --resume "
                              f"to continue it or choose another --output directory")
 
-        with structure_errors(config.structure.source, config.forcefield.files):
-            topology, positions = build_structure(config)
-            self.parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
-                                                           **create_system_kwargs(config))
-        self.topology = topology
-        self._start_positions = positions
+        self.model = window_model(config)
+        self.topology = topology = self.model.topology
+        self._start_positions = self.model.positions
+        self.parameters = self.model.parameters
         self.regularization = Regularization(self.parameters, config.parameters)
-        configure_system(self.parameters.system, config)
-        self.potential = TorchPotential(self.parameters.system, parameters=self.parameters,
-                                        fused=config.simulation.fused)
-        self.objective = Objective(config, topology)
-        self.sampler = Sampler.from_config(config, self.parameters.system, positions, topology)
+        self.potential = self.model.potential
+        self.objective = self.model.objective
+        self.sampler = Sampler.from_config(config, self.parameters.system, self.model.positions,
+                                           topology)
         sched = config.schedule
         optimizer_cls = torch.optim.Adam if sched.optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer_cls([self.parameters.scaled], lr=sched.learning_rate)
@@ -544,57 +724,6 @@ class Trainer:
             seed = counter_seed(seed, s)
         return seed
 
-    def _window(self, index: int, state: SampledState, seed: int, totals: dict) -> None:
-        sched, sim_cfg = self.config.schedule, self.config.simulation
-        integrator = LangevinMiddleIntegrator(sim_cfg.timestep, sim_cfg.friction,
-                                              sim_cfg.temperature, seed=seed)
-        simulation = ReversibleSimulation(
-            self.potential, integrator, sched.window_steps, sched.snapshot_every,
-            self.objective, truncation=sched.truncation, resync_every=sched.resync_every)
-        positions = torch.as_tensor(state.positions, dtype=DTYPE)
-        velocities = torch.as_tensor(state.velocities, dtype=DTYPE)
-        box = None if state.box is None else torch.as_tensor(state.box, dtype=DTYPE)
-        loss = simulation(positions, velocities, box)
-        frames = simulation.trajectory.positions
-        finite = torch.isfinite(frames).reshape(frames.shape[0], -1).all(dim=1)
-        if not bool(finite.all()) or not bool(torch.isfinite(loss)):
-            bad = int(torch.nonzero(~finite)[0, 0]) if not bool(finite.all()) else -1
-            step = int(simulation.trajectory.steps[bad]) if bad >= 0 else sched.window_steps
-            raise _WindowFailed(f"reversible window {index + 1} became non-finite by window "
-                                f"step {step} (started at OpenMM step {state.step})")
-        (loss / sched.windows).backward()
-        grad = self.parameters.scaled.grad
-        if grad is None:
-            raise _WindowFailed(f"reversible window {index + 1} (started at OpenMM step "
-                                f"{state.step}) gave no gradient")
-        if not bool(torch.isfinite(grad).all()):
-            keys = self.parameters.trainable_keys
-            bad = [f"{k} ({g})" for k, g in zip(keys, grad.tolist(), strict=True)
-                   if not math.isfinite(g)]
-            terms = nonfinite_gradient_terms(self.potential, positions, box)
-            source = (f"at the window's first state it comes from {'; '.join(terms)}" if terms
-                      else "no force has a non-finite parameter gradient at the window's first "
-                      "state, so it arises later in the window or in the loss")
-            raise NonFiniteGradient(
-                f"epoch {self.epoch + 1}: reversible window {index + 1} (started at OpenMM step "
-                f"{state.step}) gave a non-finite gradient for {', '.join(bad)}; {source}. The "
-                "fit stops before any optimiser step; the last good parameters are kept in "
-                f"{self.output}. Look for 0*inf in that force's expression (an infinite "
-                "intermediate such as r/rm with rm = 0, multiplied by a parameter) and give the "
-                "parameters involved nonzero values")
-        totals["loss"] += float(loss.detach()) / sched.windows
-        for name, value in self.objective.last_terms.items():
-            totals["terms"][name] = totals["terms"].get(name, 0.0) + value / sched.windows
-        for name, value in self.objective.last_observables.items():
-            acc = totals["observables"].get(name)
-            scaled = np.asarray(value, dtype=float) / sched.windows
-            totals["observables"][name] = scaled if acc is None else acc + scaled
-        for key in ("forward_s", "backward_s"):
-            totals["timings"][key] += float(simulation.info.get(key, 0.0))
-        totals["reconstruction_error"] = max(totals["reconstruction_error"],
-                                             float(simulation.info.get("reconstruction_error",
-                                                                       0.0)))
-
     def _frame_steps(self) -> set[int]:
         """OpenMM steps of the current epoch at which a trajectory frame is saved: the
         configured number, evenly spaced over the epoch's sampling, the last at its end."""
@@ -610,6 +739,8 @@ class Trainer:
         """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
         sched = self.config.schedule
         epoch = self.epoch + 1
+        if self.engine is None:  # first, so that a bad scheduler address fails before sampling
+            self.engine = open_engine(self.config.parallel)
         frame_steps = self._frame_steps()
         timings = {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0, "forward_s": 0.0,
                    "backward_s": 0.0}
@@ -620,16 +751,39 @@ class Trainer:
         t = time.perf_counter()
         frames = self.sampler.step(sched.equilibration_steps, frame_steps)
         timings["equilibrate_s"] = time.perf_counter() - t
-        self.optimizer.zero_grad(set_to_none=False)
-        totals = {"loss": 0.0, "terms": {}, "observables": {}, "timings": timings,
-                  "reconstruction_error": 0.0}
-        windows = tqdm(range(sched.windows), desc=f"epoch {epoch} windows", leave=False,
-                       disable=not self.progress or None, unit="window")
-        for w in windows:
+        pieces = []
+        for w in range(sched.windows):
             t = time.perf_counter()
             frames += self.sampler.step(sched.bulk_steps, frame_steps)
             timings["bulk_s"] += time.perf_counter() - t
-            self._window(w, self.sampler.state(), self._seed(epoch, attempt, w + 1), totals)
+            pieces.append(WindowPiece(epoch, w, sched.windows,
+                                      self.parameters.scaled.detach().clone(),
+                                      self.sampler.state(), self._seed(epoch, attempt, w + 1),
+                                      str(self.output)))
+        t = time.perf_counter()
+        ran = self._run_windows(pieces)
+        timings["windows_s"] = time.perf_counter() - t
+        totals = {"loss": 0.0, "terms": {}, "observables": {}, "reconstruction_error": 0.0}
+        grad = torch.zeros_like(self.parameters.scaled)
+        timings["windows"] = []
+        for piece, done in zip(pieces, ran, strict=True):
+            result: WindowResult = done.value
+            # The window order fixes the summation order: the same sums with any layout.
+            grad = grad + result.gradient
+            totals["loss"] += result.loss / sched.windows
+            for name, value in result.terms.items():
+                totals["terms"][name] = totals["terms"].get(name, 0.0) + value / sched.windows
+            for name, value in result.observables.items():
+                acc = totals["observables"].get(name)
+                scaled = np.asarray(value, dtype=float) / sched.windows
+                totals["observables"][name] = scaled if acc is None else acc + scaled
+            for key in ("forward_s", "backward_s"):
+                timings[key] += result.info[key]
+            totals["reconstruction_error"] = max(totals["reconstruction_error"],
+                                                 result.info["reconstruction_error"])
+            timings["windows"].append({"window": piece.index + 1, "worker": done.where,
+                                       "seconds": done.seconds})
+        self.parameters.scaled.grad = grad
         prior = self.regularization.penalty()
         if prior.requires_grad:
             prior.backward()
@@ -652,6 +806,38 @@ class Trainer:
             "frames": frames,
             "timings": timings,
         }
+
+    def _run_windows(self, pieces: list[WindowPiece]) -> list:
+        """Each piece through :func:`compute_window`, here or on the engine's workers; the
+        results (:class:`~openmm_reversible.parallel.Ran`) in window order."""
+        if self.engine.local:
+            function = functools.partial(compute_window, self.model)
+        else:
+            function = functools.partial(remote_window, self.config)
+        bar = tqdm(total=len(pieces), desc=f"epoch {pieces[0].epoch} windows", leave=False,
+                   disable=not self.progress or None, unit="window")
+
+        def done(index, ran) -> None:
+            bar.update(1)
+            bar.set_postfix_str(f"window {index + 1}: {ran.where}, {ran.seconds:.1f} s")
+
+        with bar:
+            try:
+                return self.engine.map(function, pieces,
+                                       passthrough=(_WindowFailed, NonFiniteGradient), done=done)
+            except PieceFailed as exc:
+                piece = pieces[exc.index]
+                raise TrainingFailed(
+                    f"epoch {piece.epoch}: reversible window {piece.index + 1} (started at "
+                    f"OpenMM step {piece.state.step}): {exc}. The fit stops; the last good "
+                    f"parameters are kept in {self.output}") from exc
+
+    def close(self) -> None:
+        """Close the engine the trainer opened (its worker processes); a later epoch opens it
+        again."""
+        if self._owns_engine and self.engine is not None:
+            self.engine.close()
+            self.engine = None
 
     def _describe_parameters(self) -> str:
         return ", ".join(f"{k} = {v:.6g}" for k, v in self.parameters.values().items())
@@ -745,11 +931,14 @@ class Trainer:
         total = self.config.schedule.epochs
         bar = tqdm(total=total, initial=self.epoch, desc="epochs", unit="epoch",
                    disable=not self.progress or None)
-        with bar:
-            while self.epoch < total:
-                record = self.run_epoch()
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
-                bar.update(1)
+        try:
+            with bar:
+                while self.epoch < total:
+                    record = self.run_epoch()
+                    bar.set_postfix(loss=f"{record['loss']:.4g}")
+                    bar.update(1)
+        finally:
+            self.close()
         return TrainResult(records=self.records, parameters=self.parameters.values(),
                            files={"forcefield": [self.output / Path(f).name for f in
                                                  (self.parameters.files[i] for i in
@@ -761,8 +950,9 @@ class Trainer:
 
 
 def _comparable(config: dict) -> dict:
-    """The config as checkpoint-storable plain data (None for the source path)."""
-    return {k: v for k, v in config.items() if k != "path"}
+    """The config as checkpoint-storable plain data, without its source path and where the
+    windows run (neither changes the results)."""
+    return {k: v for k, v in config.items() if k not in ("path", "parallel")}
 
 
 def _changed_keys(old, new, prefix: str = "") -> set[str]:
@@ -778,9 +968,9 @@ def _changed_keys(old, new, prefix: str = "") -> set[str]:
 
 
 def fit(config: FitConfig, output: str | os.PathLike, resume: bool = False,
-        progress: bool = True) -> TrainResult:
-    """Run a whole fit: :class:`Trainer` ``(config, output, resume, progress).run()``."""
-    return Trainer(config, output, resume=resume, progress=progress).run()
+        progress: bool = True, engine: Engine | None = None) -> TrainResult:
+    """Run a whole fit: :class:`Trainer` ``(config, output, resume, progress, engine).run()``."""
+    return Trainer(config, output, resume=resume, progress=progress, engine=engine).run()
 
 
 # ---------------------------------------------------------------------------------------------

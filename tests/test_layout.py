@@ -15,7 +15,7 @@ ROOMS = [
     ("integrators",),
     ("exact",),
     ("observables", "reweighting", "losses", "priors", "target_files", "ml"),
-    ("systems", "config", "sampler"),
+    ("systems", "config", "sampler", "parallel"),
     ("train", "train_elastic", "outputs", "export", "verify", "gradcheck", "validate",
      "benchmarks"),
     ("commands", "cli"),

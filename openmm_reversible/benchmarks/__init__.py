@@ -6,6 +6,8 @@
 - :func:`.forces.measure`: torch force and VJP cost against an OpenMM step;
 - :func:`.constraints.measure`: a constrained (rigid water) reverse step against an
   unconstrained one on the same box;
+- :func:`.parallel.measure`: an epoch's windows on 1 and on N local Dask workers:
+  speed-up, overhead per piece, identical results;
 - :func:`.exact.measure`: bitwise round trip of the water box in fixed point:
   information-buffer size, bits per degree of freedom and step, and cost relative to the float
   mode.

@@ -12,7 +12,7 @@ import json
 
 from . import OK, defaults
 
-HELP = "run a benchmark (forces, gradient, memory, constraints, exact) and print its results"
+HELP = "run a benchmark (forces, gradient, memory, constraints, parallel, exact)"
 
 BENCHMARKS = {
     "gradient": ("openmm_reversible.benchmarks.gradient", "measure",
@@ -24,6 +24,9 @@ BENCHMARKS = {
     "constraints": ("openmm_reversible.benchmarks.constraints", "measure",
                     "Cost of a constrained (rigid water) reverse step against an unconstrained "
                     "one on the same box"),
+    "parallel": ("openmm_reversible.benchmarks.parallel", "measure",
+                 "An epoch's windows on 1 and on N local Dask workers: speed-up, overhead per "
+                 "piece, identical results"),
     "exact": ("openmm_reversible.benchmarks.exact", "measure",
               "Bitwise round trip of the water box in fixed point: buffer size, bits per step, "
               "cost vs float"),
@@ -49,6 +52,10 @@ OPTIONS = {
                     "steps": (int, "steps in each window"),
                     "repeats": (int, "measurements of each (the fastest is kept)"),
                     "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed")},
+    "parallel": {"config": (str, "TOML fitting config"),
+                 "workers": (int, "workers to compare with 1"),
+                 "windows": (int, "override schedule.windows (>= 4 keeps the workers busy)"),
+                 "epochs": (int, "epochs per layout; the last one is timed")},
     "exact": {"waters": (int, "water molecules"),
               "steps": (int, "steps forward, then as many back"),
               "timing_steps": (int, "steps of the float and exact round trips timed for the "
@@ -76,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             flag = f"--{option.replace('_', '-')}"
             if kind is bool:  # a switch, off by default
                 p.add_argument(flag, action="store_true", help=option_help)
+            elif option not in default:  # no library default: required
+                p.add_argument(flag, type=kind, required=True, help=option_help)
             else:
                 p.add_argument(flag, type=kind, default=default[option], help=option_help)
         p.add_argument("--json", action="store_true", help="print one JSON line")

@@ -1,15 +1,19 @@
-"""``openmm-reversible fit CONFIG.toml [--resume] [--output DIR]``: train force-field parameters.
+"""``openmm-reversible fit CONFIG.toml [--resume] [--output DIR] [--workers N | --scheduler ADDR]``:
+train force-field parameters.
 
 The config (:mod:`openmm_reversible.config`) is validated in full before anything runs or is
 written; the training loop is :class:`openmm_reversible.train.Trainer`. After every epoch DIR
 holds the trained ForceField XML, ``log.jsonl``, ``training.png`` and ``checkpoint.pt``;
-``--resume`` continues from the checkpoint. Exit codes: 0 finished, 1 training failed (the last
-good parameters stay in DIR), 2 bad input.
+``--resume`` continues from the checkpoint. ``--workers N`` runs the windows of each epoch on N
+local worker processes, ``--scheduler ADDR`` on a running Dask cluster (both override the
+config's ``[parallel]`` section; the results are the same). Exit codes: 0 finished, 1 training
+failed (the last good parameters stay in DIR), 2 bad input.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from . import OK, OUTSIDE_TOLERANCE, train, with_epochs
@@ -27,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override schedule.epochs, e.g. to extend a finished fit "
                              "(default: the config's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="run the windows on N local worker processes (overrides "
+                            "parallel.workers)")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="run the windows on the Dask cluster at ADDRESS, e.g. "
+                            "tcp://10.0.0.5:8786 (overrides parallel.scheduler)")
 
 
 def fit_directory(config_path: str, output: str | None) -> Path:
@@ -36,9 +47,14 @@ def fit_directory(config_path: str, output: str | None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
+    from ..errors import check_at_least
     from ..train import Trainer
 
     config = with_epochs(load_config(args.config), args.epochs)
+    if args.workers is not None or args.scheduler is not None:
+        check_at_least(1, workers=args.workers if args.workers is not None else 1)
+        config = dataclasses.replace(config, parallel=dataclasses.replace(
+            config.parallel, workers=args.workers, scheduler=args.scheduler))
     output = fit_directory(args.config, args.output)
     trainer = Trainer(config, output, resume=args.resume, progress=not args.no_progress)
     for label, note in trainer.objective.rdf_notes.items():
