@@ -47,12 +47,13 @@ def fit_directory(config_path: str, output: str | None) -> Path:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_config
-    from ..errors import check_at_least
+    from ..errors import InputError
     from ..train import Trainer
 
     config = with_epochs(load_config(args.config), args.epochs)
     if args.workers is not None or args.scheduler is not None:
-        check_at_least(1, workers=args.workers if args.workers is not None else 1)
+        if args.workers is not None and args.workers < 1:
+            raise InputError(f"--workers {args.workers}: must be >= 1")
         config = dataclasses.replace(config, parallel=dataclasses.replace(
             config.parallel, workers=args.workers, scheduler=args.scheduler))
     output = fit_directory(args.config, args.output)
