@@ -15,18 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from openmm_reversible import train
 from openmm_reversible.config import config_from_dict
 from openmm_reversible.errors import InputError
 from openmm_reversible.sampler import Sampler, platform_properties
-from openmm_reversible.train import (
-    CHECKPOINT,
-    LOG,
-    Trainer,
-    WindowPiece,
-    compute_window,
-    fit,
-    read_log,
-)
+from openmm_reversible.train import CHECKPOINT, LOG, Trainer, fit, read_log
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "water"
 
@@ -135,9 +128,9 @@ def test_default_keeps_the_checkpoint_and_the_torch_windows(tmp_path):
 
     trainer = Trainer(_config(epochs=1, deterministic=False), tmp_path / "windows",
                       progress=False)
-    piece = WindowPiece(1, 0, 1, trainer.parameters.scaled.detach().clone(), trainer.state,
-                        123, str(tmp_path / "windows"))
-    results = [compute_window(trainer.model, piece) for _ in range(2)]
+    piece = train.WindowPiece(1, 0, 1, trainer.parameters.scaled.detach().clone(),
+                              trainer.state, 123, str(tmp_path / "windows"))
+    results = [train.compute_window(trainer.model, piece) for _ in range(2)]
     assert results[0].loss == results[1].loss
     assert torch.equal(results[0].gradient, results[1].gradient)
 
