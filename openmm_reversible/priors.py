@@ -133,8 +133,3 @@ class Regularization:
         if bool(outside.any()):
             clamped = torch.minimum(torch.maximum(values, self._lower), self._upper)
             p.scaled.copy_(torch.where(outside, p.scaled_for(clamped), p.scaled))
-
-    def describe(self) -> Mapping[str, dict]:
-        """The rules by key, for logs."""
-        return {r.key: {k: v for k, v in vars(r).items() if k != "key" and v not in (None, False)}
-                for r in self.rules}
