@@ -17,7 +17,7 @@ The penalty is differentiable in ``parameters.scaled``; :meth:`Regularization.ma
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
