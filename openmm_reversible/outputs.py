@@ -26,7 +26,7 @@ import numpy as np
 from openmm import app, unit
 
 from .config import SCALAR_UNITS, TargetConfig
-from .files import atomic_write, atomic_write_text
+from .files import atomic_write
 from .observables.density import G_CM3_PER_AMU_NM3
 from .sampler import SampledState, Sampler
 
@@ -88,12 +88,6 @@ def state_data_csv(records: Sequence[dict], targets: Sequence[TargetConfig]) -> 
         lines.append(",".join("" if values.get(c) is None else repr(values[c])
                               for c in columns))
     return "\n".join(lines) + "\n"
-
-
-def write_state_data(path: str | os.PathLike, records: Sequence[dict],
-                     targets: Sequence[TargetConfig]) -> None:
-    """Write :func:`state_data_csv` to ``path`` atomically."""
-    atomic_write_text(path, state_data_csv(records, targets))
 
 
 def trajectory_path(output: str | os.PathLike, epoch: int, fmt: str) -> Path:
