@@ -110,9 +110,13 @@ def _checkpoint(path: Path, content) -> str:
     return str(path)
 
 
-def _truncated(path: Path, source: Path | str, fraction: float = 0.5) -> str:
+def _truncated(path: Path, source: Path | str, fraction: float = 0.5, *,
+               after: str | None = None) -> str:
+    """``source`` cut at ``fraction`` of its length, or just after the first ``after`` (a cut
+    that does not depend on how long the paths written into the file are)."""
     data = Path(source).read_bytes()
-    path.write_bytes(data[: int(len(data) * fraction)])
+    cut = int(len(data) * fraction) if after is None else data.index(after.encode()) + len(after)
+    path.write_bytes(data[:cut])
     return str(path)
 
 
@@ -234,7 +238,7 @@ CASES: list[Case] = [
     ("fit-missing-config",
      lambda d, o, w: ["fit", str(d / "none.toml"), "--output", str(o)], ("does not exist",)),
     ("fit-truncated-config",
-     lambda d, o, w: ["fit", _truncated(d / "t.toml", _config(d / "c.toml"), 0.3), "--output",
+     lambda d, o, w: ["fit", _truncated(d / "t.toml", _config(d / "c.toml"), after='files = ["/'), "--output",
                       str(o)], ("not valid TOML",)),
     ("fit-wrong-type",
      lambda d, o, w: ["fit", _config(d / "c.toml", replace=("epochs = 1", 'epochs = "one"')),
