@@ -458,7 +458,9 @@ class Site:
 Selection = tuple[str, str, str | Sequence[str]]
 """(element path, identifier, attribute or attributes): ``("NonbondedForce/Atom", "tip3p-O",
 ("sigma", "epsilon"))``. The path is matched against the trailing tags of the element's
-position (``"Atom"``, ``"Residue/Atom"``, ``"NonbondedForce/Atom"``)."""
+position (``"Atom"``, ``"Residue/Atom"``, ``"NonbondedForce/Atom"``). On ``"Residue"`` the
+identifier is the template's name and each attribute ``atom/attribute``: ``("Residue", "ALA",
+"CB/charge")`` is the site ``Residue/ALA/CB/charge``."""
 
 
 @dataclasses.dataclass
@@ -517,10 +519,13 @@ def _residue_mark(file: int, xml: _XmlFile, index: int, entry: str, expression: 
     atom_name, _, attribute = entry.partition("/")
     atom_name, attribute = atom_name.strip(), attribute.strip()
     if not atom_name or not attribute:
-        example = "CB/charge" if expression is None else \
-            f"CB/charge=PARM['Residue/{residue}/CA/charge']"
+        if how == "select":
+            example = f"('Residue', '{residue}', 'CB/charge')"
+        else:
+            example = f"{how}=\"CB/charge\"" if expression is None else \
+                f"{how}=\"CB/charge=PARM['Residue/{residue}/CA/charge']\""
         raise InputError(f"{what}: a residue template's entry names the atom and the "
-                         f"attribute; write e.g. {how}=\"{example}\"")
+                         f"attribute; write e.g. {example}")
     atoms = _residue_atoms(xml, index)
     if atom_name not in atoms:
         raise InputError(f"{what}, but it has no <Atom name=\"{atom_name}\">; its atoms are "
@@ -611,8 +616,8 @@ def _selected_marks(files: list[_XmlFile], selection: Iterable[Selection],
                 if (element_ident[1] if element_ident else "") != ident:
                     continue
                 if element.tag == "Residue":
-                    what = (f"selection ({path!r}, {ident!r}, {attribute!r}) "
-                            f"({xml.where(element)}) on <Residue name=\"{ident}\">")
+                    what = (f"{xml.where(element)}: selection ({path!r}, {ident!r}, "
+                            f"{attribute!r}) on <Residue name=\"{ident}\">")
                     found.append(_residue_mark(index, xml, position, attribute, expression,
                                                "select", what))
                 else:
@@ -1043,8 +1048,9 @@ class ParameterSet(nn.Module):
         values : mapping of str to float, optional
             Values by key; the current values for the keys not given.
         strip_markup : bool
-            Also remove the ``parameterize``/``parameter_eval`` attributes (OpenMM reads every
-            attribute of a residue template's ``<Atom>`` as a number, so it cannot load them).
+            Also remove the ``parameterize``/``parameter_eval``/``conserve_charge`` attributes
+            (OpenMM reads every attribute of a residue template's ``<Atom>`` as a number, so it
+            cannot load them there).
         """
         current = self.values() | dict(values or {})
         edits: list[list[tuple[int, int, str]]] = [[] for _ in self._files]

@@ -337,12 +337,30 @@ def test_residue_tag_errors(tmp_path, peptide, tag, message):
     assert str(info.value) == message
 
 
+def test_a_template_the_structure_does_not_use(tmp_path, peptide):
+    path = tagged(tmp_path, ('<Residue name="GLY">', '<Residue name="GLY" '
+                                                     'parameterize="CA/charge">'))
+    ps = ParameterSet.from_forcefield(path, peptide.topology)
+    with pytest.raises(InputError) as info:
+        ps.bindings()
+    assert str(info.value) == (
+        "parameterize names 'charge' on <Atom name=\"CA\"> of <Residue name=\"GLY\"> but no "
+        "residue uses template GLY in this System; remove the tag, or build a topology that "
+        "contains it")
+
+
 def test_selection_errors_name_the_residue(peptide):
     with pytest.raises(InputError) as info:
         ParameterSet.select(AMBER_PROTEIN, peptide.topology, [("Residue", "ALX", "CB/charge")])
     assert str(info.value).startswith(
         "selection ('Residue', 'ALX', 'CB/charge') matches no element; did you mean 'VAL' or "
         "'ALA'? (78 identifiers at Residue: ALA, ARG, ")
+    with pytest.raises(InputError) as info:
+        ParameterSet.select(AMBER_PROTEIN, peptide.topology, [("Residue", "ALA", "charge")])
+    assert str(info.value) == (
+        "protein.ff14SB.xml:44: selection ('Residue', 'ALA', 'charge') on <Residue "
+        "name=\"ALA\">: a residue template's entry names the atom and the attribute; write e.g. "
+        "('Residue', 'ALA', 'CB/charge')")
     with pytest.raises(InputError) as info:
         ParameterSet.select(AMBER_PROTEIN, peptide.topology, [("Residue", "ALA", "CB/charge")],
                             conserve_charge=["LUE"])
