@@ -463,6 +463,17 @@ identifier is the template's name and each attribute ``atom/attribute``: ``("Res
 "CB/charge")`` is the site ``Residue/ALA/CB/charge``."""
 
 
+def _residue_key(residue: str, atom: str, attribute: str) -> str:
+    """``Residue/ALA/CB/charge``: the key of a residue template's atom's attribute."""
+    return f"Residue/{residue}/{atom}/{attribute}"
+
+
+def _residue_key_parts(key: str) -> tuple[str, str, str] | None:
+    """(residue, atom, attribute) of a key made by :func:`_residue_key`, else None."""
+    parts = key.split("/")
+    return (parts[1], parts[2], parts[3]) if len(parts) == 4 and parts[0] == "Residue" else None
+
+
 @dataclasses.dataclass
 class _Mark:
     """How one attribute of one element is marked: trainable (expression None) or tied.
@@ -482,7 +493,7 @@ class _Mark:
     def key(self) -> str:
         if self.residue is None:
             return _key(self.element, self.attribute)
-        return f"Residue/{self.residue}/{self.element.attrib['name']}/{self.attribute}"
+        return _residue_key(self.residue, self.element.attrib["name"], self.attribute)
 
     def describe(self) -> str:
         """The element as a user recognises it in messages."""
@@ -765,13 +776,13 @@ def _tie_order(sites: list[Site], ties: dict[int, TieExpression],
         for key in tie.keys:
             if key in index:
                 continue
-            parts = key.split("/")
-            if len(parts) == 4 and parts[0] == "Residue" and parts[1] not in templates:
-                fix = (f"the files have no <Residue name=\"{parts[1]}\">; "
-                       f"{_no_match_hint(parts[1], list(templates), 'Residue')}")
-            elif len(parts) == 4 and parts[0] == "Residue":
-                fix = (f"tag it with parameterize=\"{parts[2]}/{parts[3]}\" on <Residue "
-                       f"name=\"{parts[1]}\">")
+            parts = _residue_key_parts(key)
+            if parts is not None and parts[0] not in templates:
+                fix = (f"the files have no <Residue name=\"{parts[0]}\">; "
+                       f"{_no_match_hint(parts[0], list(templates), 'Residue')}")
+            elif parts is not None:
+                fix = (f"tag it with parameterize=\"{parts[1]}/{parts[2]}\" on <Residue "
+                       f"name=\"{parts[0]}\">")
             else:
                 fix = "tag that attribute with parameterize"
             raise InputError(f"{tie.where}: PARM[{key!r}] is not a site; {fix} "

@@ -355,6 +355,18 @@ def test_residue_tag_errors(tmp_path, peptide, tag, message):
     assert str(info.value) == message
 
 
+def test_a_tie_that_reads_an_untagged_residue_atom(tmp_path, peptide):
+    path = tagged(tmp_path, (ALA, '<Residue name="ALA" parameterize="CB/charge">'),
+                  (LEU, '<Residue name="LEU" parameter_eval="CB/charge=PARM'
+                        "['Residue/ALA/CA/charge']\">"))
+    with pytest.raises(InputError) as info:
+        ParameterSet.from_forcefield(path, peptide.topology)
+    assert str(info.value) == (
+        "Residue/LEU/CB/charge (<Atom name=\"CB\"> of <Residue name=\"LEU\">): "
+        "PARM['Residue/ALA/CA/charge'] is not a site; tag it with parameterize=\"CA/charge\" "
+        "on <Residue name=\"ALA\"> (sites: Residue/ALA/CB/charge, Residue/LEU/CB/charge)")
+
+
 def test_a_template_the_structure_does_not_use(tmp_path, peptide):
     path = tagged(tmp_path, ('<Residue name="GLY">', '<Residue name="GLY" '
                                                      'parameterize="CA/charge">'))
