@@ -42,10 +42,11 @@ def write_xml(parameter_set: ParameterSet, path_or_dir: str | os.PathLike | None
         several files). None: the original files are overwritten in place (refused for
         OpenMM's bundled files).
     strip_markup : bool
-        Also remove the ``parameterize``/``parameter_eval`` attributes. Keep them (the default)
-        to train the file again; remove them for a file to load in plain OpenMM when a residue
-        template's ``<Atom>`` is tagged (OpenMM reads every attribute there as a number, so it
-        rejects the tags; it ignores them elsewhere).
+        Also remove the ``parameterize``/``parameter_eval``/``conserve_charge`` attributes.
+        Keep them (the default) to train the file again; remove them for a file to load in
+        plain OpenMM when a residue template's ``<Atom>`` is tagged (OpenMM reads every
+        attribute there as a number, so it rejects the tags; it ignores them elsewhere,
+        ``<Residue>`` included).
 
     Returns
     -------

@@ -12,11 +12,29 @@ ForceBalance convention, which OpenMM ignores when it loads the file:
 Every site has a key ``Tag/attribute/identifier`` (ForceBalance's parameter ID). The identifier
 is the element's ``type``, else its ``class``, else its ``name``, else its ``type1``..``type4``
 (or ``class1``..``class4``) values joined by ``.`` (``Bond/k/OW.HW``); an element with none of
-these has the key ``Tag/attribute``. An ``<Atom>`` of a ``<Residue>`` template is identified by
-its type, so the charge of ``<Atom name="O" type="tip3p-O" charge="-0.834"/>`` is
-``Atom/charge/tip3p-O``. Elements that yield the same key are one site when they agree (both
-trainable with the same value, or the same tie): the two hydrogens of a water template, for
-instance. Otherwise the key is ambiguous and an InputError names both elements.
+these has the key ``Tag/attribute``. Elements that yield the same key are one site when they
+agree (both trainable with the same value, or the same tie): the two hydrogens of a water
+template, for instance. Otherwise the key is ambiguous and an InputError names both elements.
+
+Residue templates
+-----------------
+Force fields such as amber14 (``protein.ff14SB.xml``) and charmm36 keep charges on the
+``<Atom>`` elements of their ``<Residue>`` templates (``<UseAttributeFromResidue
+name="charge"/>``). OpenMM reads every attribute of such an ``<Atom>`` as a number, so the tags
+go on the ``<Residue>`` itself (OpenMM ignores unknown attributes there) and name the atom::
+
+    <Residue name="ALA" parameterize="CB/charge" conserve_charge="true">
+    <Residue name="LEU" parameter_eval="CB/charge=PARM['Residue/ALA/CB/charge']">
+
+Such a site is keyed by residue and atom name, ``Residue/ALA/CB/charge``, and feeds only the
+particles of residues that OpenMM matches to that template; other atoms of the same type keep
+their charges. ``conserve_charge="true"`` keeps the residue's net charge where the file has it:
+every untagged charged atom of the template becomes a tied site that takes an equal share of
+the opposite of the tagged atoms' change, ``q_o = q_o⁰ − Σ_t (q_t − q_t⁰) / n_untagged`` (the
+file's values ``q⁰``), so the net charge is that of the file whatever the trained values, and
+the export writes every atom's new charge. (An ``<Atom>`` of a template selected in Python with
+``("Residue/Atom", "<type>", "charge")`` is keyed by its type instead, ``Atom/charge/<type>``,
+as before.)
 
 :class:`ParameterSet` holds the sites as a torch module. Trainable values are stored *scaled*
 relative to their start values, ``value = start * scaled`` with ``scaled`` starting at 1.0 (the
@@ -37,6 +55,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import io
 import math
 import os
@@ -63,6 +82,11 @@ if TYPE_CHECKING:
 
 PARAMETERIZE = "parameterize"
 PARAMETER_EVAL = "parameter_eval"
+CONSERVE_CHARGE = "conserve_charge"
+"""``<Residue conserve_charge="true">``: keep the residue template's net charge (module
+docstring)."""
+_TAGGING = (PARAMETERIZE, PARAMETER_EVAL, CONSERVE_CHARGE)
+"""Attributes that mark parameters and are dropped from a plain export."""
 
 _SCALE_RTOL = 1e-9
 """Relative tolerance for "the same scale at both values" in the perturbation mapping."""
@@ -122,7 +146,7 @@ def _scan(text: str, source: str) -> list[_Element]:
         for attr in _ATTRIBUTE.finditer(match.group("attrs")):
             group = 2 if attr.group(2) is not None else 3
             spans[attr.group(1)] = (offset + attr.start(group), offset + attr.end(group))
-            if attr.group(1) in (PARAMETERIZE, PARAMETER_EVAL):
+            if attr.group(1) in _TAGGING:
                 start = offset + attr.start()
                 while text[start - 1].isspace():
                     start -= 1
@@ -183,12 +207,16 @@ def _key(element: _Element, attribute: str) -> str:
 
 
 def _split_top_level(text: str, separators: str) -> list[str]:
-    """Split ``text`` at ``separators`` that are outside brackets and quotes."""
+    """Split ``text`` at ``separators`` that are outside brackets and quotes.
+
+    Quotes count only inside brackets (``PARM['key']``), so atom names with a prime
+    (``parameterize="C1'/charge, C2'/charge"``) split as they read.
+    """
     parts, depth, quote, start = [], 0, "", 0
     for i, ch in enumerate(text):
         if quote:
             quote = "" if ch == quote else quote
-        elif ch in "'\"":
+        elif ch in "'\"" and depth > 0:
             quote = ch
         elif ch in "([":
             depth += 1
@@ -326,10 +354,11 @@ class _XmlFile:
         return f"{self.path.name}:{element.line}"
 
 
-def _residue_tags(xml: _XmlFile) -> list[str]:
+def _residue_tags(xml: _XmlFile) -> list[tuple[str, str]]:
     """The tagging attributes on residue templates' ``<Atom>`` elements of one file, each as
-    ``'water.xml:8: parameterize="charge" on <Atom name="O" type="w-O"> of <Residue
-    name="HOH">'``."""
+    (``'water.xml:8: parameterize="charge" on <Atom name="O" type="w-O"> of <Residue
+    name="HOH">'``, the same tag where OpenMM loads it: ``'<Residue name="HOH"
+    parameterize="O/charge">'``)."""
     found = []
     residue = ""
     for element in xml.elements:
@@ -341,8 +370,12 @@ def _residue_tags(xml: _XmlFile) -> list[str]:
             if attribute in element.attrib:
                 names = " ".join(f'{n}="{element.attrib[n]}"' for n in ("name", "type")
                                  if n in element.attrib)
-                found.append(f'{xml.where(element)}: {attribute}="{element.attrib[attribute]}" '
-                             f'on <Atom {names}> of <Residue name="{residue}">')
+                atom = element.attrib.get("name", "")
+                entries = ", ".join(f"{atom}/{e}" for e in
+                                    _split_top_level(element.attrib[attribute], ",;"))
+                found.append((f'{xml.where(element)}: {attribute}="{element.attrib[attribute]}" '
+                              f'on <Atom {names}> of <Residue name="{residue}">',
+                              f'<Residue name="{residue}" {attribute}="{entries}">'))
     return found
 
 
@@ -379,7 +412,14 @@ def residue_tag_error(xml_files: str | os.PathLike | Sequence[str | os.PathLike]
             found += _residue_tags(_XmlFile(str(name), path, text, _scan(text, path.name)))
         except (InputError, OSError, UnicodeDecodeError):
             continue
-    return InputError("; ".join(found) + ". " + _RESIDUE_TAG_FIX) if found else None
+    if not found:
+        return None
+    # Keys change with the move (Residue/<residue>/<atom>/<attribute>), so PARM[...] in ties
+    # that read these sites must be renamed too; the message says so.
+    instead = (f"Tag the <Residue> instead, naming the atom (OpenMM loads that): "
+               f"{found[0][1]}, and so on; the keys become Residue/<residue>/<atom>/<attribute> "
+               "(rename them in PARM[...]). ")
+    return InputError("; ".join(f for f, _ in found) + ". " + instead + _RESIDUE_TAG_FIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,34 +458,133 @@ class Site:
 Selection = tuple[str, str, str | Sequence[str]]
 """(element path, identifier, attribute or attributes): ``("NonbondedForce/Atom", "tip3p-O",
 ("sigma", "epsilon"))``. The path is matched against the trailing tags of the element's
-position (``"Atom"``, ``"Residue/Atom"``, ``"NonbondedForce/Atom"``)."""
+position (``"Atom"``, ``"Residue/Atom"``, ``"NonbondedForce/Atom"``). On ``"Residue"`` the
+identifier is the template's name and each attribute ``atom/attribute``: ``("Residue", "ALA",
+"CB/charge")`` is the site ``Residue/ALA/CB/charge``."""
+
+
+def _residue_key(residue: str, atom: str, attribute: str) -> str:
+    """``Residue/ALA/CB/charge``: the key of a residue template's atom's attribute."""
+    return f"Residue/{residue}/{atom}/{attribute}"
+
+
+def _residue_key_parts(key: str) -> tuple[str, str, str] | None:
+    """(residue, atom, attribute) of a key made by :func:`_residue_key`, else None."""
+    parts = key.split("/")
+    return (parts[1], parts[2], parts[3]) if len(parts) == 4 and parts[0] == "Residue" else None
 
 
 @dataclasses.dataclass
 class _Mark:
-    """How one attribute of one element is marked: trainable (expression None) or tied."""
+    """How one attribute of one element is marked: trainable (expression None) or tied.
+
+    ``residue`` is the template's name when the mark was made on a ``<Residue>`` for one of its
+    atoms (the key is then ``Residue/<residue>/<atom>/<attribute>``).
+    """
 
     file: int
     element: _Element
     attribute: str
     expression: str | None
-    how: str  # 'parameterize', 'parameter_eval' or 'select', for messages
+    how: str  # 'parameterize', 'parameter_eval', 'select' or 'conserve_charge', for messages
+    residue: str | None = None
+
+    @property
+    def key(self) -> str:
+        if self.residue is None:
+            return _key(self.element, self.attribute)
+        return _residue_key(self.residue, self.element.attrib["name"], self.attribute)
+
+    def describe(self) -> str:
+        """The element as a user recognises it in messages."""
+        if self.residue is None:
+            return _describe(self.element)
+        return f'<Atom name="{self.element.attrib["name"]}"> of <Residue name="{self.residue}">'
+
+    def usage(self) -> str:
+        if self.residue is None:
+            return _usage(self.element)
+        return f"residue uses template {self.residue}"
+
+
+def _residue_atoms(xml: _XmlFile, index: int) -> dict[str, _Element]:
+    """The ``<Atom>`` children of the ``<Residue>`` at ``xml.elements[index]``, by name."""
+    depth = len(xml.elements[index].path)
+    atoms = {}
+    for element in xml.elements[index + 1:]:
+        if len(element.path) <= depth:
+            break
+        if len(element.path) == depth + 1 and element.tag == "Atom" and "name" in element.attrib:
+            atoms[element.attrib["name"]] = element
+    return atoms
+
+
+def _residue_mark(file: int, xml: _XmlFile, index: int, entry: str, expression: str | None,
+                  how: str, what: str) -> _Mark:
+    """The mark that ``entry`` (``"CB/charge"``) on the ``<Residue>`` at ``index`` makes.
+
+    ``what`` says where the entry comes from, for messages (``"ala.xml:44: parameterize
+    names 'CB/charge' on <Residue name="ALA">"``).
+    """
+    residue = xml.elements[index].attrib.get("name", "")
+    atom_name, _, attribute = entry.partition("/")
+    atom_name, attribute = atom_name.strip(), attribute.strip()
+    if not atom_name or not attribute:
+        if how == "select":
+            example = f"('Residue', '{residue}', 'CB/charge')"
+        else:
+            example = f"{how}=\"CB/charge\"" if expression is None else \
+                f"{how}=\"CB/charge=PARM['Residue/{residue}/CA/charge']\""
+        raise InputError(f"{what}: a residue template's entry names the atom and the "
+                         f"attribute; write e.g. {example}")
+    atoms = _residue_atoms(xml, index)
+    if atom_name not in atoms:
+        raise InputError(f"{what}, but it has no <Atom name=\"{atom_name}\">; its atoms are "
+                         f"{', '.join(atoms) or '(none)'}")
+    atom = atoms[atom_name]
+    present = [a for a in atom.attrib if a not in ("name", "type") + _TAGGING]
+    if attribute not in present:
+        atom_type = atom.attrib.get("type", "?")
+        hint = (f"; it has {', '.join(present)}" if present else
+                f": this force field keeps no parameters on residue templates' atoms; tag "
+                f"{attribute} where its force defines it (parameterize=\"{attribute}\" on the "
+                f"force's <Atom type=\"{atom_type}\">, key 'Atom/{attribute}/{atom_type}')")
+        raise InputError(f"{what}, but its <Atom name=\"{atom_name}\" type=\"{atom_type}\"> has "
+                         f"no {attribute}{hint}")
+    return _Mark(file, atom, attribute, expression, how, residue)
+
+
+def _residue_what(xml: _XmlFile, element: _Element, how: str, entry: str) -> str:
+    verb = "names" if how == PARAMETERIZE else "sets"
+    return (f"{xml.where(element)}: {how} {verb} {entry!r} on "
+            f"<Residue name=\"{element.attrib.get('name', '')}\">")
 
 
 def _tagged_marks(index: int, xml: _XmlFile) -> list[_Mark]:
     marks = []
-    for element in xml.elements:
+    for position, element in enumerate(xml.elements):
+        residue = element.tag == "Residue"
         for attribute in _split_top_level(element.attrib.get(PARAMETERIZE, ""), ","):
-            marks.append(_Mark(index, element, attribute, None, PARAMETERIZE))
+            if residue:
+                marks.append(_residue_mark(index, xml, position, attribute, None, PARAMETERIZE,
+                                           _residue_what(xml, element, PARAMETERIZE, attribute)))
+            else:
+                marks.append(_Mark(index, element, attribute, None, PARAMETERIZE))
         for field in _split_top_level(element.attrib.get(PARAMETER_EVAL, ""), ",;"):
             attribute, sep, expression = field.partition("=")
             if not sep or not expression.strip():
+                example = "CB/charge=PARM['Residue/ALA/CB/charge']" if residue else \
+                    "charge=-0.5*PARM['Atom/charge/tip3p-O']"
                 raise InputError(f"{xml.where(element)}: parameter_eval entry {field!r} of "
                                  f"{_describe(element)} is not of the form "
-                                 "attribute=expression; write e.g. "
-                                 "charge=-0.5*PARM['Atom/charge/tip3p-O']")
-            marks.append(_Mark(index, element, attribute.strip(), expression.strip(),
-                               PARAMETER_EVAL))
+                                 f"attribute=expression; write e.g. {example}")
+            if residue:
+                what = _residue_what(xml, element, PARAMETER_EVAL, attribute.strip())
+                marks.append(_residue_mark(index, xml, position, attribute, expression.strip(),
+                                           PARAMETER_EVAL, what))
+            else:
+                marks.append(_Mark(index, element, attribute.strip(), expression.strip(),
+                                   PARAMETER_EVAL))
     return marks
 
 
@@ -453,6 +592,22 @@ def _path_matches(element: _Element, pattern: str) -> bool:
     wanted = tuple(p for p in pattern.split("/") if p)
     return len(wanted) <= len(element.path) and element.path[len(element.path)
                                                              - len(wanted):] == wanted
+
+
+def _no_match_hint(ident: str, seen: list[str], path: str) -> str:
+    """What the identifiers at ``path`` are, for a selection that matched none."""
+    if not seen:
+        return f"no element is at {path}; paths look like 'NonbondedForce/Atom'"
+    names = list(dict.fromkeys(seen))
+    if len(names) <= _LISTED:
+        return f"identifiers at {path}: {', '.join(names)}"
+    close = difflib.get_close_matches(ident, names, n=3)
+    return (f"did you mean {' or '.join(map(repr, close))}? " if close else "") + \
+        f"({len(names)} identifiers at {path}: {', '.join(names[:_LISTED])}, ...)"
+
+
+_LISTED = 20
+"""Most identifiers a message lists (amber14 has hundreds of residue templates)."""
 
 
 def _selected_marks(files: list[_XmlFile], selection: Iterable[Selection],
@@ -464,54 +619,130 @@ def _selected_marks(files: list[_XmlFile], selection: Iterable[Selection],
     for path, ident, attribute, expression in requests:
         found, seen = [], []
         for index, xml in enumerate(files):
-            for element in xml.elements:
+            for position, element in enumerate(xml.elements):
                 if not _path_matches(element, path):
                     continue
                 element_ident = _identifier(element)
                 seen.append("(none)" if element_ident is None else element_ident[1])
-                if (element_ident[1] if element_ident else "") == ident:
+                if (element_ident[1] if element_ident else "") != ident:
+                    continue
+                if element.tag == "Residue":
+                    what = (f"{xml.where(element)}: selection ({path!r}, {ident!r}, "
+                            f"{attribute!r}) on <Residue name=\"{ident}\">")
+                    found.append(_residue_mark(index, xml, position, attribute, expression,
+                                               "select", what))
+                else:
                     found.append(_Mark(index, element, attribute, expression, "select"))
         if not found:
-            hint = f"identifiers at {path}: {', '.join(dict.fromkeys(seen))}" if seen else \
-                f"no element is at {path}; paths look like 'NonbondedForce/Atom'"
             raise InputError(f"selection ({path!r}, {ident!r}, {attribute!r}) matches no "
-                             f"element; {hint}")
+                             f"element; {_no_match_hint(ident, seen, path)}")
         marks.extend(found)
     return marks
 
 
+def _conserved_residues(files: list[_XmlFile], names: Iterable[str]
+                        ) -> list[tuple[int, int]]:
+    """(file, element index) of the ``<Residue>`` templates whose net charge is kept: those
+    with ``conserve_charge="true"`` and those named in ``names``."""
+    chosen, named = [], dict.fromkeys(names)
+    templates = []
+    for file, xml in enumerate(files):
+        for index, element in enumerate(xml.elements):
+            if element.tag != "Residue":
+                continue
+            name = element.attrib.get("name", "")
+            templates.append(name)
+            flag = element.attrib.get(CONSERVE_CHARGE, "false").strip().lower()
+            if flag not in ("true", "false"):
+                raise InputError(f"{xml.where(element)}: {CONSERVE_CHARGE}="
+                                 f"{element.attrib[CONSERVE_CHARGE]!r} on <Residue "
+                                 f"name=\"{name}\">; write \"true\" or \"false\"")
+            if flag == "true" or name in named:
+                chosen.append((file, index))
+    for name in named:
+        if name not in templates:
+            raise InputError(f"conserve_charge names residue {name!r}, but no <Residue> of the "
+                             f"files has that name; {_no_match_hint(name, templates, 'Residue')}")
+    return chosen
+
+
+def _compensation_marks(files: list[_XmlFile], marks: list[_Mark],
+                        residues: list[tuple[int, int]]) -> list[_Mark]:
+    """Ties that keep each conserved residue's net charge (module docstring).
+
+    Every charged ``<Atom>`` of the template that no mark sets gets the tie
+    ``q⁰ − Σ_t (PARM[t] − q_t⁰) / n`` over the marked atoms ``t`` (the files' values ``q⁰``).
+    """
+    charge_marks = {(m.file, id(m.element)): m for m in marks
+                    if m.attribute == "charge" and "charge" in m.element.attrib}
+    found = []
+    for file, index in residues:
+        xml = files[file]
+        element = xml.elements[index]
+        name = element.attrib.get("name", "")
+        where = f"{xml.where(element)}: {CONSERVE_CHARGE} on <Residue name=\"{name}\">"
+        atoms = [a for a in _residue_atoms(xml, index).values() if "charge" in a.attrib]
+        marked = [charge_marks[(file, id(a))] for a in atoms if (file, id(a)) in charge_marks]
+        free = [a for a in atoms if (file, id(a)) not in charge_marks]
+        if not marked:
+            raise InputError(f"{where}, but none of its charges is a parameter; tag one "
+                             f"(parameterize=\"{atoms[0].attrib['name'] if atoms else 'CB'}"
+                             f"/charge\" on the <Residue>) or remove {CONSERVE_CHARGE}")
+        if not free:
+            raise InputError(f"{where}, but every charge of it is a parameter, so no atom is "
+                             "left to compensate; leave one untagged, or drop "
+                             f"{CONSERVE_CHARGE} and tie the charges so that they keep the sum")
+        shift = " + ".join(f"(PARM[{m.key!r}] - ({format_value(_number(xml, m))}))"
+                           for m in marked)
+        for atom in free:
+            mark = _Mark(file, atom, "charge", None, CONSERVE_CHARGE, name)
+            mark.expression = f"{format_value(_number(xml, mark))} - ({shift}) / {len(free)}"
+            found.append(mark)
+    return found
+
+
+def _number(xml: _XmlFile, mark: _Mark) -> float:
+    """The marked attribute's value in the file, or an InputError naming it."""
+    try:
+        return float(mark.element.attrib[mark.attribute])
+    except ValueError:
+        raise InputError(f"{xml.where(mark.element)}: {mark.attribute}="
+                         f"{mark.element.attrib[mark.attribute]!r} of {mark.describe()} is "
+                         "not a number, so it cannot be a parameter; remove it from "
+                         f"{mark.how}") from None
+
+
 def _build_sites(files: list[_XmlFile], marks: list[_Mark]) -> list[Site]:
-    """Check the marks and merge them into sites, in document order."""
+    """Check the marks and merge them into sites, in document order (the ties that conserve
+    residue charges last)."""
     by_attribute: dict[tuple[int, int, str], _Mark] = {}
     for mark in marks:
         xml, element = files[mark.file], mark.element
-        if mark.attribute not in element.attrib or mark.attribute in (PARAMETERIZE,
-                                                                       PARAMETER_EVAL):
+        if mark.attribute not in element.attrib or mark.attribute in _TAGGING:
             ident = _identifier(element)
-            present = [a for a in element.attrib if a not in (PARAMETERIZE, PARAMETER_EVAL)
+            present = [a for a in element.attrib if a not in _TAGGING
                        and (ident is None or a not in ident[0].split("/"))]
             verb = "names" if mark.how == PARAMETERIZE else "sets"
             raise InputError(f"{xml.where(element)}: {mark.how} {verb} {mark.attribute!r} but "
                              f"{_describe(element)} has attributes {', '.join(present)}")
-        try:
-            float(element.attrib[mark.attribute])
-        except ValueError:
-            raise InputError(f"{xml.where(element)}: {mark.attribute}="
-                             f"{element.attrib[mark.attribute]!r} of {_describe(element)} is "
-                             "not a number, so it cannot be a parameter; remove it from "
-                             f"{mark.how}") from None
+        _number(xml, mark)
         slot = (mark.file, id(element), mark.attribute)
         previous = by_attribute.get(slot)
         if previous is not None and previous.expression != mark.expression:
             raise InputError(f"{xml.where(element)}: {mark.attribute!r} of "
-                             f"{_describe(element)} is marked both trainable and tied "
+                             f"{mark.describe()} is marked both trainable and tied "
                              f"({previous.how} and {mark.how}); keep one")
+        if previous is not None and previous.key != mark.key:
+            raise InputError(f"{xml.where(element)}: {mark.attribute!r} of {mark.describe()} "
+                             f"is marked as {previous.key!r} ({previous.how}) and as "
+                             f"{mark.key!r} ({mark.how}); keep one")
         by_attribute[slot] = mark
     ordered = sorted(by_attribute.values(),
-                     key=lambda m: (m.file, m.element.spans[m.attribute][0]))
+                     key=lambda m: (m.how == CONSERVE_CHARGE, m.file,
+                                    m.element.spans[m.attribute][0]))
     groups: dict[str, list[_Mark]] = {}
     for mark in ordered:
-        groups.setdefault(_key(mark.element, mark.attribute), []).append(mark)
+        groups.setdefault(mark.key, []).append(mark)
     sites = []
     for key, group in groups.items():
         first = group[0]
@@ -522,26 +753,40 @@ def _build_sites(files: list[_XmlFile], marks: list[_Mark]) -> list[Site]:
                     float(first.element.attrib[first.attribute]):
                 raise InputError(
                     f"key {key!r} is ambiguous: {files[first.file].where(first.element)} "
-                    f"{_describe(first.element)} and {files[other.file].where(other.element)} "
-                    f"{_describe(other.element)} both yield it but differ in value or tie; "
+                    f"{first.describe()} and {files[other.file].where(other.element)} "
+                    f"{other.describe()} both yield it but differ in value or tie; "
                     "give the elements the same value and tag, or distinct types")
         sites.append(Site(
-            key=key, element=_describe(first.element), attribute=first.attribute,
+            key=key, element=first.describe(), attribute=first.attribute,
             start=float(first.element.attrib[first.attribute]), expression=first.expression,
             locations=tuple((m.file, *m.element.spans[m.attribute]) for m in group),
-            usage=_usage(first.element)))
+            usage=first.usage()))
     return sites
 
 
-def _tie_order(sites: list[Site], ties: dict[int, TieExpression]) -> list[int]:
-    """Indices of tied sites so that every tie comes after the sites it reads."""
+def _tie_order(sites: list[Site], ties: dict[int, TieExpression],
+               templates: Sequence[str] = ()) -> list[int]:
+    """Indices of tied sites so that every tie comes after the sites it reads.
+
+    ``templates`` are the names of the files' ``<Residue>`` templates, for the message about a
+    ``PARM['Residue/<residue>/<atom>/<attribute>']`` that is not a site.
+    """
     index = {site.key: i for i, site in enumerate(sites)}
     for tie in ties.values():
         for key in tie.keys:
-            if key not in index:
-                raise InputError(
-                    f"{tie.where}: PARM[{key!r}] is not a site; tag that attribute with "
-                    f"parameterize (sites: {', '.join(index)})")
+            if key in index:
+                continue
+            parts = _residue_key_parts(key)
+            if parts is not None and parts[0] not in templates:
+                fix = (f"the files have no <Residue name=\"{parts[0]}\">; "
+                       f"{_no_match_hint(parts[0], list(templates), 'Residue')}")
+            elif parts is not None:
+                fix = (f"tag it with parameterize=\"{parts[1]}/{parts[2]}\" on <Residue "
+                       f"name=\"{parts[0]}\">")
+            else:
+                fix = "tag that attribute with parameterize"
+            raise InputError(f"{tie.where}: PARM[{key!r}] is not a site; {fix} "
+                             f"(sites: {', '.join(index)})")
     order: list[int] = []
     state: dict[int, str] = {}
 
@@ -646,7 +891,9 @@ class ParameterSet(nn.Module):
         self.create_system_kwargs = dict(create_system_kwargs)
         self._ties = {i: TieExpression(s.expression, f"{s.key} ({s.element})")
                       for i, s in enumerate(sites) if s.expression is not None}
-        self._tie_order = _tie_order(sites, self._ties)
+        templates = [e.attrib.get("name", "") for f in files for e in f.elements
+                     if e.tag == "Residue"]
+        self._tie_order = _tie_order(sites, self._ties, templates)
         trainable = [i for i, s in enumerate(sites) if s.trainable]
         start = torch.tensor([sites[i].start for i in trainable], dtype=DTYPE)
         self.register_buffer("_trainable_index", torch.tensor(trainable, dtype=torch.long))
@@ -682,19 +929,22 @@ class ParameterSet(nn.Module):
         **create_system_kwargs
             Passed to ``ForceField.createSystem`` (``nonbondedMethod``, ``rigidWater``, ...).
         """
-        return cls.select(xml_files, topology, (), None, **create_system_kwargs)
+        return cls.select(xml_files, topology, (), None, (), **create_system_kwargs)
 
     @classmethod
     def select(cls, xml_files: str | os.PathLike | Sequence[str | os.PathLike],
                topology: openmm.app.Topology, select: Iterable[Selection] = (),
                ties: Mapping[tuple[str, str, str], str] | None = None,
+               conserve_charge: Iterable[str] = (),
                **create_system_kwargs) -> ParameterSet:
         """Sites chosen in Python, in addition to any tags in the files.
 
         ``select=[("NonbondedForce/Atom", "tip3p-O", ("sigma", "epsilon"))]`` and
         ``ties={("Residue/Atom", "tip3p-H", "charge"): "-0.5*PARM['Atom/charge/tip3p-O']"}``
         give the same ParameterSet as the equivalent ``parameterize`` and ``parameter_eval``
-        tags.
+        tags. A residue template's atom is selected on its ``<Residue>``, by residue name and
+        ``atom/attribute``: ``select=[("Residue", "ALA", "CB/charge")]`` is the site
+        ``Residue/ALA/CB/charge``, as ``<Residue name="ALA" parameterize="CB/charge">``.
 
         Parameters
         ----------
@@ -704,6 +954,9 @@ class ParameterSet(nn.Module):
             (element path, identifier, attributes) of the trainable sites.
         ties : mapping of (str, str, str) to str, optional
             (element path, identifier, attribute) -> tie expression.
+        conserve_charge : iterable of str
+            Names of residue templates whose net charge is kept, as with
+            ``<Residue conserve_charge="true">`` (module docstring).
         """
         names = [xml_files] if isinstance(xml_files, str | os.PathLike) else list(xml_files)
         if not names:
@@ -716,6 +969,7 @@ class ParameterSet(nn.Module):
             files.append(_XmlFile(str(name), path, text, _scan(text, path.name)))
         marks = [m for i, xml in enumerate(files) for m in _tagged_marks(i, xml)]
         marks += _selected_marks(files, select, ties or {})
+        marks += _compensation_marks(files, marks, _conserved_residues(files, conserve_charge))
         sites = _build_sites(files, marks)
         if not sites:
             raise InputError(f"no parameters to train in {', '.join(names)}: tag attributes "
@@ -805,8 +1059,9 @@ class ParameterSet(nn.Module):
         values : mapping of str to float, optional
             Values by key; the current values for the keys not given.
         strip_markup : bool
-            Also remove the ``parameterize``/``parameter_eval`` attributes (OpenMM reads every
-            attribute of a residue template's ``<Atom>`` as a number, so it cannot load them).
+            Also remove the ``parameterize``/``parameter_eval``/``conserve_charge`` attributes
+            (OpenMM reads every attribute of a residue template's ``<Atom>`` as a number, so it
+            cannot load them there).
         """
         current = self.values() | dict(values or {})
         edits: list[list[tuple[int, int, str]]] = [[] for _ in self._files]

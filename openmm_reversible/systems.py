@@ -94,16 +94,37 @@ def alanine_dipeptide(nonbonded: str = "NoCutoff", cutoff: float = 1.0,
                       **create_system_kwargs) -> MolecularSystem:
     """Alanine dipeptide (ACE-ALA-NME, 22 atoms) in vacuum with amber14.
 
-    Cut from OpenMM's ``test.pdb`` (villin): residue ALA 8 keeps its heavy atoms, the carbonyl
-    and Cα of LYS 7 become the acetyl cap, the N and Cα of VAL 9 the N-methyl cap, and
-    Modeller adds the hydrogens.
+    Cut from OpenMM's ``test.pdb`` (villin): residue ALA 8 (:func:`capped_peptide`).
+    """
+    return capped_peptide(7, 7, nonbonded, cutoff, **create_system_kwargs)
+
+
+def capped_peptide(first: int, last: int, nonbonded: str = "NoCutoff", cutoff: float = 1.0,
+                   **create_system_kwargs) -> MolecularSystem:
+    """Residues ``first``..``last`` (0-based) of villin, capped ACE/NME, in vacuum with amber14.
+
+    Cut from OpenMM's ``test.pdb``: the residues keep their heavy atoms, the carbonyl and Cα of
+    the residue before become the acetyl cap, the N and Cα of the residue after the N-methyl
+    cap, and Modeller adds the hydrogens. ``capped_peptide(17, 19)`` is ACE-ALA-ASN-LEU-NME
+    (55 atoms).
+
+    Parameters
+    ----------
+    first, last : int
+        Indices of the first and last residue kept, ``1 <= first <= last <= 33``.
+    nonbonded, cutoff, **create_system_kwargs
+        As in :func:`water_box`.
     """
     pdb = app.PDBFile(openmm_data_file("test.pdb"))
     modeller = app.Modeller(pdb.topology, pdb.positions)
-    keep = {6: {"C", "O", "CA"}, 7: {"N", "CA", "CB", "C", "O"}, 8: {"N", "CA"}}
-    modeller.delete([a for a in modeller.topology.atoms()
-                     if a.name not in keep.get(a.residue.index, ())])
-    ace, _, nme = modeller.topology.residues()
+    keep = {first - 1: {"C", "O", "CA"}, last + 1: {"N", "CA"}}
+    keep.update({i: None for i in range(first, last + 1)})
+    modeller.delete([a for a in modeller.topology.atoms() if a.residue.index not in keep
+                     or (keep[a.residue.index] is None and a.element == app.element.hydrogen)
+                     or (keep[a.residue.index] is not None
+                         and a.name not in keep[a.residue.index])])
+    residues = list(modeller.topology.residues())
+    ace, nme = residues[0], residues[-1]
     ace.name, nme.name = "ACE", "NME"
     for residue, methyl in ((ace, "CH3"), (nme, "C")):
         for atom in residue.atoms():

@@ -25,6 +25,10 @@ TAGGED = DATA / "tip3p_flexible.xml"  # tags on a residue template's <Atom>: Par
 UNTAGGED = DATA / "tip3p_flexible_untagged.xml"
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "water"
 WATER_XML = EXAMPLE / "water_flexible.xml"  # tags in the force sections: loads in OpenMM too
+HOH = '<Residue name="HOH">'
+HOH_TAGGED = ('<Residue name="HOH" parameterize="O/charge" parameter_eval="H1/charge=-0.5*'
+              "PARM['Residue/HOH/O/charge']; H2/charge=-0.5*PARM['Residue/HOH/O/charge']\">")
+"""The charges of UNTAGGED's water template, tagged where OpenMM loads the file."""
 
 
 @pytest.fixture(scope="module")
@@ -230,6 +234,35 @@ CASES: list[Case] = [
     ("gradcheck-untagged-forcefield",
      lambda d, o, w: ["gradcheck", "--forcefield", str(UNTAGGED), "--pdb",
                       _pdb(d / "w.pdb", *w), "--steps", "2"], ("no parameters to train",)),
+    ("gradcheck-residue-tag-names-unknown-atom",
+     lambda d, o, w: ["gradcheck", "--forcefield",
+                      _with(d / "ff.xml", UNTAGGED, HOH,
+                            '<Residue name="HOH" parameterize="OW/charge">'),
+                      "--pdb", _pdb(d / "w.pdb", *w), "--steps", "2"],
+     ("ff.xml:9: parameterize names 'OW/charge' on <Residue name=\"HOH\">, but it has no "
+      "<Atom name=\"OW\">; its atoms are O, H1, H2",)),
+    ("gradcheck-residue-key-of-unknown-residue",
+     lambda d, o, w: ["gradcheck", "--forcefield",
+                      _with(d / "ff.xml", UNTAGGED, HOH, HOH_TAGGED.replace(
+                          "H1/charge=-0.5*PARM['Residue/HOH", "H1/charge=-0.5*PARM['Residue/WAT")),
+                      "--pdb", _pdb(d / "w.pdb", *w), "--steps", "2"],
+     ("PARM['Residue/WAT/O/charge'] is not a site; the files have no <Residue name=\"WAT\">; "
+      "identifiers at Residue: HOH",)),
+    ("gradcheck-residue-key-without-residue-charges",
+     lambda d, o, w: ["gradcheck", "--forcefield",
+                      _with(d / "ff.xml", WATER_XML, HOH,
+                            '<Residue name="HOH" parameterize="O/charge">'),
+                      "--pdb", _pdb(d / "w.pdb", *w), "--steps", "2"],
+     ("parameterize names 'O/charge' on <Residue name=\"HOH\">, but its <Atom name=\"O\" "
+      "type=\"tip3p-O\"> has no charge: this force field keeps no parameters on residue "
+      "templates' atoms; tag charge where its force defines it (parameterize=\"charge\" on the "
+      "force's <Atom type=\"tip3p-O\">, key 'Atom/charge/tip3p-O')",)),
+    ("gradcheck-conserve-charge-without-tagged-charges",
+     lambda d, o, w: ["gradcheck", "--forcefield",
+                      _with(d / "ff.xml", UNTAGGED, HOH,
+                            '<Residue name="HOH" conserve_charge="true">'),
+                      "--pdb", _pdb(d / "w.pdb", *w), "--steps", "2"],
+     ("conserve_charge on <Residue name=\"HOH\">, but none of its charges is a parameter",)),
     ("gradcheck-pme-without-box",
      lambda d, o, w: ["gradcheck", "--forcefield", str(TAGGED), "--pdb",
                       _no_box_pdb(d / "nobox.pdb", w), "--steps", "2", "--nonbonded-method",
@@ -295,6 +328,19 @@ CASES: list[Case] = [
      lambda d, o, w: ["fit", _config(d / "c.toml", forcefield=TAGGED), "--output", str(o)],
      ('parameterize="charge" on <Atom name="O" type="tip3p-O"> of <Residue name="HOH">',
       "could not convert string to float", "Tag the value where the force defines it")),
+    ("fit-residue-key-without-residue-charges",
+     lambda d, o, w: ["fit", _config(d / "c.toml", forcefield=Path(_with(
+         d / "ff.xml", WATER_XML, HOH, '<Residue name="HOH" parameterize="H1/charge">'))),
+         "--output", str(o)],
+     ("parameterize names 'H1/charge' on <Residue name=\"HOH\">", "has no charge",
+      "key 'Atom/charge/tip3p-H'")),
+    ("fit-prior-on-unknown-residue-key",
+     lambda d, o, w: ["fit", _config(d / "c.toml", forcefield=Path(_with(
+         d / "ff.xml", UNTAGGED, HOH, HOH_TAGGED)), replace=(
+         "[simulation]", '[[parameters]]\nkey = "Residue/WAT/O/charge"\nprior_width = 0.1\n'
+                         "[simulation]")), "--output", str(o)],
+     ("parameters[key='Residue/WAT/O/charge']: no trainable parameter has this key; did you "
+      "mean 'Residue/HOH/O/charge'?",)),
     ("fit-resume-truncated-checkpoint",
      lambda d, o, w: ["fit", _config(d / "c.toml"), "--resume", "--output", _fit_dir(
          o, lambda p: _truncated(p, _checkpoint(d / "full.pt", {"version": 1}), 0.5))],

@@ -22,8 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory to write the trained ForceField XML into (created if "
                              "missing)")
     parser.add_argument("--plain", action="store_true",
-                        help="drop the parameterize/parameter_eval tags (a file that any "
-                             "OpenMM loads, but that cannot be trained again)")
+                        help="drop the parameterize/parameter_eval/conserve_charge tags (a "
+                             "file that any OpenMM loads, but that cannot be trained again)")
 
 
 def run(args: argparse.Namespace) -> int:
