@@ -5,10 +5,10 @@ ForceField XML (``parameterize="epsilon"``), cutoff 0.6 nm switched from 0.5 nm,
 correction, at 120 K and 200 bar (a dense liquid, about 19 atoms/nm³): OpenMM's CPU platform,
 LangevinMiddleIntegrator (10 fs, 5/ps) and MonteCarloBarostat (every 5 steps).
 
-Two runs of 1 ns (100 000 steps after 50 ps of equilibration, a frame every 2 ps, longer than the
-correlation time of the volume fluctuations) at
-ε·exp(±h), h = 0.1, with the same seeds (common random numbers; the trajectories decorrelate
-within picoseconds, so the two runs' errors are combined as independent). On each run's
+Two runs of 1 ns (100 000 steps after 50 ps of equilibration, a frame every 2 ps, longer
+than the correlation time of the volume fluctuations) at ε·exp(±h), h = 0.1, with the same
+seeds (common random numbers; the trajectories decorrelate within picoseconds, so the two
+runs' errors are combined as independent). On each run's
 frames the torch twin of the System (``TorchPotential`` bound to the ParameterSet) gives the
 energies, H = U + PV and through them, by autograd, the fluctuation gradient; the derivative
 is taken in log space, d ln f / d ln ε, where the finite difference of these power-law-like
@@ -17,8 +17,8 @@ responses is most accurate.
 - Finite difference: (ln f₊ - ln f₋) / 2h, error bar from each run's standard error
   (:func:`uncertainty`, influence series and statistical inefficiency).
 - Fluctuation gradient: the mean of the two runs' gradients (the centre to O(h²)), error bar
-  from block averaging of the gradient over 10 blocks of 100 ps per run. The twin runs its
-fused kernels (same values as the autograd path to round-off).
+  from block averaging of the gradient over 10 blocks of 100 ps per run. The twin
+  runs its fused kernels (same values as the autograd path to round-off).
 
 Each pair must agree within three combined standard errors; κ_T's response must be resolved
 (more than four error bars from zero). Measured once (2-core machine under load, OpenMM 8.6.1;
