@@ -20,7 +20,8 @@ density, pressure (:mod:`.density`)     :func:`density`, :func:`virial`, :func:`
                                         :func:`pressure_tensor`, :func:`pressure`
 transport (:mod:`.diffusion`)           :func:`mean_squared_displacement`,
                                         :func:`self_diffusion_coefficient`, :func:`unwrap`,
-                                        :func:`time_between_frames`
+                                        :func:`time_between_frames`,
+                                        :func:`yeh_hummer_correction` (finite-size D)
 dielectric (:mod:`.dielectric`)         :func:`dipole_moment`, :func:`static_dielectric`
 solids (:mod:`.elastic`)                :func:`stress_tensor`, :func:`born_terms`,
                                         :func:`elastic_constants`,
@@ -74,6 +75,7 @@ from .diffusion import (
     self_diffusion_coefficient,
     time_between_frames,
     unwrap,
+    yeh_hummer_correction,
 )
 from .elastic import born_terms, elastic_constants, relaxed_elastic_constants, stress_tensor
 from .energy import energy_per_molecule, enthalpy_of_vaporization, frame_energies
@@ -97,5 +99,5 @@ __all__ = [
     "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",
     "rdf", "relaxed_elastic_constants", "self_diffusion_coefficient", "static_dielectric",
     "statistical_inefficiency", "stress_tensor", "temperature", "thermal_expansion",
-    "time_between_frames", "uncertainty", "unwrap", "virial",
+    "time_between_frames", "uncertainty", "unwrap", "virial", "yeh_hummer_correction",
 ]
