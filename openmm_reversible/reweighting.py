@@ -31,25 +31,7 @@ import torch
 from .errors import InputError
 from .observables.energy import Potential
 from .observables.frames import box_of_frame, check_box, check_frames
-from .units import KB
-
-
-def _beta(temperature: float) -> float:
-    if not temperature > 0:
-        raise InputError(f"temperature must be positive (K), got {temperature!r}")
-    return 1.0 / (KB * float(temperature))
-
-
-def _log_weights(energies: torch.Tensor, temperature: float,
-                 reference_energies: torch.Tensor | None) -> torch.Tensor:
-    if energies.ndim != 1 or energies.numel() == 0:
-        raise InputError(f"energies must have shape (n_frames,), got {tuple(energies.shape)}")
-    reference = energies.detach() if reference_energies is None else torch.as_tensor(
-        reference_energies, dtype=energies.dtype, device=energies.device)
-    if reference.shape != energies.shape:
-        raise InputError(f"reference_energies {tuple(reference.shape)} and energies "
-                         f"{tuple(energies.shape)} must have the same shape")
-    return torch.log_softmax(-_beta(temperature) * (energies - reference), dim=0)
+from .observables.thermodynamics import boltzmann_log_weights, inverse_temperature
 
 
 def reweighted_average(values: torch.Tensor, energies: torch.Tensor, temperature: float,
@@ -72,7 +54,7 @@ def reweighted_average(values: torch.Tensor, energies: torch.Tensor, temperature
     torch.Tensor, shape (...)
         ``Σ_s w_s ℓ_s``; its gradient is ⟨∂ℓ/∂θ⟩ - β cov(ℓ, ∂U/∂θ) under the weights.
     """
-    weights = _log_weights(energies, temperature, reference_energies).exp()
+    weights = boltzmann_log_weights(energies, temperature, reference_energies).exp()
     if values.shape[:1] != energies.shape:
         raise InputError(f"values {tuple(values.shape)} need one entry per frame "
                          f"({energies.shape[0]})")
@@ -86,7 +68,7 @@ def effective_sample_size(energies: torch.Tensor, temperature: float,
     Equal to the number of frames when the parameters have not moved; a small fraction of it
     means the reweighted averages are dominated by a few frames and new samples are needed.
     """
-    log_w = _log_weights(energies.detach(), temperature, reference_energies)
+    log_w = boltzmann_log_weights(energies.detach(), temperature, reference_energies)
     return 1.0 / torch.exp(2 * log_w).sum()
 
 
@@ -126,7 +108,7 @@ def fluctuation_gradient(observable: Callable[[torch.Tensor, torch.Tensor | None
     if not parameters or not all(p.requires_grad for p in parameters):
         raise InputError("parameters must be a non-empty sequence of tensors with "
                          "requires_grad=True")
-    beta = _beta(temperature)
+    beta = inverse_temperature(temperature)
     values, d_values, d_energies = [], [], []
     for s in range(positions.shape[0]):
         frame_box = box_of_frame(box, s)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from openmm_reversible.errors import InputError
-from openmm_reversible.observables import block_average, block_slices
+from openmm_reversible.observables import block_average, block_slices, statistical_inefficiency
 
 
 def test_hand_computation():
@@ -58,3 +58,58 @@ def test_bad_blocks_are_named():
         block_average(np.ones(4), n_blocks=1)
     with pytest.raises(InputError, match="needs a series"):
         block_average(3.0)
+
+
+def _ar1(phi: float, n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    noise = rng.normal(size=n)
+    x = np.empty(n)
+    x[0] = noise[0] / math.sqrt(1 - phi ** 2)
+    for i in range(1, n):
+        x[i] = phi * x[i - 1] + noise[i]
+    return x
+
+
+def _inefficiency_by_definition(a: np.ndarray, mintime: int = 3) -> float:
+    """pymbar's statistical_inefficiency (fast=False), written lag by lag."""
+    n, d = len(a), a - a.mean()
+    variance, g, t = np.mean(d * d), 1.0, 1
+    while t < n - 1:
+        c = np.sum(d[:n - t] * d[t:]) / ((n - t) * variance)
+        if c <= 0 and t > mintime:
+            break
+        g += 2 * c * (1 - t / n)
+        t += 1
+    return max(g, 1.0)
+
+
+def test_statistical_inefficiency_equals_its_definition():
+    """The FFT route gives the lag-by-lag sum to round-off, including the mintime rule."""
+    x = _ar1(0.7, 3000, seed=1)
+    for mintime in (0, 3, 10):
+        assert statistical_inefficiency(x, mintime) == pytest.approx(
+            _inefficiency_by_definition(x, mintime), rel=1e-10)
+    # A series anticorrelated at lag 1 gives g < 1, which is raised to 1.
+    assert statistical_inefficiency(np.tile([1.0, -1.0], 50), mintime=0) == 1.0
+
+
+def test_statistical_inefficiency_of_ar1_process():
+    """AR(1) x_n = φ x_{n-1} + ε_n has C(t) = φ^t, so g = (1 + φ) / (1 - φ) (9 for φ = 0.8,
+    1 for white noise); 200 000 samples give it within a few per cent."""
+    assert statistical_inefficiency(_ar1(0.8, 200_000, seed=3)) == pytest.approx(9.0, rel=0.05)
+    assert statistical_inefficiency(_ar1(0.0, 200_000, seed=4)) == pytest.approx(1.0, abs=0.02)
+
+
+def test_statistical_inefficiency_matches_pymbar():
+    timeseries = pytest.importorskip("pymbar.timeseries")
+    x = _ar1(0.9, 20_000, seed=5)
+    expected = timeseries.statistical_inefficiency(x) if hasattr(
+        timeseries, "statistical_inefficiency") else timeseries.statisticalInefficiency(x)
+    assert statistical_inefficiency(x) == pytest.approx(expected, rel=1e-10)
+
+
+def test_statistical_inefficiency_bad_input():
+    with pytest.raises(InputError, match="constant \\(zero variance\\)"):
+        statistical_inefficiency(np.full(10, 2.0))
+    with pytest.raises(InputError, match="1-D series of at least two samples"):
+        statistical_inefficiency(np.ones((4, 2)))

@@ -1,6 +1,8 @@
 """MSD and self-diffusion: a direct NumPy double loop, Brownian motion with a known D,
 unwrapping, finite-difference gradients and input errors."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,7 @@ from openmm_reversible.observables import (
     self_diffusion_coefficient,
     time_between_frames,
     unwrap,
+    yeh_hummer_correction,
 )
 
 
@@ -99,3 +102,42 @@ def test_input_errors():
         self_diffusion_coefficient(lags, msd, fit_range=(0.1, 0.15))
     with pytest.raises(InputError, match="box is None"):
         unwrap(x, None)
+
+
+def test_yeh_hummer_correction_by_hand():
+    """k_B T ξ / (6 π η L) with k_B = 1.380649e-23 J/K (exact, SI 2019): water at 298.15 K,
+    η = 0.89 mPa·s, L = 3 nm adds 2.32e-10 m²/s."""
+    added = 1.380649e-23 * 298.15 * 2.837297 / (6 * math.pi * 0.89e-3 * 3e-9)
+    assert added == pytest.approx(2.32e-10, rel=2e-3)
+    d_pbc = torch.tensor(2.0e-9, dtype=torch.float64, requires_grad=True)
+    corrected = yeh_hummer_correction(d_pbc, 298.15, 0.89e-3, 3.0)
+    assert float(corrected.detach()) == pytest.approx(2.0e-9 + added, rel=1e-12)
+    assert float(torch.autograd.grad(corrected, d_pbc)[0]) == 1.0
+    # Box vectors (one or one per frame, NPT): the edge is the cube root of the mean volume.
+    box = torch.eye(3, dtype=torch.float64) * 3.0
+    assert float(yeh_hummer_correction(2.0e-9, 298.15, 0.89e-3, box)) == pytest.approx(
+        float(corrected.detach()), rel=1e-12)
+    frames = torch.stack([box * 0.99, box * 1.01])
+    edge = float(((0.99 ** 3 + 1.01 ** 3) / 2) ** (1 / 3)) * 3.0
+    assert float(yeh_hummer_correction(0.0, 298.15, 0.89e-3, frames)) == pytest.approx(
+        added * 3.0 / edge, rel=1e-12)
+    # The correction falls as 1/L.
+    assert float(yeh_hummer_correction(0.0, 298.15, 0.89e-3, 6.0)) == pytest.approx(
+        added / 2, rel=1e-12)
+
+
+def test_yeh_hummer_correction_errors():
+    with pytest.raises(InputError, match="viscosity must be a positive shear viscosity in Pa"):
+        yeh_hummer_correction(2e-9, 298.15, 0.0, 3.0)
+    with pytest.raises(InputError, match="temperature must be positive"):
+        yeh_hummer_correction(2e-9, -1.0, 1e-3, 3.0)
+    with pytest.raises(InputError, match="holds for a cubic box"):
+        yeh_hummer_correction(2e-9, 298.15, 1e-3, torch.diag(torch.tensor([3.0, 3.0, 3.2])))
+    tilted = torch.eye(3, dtype=torch.float64) * 3.0
+    tilted[1, 0] = 0.5
+    with pytest.raises(InputError, match="holds for a cubic box"):
+        yeh_hummer_correction(2e-9, 298.15, 1e-3, tilted)
+    with pytest.raises(InputError, match="box must be an edge length"):
+        yeh_hummer_correction(2e-9, 298.15, 1e-3, torch.ones(3))
+    with pytest.raises(InputError, match="box edge must be positive"):
+        yeh_hummer_correction(2e-9, 298.15, 1e-3, 0.0)

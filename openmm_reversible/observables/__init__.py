@@ -20,15 +20,21 @@ density, pressure (:mod:`.density`)     :func:`density`, :func:`virial`, :func:`
                                         :func:`pressure_tensor`, :func:`pressure`
 transport (:mod:`.diffusion`)           :func:`mean_squared_displacement`,
                                         :func:`self_diffusion_coefficient`, :func:`unwrap`,
-                                        :func:`time_between_frames`
+                                        :func:`time_between_frames`,
+                                        :func:`yeh_hummer_correction` (finite-size D)
 dielectric (:mod:`.dielectric`)         :func:`dipole_moment`, :func:`static_dielectric`
 solids (:mod:`.elastic`)                :func:`stress_tensor`, :func:`born_terms`,
                                         :func:`elastic_constants`,
                                         :func:`relaxed_elastic_constants`
 selections (:mod:`.selection`)          :func:`atom_indices`, :func:`pair_indices`,
                                         :func:`molecules`
-uncertainty (:mod:`.blocking`)          :func:`block_average`, :func:`block_slices` (NumPy,
-                                        for reports: standard errors of correlated series)
+NPT response (:mod:`.thermodynamics`)   :func:`isothermal_compressibility`,
+                                        :func:`thermal_expansion`, :func:`heat_capacity`,
+                                        :func:`enthalpy` (NPT fluctuations, differentiable
+                                        by reweighting), :func:`uncertainty`
+uncertainty (:mod:`.blocking`)          :func:`block_average`, :func:`block_slices`,
+                                        :func:`statistical_inefficiency` (NumPy, for reports:
+                                        standard errors of correlated series)
 =====================================  ====================================================
 
 With a :class:`~openmm_reversible.trajectory.Trajectory` ``traj``::
@@ -61,7 +67,7 @@ observable with ``torch.autograd.gradcheck`` on a few float64 frames. Per-frame 
 reweighting, :mod:`openmm_reversible.reweighting`.
 """
 
-from .blocking import block_average, block_slices
+from .blocking import block_average, block_slices, statistical_inefficiency
 from .density import density, kinetic_tensor, pressure, pressure_tensor, virial
 from .dielectric import dipole_moment, static_dielectric
 from .diffusion import (
@@ -69,19 +75,29 @@ from .diffusion import (
     self_diffusion_coefficient,
     time_between_frames,
     unwrap,
+    yeh_hummer_correction,
 )
 from .elastic import born_terms, elastic_constants, relaxed_elastic_constants, stress_tensor
 from .energy import energy_per_molecule, enthalpy_of_vaporization, frame_energies
 from .rdf import rdf
 from .selection import atom_indices, molecules, pair_indices
 from .temperature import degrees_of_freedom, temperature
+from .thermodynamics import (
+    Estimate,
+    enthalpy,
+    heat_capacity,
+    isothermal_compressibility,
+    thermal_expansion,
+    uncertainty,
+)
 
 __all__ = [
-    "atom_indices", "block_average", "block_slices", "born_terms", "degrees_of_freedom",
-    "density", "dipole_moment", "elastic_constants",
-    "energy_per_molecule",
-    "enthalpy_of_vaporization", "frame_energies", "kinetic_tensor",
+    "Estimate", "atom_indices", "block_average", "block_slices", "born_terms",
+    "degrees_of_freedom", "density", "dipole_moment", "elastic_constants",
+    "energy_per_molecule", "enthalpy", "enthalpy_of_vaporization", "frame_energies",
+    "heat_capacity", "isothermal_compressibility", "kinetic_tensor",
     "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",
     "rdf", "relaxed_elastic_constants", "self_diffusion_coefficient", "static_dielectric",
-    "stress_tensor", "temperature", "time_between_frames", "unwrap", "virial",
+    "statistical_inefficiency", "stress_tensor", "temperature", "thermal_expansion",
+    "time_between_frames", "uncertainty", "unwrap", "virial", "yeh_hummer_correction",
 ]

@@ -13,6 +13,12 @@ volume normalisation, a diffusion coefficient from an MSD fit), evaluate it on e
 frames (:func:`block_slices`) and pass the per-block values to :func:`block_average` with
 ``n_blocks`` equal to their number.
 
+The statistical inefficiency g (:func:`statistical_inefficiency`) is the other route: the
+series holds about S / g independent samples, so ``SE = std · sqrt(g / S)``. It is estimated
+from the integrated normalised autocorrelation function, with the same estimator as pymbar's
+``timeseries.statistical_inefficiency`` (Chodera et al., J. Chem. Theory Comput. 3, 26
+(2007)), so numbers from either agree.
+
 These are numbers for reports, not differentiable observables: NumPy in, NumPy out.
 """
 
@@ -66,3 +72,56 @@ def block_average(samples, n_blocks: int = 5) -> tuple[np.ndarray, np.ndarray]:
         raise InputError("block_average needs a series (shape (S, ...)), got a scalar")
     means = np.stack([samples[s].mean(axis=0) for s in block_slices(len(samples), n_blocks)])
     return means.mean(axis=0), means.std(axis=0, ddof=1) / math.sqrt(n_blocks)
+
+
+def statistical_inefficiency(samples, mintime: int = 3) -> float:
+    """Statistical inefficiency g ≥ 1 of a time series: S samples hold about S / g
+    independent ones.
+
+    With δA = A - mean(A), σ² = mean(δA²) and the normalised autocorrelation at lag t,
+    ``C(t) = Σ_{n < S-t} δA_n δA_{n+t} / ((S - t) σ²)``,
+
+        g = 1 + 2 Σ_{t=1}^{t_max} (1 - t/S) C(t),
+
+    where the sum stops before the first lag t > ``mintime`` at which C(t) ≤ 0 (and at
+    S - 2 at the latest); g is then raised to 1 if it came out lower. This is the estimator
+    of pymbar's ``timeseries.statistical_inefficiency(A_n, fast=False, mintime=3)``.
+
+    Parameters
+    ----------
+    samples : array-like, shape (S,)
+        One number per frame, evenly spaced in time; any units.
+    mintime : int, default 3
+        Lags up to this one are always summed (their C(t) may be negative by noise).
+
+    Returns
+    -------
+    float
+        g, in units of the frame interval (1 for uncorrelated samples).
+
+    Raises
+    ------
+    InputError
+        If the series is not 1-D, has fewer than two samples or does not vary.
+    """
+    a = np.asarray(samples, dtype=float)
+    if a.ndim != 1 or a.size < 2:
+        raise InputError(f"statistical_inefficiency needs a 1-D series of at least two "
+                         f"samples, got shape {a.shape}")
+    n = a.size
+    d = a - a.mean()
+    variance = float(np.mean(d * d))
+    if variance == 0.0:
+        raise InputError("statistical_inefficiency: the series is constant (zero variance), "
+                         "so its correlation time is undefined; check that the quantity "
+                         "actually fluctuates (e.g. a barostat is active for volumes)")
+    # All lagged products at once (zero-padded FFT: linear, not circular, correlation).
+    size = 1 << (2 * n - 1).bit_length()
+    spectrum = np.fft.rfft(d, size)
+    lagged = np.fft.irfft(spectrum * np.conj(spectrum), size)[:n]
+    lags = np.arange(1, n - 1)
+    correlation = lagged[1:n - 1] / ((n - lags) * variance)
+    stops = np.flatnonzero((correlation <= 0.0) & (lags > mintime))
+    end = stops[0] if stops.size else lags.size
+    g = 1.0 + 2.0 * float(np.sum((1.0 - lags[:end] / n) * correlation[:end]))
+    return max(g, 1.0)

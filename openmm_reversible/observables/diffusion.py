@@ -8,6 +8,13 @@ from *unwrapped* positions (the reversible integrator never wraps; :func:`unwrap
 continuous paths from wrapped frames). In three dimensions MSD(τ) → 6 D τ at long times, so
 ``D`` is one sixth of the least-squares slope of the MSD over a fitting window. Both are
 differentiable through every frame that enters them.
+
+In a periodic box the hydrodynamic interactions of a molecule with its images slow it down:
+D from a cubic box of edge L is too small by ``k_B T ξ / (6 π η L)`` (Yeh & Hummer, J. Phys.
+Chem. B 108, 15873 (2004); ξ = 2.837297 for the cubic lattice), which
+:func:`yeh_hummer_correction` adds back, with the shear viscosity η supplied by the user (from
+experiment, or from a separate simulation of the model). For TIP3P-like water in a 3 nm box
+the correction is about 10 % of D.
 """
 
 from __future__ import annotations
@@ -16,12 +23,19 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from openmm import unit
 
 from ..errors import InputError
-from .frames import MoleculeLayout, check_box, check_frames, minimum_image_frames
+from .frames import MoleculeLayout, check_box, check_frames, minimum_image_frames, volumes
 
 M2_PER_S_PER_NM2_PER_PS = 1e-6
 """1 nm²/ps expressed in m²/s."""
+
+CUBIC_LATTICE_XI = 2.837297
+"""ξ of the Yeh–Hummer correction for a cubic periodic lattice (dimensionless)."""
+
+BOLTZMANN_J_PER_K = unit.BOLTZMANN_CONSTANT_kB.value_in_unit(unit.joule / unit.kelvin)
+"""k_B, J/K."""
 
 
 def time_between_frames(steps, timestep: float) -> float:
@@ -142,3 +156,59 @@ def self_diffusion_coefficient(lag_times: torch.Tensor, msd: torch.Tensor,
     t_centred = t - t.mean()
     slope = (t_centred * (y - y.mean())).sum() / (t_centred ** 2).sum()
     return slope / 6.0 * M2_PER_S_PER_NM2_PER_PS
+
+
+def yeh_hummer_correction(diffusion, temperature: float, viscosity: float, box) -> torch.Tensor:
+    """Self-diffusion coefficient corrected to infinite system size, m²/s.
+
+    ``D_∞ = D_PBC + k_B T ξ / (6 π η L)`` with ξ = 2.837297 (Yeh & Hummer 2004), for a cubic
+    box of edge L.
+
+    Parameters
+    ----------
+    diffusion : torch.Tensor or float, m²/s
+        D measured in the periodic box (e.g. :func:`self_diffusion_coefficient`); the result
+        is differentiable in it.
+    temperature : float, K
+    viscosity : float, Pa·s
+        Shear viscosity η of the *model* liquid at this state point (water at 298 K,
+        experiment: 0.89e-3 Pa·s; TIP3P: about 0.32e-3 Pa·s).
+    box : float, nm, or torch.Tensor, shape (3, 3) or (n_frames, 3, 3), nm
+        The box edge L, or box vectors (their mean volume gives L = ⟨V⟩^(1/3); the box must
+        be cubic, as the correction assumes).
+
+    Returns
+    -------
+    torch.Tensor, 0-dim, m²/s
+    """
+    if not temperature > 0:
+        raise InputError(f"temperature must be positive (K), got {temperature!r}")
+    if not viscosity > 0:
+        raise InputError(f"viscosity must be a positive shear viscosity in Pa·s (water at "
+                         f"298 K: 0.89e-3), got {viscosity!r}")
+    edge = _cubic_edge(box)
+    d = torch.as_tensor(diffusion, dtype=torch.float64)
+    return d + BOLTZMANN_J_PER_K * float(temperature) * CUBIC_LATTICE_XI / (
+        6 * np.pi * float(viscosity) * edge * 1e-9)
+
+
+def _cubic_edge(box) -> float:
+    """Edge of a cubic box, nm, from an edge or (3, 3) / (n_frames, 3, 3) box vectors."""
+    if isinstance(box, int | float):
+        edge = float(box)
+    else:
+        vectors = torch.as_tensor(box, dtype=torch.float64).detach()
+        if vectors.shape[-2:] != (3, 3) or vectors.ndim not in (2, 3):
+            raise InputError(f"box must be an edge length (nm) or box vectors of shape (3, 3) "
+                             f"or (n_frames, 3, 3), got shape {tuple(vectors.shape)}")
+        frames = vectors.reshape(-1, 3, 3)
+        lengths = frames.norm(dim=-1)
+        off_diagonal = (frames - torch.diag_embed(frames.diagonal(dim1=-2, dim2=-1))).abs()
+        if bool((off_diagonal > 1e-6 * lengths[:, :1, None]).any()) or bool(
+                ((lengths - lengths.mean(-1, keepdim=True)).abs() > 1e-6 * lengths).any()):
+            raise InputError("the Yeh–Hummer correction (xi = 2.837297) holds for a cubic box; "
+                             "this box is not cubic (unequal or tilted edges)")
+        edge = float(volumes(frames).mean()) ** (1 / 3)
+    if not edge > 0:
+        raise InputError(f"box edge must be positive (nm), got {edge!r}")
+    return edge
