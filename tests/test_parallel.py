@@ -86,6 +86,18 @@ def test_gradient_and_parameters_identical_on_1_and_2_workers(argon, in_process,
     assert len({w["worker"] for r in one.records for w in r["timings"]["windows"]}) == 1
 
 
+def test_four_workers_give_the_single_process_result_bit_for_bit(argon, in_process, tmp_path):  # noqa: F811
+    """As many workers as windows: every window of an epoch may run at once, the result is
+    still the in-process one."""
+    four = fit(_windows_config(argon, "layout", epochs=1, workers=4), tmp_path / "four",
+               progress=False)
+    assert _results(four) == _results(in_process)[:1]
+    assert four.parameters == in_process.records[0]["parameters_after"]
+    places = [w["worker"] for w in four.records[0]["timings"]["windows"]]
+    assert len(places) == WINDOWS and IN_PROCESS not in places
+    assert len(set(places)) > 1  # spread over the workers, not queued on one
+
+
 def _kill_once(marker: str, window: int, function, piece):
     """The piece of ``window`` kills its own worker process the first time it runs."""
     if piece.index == window and not os.path.exists(marker):
