@@ -16,7 +16,9 @@ import signal
 import pytest
 import torch
 from test_train import EPSILON, SIGMA, _config, argon  # noqa: F401 - argon is a fixture
+from torch.torch_version import TorchVersion
 
+from openmm_reversible import parallel
 from openmm_reversible.commands import fit as fit_cli
 from openmm_reversible.config import ParallelConfig, load_config
 from openmm_reversible.errors import InputError
@@ -25,6 +27,8 @@ from openmm_reversible.parallel import (
     ClusterUnavailable,
     DaskEngine,
     InProcess,
+    WorkerMismatch,
+    code_hash,
     open_engine,
 )
 from openmm_reversible.train import TrainingFailed, fit
@@ -181,6 +185,61 @@ def test_bad_or_unreachable_scheduler_is_one_clear_error(address, reason):
                               f"scheduler there ({reason}")
     assert "give the address it prints" in message
     assert isinstance(info.value, InputError)  # the command line exits 2 with this line
+
+
+FIX = ("install the same versions on every node (pip install -r requirements.lock, and "
+       "openmm-reversible from the same commit: pip install -e .) and restart that worker")
+
+
+def _set_torch_version(version: str) -> None:
+    """On a worker: make torch report ``version``."""
+    torch.__version__ = TorchVersion(version)
+
+
+def _set_code_hash(value: str | None) -> None:
+    """On a worker: make the source hash ``value`` (None: the real one again)."""
+    parallel.code_hash = code_hash if value is None else functools.partial(str, value)
+
+
+def _touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def test_a_worker_with_another_torch_is_refused_on_connecting_naming_both_versions(
+        two_workers):
+    client = two_workers.client
+    real = str(torch.__version__)
+    worker = sorted(client.scheduler_info()["workers"])[0]
+    client.run(_set_torch_version, "2.0.0", workers=[worker])
+    try:
+        with pytest.raises(WorkerMismatch) as info:
+            DaskEngine(scheduler=client.scheduler.address)
+    finally:
+        client.run(_set_torch_version, real, workers=[worker])
+    assert str(info.value) == (f"worker {worker} runs torch 2.0.0 but this process runs torch "
+                               f"{real}, so its pieces would not give this process's numbers; "
+                               + FIX)
+    assert isinstance(info.value, ClusterUnavailable)  # an InputError: exit 2, one line
+    assert two_workers.map(_threads, range(2))  # the refusal left the cluster itself alone
+
+
+def test_a_worker_with_other_source_code_runs_no_piece(two_workers, tmp_path):
+    """A worker that changed after the engine connected (or joined later) is refused by the
+    check each piece makes before it runs."""
+    client = two_workers.client
+    client.run(_set_code_hash, "000000000000")
+    try:
+        with pytest.raises(WorkerMismatch) as info:
+            two_workers.map(_touch, [str(tmp_path / f"ran{i}") for i in range(2)])
+    finally:
+        client.run(_set_code_hash, None)
+    assert str(info.value).endswith(
+        " runs openmm-reversible source 000000000000 but this process runs openmm-reversible "
+        f"source {code_hash()}, so its pieces would not give this process's numbers; " + FIX)
+    assert str(info.value).startswith("worker tcp://")
+    assert not list(tmp_path.iterdir())  # no piece ran
+    assert len(code_hash()) == 12 and code_hash() != "000000000000"
 
 
 def test_config_and_command_line_choose_the_layout(argon, tmp_path):  # noqa: F811
