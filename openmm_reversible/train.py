@@ -88,7 +88,7 @@ from .outputs import (
     write_topology,
     write_trajectory,
 )
-from .parallel import Engine, PieceFailed, open_engine
+from .parallel import Engine, PieceFailed, by_worker, describe_workers, open_engine
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
@@ -783,6 +783,7 @@ class Trainer:
                                                  result.info["reconstruction_error"])
             timings["windows"].append({"window": piece.index + 1, "worker": done.where,
                                        "seconds": done.seconds})
+        timings["workers"] = by_worker(dict(enumerate(ran)))
         self.parameters.scaled.grad = grad
         prior = self.regularization.penalty()
         if prior.requires_grad:
@@ -817,9 +818,12 @@ class Trainer:
         bar = tqdm(total=len(pieces), desc=f"epoch {pieces[0].epoch} windows", leave=False,
                    disable=not self.progress or None, unit="window")
 
+        finished = {}
+
         def done(index, ran) -> None:
+            finished[index] = ran
             bar.update(1)
-            bar.set_postfix_str(f"window {index + 1}: {ran.where}, {ran.seconds:.1f} s")
+            bar.set_postfix_str(describe_workers(by_worker(finished)))
 
         with bar:
             try:

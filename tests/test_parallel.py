@@ -27,8 +27,11 @@ from openmm_reversible.parallel import (
     ClusterUnavailable,
     DaskEngine,
     InProcess,
+    Ran,
     WorkerMismatch,
+    by_worker,
     code_hash,
+    describe_workers,
     open_engine,
 )
 from openmm_reversible.train import TrainingFailed, fit
@@ -88,6 +91,22 @@ def test_gradient_and_parameters_identical_on_1_and_2_workers(argon, in_process,
     assert len({w for p in places for w in p}) == 2  # both workers took pieces
     assert IN_PROCESS not in places[0]
     assert len({w["worker"] for r in one.records for w in r["timings"]["windows"]}) == 1
+    for record in two.records:  # per worker: which windows, how long in all
+        workers = record["timings"]["workers"]
+        assert sorted(n for w in workers.values() for n in w["pieces"]) == [1, 2, 3, 4]
+        for where, work in workers.items():
+            windows = [w for w in record["timings"]["windows"] if w["worker"] == where]
+            assert work["pieces"] == [w["window"] for w in windows]
+            assert work["seconds"] == pytest.approx(sum(w["seconds"] for w in windows))
+
+
+def test_progress_line_says_which_pieces_each_worker_ran_and_how_long():
+    ran = {2: Ran(None, "tcp://127.0.0.1:40123", 1.5), 0: Ran(None, "tcp://127.0.0.1:40123", 2.0),
+           1: Ran(None, "tcp://127.0.0.1:40777", 0.3)}
+    summary = by_worker(ran)
+    assert summary == {"tcp://127.0.0.1:40123": {"pieces": [1, 3], "seconds": 3.5},
+                       "tcp://127.0.0.1:40777": {"pieces": [2], "seconds": 0.3}}
+    assert describe_workers(summary) == "127.0.0.1:40123: 1, 3 (3.5 s); 127.0.0.1:40777: 2 (0.3 s)"
 
 
 def test_four_workers_give_the_single_process_result_bit_for_bit(argon, in_process, tmp_path):  # noqa: F811
