@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import functools
 import os
+import pickle
 import signal
 
 import pytest
@@ -34,15 +35,18 @@ from openmm_reversible.parallel import (
     describe_workers,
     open_engine,
 )
+from openmm_reversible.sampler import SimulationExploded
 from openmm_reversible.train import TrainingFailed, fit
 
 WINDOWS = 4
 
 
-def _windows_config(argon, name: str, epochs: int = 2, **parallel):  # noqa: F811
+def _windows_config(argon, name: str, epochs: int = 2, replicas: int = 1,  # noqa: F811
+                    **parallel):
     config = _config(argon, name, SIGMA * 1.02, EPSILON * 0.95, epochs=epochs)
     return dataclasses.replace(
-        config, schedule=dataclasses.replace(config.schedule, windows=WINDOWS),
+        config, schedule=dataclasses.replace(config.schedule, windows=WINDOWS,
+                                             replicas=replicas),
         parallel=dataclasses.replace(config.parallel, **parallel))
 
 
@@ -56,11 +60,15 @@ def _results(result) -> list[tuple]:
 def in_process(argon, tmp_path_factory):  # noqa: F811
     """The reference: the windows run here, one after another, with 1 torch thread (as in the
     workers)."""
+    return _one_thread_fit(_windows_config(argon, "layout"), tmp_path_factory.mktemp("here"))
+
+
+def _one_thread_fit(config, output):
+    """A fit in this process with 1 torch thread, as in the workers."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return fit(_windows_config(argon, "layout"), tmp_path_factory.mktemp("here"),
-                   progress=False)
+        return fit(config, output, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -121,6 +129,39 @@ def test_four_workers_give_the_single_process_result_bit_for_bit(argon, in_proce
     assert len(set(places)) > 1  # spread over the workers, not queued on one
 
 
+def test_replicas_are_pieces_with_their_own_seeds_and_the_same_result_on_any_layout(
+        argon, in_process, two_workers, tmp_path):  # noqa: F811
+    """2 replicas of 4 windows: each replica's OpenMM sampling is a piece, then the 8 windows
+    are; in-process and on 2 workers alike."""
+    config = _windows_config(argon, "replicas", replicas=2)
+    here = _one_thread_fit(config, tmp_path / "here")
+    two = fit(config, tmp_path / "two", progress=False, engine=two_workers)
+    assert _results(two) == _results(here)
+    assert [r["replica_losses"] for r in two.records] == \
+        [r["replica_losses"] for r in here.records]
+    assert [r["state"] for r in two.records] == [r["state"] for r in here.records]
+    assert two.parameters == here.parameters
+    first = here.records[0]
+    # Replica 1 is the chain of the fit without replicas; replica 2 has its own noise.
+    assert first["replica_losses"][0] == in_process.records[0]["loss"]
+    assert first["replica_losses"][1] != first["replica_losses"][0]
+    assert first["loss"] == pytest.approx(sum(first["replica_losses"]) / 2, rel=1e-12)
+    assert first["gradient"] != in_process.records[0]["gradient"]
+    for result, where in ((here, {IN_PROCESS}), (two, None)):
+        timings = result.records[0]["timings"]
+        assert [(w["replica"], w["window"]) for w in timings["windows"]] == \
+            [(r, w) for r in (1, 2) for w in range(1, WINDOWS + 1)]
+        places = {p["worker"] for p in timings["replicas"]}
+        assert places == where if where else IN_PROCESS not in places
+    assert "replica_losses" not in in_process.records[0]
+
+
+def test_an_exploded_simulation_crosses_from_a_worker_with_its_step_and_reason():
+    error = pickle.loads(pickle.dumps(SimulationExploded(120, "NaN in positions or energy")))
+    assert (error.step, error.reason) == (120, "NaN in positions or energy")
+    assert str(error) == "simulation exploded at OpenMM step 120: NaN in positions or energy"
+
+
 def _kill_once(marker: str, window: int, function, piece):
     """The piece of ``window`` kills its own worker process the first time it runs."""
     if piece.index == window and not os.path.exists(marker):
@@ -173,6 +214,16 @@ def test_a_piece_that_keeps_failing_stops_the_fit_naming_its_window(argon, two_w
         fit(_windows_config(argon, "failing"), tmp_path / "out", progress=False,
             engine=engine)
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
+
+
+def test_a_replica_whose_sampling_keeps_failing_stops_the_fit_naming_it(argon, two_workers,  # noqa: F811
+                                                                       tmp_path):
+    engine = _Wrapped(two_workers, functools.partial(_always_fails, 1))
+    with pytest.raises(TrainingFailed, match=r"^epoch 1: OpenMM sampling of replica 2: piece 2 "
+                       r"of 2 failed on all 3 runs allowed \(parallel\.retries = 2\): "
+                       r"RuntimeError: scratch disk full\. The fit stops; "):
+        fit(_windows_config(argon, "failing", replicas=2), tmp_path / "out", progress=False,
+            engine=engine)
 
 
 def _threads(_item) -> int:
