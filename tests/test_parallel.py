@@ -346,3 +346,19 @@ def test_a_fit_resumes_on_another_layout_as_if_uninterrupted(argon, in_process, 
     assert [r["epoch"] for r in resumed.records] == [1, 2]
     assert _results(resumed) == _results(in_process)
     assert {w["worker"] for w in resumed.records[1]["timings"]["windows"]} != {IN_PROCESS}
+
+
+@pytest.mark.slow
+def test_benchmark_reports_time_and_overhead_per_piece_and_speed_up_in_one_run(argon):  # noqa: F811
+    from openmm_reversible.benchmarks.parallel import measure
+
+    _config(argon, "bench", SIGMA * 1.02, EPSILON * 0.95, epochs=1)
+    result = measure(str(argon[0] / "bench.toml"), workers=2, windows=2, replicas=2, epochs=1,
+                     progress=False)
+    assert (result["windows"], result["replicas"], result["workers"]) == (2, 2, 2)
+    assert result["identical"] is True  # Reference platform: every layout the same numbers
+    assert result["window_piece_s"] > 0 and result["replica_piece_s"] > 0
+    assert result["overhead_per_piece_s"] > 0  # one worker: wall time beyond the pieces'
+    for key in ("windows_speedup", "sampling_speedup", "epoch_speedup"):
+        assert result[key] > 0
+    assert result["piece_bytes"] < result["replica_result_bytes"]  # 3 states against 1
