@@ -234,9 +234,20 @@ def _allowed_failures(dask_scheduler) -> int:
     return dask_scheduler.allowed_failures
 
 
+def _worker_environment() -> dict:
+    import openmm
+
+    return {"threads": openmm.Platform.getPlatformByName("CPU").getPropertyDefaultValue(
+        "Threads"), "trim": os.environ.get("MALLOC_TRIM_THRESHOLD_")}
+
+
 def test_workers_run_with_the_threads_and_retries_asked_for(two_workers):
     # A piece may take its worker down `retries` times before it counts as failed.
     assert two_workers.client.run_on_scheduler(_allowed_failures) == 2
+    # OpenMM's CPU platform (replicas' sampling) takes threads_per_worker threads, and glibc
+    # keeps its adaptive allocation thresholds (Dask would set MALLOC_TRIM_THRESHOLD_).
+    for report in two_workers.client.run(_worker_environment).values():
+        assert report == {"threads": "1", "trim": None}
     ran = two_workers.map(_threads, range(4))
     assert [r.value for r in ran] == [1] * 4
     assert all(r.where.startswith("tcp://") for r in ran)
