@@ -66,6 +66,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -947,7 +948,8 @@ class Trainer:
         return self._run_pieces(pieces, functools.partial(compute_window, self.model),
                                 functools.partial(remote_window, self.config), "window", name)
 
-    def _run_pieces(self, pieces: list, local, remote, unit: str, name) -> list:
+    def _run_pieces(self, pieces: list, local: Callable, remote: Callable, unit: str,
+                    name: Callable[[object], str]) -> list:
         """The pieces through ``local`` (on this process's objects) for an in-process engine,
         else ``remote``; the results (:class:`~openmm_reversible.parallel.Ran`) in piece
         order. A piece that fails on every run the engine allows stops the fit with
