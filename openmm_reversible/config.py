@@ -141,6 +141,9 @@ class ScheduleConfig:
     equilibration_steps: int = _spec(1000, _non_negative, "OpenMM steps at the start of an epoch")
     bulk_steps: int = _spec(500, _non_negative, "OpenMM steps before each reversible window")
     windows: int = _spec(1, _positive, "reversible windows per epoch")
+    replicas: int = _spec(1, _positive, "independent OpenMM chains per epoch, each with its "
+                                        "own seeds and windows; the gradient is the mean "
+                                        "over all their windows")
     window_steps: int = _spec(100, _positive, "steps of one reversible window")
     snapshot_every: int = _spec(10, _positive, "steps between loss snapshots in a window")
     truncation: int | None = _spec(None, _positive, "adjoint truncation, steps")

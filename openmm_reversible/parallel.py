@@ -19,6 +19,12 @@ piece that fails every time raises :class:`PieceFailed` naming it. Exceptions th
 as ``passthrough`` (deterministic failures the caller handles itself, which another run would
 only repeat) are not retried and reach the caller with their own type, the first in piece order.
 
+Versions: the pieces of a worker that runs other versions of openmm-reversible, torch or
+OpenMM, or other openmm-reversible source code, than this process would not give this
+process's numbers. The engine compares every worker's :func:`environment` with its own when it
+connects, and again on the worker before each piece (a worker may join later); a worker that
+differs is refused with :class:`WorkerMismatch` before it runs any piece.
+
 Every result says where it ran (the worker's address, or ``"in-process"``) and how long the
 piece's function took (s); the rest of a piece's wall time is the engine's overhead
 (serialisation, transfer, scheduling).
@@ -26,10 +32,13 @@ piece's function took (s); the rest of a piece's wall time is the engine's overh
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -37,6 +46,10 @@ from .errors import InputError
 
 IN_PROCESS = "in-process"
 """The ``where`` of a piece run by :class:`InProcess`."""
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                    "OPENMM_CPU_THREADS")
+"""Environment variables set to ``threads_per_worker`` in local workers: the math libraries'
+threads, and the default thread count of OpenMM's CPU platform (a replica's sampling)."""
 
 
 class PieceFailed(RuntimeError):
@@ -58,6 +71,54 @@ class ClusterUnavailable(InputError):
     Dask's required packages."""
 
 
+class WorkerMismatch(ClusterUnavailable):
+    """A worker runs other versions of openmm-reversible, torch or OpenMM, or other
+    openmm-reversible source code, than this process."""
+
+
+@functools.cache
+def code_hash() -> str:
+    """The first 12 hex digits of the SHA-256 of openmm-reversible's Python sources (each
+    file's path relative to the package, then its bytes, in path order): tells apart two
+    checkouts of one version with different edits. Computed once per process."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def environment() -> dict[str, str]:
+    """What a worker must share with the coordinator for its pieces to give the same numbers.
+
+    Returns
+    -------
+    dict of str to str
+        ``openmm-reversible``, ``torch`` and ``openmm`` versions, and ``openmm-reversible
+        source`` (:func:`code_hash`).
+    """
+    import openmm
+
+    from . import __version__
+
+    return {"openmm-reversible": __version__, "torch": str(torch.__version__),
+            "openmm": openmm.__version__, "openmm-reversible source": code_hash()}
+
+
+def mismatch(where: str, theirs: dict[str, str], ours: dict[str, str]) -> str | None:
+    """The error text for a worker whose :func:`environment` differs from this process's, or
+    None when they agree."""
+    differ = [key for key in ours if theirs.get(key) != ours[key]]
+    if not differ:
+        return None
+    return (f"worker {where} runs {', '.join(f'{k} {theirs.get(k)}' for k in differ)} but "
+            f"this process runs {', '.join(f'{k} {ours[k]}' for k in differ)}, so its pieces "
+            f"would not give this process's numbers; install the same versions on every node "
+            f"(pip install -r requirements.lock, and openmm-reversible from the same commit: "
+            f"pip install -e .) and restart that worker")
+
+
 @dataclass(frozen=True)
 class Ran:
     """The result of one piece.
@@ -77,6 +138,36 @@ class Ran:
     seconds: float
 
 
+def by_worker(ran: Mapping[int, Ran]) -> dict[str, dict]:
+    """What each worker did: its pieces and the time they took.
+
+    Parameters
+    ----------
+    ran : mapping of int to Ran
+        Finished pieces by their 0-based index (all of a map, or those finished so far).
+
+    Returns
+    -------
+    dict of str to dict
+        Per worker address (``"in-process"`` here), in the order of their first piece:
+        ``pieces``, the 1-based piece numbers in order, and ``seconds`` (s), their total time
+        in the function.
+    """
+    summary: dict[str, dict] = {}
+    for index in sorted(ran):
+        entry = summary.setdefault(ran[index].where, {"pieces": [], "seconds": 0.0})
+        entry["pieces"].append(index + 1)
+        entry["seconds"] += ran[index].seconds
+    return summary
+
+
+def describe_workers(summary: Mapping[str, dict]) -> str:
+    """One line of :func:`by_worker` for a progress bar:
+    ``127.0.0.1:40123: 1, 3 (4.2 s); 127.0.0.1:40777: 2 (2.0 s)``."""
+    return "; ".join(f"{where.removeprefix('tcp://')}: {', '.join(map(str, e['pieces']))} "
+                     f"({e['seconds']:.1f} s)" for where, e in summary.items())
+
+
 @dataclass(frozen=True)
 class _Raised:
     """A passthrough exception, carried back as a value so that the engine does not retry it."""
@@ -84,16 +175,21 @@ class _Raised:
     error: BaseException
 
 
-def _run_piece(function: Callable, threads: int | None, passthrough: tuple, item) -> Ran:
+def _run_piece(function: Callable, threads: int | None, passthrough: tuple,
+               expected: dict | None, item) -> Ran:
     """Run ``function(item)``: on a Dask worker with ``threads`` torch threads, or here when
-    ``threads`` is None. Module-level so that it pickles."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    ``threads`` is None. On a worker whose :func:`environment` differs from ``expected`` the
+    piece is not run: a :class:`WorkerMismatch` comes back instead. Module-level so that it
+    pickles."""
     where = IN_PROCESS
     if threads is not None:
         from distributed import get_worker
 
         where = get_worker().address
+        problem = mismatch(where, environment(), expected)
+        if problem is not None:
+            return Ran(_Raised(WorkerMismatch(problem)), where, 0.0)
+        torch.set_num_threads(threads)
     start = time.perf_counter()
     try:
         value = function(item)
@@ -147,7 +243,7 @@ class InProcess(Engine):
     def map(self, function, items, passthrough=(), done=None):
         results = []
         for index, item in enumerate(items):
-            ran = _run_piece(function, None, passthrough, item)
+            ran = _run_piece(function, None, passthrough, None, item)
             if isinstance(ran.value, _Raised):
                 raise ran.value.error
             results.append(ran)
@@ -177,6 +273,9 @@ class DaskEngine(Engine):
     ClusterUnavailable
         The address is malformed or unreachable, or the cluster's Dask version differs from
         this one.
+    WorkerMismatch
+        A worker runs other versions of openmm-reversible, torch or OpenMM, or other
+        openmm-reversible source code (:func:`environment`).
     """
 
     local = False
@@ -191,19 +290,26 @@ class DaskEngine(Engine):
                              "of a running scheduler")
         self.threads = int(threads_per_worker)
         self.retries = int(retries)
+        self.environment = environment()
         self._cluster = None
         if scheduler is None:
             # The scheduler lives in this process: how often a piece may take its worker down
-            # before it counts as failed is set here.
-            with dask.config.set({"distributed.scheduler.allowed-failures": self.retries}):
+            # before it counts as failed is set here. Dask starts its workers with
+            # MALLOC_TRIM_THRESHOLD_ set, which turns off glibc's adaptive mmap threshold: every
+            # tensor over 128 KiB is then mapped and unmapped, and torch ran 1.4 to 1.8 times
+            # slower in a worker than in a plain process (measured); it is left unset.
+            with dask.config.set({
+                    "distributed.scheduler.allowed-failures": self.retries,
+                    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
                 self._cluster = LocalCluster(
                     n_workers=int(workers), threads_per_worker=1, processes=True,
                     dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
-                    env={"OMP_NUM_THREADS": str(self.threads)},
+                    env={name: str(self.threads) for name in THREAD_VARIABLES},
                     # No dashboard; the scheduler's own HTTP endpoint (health, metrics) on a
                     # free local port instead of 8787, which another cluster may hold.
                     scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
             self.client = Client(self._cluster, timeout=connect_timeout)
+            self._check_workers()
             return
         try:
             self.client = Client(scheduler, timeout=connect_timeout)
@@ -222,12 +328,29 @@ class DaskEngine(Engine):
                 f"parallel.scheduler = {scheduler!r}: the cluster runs other package versions "
                 f"than this process ({exc}); install the same versions (requirements.lock) on "
                 f"every node") from None
+        self._check_workers()
+
+    def _check_workers(self) -> None:
+        """Refuse the cluster if a worker already connected differs from this process
+        (workers that join later are checked before each piece)."""
+        reports = self.client.run(environment, on_error="return")
+        for where, theirs in sorted(reports.items()):
+            if isinstance(theirs, BaseException):
+                problem = (f"worker {where} cannot report its versions "
+                           f"({type(theirs).__name__}: {theirs}); install openmm-reversible "
+                           f"there as here (pip install -r requirements.lock, then pip "
+                           f"install -e . from the same commit) and restart that worker")
+            else:
+                problem = mismatch(where, theirs, self.environment)
+            if problem is not None:
+                self.close()
+                raise WorkerMismatch(problem)
 
     def map(self, function, items, passthrough=(), done=None):
         from distributed import as_completed
 
-        futures = [self.client.submit(_run_piece, function, self.threads, passthrough, item,
-                                      pure=False, retries=self.retries)
+        futures = [self.client.submit(_run_piece, function, self.threads, passthrough,
+                                      self.environment, item, pure=False, retries=self.retries)
                    for item in items]
         index = {f.key: i for i, f in enumerate(futures)}
         results: list[Ran | None] = [None] * len(futures)
@@ -241,6 +364,9 @@ class DaskEngine(Engine):
                                          f"{self.retries + 1} runs allowed "
                                          f"(parallel.retries = {self.retries}): "
                                          f"{type(exc).__name__}: {exc}") from exc
+                if isinstance(ran.value, _Raised) and isinstance(ran.value.error,
+                                                                 WorkerMismatch):
+                    raise ran.value.error
                 results[i] = ran
                 if done is not None and not isinstance(ran.value, _Raised):
                     done(i, ran)

@@ -110,6 +110,9 @@ class SimulationExploded(RuntimeError):
         self.step = step
         self.reason = reason
 
+    def __reduce__(self):  # pickled with its own arguments (it crosses to and from workers)
+        return type(self), (self.step, self.reason)
+
 
 @dataclass(frozen=True)
 class SampledState:

@@ -13,6 +13,11 @@ One epoch (:meth:`Trainer.run_epoch`):
    back-propagated), in this process or on Dask workers (``[parallel]``,
    :mod:`~openmm_reversible.parallel`), and sum the gradients, each weighted 1/windows, in
    window order, so that the result is the same bit for bit with any number of workers;
+   with ``schedule.replicas = R`` > 1, steps 1 to 3 run for R independent chains, each from
+   the epoch's start state with its own seeds, each chain's OpenMM sampling a piece of the
+   engine (:func:`sample_replica`), and the gradient is the mean over all R × windows
+   windows (replica 1 has the seeds, hence the windows, of a fit without replicas; its
+   end state is where the next epoch starts, and its frames are the epoch's trajectory);
 4. the priors of ``[[parameters]]`` (:mod:`~openmm_reversible.priors`) add their penalty
    and its gradient, frozen parameters lose theirs; one optimiser step on the *scaled*
    parameters (value / start value, as in the reversible simulation paper), then clip them so
@@ -61,6 +66,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,7 +94,7 @@ from .outputs import (
     write_topology,
     write_trajectory,
 )
-from .parallel import Engine, PieceFailed, open_engine
+from .parallel import Engine, PieceFailed, by_worker, describe_workers, open_engine
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
@@ -492,7 +498,7 @@ class WindowPiece:
     index : int
         0-based window index in the epoch.
     windows : int
-        Windows in the epoch (the gradient is that of loss / windows).
+        Windows in the epoch, of all its replicas (the gradient is that of loss / windows).
     scaled : torch.Tensor, shape (P,)
         Scaled trainable parameter values (value / start value).
     state : SampledState
@@ -501,6 +507,8 @@ class WindowPiece:
         Seed of the window's Langevin noise.
     output : str
         The fit's output directory, named in messages.
+    replica : int
+        0-based replica whose sampling gave ``state`` (``schedule.replicas``).
     """
 
     epoch: int
@@ -510,6 +518,7 @@ class WindowPiece:
     state: SampledState
     seed: int
     output: str
+    replica: int = 0
 
 
 @dataclass(frozen=True)
@@ -597,16 +606,115 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
                         info)
 
 
+@dataclass(frozen=True)
+class ReplicaPiece:
+    """The inputs of one replica's OpenMM sampling in an epoch (``schedule.replicas``).
+
+    Attributes
+    ----------
+    epoch : int
+        1-based, for messages.
+    index : int
+        0-based replica index.
+    scaled : torch.Tensor, shape (P,)
+        Scaled trainable parameter values (value / start value).
+    state : SampledState
+        Where the sampling starts: the state the previous epoch's replica 1 ended in.
+    seed : int
+        Seed of the replica's OpenMM noise.
+    frames_at : tuple of int
+        OpenMM steps at which a trajectory frame is kept (replica 1 only).
+    """
+
+    epoch: int
+    index: int
+    scaled: torch.Tensor
+    state: SampledState
+    seed: int
+    frames_at: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class SampledReplica:
+    """What a replica's OpenMM sampling gives.
+
+    Attributes
+    ----------
+    starts : list of SampledState
+        The start state of each window, in window order.
+    frames : list of SampledState
+        The trajectory frames asked for by ``frames_at``.
+    end : SampledState
+        The state the sampling ended in.
+    state : dict of str to float
+        That state as StateDataReporter values (:func:`~openmm_reversible.outputs.state_values`).
+    timings : dict of str to float
+        ``push_s``, ``equilibrate_s`` and ``bulk_s`` (s).
+    """
+
+    starts: list
+    frames: list
+    end: SampledState
+    state: dict
+    timings: dict
+
+
+def sample_replica(model: WindowModel, sampler: Sampler, piece: ReplicaPiece) -> SampledReplica:
+    """Push the piece's parameter values into ``sampler``, restart it from the piece's state
+    with its seed, equilibrate, then sample ``bulk_steps`` before each window, keeping each
+    window's start state (OpenMM steps of ``model.config.schedule``).
+
+    Raises
+    ------
+    SimulationExploded
+        NaN or runaway temperature in OpenMM (the epoch is retried with new noise).
+    """
+    sched = model.config.schedule
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.parameters.scaled.copy_(piece.scaled)
+    sampler.update_parameters(model.parameters.create_system())
+    sampler.restart(piece.state, piece.seed)
+    timings = {"push_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    frames = sampler.step(sched.equilibration_steps, piece.frames_at)
+    timings["equilibrate_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    starts = []
+    for _ in range(sched.windows):
+        frames += sampler.step(sched.bulk_steps, piece.frames_at)
+        starts.append(sampler.state())
+    timings["bulk_s"] = time.perf_counter() - t
+    return SampledReplica(starts, frames, sampler.state(), state_values(sampler), timings)
+
+
 _MODELS: dict[str, WindowModel] = {}
 """This process's window models, keyed by their config (a worker builds each once)."""
+_SAMPLERS: dict[str, Sampler] = {}
+"""This process's OpenMM samplers for replica pieces, keyed like :data:`_MODELS`."""
+
+
+def _model_of(config: FitConfig) -> tuple[str, WindowModel]:
+    """This process's model of ``config`` (built on first use), and its cache key."""
+    key = json.dumps(_comparable(to_dict(config)), sort_keys=True, default=str)
+    if key not in _MODELS:
+        _MODELS[key] = window_model(config)
+    return key, _MODELS[key]
 
 
 def remote_window(config: FitConfig, piece: WindowPiece) -> WindowResult:
     """:func:`compute_window` with this process's model of ``config`` (built on first use)."""
-    key = json.dumps(_comparable(to_dict(config)), sort_keys=True, default=str)
-    if key not in _MODELS:
-        _MODELS[key] = window_model(config)
-    return compute_window(_MODELS[key], piece)
+    return compute_window(_model_of(config)[1], piece)
+
+
+def remote_replica(config: FitConfig, piece: ReplicaPiece) -> SampledReplica:
+    """:func:`sample_replica` with this process's model and OpenMM sampler of ``config``
+    (built on first use)."""
+    key, model = _model_of(config)
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = Sampler.from_config(config, model.parameters.system, model.positions,
+                                             model.topology)
+    return sample_replica(model, _SAMPLERS[key], piece)
 
 
 
@@ -724,6 +832,11 @@ class Trainer:
             seed = counter_seed(seed, s)
         return seed
 
+    def _replica_seed(self, epoch: int, attempt: int, replica: int, *stream: int) -> int:
+        """Seeds of ``replica`` (0-based); replica 0 keeps the streams of a fit without
+        replicas, so that its windows are those of ``replicas = 1``."""
+        return self._seed(epoch, attempt, *(() if replica == 0 else (0, replica)), *stream)
+
     def _frame_steps(self) -> set[int]:
         """OpenMM steps of the current epoch at which a trajectory frame is saved: the
         configured number, evenly spaced over the epoch's sampling, the last at its end."""
@@ -741,48 +854,60 @@ class Trainer:
         epoch = self.epoch + 1
         if self.engine is None:  # first, so that a bad scheduler address fails before sampling
             self.engine = open_engine(self.config.parallel)
-        frame_steps = self._frame_steps()
-        timings = {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0, "forward_s": 0.0,
-                   "backward_s": 0.0}
+        scaled = self.parameters.scaled.detach().clone()
+        frame_steps = tuple(sorted(self._frame_steps()))
+        replicas = [ReplicaPiece(epoch, r, scaled, self.state,
+                                 self._replica_seed(epoch, attempt, r),
+                                 frame_steps if r == 0 else ())
+                    for r in range(sched.replicas)]
+        timings = {}
         t = time.perf_counter()
-        self.sampler.update_parameters(self.parameters.create_system())
-        self.sampler.restart(self.state, self._seed(epoch, attempt))
-        timings["push_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        frames = self.sampler.step(sched.equilibration_steps, frame_steps)
-        timings["equilibrate_s"] = time.perf_counter() - t
-        pieces = []
-        for w in range(sched.windows):
-            t = time.perf_counter()
-            frames += self.sampler.step(sched.bulk_steps, frame_steps)
-            timings["bulk_s"] += time.perf_counter() - t
-            pieces.append(WindowPiece(epoch, w, sched.windows,
-                                      self.parameters.scaled.detach().clone(),
-                                      self.sampler.state(), self._seed(epoch, attempt, w + 1),
-                                      str(self.output)))
+        if sched.replicas == 1:  # sampled here: one chain, the windows' start states in turn
+            sampled = [sample_replica(self.model, self.sampler, replicas[0])]
+        else:  # each replica's sampling is a piece of the engine
+            ran = self._run_pieces(
+                replicas, functools.partial(sample_replica, self.model, self.sampler),
+                functools.partial(remote_replica, self.config), "replica",
+                lambda piece: f"OpenMM sampling of replica {piece.index + 1}")
+            sampled = [done.value for done in ran]
+            timings["replicas"] = [{"replica": i + 1, "worker": done.where,
+                                    "seconds": done.seconds} for i, done in enumerate(ran)]
+        timings["sampling_s"] = time.perf_counter() - t
+        for key in ("push_s", "equilibrate_s", "bulk_s"):
+            timings[key] = sum(replica.timings[key] for replica in sampled)
+        timings.update(forward_s=0.0, backward_s=0.0)
+        count = sched.windows * sched.replicas
+        pieces = [WindowPiece(epoch, w, count, scaled, start,
+                              self._replica_seed(epoch, attempt, r, w + 1), str(self.output), r)
+                  for r, replica in enumerate(sampled) for w, start in enumerate(replica.starts)]
         t = time.perf_counter()
         ran = self._run_windows(pieces)
         timings["windows_s"] = time.perf_counter() - t
         totals = {"loss": 0.0, "terms": {}, "observables": {}, "reconstruction_error": 0.0}
+        replica_losses = [0.0] * sched.replicas
         grad = torch.zeros_like(self.parameters.scaled)
         timings["windows"] = []
         for piece, done in zip(pieces, ran, strict=True):
             result: WindowResult = done.value
             # The window order fixes the summation order: the same sums with any layout.
             grad = grad + result.gradient
-            totals["loss"] += result.loss / sched.windows
+            totals["loss"] += result.loss / piece.windows
+            replica_losses[piece.replica] += result.loss / sched.windows
             for name, value in result.terms.items():
-                totals["terms"][name] = totals["terms"].get(name, 0.0) + value / sched.windows
+                totals["terms"][name] = totals["terms"].get(name, 0.0) + value / piece.windows
             for name, value in result.observables.items():
                 acc = totals["observables"].get(name)
-                scaled = np.asarray(value, dtype=float) / sched.windows
-                totals["observables"][name] = scaled if acc is None else acc + scaled
+                part = np.asarray(value, dtype=float) / piece.windows
+                totals["observables"][name] = part if acc is None else acc + part
             for key in ("forward_s", "backward_s"):
                 timings[key] += result.info[key]
             totals["reconstruction_error"] = max(totals["reconstruction_error"],
                                                  result.info["reconstruction_error"])
             timings["windows"].append({"window": piece.index + 1, "worker": done.where,
-                                       "seconds": done.seconds})
+                                       "seconds": done.seconds,
+                                       **({"replica": piece.replica + 1} if sched.replicas > 1
+                                          else {})})
+        timings["workers"] = by_worker(dict(enumerate(ran)))
         self.parameters.scaled.grad = grad
         prior = self.regularization.penalty()
         if prior.requires_grad:
@@ -790,7 +915,7 @@ class Trainer:
         self.regularization.mask(self.parameters.scaled.grad)
         grad = self.parameters.scaled.grad.detach().clone()
         keys = self.parameters.trainable_keys
-        return {
+        record = {
             "epoch": epoch, "loss": totals["loss"] + float(prior.detach()),
             "prior_penalty": float(prior.detach()), "terms": totals["terms"],
             "observables": {k: v.tolist() for k, v in totals["observables"].items()},
@@ -801,36 +926,53 @@ class Trainer:
             "attempts": attempt + 1,
             "reconstruction_error": totals["reconstruction_error"],
             "rdf_bins": self.objective.rdf_notes,
-            "state": state_values(self.sampler),
-            "end_state": self.sampler.state(),
-            "frames": frames,
+            "state": sampled[0].state,
+            "end_state": sampled[0].end,
+            "frames": sampled[0].frames,
             "timings": timings,
         }
+        if sched.replicas > 1:
+            record["replica_losses"] = replica_losses
+        return record
 
     def _run_windows(self, pieces: list[WindowPiece]) -> list:
         """Each piece through :func:`compute_window`, here or on the engine's workers; the
         results (:class:`~openmm_reversible.parallel.Ran`) in window order."""
-        if self.engine.local:
-            function = functools.partial(compute_window, self.model)
-        else:
-            function = functools.partial(remote_window, self.config)
-        bar = tqdm(total=len(pieces), desc=f"epoch {pieces[0].epoch} windows", leave=False,
-                   disable=not self.progress or None, unit="window")
+        several = self.config.schedule.replicas > 1
+
+        def name(piece: WindowPiece) -> str:
+            return (f"reversible window {piece.index + 1}"
+                    f"{f' of replica {piece.replica + 1}' if several else ''} (started at "
+                    f"OpenMM step {piece.state.step})")
+
+        return self._run_pieces(pieces, functools.partial(compute_window, self.model),
+                                functools.partial(remote_window, self.config), "window", name)
+
+    def _run_pieces(self, pieces: list, local: Callable, remote: Callable, unit: str,
+                    name: Callable[[object], str]) -> list:
+        """The pieces through ``local`` (on this process's objects) for an in-process engine,
+        else ``remote``; the results (:class:`~openmm_reversible.parallel.Ran`) in piece
+        order. A piece that fails on every run the engine allows stops the fit with
+        :class:`TrainingFailed`, named by ``name(piece)``."""
+        function = local if self.engine.local else remote
+        bar = tqdm(total=len(pieces), desc=f"epoch {pieces[0].epoch} {unit}s", leave=False,
+                   disable=not self.progress or None, unit=unit)
+        finished = {}
 
         def done(index, ran) -> None:
+            finished[index] = ran
             bar.update(1)
-            bar.set_postfix_str(f"window {index + 1}: {ran.where}, {ran.seconds:.1f} s")
+            bar.set_postfix_str(describe_workers(by_worker(finished)))
 
         with bar:
             try:
-                return self.engine.map(function, pieces,
-                                       passthrough=(_WindowFailed, NonFiniteGradient), done=done)
+                return self.engine.map(
+                    function, pieces, done=done,
+                    passthrough=(_WindowFailed, NonFiniteGradient, SimulationExploded))
             except PieceFailed as exc:
-                piece = pieces[exc.index]
                 raise TrainingFailed(
-                    f"epoch {piece.epoch}: reversible window {piece.index + 1} (started at "
-                    f"OpenMM step {piece.state.step}): {exc}. The fit stops; the last good "
-                    f"parameters are kept in {self.output}") from exc
+                    f"epoch {pieces[exc.index].epoch}: {name(pieces[exc.index])}: {exc}. The "
+                    f"fit stops; the last good parameters are kept in {self.output}") from exc
 
     def close(self) -> None:
         """Close the engine the trainer opened (its worker processes); a later epoch opens it

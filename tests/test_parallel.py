@@ -11,12 +11,15 @@ import argparse
 import dataclasses
 import functools
 import os
+import pickle
 import signal
 
 import pytest
 import torch
 from test_train import EPSILON, SIGMA, _config, argon  # noqa: F401 - argon is a fixture
+from torch.torch_version import TorchVersion
 
+from openmm_reversible import parallel
 from openmm_reversible.commands import fit as fit_cli
 from openmm_reversible.config import ParallelConfig, load_config
 from openmm_reversible.errors import InputError
@@ -25,17 +28,25 @@ from openmm_reversible.parallel import (
     ClusterUnavailable,
     DaskEngine,
     InProcess,
+    Ran,
+    WorkerMismatch,
+    by_worker,
+    code_hash,
+    describe_workers,
     open_engine,
 )
+from openmm_reversible.sampler import SimulationExploded
 from openmm_reversible.train import TrainingFailed, fit
 
 WINDOWS = 4
 
 
-def _windows_config(argon, name: str, epochs: int = 2, **parallel):  # noqa: F811
+def _windows_config(argon, name: str, epochs: int = 2, replicas: int = 1,  # noqa: F811
+                    **parallel):
     config = _config(argon, name, SIGMA * 1.02, EPSILON * 0.95, epochs=epochs)
     return dataclasses.replace(
-        config, schedule=dataclasses.replace(config.schedule, windows=WINDOWS),
+        config, schedule=dataclasses.replace(config.schedule, windows=WINDOWS,
+                                             replicas=replicas),
         parallel=dataclasses.replace(config.parallel, **parallel))
 
 
@@ -49,11 +60,15 @@ def _results(result) -> list[tuple]:
 def in_process(argon, tmp_path_factory):  # noqa: F811
     """The reference: the windows run here, one after another, with 1 torch thread (as in the
     workers)."""
+    return _one_thread_fit(_windows_config(argon, "layout"), tmp_path_factory.mktemp("here"))
+
+
+def _one_thread_fit(config, output):
+    """A fit in this process with 1 torch thread, as in the workers."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return fit(_windows_config(argon, "layout"), tmp_path_factory.mktemp("here"),
-                   progress=False)
+        return fit(config, output, progress=False)
     finally:
         torch.set_num_threads(threads)
 
@@ -84,6 +99,67 @@ def test_gradient_and_parameters_identical_on_1_and_2_workers(argon, in_process,
     assert len({w for p in places for w in p}) == 2  # both workers took pieces
     assert IN_PROCESS not in places[0]
     assert len({w["worker"] for r in one.records for w in r["timings"]["windows"]}) == 1
+    for record in two.records:  # per worker: which windows, how long in all
+        workers = record["timings"]["workers"]
+        assert sorted(n for w in workers.values() for n in w["pieces"]) == [1, 2, 3, 4]
+        for where, work in workers.items():
+            windows = [w for w in record["timings"]["windows"] if w["worker"] == where]
+            assert work["pieces"] == [w["window"] for w in windows]
+            assert work["seconds"] == pytest.approx(sum(w["seconds"] for w in windows))
+
+
+def test_progress_line_says_which_pieces_each_worker_ran_and_how_long():
+    ran = {2: Ran(None, "tcp://127.0.0.1:40123", 1.5), 0: Ran(None, "tcp://127.0.0.1:40123", 2.0),
+           1: Ran(None, "tcp://127.0.0.1:40777", 0.3)}
+    summary = by_worker(ran)
+    assert summary == {"tcp://127.0.0.1:40123": {"pieces": [1, 3], "seconds": 3.5},
+                       "tcp://127.0.0.1:40777": {"pieces": [2], "seconds": 0.3}}
+    assert describe_workers(summary) == "127.0.0.1:40123: 1, 3 (3.5 s); 127.0.0.1:40777: 2 (0.3 s)"
+
+
+def test_four_workers_give_the_single_process_result_bit_for_bit(argon, in_process, tmp_path):  # noqa: F811
+    """As many workers as windows: every window of an epoch may run at once, the result is
+    still the in-process one."""
+    four = fit(_windows_config(argon, "layout", epochs=1, workers=4), tmp_path / "four",
+               progress=False)
+    assert _results(four) == _results(in_process)[:1]
+    assert four.parameters == in_process.records[0]["parameters_after"]
+    places = [w["worker"] for w in four.records[0]["timings"]["windows"]]
+    assert len(places) == WINDOWS and IN_PROCESS not in places
+    assert len(set(places)) > 1  # spread over the workers, not queued on one
+
+
+def test_replicas_are_pieces_with_their_own_seeds_and_the_same_result_on_any_layout(
+        argon, in_process, two_workers, tmp_path):  # noqa: F811
+    """2 replicas of 4 windows: each replica's OpenMM sampling is a piece, then the 8 windows
+    are; in-process and on 2 workers alike."""
+    config = _windows_config(argon, "replicas", replicas=2)
+    here = _one_thread_fit(config, tmp_path / "here")
+    two = fit(config, tmp_path / "two", progress=False, engine=two_workers)
+    assert _results(two) == _results(here)
+    assert [r["replica_losses"] for r in two.records] == \
+        [r["replica_losses"] for r in here.records]
+    assert [r["state"] for r in two.records] == [r["state"] for r in here.records]
+    assert two.parameters == here.parameters
+    first = here.records[0]
+    # Replica 1 is the chain of the fit without replicas; replica 2 has its own noise.
+    assert first["replica_losses"][0] == in_process.records[0]["loss"]
+    assert first["replica_losses"][1] != first["replica_losses"][0]
+    assert first["loss"] == pytest.approx(sum(first["replica_losses"]) / 2, rel=1e-12)
+    assert first["gradient"] != in_process.records[0]["gradient"]
+    for result, where in ((here, {IN_PROCESS}), (two, None)):
+        timings = result.records[0]["timings"]
+        assert [(w["replica"], w["window"]) for w in timings["windows"]] == \
+            [(r, w) for r in (1, 2) for w in range(1, WINDOWS + 1)]
+        places = {p["worker"] for p in timings["replicas"]}
+        assert places == where if where else IN_PROCESS not in places
+    assert "replica_losses" not in in_process.records[0]
+
+
+def test_an_exploded_simulation_crosses_from_a_worker_with_its_step_and_reason():
+    error = pickle.loads(pickle.dumps(SimulationExploded(120, "NaN in positions or energy")))
+    assert (error.step, error.reason) == (120, "NaN in positions or energy")
+    assert str(error) == "simulation exploded at OpenMM step 120: NaN in positions or energy"
 
 
 def _kill_once(marker: str, window: int, function, piece):
@@ -140,6 +216,16 @@ def test_a_piece_that_keeps_failing_stops_the_fit_naming_its_window(argon, two_w
     assert not (tmp_path / "out" / "checkpoint.pt").exists()
 
 
+def test_a_replica_whose_sampling_keeps_failing_stops_the_fit_naming_it(argon, two_workers,  # noqa: F811
+                                                                       tmp_path):
+    engine = _Wrapped(two_workers, functools.partial(_always_fails, 1))
+    with pytest.raises(TrainingFailed, match=r"^epoch 1: OpenMM sampling of replica 2: piece 2 "
+                       r"of 2 failed on all 3 runs allowed \(parallel\.retries = 2\): "
+                       r"RuntimeError: scratch disk full\. The fit stops; "):
+        fit(_windows_config(argon, "failing", replicas=2), tmp_path / "out", progress=False,
+            engine=engine)
+
+
 def _threads(_item) -> int:
     return torch.get_num_threads()
 
@@ -148,9 +234,20 @@ def _allowed_failures(dask_scheduler) -> int:
     return dask_scheduler.allowed_failures
 
 
+def _worker_environment() -> dict:
+    import openmm
+
+    return {"threads": openmm.Platform.getPlatformByName("CPU").getPropertyDefaultValue(
+        "Threads"), "trim": os.environ.get("MALLOC_TRIM_THRESHOLD_")}
+
+
 def test_workers_run_with_the_threads_and_retries_asked_for(two_workers):
     # A piece may take its worker down `retries` times before it counts as failed.
     assert two_workers.client.run_on_scheduler(_allowed_failures) == 2
+    # OpenMM's CPU platform (replicas' sampling) takes threads_per_worker threads, and glibc
+    # keeps its adaptive allocation thresholds (Dask would set MALLOC_TRIM_THRESHOLD_).
+    for report in two_workers.client.run(_worker_environment).values():
+        assert report == {"threads": "1", "trim": None}
     ran = two_workers.map(_threads, range(4))
     assert [r.value for r in ran] == [1] * 4
     assert all(r.where.startswith("tcp://") for r in ran)
@@ -169,6 +266,61 @@ def test_bad_or_unreachable_scheduler_is_one_clear_error(address, reason):
                               f"scheduler there ({reason}")
     assert "give the address it prints" in message
     assert isinstance(info.value, InputError)  # the command line exits 2 with this line
+
+
+FIX = ("install the same versions on every node (pip install -r requirements.lock, and "
+       "openmm-reversible from the same commit: pip install -e .) and restart that worker")
+
+
+def _set_torch_version(version: str) -> None:
+    """On a worker: make torch report ``version``."""
+    torch.__version__ = TorchVersion(version)
+
+
+def _set_code_hash(value: str | None) -> None:
+    """On a worker: make the source hash ``value`` (None: the real one again)."""
+    parallel.code_hash = code_hash if value is None else functools.partial(str, value)
+
+
+def _touch(path: str) -> None:
+    with open(path, "w"):
+        pass
+
+
+def test_a_worker_with_another_torch_is_refused_on_connecting_naming_both_versions(
+        two_workers):
+    client = two_workers.client
+    real = str(torch.__version__)
+    worker = sorted(client.scheduler_info()["workers"])[0]
+    client.run(_set_torch_version, "2.0.0", workers=[worker])
+    try:
+        with pytest.raises(WorkerMismatch) as info:
+            DaskEngine(scheduler=client.scheduler.address)
+    finally:
+        client.run(_set_torch_version, real, workers=[worker])
+    assert str(info.value) == (f"worker {worker} runs torch 2.0.0 but this process runs torch "
+                               f"{real}, so its pieces would not give this process's numbers; "
+                               + FIX)
+    assert isinstance(info.value, ClusterUnavailable)  # an InputError: exit 2, one line
+    assert two_workers.map(_threads, range(2))  # the refusal left the cluster itself alone
+
+
+def test_a_worker_with_other_source_code_runs_no_piece(two_workers, tmp_path):
+    """A worker that changed after the engine connected (or joined later) is refused by the
+    check each piece makes before it runs."""
+    client = two_workers.client
+    client.run(_set_code_hash, "000000000000")
+    try:
+        with pytest.raises(WorkerMismatch) as info:
+            two_workers.map(_touch, [str(tmp_path / f"ran{i}") for i in range(2)])
+    finally:
+        client.run(_set_code_hash, None)
+    assert str(info.value).endswith(
+        " runs openmm-reversible source 000000000000 but this process runs openmm-reversible "
+        f"source {code_hash()}, so its pieces would not give this process's numbers; " + FIX)
+    assert str(info.value).startswith("worker tcp://")
+    assert not list(tmp_path.iterdir())  # no piece ran
+    assert len(code_hash()) == 12 and code_hash() != "000000000000"
 
 
 def test_config_and_command_line_choose_the_layout(argon, tmp_path):  # noqa: F811
@@ -205,3 +357,19 @@ def test_a_fit_resumes_on_another_layout_as_if_uninterrupted(argon, in_process, 
     assert [r["epoch"] for r in resumed.records] == [1, 2]
     assert _results(resumed) == _results(in_process)
     assert {w["worker"] for w in resumed.records[1]["timings"]["windows"]} != {IN_PROCESS}
+
+
+@pytest.mark.slow
+def test_benchmark_reports_time_and_overhead_per_piece_and_speed_up_in_one_run(argon):  # noqa: F811
+    from openmm_reversible.benchmarks.parallel import measure
+
+    _config(argon, "bench", SIGMA * 1.02, EPSILON * 0.95, epochs=1)
+    result = measure(str(argon[0] / "bench.toml"), workers=2, windows=2, replicas=2, epochs=1,
+                     progress=False)
+    assert (result["windows"], result["replicas"], result["workers"]) == (2, 2, 2)
+    assert result["identical"] is True  # Reference platform: every layout the same numbers
+    assert result["window_piece_s"] > 0 and result["replica_piece_s"] > 0
+    assert result["overhead_per_piece_s"] > 0  # one worker: wall time beyond the pieces'
+    for key in ("windows_speedup", "sampling_speedup", "epoch_speedup"):
+        assert result[key] > 0
+    assert result["piece_bytes"] < result["replica_result_bytes"]  # 3 states against 1

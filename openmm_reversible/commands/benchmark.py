@@ -25,8 +25,8 @@ BENCHMARKS = {
                     "Cost of a constrained (rigid water) reverse step against an unconstrained "
                     "one on the same box"),
     "parallel": ("openmm_reversible.benchmarks.parallel", "measure",
-                 "An epoch's windows on 1 and on N local Dask workers: speed-up, overhead per "
-                 "piece, identical results"),
+                 "An epoch's pieces (windows, replicas' sampling) on 1 and on N local Dask "
+                 "workers: time per piece, overhead per piece, speed-up, identical results"),
     "exact": ("openmm_reversible.benchmarks.exact", "measure",
               "Bitwise round trip of the water box in fixed point: buffer size, bits per step, "
               "cost vs float"),
@@ -55,6 +55,8 @@ OPTIONS = {
     "parallel": {"config": (str, "TOML fitting config"),
                  "workers": (int, "workers to compare with 1"),
                  "windows": (int, "override schedule.windows (>= 4 keeps the workers busy)"),
+                 "replicas": (int, "override schedule.replicas (> 1: each replica's OpenMM "
+                                   "sampling is a piece too)"),
                  "epochs": (int, "epochs per layout; the last one is timed")},
     "exact": {"waters": (int, "water molecules"),
               "steps": (int, "steps forward, then as many back"),
