@@ -210,13 +210,35 @@ def test_reversible_gradient_is_the_autograd_one():
         assert float((a - b).abs().max()) <= 1e-9 * float(b.abs().max())
 
 
+@pytest.mark.parametrize("periodic", [False, True])
+def test_rb_torsions_match_autograd(periodic, kernel_calls):
+    """Ryckaert-Bellemans torsions (random c0 ... c5 on every torsion of the chain) through the
+    generated chain kernel: energy, forces, HVPs and parameter VJPs of every coefficient."""
+    system, x, box = chain_system("CutoffPeriodic", periodic_bonds=periodic,
+                                  box=TRICLINIC if periodic else None)
+    rng = np.random.default_rng(5)
+    rb = openmm.RBTorsionForce()
+    for k in range(x.shape[0] - 3):
+        rb.addTorsion(k, k + 1, k + 2, k + 3, *rng.normal(0.0, 2.0, 6))
+    rb.setUsesPeriodicBoundaryConditions(periodic)
+    system.addForce(rb)
+    term = TorchPotential(system).terms[-1]
+    assert term.name == "RBTorsionForce" and term.has_fused
+    sites = bind_all(term)
+    reference = derivatives(lambda y, s: term(y, box, s), x, sites)
+    assert not kernel_calls
+    assert_close(derivatives(lambda y, s: term.fused_energy(y, box, s), x, sites), reference)
+    assert len(kernel_calls) == 1
+
+
 def test_term_without_fused_kernel_falls_back_once():
     system, x, box = chain_system("CutoffPeriodic")
-    rb = openmm.RBTorsionForce()
-    rb.addTorsion(0, 1, 2, 3, 1.0, 0.5, -0.3, 0.2, 0.1, 0.05)
-    system.addForce(rb)
+    cmap = openmm.CMAPTorsionForce()
+    cmap.addMap(4, list(np.random.default_rng(2).normal(0.0, 3.0, 16)))
+    cmap.addTorsion(0, 0, 1, 2, 3, 1, 2, 3, 4)
+    system.addForce(cmap)
     reference = TorchPotential(system)
-    with pytest.warns(UserWarning, match=r"no fused kernel for RBTorsionForce: these terms "
+    with pytest.warns(UserWarning, match=r"no fused kernel for CMAPTorsionForce: these terms "
                                          r"use the autograd path"):
         potential = TorchPotential(system, fused=True)
     with warnings.catch_warnings():
