@@ -26,11 +26,11 @@ demo: env
 
 # The benchmarks gpu-check runs, each quoted item one `openmm-reversible benchmark` command
 # (its JSON line goes to gpu-check/benchmarks.jsonl). The epoch samples with OpenMM on CUDA at
-# the paper's box size (895 waters); the torch windows and forces run where the code runs them
-# (the fused kernels on the CPU).
+# the paper's box size and window shape (895 waters, one loss per 200-step window); the torch
+# windows and forces run where the code runs them (the fused kernels on the CPU).
 GPU_BENCHMARKS ?= "forces --nonbonded PME" "gradient --nonbonded PME --fused" \
   "epoch --config examples/water/water.toml --platform CUDA --fused --waters 895 --windows 2 \
-  --window-steps 200 --snapshot-every 20 --equilibration-steps 5000 --bulk-steps 500"
+  --window-steps 200 --snapshot-every 200 --equilibration-steps 5000 --bulk-steps 500"
 
 # On a machine with a CUDA GPU: the gpu-marked tests (they skip without one) and the benchmarks,
 # results in gpu-check/ (pytest report, JUnit XML, benchmarks.jsonl and their log

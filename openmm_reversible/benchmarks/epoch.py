@@ -19,8 +19,10 @@ start minimised. Reported, in seconds unless named otherwise:
   (``forward_step_over_openmm_step``, ``reverse_step_over_openmm_step``);
 - ``paper_schedule_s``: the epoch the paper's water setting would cost at this system size,
   from the per-step costs measured here: 50,000 sampling steps and 25 windows of 200
-  reversible steps (:data:`PAPER_SAMPLING_STEPS`, :data:`PAPER_WINDOW_STEPS`). Run with
-  ``--waters 895`` (and a 1.0 nm cutoff in the config) for the paper's box.
+  reversible steps (:data:`PAPER_SAMPLING_STEPS`, :data:`PAPER_WINDOW_STEPS`). The window
+  costs include the loss at the config's snapshot rate, so the estimate is the paper's epoch
+  only for windows of its shape and box: ``--waters 895 --window-steps 200 --snapshot-every
+  200`` (one loss per window), and a 1.0 nm cutoff in the config.
 """
 
 from __future__ import annotations
