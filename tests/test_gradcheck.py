@@ -103,6 +103,52 @@ def test_gradient_benchmark_reports_json(capsys):
     assert result["gradient_norm"] > 0
 
 
+def test_gradient_benchmark_with_pme_on_the_fused_kernels(capsys):
+    parser = argparse.ArgumentParser()
+    benchmark_command.add_arguments(parser)
+    args = parser.parse_args(["gradient", "--waters", "16", "--steps", "4", "--snapshot-every",
+                              "2", "--cutoff", "0.35", "--nonbonded", "PME", "--fused",
+                              "--openmm-steps", "5", "--json"])
+    assert benchmark_command.run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["nonbonded"] == "PME" and result["fused"] is True
+    assert result["reconstruction_error_nm"] < 1e-12 and result["gradient_norm"] > 0
+    assert result["openmm_step_ms"] > 0
+    per_step = 1e3 * result["forward_s"] / 4 / result["openmm_step_ms"]
+    assert result["forward_step_over_openmm_step"] == pytest.approx(per_step, rel=1e-12)
+
+
+EXAMPLE_CONFIG = os.path.join(os.path.dirname(__file__), "..", "examples", "water",
+                              "water.toml")
+
+
+def test_epoch_benchmark_on_a_tiny_schedule(capsys):
+    """One epoch of the water example (216 waters) with 2 windows of 4 steps, on the fused
+    kernels: the record's parts add up and the paper estimate follows from its per-step
+    costs."""
+    parser = argparse.ArgumentParser()
+    benchmark_command.add_arguments(parser)
+    args = parser.parse_args(["epoch", "--config", EXAMPLE_CONFIG, "--windows", "2",
+                              "--window-steps", "4", "--snapshot-every", "2",
+                              "--equilibration-steps", "10", "--bulk-steps", "5",
+                              "--platform", "CPU", "--fused", "--openmm-steps", "5", "--json"])
+    assert benchmark_command.run(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["benchmark"] == "epoch" and result["n_atoms"] == 648
+    assert result["platform"] == "CPU" and result["fused"] is True
+    assert result["windows"] == 2 and result["window_steps"] == 4
+    assert result["sampling_steps"] == 10 + 2 * 5
+    # Timings are reported, never asserted against a figure (wall clock on a shared machine).
+    assert 0 < result["forward_s"] + result["reverse_s"] <= result["windows_s"]
+    assert result["windows_s"] + result["sampling_s"] <= result["epoch_s"]
+    assert result["forward_step_ms"] == pytest.approx(1e3 * result["forward_s"] / 8, rel=1e-12)
+    assert result["reverse_step_over_openmm_step"] == pytest.approx(
+        result["reverse_step_ms"] / result["openmm_cpu_step_ms"], rel=1e-12)
+    assert result["paper_schedule_s"] == pytest.approx(
+        50.0 * result["sampling_step_ms"]
+        + 5.0 * (result["forward_step_ms"] + result["reverse_step_ms"]), rel=1e-12)
+
+
 def test_memory_measurement_in_process():
     result = memory.measure("reversible", steps=4, waters=16, snapshot_every=2, cutoff=0.35,
                             seed=0)

@@ -9,7 +9,7 @@ PME`` for particle-mesh Ewald) with the water oxygen's charge, sigma and epsilon
 - ``torch_force_vjp_ms``: forces with their graph, then both vector-Jacobian products the
   adjoint needs (w.r.t. positions and w.r.t. parameters) in one backward call;
 - ``fused_force_ms``, ``fused_force_vjp_ms``: the same with the fused kernels
-  (``TorchPotential(fused=True)``; with PME the reciprocal space stays on the autograd path),
+  (``TorchPotential(fused=True)``; with PME the reciprocal space on the fused mesh kernels),
   and ``fused_threads``, the numba threads they could use;
 - ``openmm_step_ms``: one LangevinMiddleIntegrator step (1 fs) on OpenMM's CPU platform;
 - ratios of the torch timings to the OpenMM step.
@@ -20,17 +20,16 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import openmm
 import torch
 from openmm import unit
 from tqdm.auto import tqdm
 
-from ..errors import InputError, check_at_least, check_positive
+from ..errors import check_at_least, check_positive
 from ..parameters import ParameterSet
 from ..potential import TorchPotential
 from ..systems import water_box
 from ..units import DTYPE
-from .water import check_cutoff
+from .water import NONBONDED_METHODS, check_cutoff, check_nonbonded, openmm_step_ms
 
 WATER_SELECTION = [("NonbondedForce/Atom", "tip3p-O", ("charge", "sigma", "epsilon"))]
 WATER_TIES = {("NonbondedForce/Atom", "tip3p-H", "charge"): "-0.5*PARM['Atom/charge/tip3p-O']"}
@@ -72,8 +71,7 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
     """
     check_positive(box_size=box_size, cutoff=cutoff)
     check_at_least(1, repeats=repeats, openmm_steps=openmm_steps)
-    if nonbonded not in NONBONDED_METHODS:
-        raise InputError(f"nonbonded = {nonbonded!r}: choose {' or '.join(NONBONDED_METHODS)}")
+    check_nonbonded(nonbonded)
     bar = tqdm(total=4, desc="benchmark forces", unit="stage", leave=False,
                disable=not progress or None)
     bar.set_postfix_str("building the water box")
@@ -114,19 +112,7 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
     bar.update()
     bar.set_postfix_str("OpenMM steps")
 
-    integrator = openmm.LangevinMiddleIntegrator(295.15 * unit.kelvin, 1.0 / unit.picosecond,
-                                                 1.0 * unit.femtosecond)
-    context = openmm.Context(params.system, integrator,
-                             openmm.Platform.getPlatformByName("CPU"))
-    context.setPeriodicBoxVectors(*msys.box)
-    context.setPositions(msys.positions)
-    context.setVelocitiesToTemperature(295.15 * unit.kelvin, 1)
-    integrator.step(20)
-    context.getState(getEnergy=True)
-    t0 = time.perf_counter()
-    integrator.step(openmm_steps)
-    context.getState(getEnergy=True)  # forces the queued steps to finish
-    openmm_step_ms = 1e3 * (time.perf_counter() - t0) / openmm_steps
+    step_ms = openmm_step_ms(params.system, msys.positions, msys.box, openmm_steps)
     bar.update()
     bar.close()
     return {
@@ -140,11 +126,11 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
         "torch_force_vjp_ms": round(torch_force_vjp_ms, 3),
         "fused_force_ms": round(fused_force_ms, 3),
         "fused_force_vjp_ms": round(fused_force_vjp_ms, 3),
-        "openmm_step_ms": round(openmm_step_ms, 3),
-        "force_over_openmm_step": round(torch_force_ms / openmm_step_ms, 3),
-        "force_vjp_over_openmm_step": round(torch_force_vjp_ms / openmm_step_ms, 3),
-        "fused_force_over_openmm_step": round(fused_force_ms / openmm_step_ms, 3),
-        "fused_force_vjp_over_openmm_step": round(fused_force_vjp_ms / openmm_step_ms, 3),
+        "openmm_step_ms": round(step_ms, 3),
+        "force_over_openmm_step": round(torch_force_ms / step_ms, 3),
+        "force_vjp_over_openmm_step": round(torch_force_vjp_ms / step_ms, 3),
+        "fused_force_over_openmm_step": round(fused_force_ms / step_ms, 3),
+        "fused_force_vjp_over_openmm_step": round(fused_force_vjp_ms / step_ms, 3),
         "goal_force_vjp_over_openmm_step": 3.0,
     }
 
@@ -156,9 +142,6 @@ def fused_threads() -> int:
     except ImportError:
         return 0
     return int(numba.get_num_threads())
-
-
-NONBONDED_METHODS = {"RF": openmm.app.CutoffPeriodic, "PME": openmm.app.PME}
 
 
 def params_kwargs(cutoff: float, nonbonded: str = "RF") -> dict:

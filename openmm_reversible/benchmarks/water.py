@@ -1,7 +1,8 @@
-"""The benchmark system: a box of TIP3P water with reaction-field electrostatics.
+"""The benchmark system: a box of TIP3P water with reaction-field (or PME) electrostatics.
 
 OpenMM builds it (:func:`openmm_reversible.systems.water_box` with the bundled ``tip3p.xml``,
-flexible bonds and angles or rigid molecules, ``CutoffPeriodic`` = reaction field, ε_rf 78.3); the
+flexible bonds and angles or rigid molecules, ``CutoffPeriodic`` = reaction field, ε_rf 78.3, or
+particle-mesh Ewald); the
 Lennard-Jones σ and ε of oxygen are the trainable parameters (a
 :class:`~openmm_reversible.parameters.ParameterSet` selection), so a gradient reaches the
 force field exactly as in training.
@@ -9,6 +10,7 @@ force field exactly as in training.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +29,9 @@ TEMPERATURE = 295.15  # K
 FRICTION = 1.0  # 1/ps
 TIMESTEP = 0.001  # ps
 
+NONBONDED_METHODS = {"RF": app.CutoffPeriodic, "PME": app.PME}
+"""Electrostatics of the benchmark boxes: ``--nonbonded`` name -> OpenMM method."""
+
 
 @dataclass
 class WaterBox:
@@ -38,6 +43,7 @@ class WaterBox:
     box: torch.Tensor
     integrator: LangevinMiddleIntegrator
     constraints: Constraints | None = None
+    system: openmm.System | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -56,9 +62,10 @@ def mean_energy(traj: Trajectory, potential) -> torch.Tensor:
     return torch.stack([potential(x, traj.box) for x in traj.positions]).mean()
 
 
-def flexible_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> WaterBox:
+def flexible_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0,
+                   nonbonded: str = "RF") -> WaterBox:
     """Build the flexible water box (arguments of :func:`water`)."""
-    return water(n_waters, cutoff, seed, rigid=False)
+    return water(n_waters, cutoff, seed, rigid=False, nonbonded=nonbonded)
 
 
 def rigid_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> WaterBox:
@@ -66,8 +73,8 @@ def rigid_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> Wate
     return water(n_waters, cutoff, seed, rigid=True)
 
 
-def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool = False
-          ) -> WaterBox:
+def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool = False,
+          nonbonded: str = "RF") -> WaterBox:
     """Build the water box.
 
     Parameters
@@ -75,12 +82,14 @@ def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool =
     n_waters : int
         Number of water molecules (216 gives a 1.95 nm box).
     cutoff : float, nm
-        Reaction-field cutoff; must be below half the box width.
+        Nonbonded cutoff; must be below half the box width.
     seed : int
         Noise stream and initial velocities (Maxwell-Boltzmann at 295.15 K).
     rigid : bool
         Rigid molecules (three distance constraints each, :class:`Constraints`; the minimised
         positions are put on the constraints to round-off) or flexible bonds and angles.
+    nonbonded : {"RF", "PME"}
+        Electrostatics (:data:`NONBONDED_METHODS`).
 
     The pre-equilibrated box is a rigid-water configuration; its flexible-water energy is relaxed by
     OpenMM's energy minimiser before the velocities are drawn, so the dynamics start near
@@ -92,13 +101,14 @@ def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool =
 
     check_at_least(1, waters=n_waters)
     check_positive(cutoff=cutoff)
-    box = water_box(n_waters, forcefield=("tip3p.xml",), nonbonded="RF", cutoff=cutoff,
+    check_nonbonded(nonbonded)
+    box = water_box(n_waters, forcefield=("tip3p.xml",), nonbonded=nonbonded, cutoff=cutoff,
                     rigid=rigid, removeCMMotion=False)
     check_cutoff(box.box, cutoff)
     parameters = ParameterSet.select(
         "tip3p.xml", box.topology, select=[("NonbondedForce/Atom", "tip3p-O",
                                               ("sigma", "epsilon"))],
-        nonbondedMethod=app.CutoffPeriodic, nonbondedCutoff=cutoff * unit.nanometer,
+        nonbondedMethod=NONBONDED_METHODS[nonbonded], nonbondedCutoff=cutoff * unit.nanometer,
         constraints=None, rigidWater=rigid, removeCMMotion=False)
     potential = TorchPotential(parameters.system, parameters=parameters)
     integrator = LangevinMiddleIntegrator(TIMESTEP, FRICTION, TEMPERATURE, seed)
@@ -110,7 +120,41 @@ def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool =
                                                   1.0 / potential.masses)[0]
     return WaterBox(potential=potential, positions=positions,
                     velocities=integrator.noise(0, potential.masses),
-                    box=box_tensor(box.box), integrator=integrator, constraints=constraints)
+                    box=box_tensor(box.box), integrator=integrator, constraints=constraints,
+                    system=parameters.system)
+
+
+def check_nonbonded(nonbonded: str) -> None:
+    """Raise :class:`InputError` unless ``nonbonded`` names a benchmark electrostatics."""
+    if nonbonded not in NONBONDED_METHODS:
+        raise InputError(f"--nonbonded {nonbonded}: choose {' or '.join(NONBONDED_METHODS)}")
+
+
+def openmm_step_ms(system: openmm.System, positions, box, steps: int = 200) -> float:
+    """Wall time of one LangevinMiddleIntegrator step (1 fs, 295.15 K, 1/ps) of ``system`` on
+    OpenMM's CPU platform, ms (mean over ``steps`` after 20 warm-up steps).
+
+    Parameters
+    ----------
+    system : openmm.System
+    positions : array_like, shape (n_atoms, 3), nm
+    box : array_like, shape (3, 3), nm
+        Periodic box vectors (rows).
+    steps : int
+    """
+    integrator = openmm.LangevinMiddleIntegrator(TEMPERATURE * unit.kelvin,
+                                                 FRICTION / unit.picosecond,
+                                                 TIMESTEP * unit.picosecond)
+    context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("CPU"))
+    context.setPeriodicBoxVectors(*(openmm.Vec3(*map(float, row)) for row in np.asarray(box)))
+    context.setPositions(np.asarray(positions, dtype=np.float64))
+    context.setVelocitiesToTemperature(TEMPERATURE * unit.kelvin, 1)
+    integrator.step(20)
+    context.getState(getEnergy=True)
+    t0 = time.perf_counter()
+    integrator.step(steps)
+    context.getState(getEnergy=True)  # forces the queued steps to finish
+    return 1e3 * (time.perf_counter() - t0) / steps
 
 
 def check_cutoff(box: np.ndarray, cutoff: float) -> None:

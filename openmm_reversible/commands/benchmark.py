@@ -12,7 +12,7 @@ import json
 
 from . import OK, defaults
 
-HELP = "run a benchmark (forces, gradient, memory, constraints, parallel, exact)"
+HELP = "run a benchmark (forces, gradient, memory, constraints, parallel, epoch, exact)"
 
 BENCHMARKS = {
     "gradient": ("openmm_reversible.benchmarks.gradient", "measure",
@@ -27,6 +27,10 @@ BENCHMARKS = {
     "parallel": ("openmm_reversible.benchmarks.parallel", "measure",
                  "An epoch's pieces (windows, replicas' sampling) on 1 and on N local Dask "
                  "workers: time per piece, overhead per piece, speed-up, identical results"),
+    "epoch": ("openmm_reversible.benchmarks.epoch", "measure",
+              "One training epoch of a fit config: wall time, its split between OpenMM "
+              "sampling and the reversible windows (forward, reverse), per-step costs against "
+              "an OpenMM CPU step"),
     "exact": ("openmm_reversible.benchmarks.exact", "measure",
               "Bitwise round trip of the water box in fixed point: buffer size, bits per step, "
               "cost vs float"),
@@ -37,7 +41,9 @@ OPTIONS = {
     "gradient": {"waters": (int, "water molecules"), "steps": (int, "steps in the window"),
                  "snapshot_every": (int, "steps between loss snapshots"),
                  "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed"),
-                 "fused": (bool, "use the fused kernels instead of autograd")},
+                 "fused": (bool, "use the fused kernels instead of autograd"),
+                 "nonbonded": (str, "electrostatics: RF (reaction field) or PME"),
+                 "openmm_steps": (int, "OpenMM CPU steps timed for the per-step ratios")},
     "memory": {"waters": (int, "water molecules"),
                "short_steps": (int, "steps of the short runs"),
                "long_steps": (int, "steps of the long reversible run"),
@@ -58,6 +64,16 @@ OPTIONS = {
                  "replicas": (int, "override schedule.replicas (> 1: each replica's OpenMM "
                                    "sampling is a piece too)"),
                  "epochs": (int, "epochs per layout; the last one is timed")},
+    "epoch": {"config": (str, "TOML fitting config (e.g. examples/water/water.toml)"),
+              "waters": (int, "override structure.water_box (molecules)"),
+              "windows": (int, "override schedule.windows"),
+              "window_steps": (int, "override schedule.window_steps"),
+              "snapshot_every": (int, "override schedule.snapshot_every"),
+              "equilibration_steps": (int, "override schedule.equilibration_steps"),
+              "bulk_steps": (int, "override schedule.bulk_steps"),
+              "platform": (str, "override simulation.platform (OpenMM's sampling)"),
+              "fused": (bool, "reversible windows on the fused kernels"),
+              "openmm_steps": (int, "OpenMM CPU steps timed for the per-step ratios")},
     "exact": {"waters": (int, "water molecules"),
               "steps": (int, "steps forward, then as many back"),
               "timing_steps": (int, "steps of the float and exact round trips timed for the "

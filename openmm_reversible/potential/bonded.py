@@ -120,20 +120,21 @@ def periodic_torsion_energy(phi: torch.Tensor, periodicity: torch.Tensor, phase:
     return k * (1.0 + lawmath.cos(periodicity * phi - phase))
 
 
-def rb_torsion_energy(phi: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """Ryckaert-Bellemans ``sum_n c_n cos^n(psi)`` with ``psi = phi - pi``, kJ/mol.
+def rb_torsion_energy(phi: torch.Tensor, coefficients) -> torch.Tensor:
+    """Ryckaert-Bellemans ``sum_n c_n cos^n(psi)`` with ``psi = phi - pi``, kJ/mol (Horner's
+    rule).
 
     Parameters
     ----------
     phi : torch.Tensor, shape (n,), rad
         Dihedral angles (IUPAC convention, trans = pi).
-    coefficients : torch.Tensor, shape (n, 6), kJ/mol
-        ``c0 ... c5``.
+    coefficients : sequence of torch.Tensor, each shape (n,), kJ/mol
+        ``c0 ... c5`` (e.g. the columns of the parameter table, ``table.unbind(1)``).
     """
-    cos_psi = -torch.cos(phi)
-    energy = coefficients[:, -1]
-    for column in range(coefficients.shape[1] - 2, -1, -1):
-        energy = energy * cos_psi + coefficients[:, column]
+    cos_psi = -lawmath.cos(phi)
+    energy = coefficients[-1]
+    for c in reversed(coefficients[:-1]):
+        energy = energy * cos_psi + c
     return energy
 
 
@@ -199,6 +200,11 @@ def _angle_law(vectors, p, c):
 def _torsion_law(vectors, p, c):
     """Rows (periodicity, phase, k): the integer periodicity rides along as a float column."""
     return periodic_torsion_energy(dihedral_angle(*vectors), p[0], p[1], p[2])
+
+
+def _rb_torsion_law(vectors, p, c):
+    """Rows (c0 ... c5)."""
+    return rb_torsion_energy(dihedral_angle(*vectors), p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,11 +433,13 @@ class RBTorsionTerm(BondedTerm):
 
     openmm_class = "RBTorsionForce"
     table_name, columns, chain_width = "torsions", ("c0", "c1", "c2", "c3", "c4", "c5"), 4
+    fused_law = fused.ChainLaw("rb_torsion", _rb_torsion_law, width=4, n_params=6, n_consts=0,
+                               sources=(rb_torsion_energy,))
 
     def forward(self, positions, box, sites=None):
         params = self.parameters_now(sites)
         phi = dihedral_angle(*self.chain_vectors(positions, box))
-        return rb_torsion_energy(phi, params).sum()
+        return rb_torsion_energy(phi, params.unbind(1)).sum()
 
     @classmethod
     def _read(cls, force: openmm.RBTorsionForce) -> tuple:

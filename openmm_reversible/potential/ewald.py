@@ -370,7 +370,7 @@ class PMEReciprocal(nn.Module):
         self_mirror = (index[2] == 0) | (2 * index[2] == nz)
         add_constant(self, "mirror_weight", np.where(self_mirror, 0.0, 1.0), DTYPE)
         add_constant(self, "offsets", np.arange(order))
-        self._influence_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._influence_cache: tuple[torch.Tensor, dict] | None = None
 
     def _influence(self, freqs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                    moduli: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -391,6 +391,19 @@ class PMEReciprocal(nn.Module):
 
     def influence_function(self, box: torch.Tensor) -> torch.Tensor:
         """Folded influence function on the real-FFT half grid, shape (nx, ny, nz//2+1)."""
+        g, g_mirror = self._influence_pair(box)
+        return g + self.mirror_weight.to(box.dtype) * g_mirror
+
+    def symmetric_influence(self, box: torch.Tensor) -> torch.Tensor:
+        """``G_sym(m) = (G(m) + G(-m)) / 2`` on the real-FFT half grid, kJ/mol/e² (``-m`` the
+        mirror index, ``-k mod n``): the energy is ``½ Σ_m G_sym |Q̂(m)|²`` over the full
+        grid, and ``N · IFFT(G_sym Q̂)`` is its gradient ``∂E/∂Q`` (real, since ``G_sym`` is
+        even)."""
+        g, g_mirror = self._influence_pair(box)
+        return 0.5 * (g + g_mirror)
+
+    def _influence_pair(self, box: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``G`` at each stored index and at its mirror, on the real-FFT half grid."""
         nx, ny, nz = self.grid
         half = nz // 2 + 1
         recip = _reciprocal_box(box)
@@ -403,9 +416,8 @@ class PMEReciprocal(nn.Module):
                 self.moduli_z.to(box.dtype))
         moduli = (full[0], full[1], full[2][:half])
         mirror_moduli = tuple(m[i] for m, i in zip(full, mirror_index, strict=True))
-        g = self._influence(freqs, moduli, recip, volume)
-        g_mirror = self._influence(mirror_freqs, mirror_moduli, recip, volume)
-        return g + self.mirror_weight.to(box.dtype) * g_mirror
+        return (self._influence(freqs, moduli, recip, volume),
+                self._influence(mirror_freqs, mirror_moduli, recip, volume))
 
     def charge_grid(self, positions: torch.Tensor, charges: torch.Tensor,
                     box: torch.Tensor) -> torch.Tensor:
@@ -434,14 +446,32 @@ class PMEReciprocal(nn.Module):
         power = spectrum.real ** 2 + spectrum.imag ** 2
         return 0.5 * (self._influence_for(box) * power).sum()
 
+    def fused_energy(self, positions: torch.Tensor, charges: torch.Tensor,
+                     box: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` by the fused mesh kernels (:mod:`.fused_pme`: forces, Hessian-vector
+        products and charge VJPs in spread/FFT/gather passes); float64 on the CPU, the box not
+        differentiated."""
+        from . import fused_pme  # compiles its kernels on first use
+
+        multiplier = self._cached(box, "multiplier", lambda b: float(
+            np.prod(self.grid)) * self.symmetric_influence(b))
+        return fused_pme.reciprocal_energy(positions, charges, box, self.grid, self.order,
+                                           multiplier)
+
     def _influence_for(self, box: torch.Tensor) -> torch.Tensor:
         """Influence function, reused while the box stays the same and needs no gradient
         (the common fixed-volume case, where it would otherwise dominate the cost)."""
         if box.requires_grad:
             return self.influence_function(box)
+        return self._cached(box, "folded", self.influence_function)
+
+    def _cached(self, box: torch.Tensor, name: str, compute) -> torch.Tensor:
+        """``compute(box)``, kept (under ``name``) while the box stays the same."""
         cache = self._influence_cache
         if (cache is None or cache[0].device != box.device or cache[0].dtype != box.dtype
                 or not torch.equal(cache[0], box)):
-            cache = (box.clone(), self.influence_function(box))
+            cache = (box.detach().clone(), {})
             self._influence_cache = cache
-        return cache[1]
+        if name not in cache[1]:
+            cache[1][name] = compute(box.detach())
+        return cache[1][name]

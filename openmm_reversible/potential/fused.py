@@ -463,7 +463,7 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().numpy())
 
 
-class _FusedEnergy(torch.autograd.Function):
+class _KernelEnergy(torch.autograd.Function):
     """Energy; its backward is the gradient computed in the same kernel pass."""
 
     @staticmethod
@@ -481,6 +481,14 @@ class _FusedEnergy(torch.autograd.Function):
         x, params = ctx.saved_tensors
         g, gp = _FusedGradient.apply(ctx.evaluation, ctx.gradients, x, params)
         return None, grad_energy * g, grad_energy * gp
+
+
+class _FusedEnergy(_KernelEnergy):
+    """The energy of a generated pair or chain kernel."""
+
+
+class _EvaluatedEnergy(_KernelEnergy):
+    """The energy of another evaluation (:func:`kernel_energy`)."""
 
 
 class _FusedGradient(torch.autograd.Function):
@@ -584,3 +592,25 @@ def chain_energy(spec: ChainLaw, positions: torch.Tensor, box: torch.Tensor | No
     fixed = (_as_box(box), _np(atoms), _np(params), _consts(consts), bool(periodic))
     evaluation = _Evaluation(_module(spec), fixed, atoms.shape[0], per_item=True)
     return _FusedEnergy.apply(evaluation, positions, params)
+
+
+def kernel_energy(evaluation, positions: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """An energy whose derivatives come from hand-made kernels outside the generated laws
+    (the PME mesh, :mod:`.fused_pme`), differentiable twice as :func:`pair_energy`'s is.
+
+    Parameters
+    ----------
+    evaluation : object
+        With ``forward(x, params) -> (energy, ∂E/∂x, ∂E/∂params)`` and
+        ``backward(x, v_x, v_params or None, params_shape) -> ((H v)_x, (H v)_params)``, the
+        Hessian-vector product with the cotangent ``(v_x, v_params)``; NumPy float64 arrays
+        in and out, ``backward`` called at the positions of the last ``forward``.
+    positions : torch.Tensor, shape (n_atoms, 3), nm, float64, CPU
+    params : torch.Tensor
+        Differentiable parameters of the energy.
+
+    Returns
+    -------
+    torch.Tensor, 0-dim, kJ/mol
+    """
+    return _EvaluatedEnergy.apply(evaluation, positions, params)

@@ -669,9 +669,9 @@ class NonbondedTerm(Term):
 
     def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
                      sites: torch.Tensor | None = None) -> torch.Tensor:
-        """:meth:`forward` with the pair sum and the exceptions in fused kernels; the
-        Ewald/PME reciprocal space, the excluded-pair correction and the dispersion correction
-        stay on the autograd path."""
+        """:meth:`forward` with the pair sum, the exceptions and the PME reciprocal space in
+        fused kernels; plain Ewald's reciprocal sum, the excluded-pair correction, the self
+        energy and the dispersion correction stay on the autograd path."""
         return self._energy(positions, box, sites, use_fused=True)
 
     def _energy(self, positions: torch.Tensor, box: torch.Tensor | None,
@@ -691,9 +691,17 @@ class NonbondedTerm(Term):
                 energy = energy + self.dispersion_energy(particles, box)
         if self.reciprocal is not None:
             charges = particles[:, 0]
-            energy = energy + self.reciprocal(positions, charges, box) + self_energy(
-                charges, self.alpha, box[0, 0] * box[1, 1] * box[2, 2])
+            energy = energy + self.reciprocal_energy(positions, charges, box, use_fused)
+            energy = energy + self_energy(charges, self.alpha, box[0, 0] * box[1, 1] * box[2, 2])
         return energy
+
+    def reciprocal_energy(self, positions: torch.Tensor, charges: torch.Tensor,
+                          box: torch.Tensor, use_fused: bool = False) -> torch.Tensor:
+        """Ewald/PME reciprocal-space energy, kJ/mol (PME by the fused mesh kernels with
+        ``use_fused``; plain Ewald always by autograd)."""
+        if use_fused and isinstance(self.reciprocal, PMEReciprocal):
+            return self.reciprocal.fused_energy(positions, charges, box)
+        return self.reciprocal(positions, charges, box)
 
 
 @register("NonbondedForce")
