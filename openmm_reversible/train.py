@@ -55,12 +55,15 @@ parameters and the forces whose derivatives are not finite (:func:`nonfinite_gra
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +71,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import SCALAR_UNITS, FitConfig, to_dict, with_defaults
+from .config import SCALAR_UNITS, FitConfig, StatePoint, to_dict, with_defaults
 from .errors import InputError, structure_errors
 from .export import xml_writes
 from .files import atomic_write_all, text_writer
@@ -76,6 +79,7 @@ from .geometry import box_widths
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from .integrators.noise import counter_seed
 from .losses import Loss, Target
+from .observables.blocking import block_average, block_slices
 from .observables.density import density, pressure
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
 from .observables.rdf import rdf
@@ -238,6 +242,7 @@ def trained_parameters(config: FitConfig, output: str | os.PathLike) -> Paramete
     """
     path = Path(output) / CHECKPOINT
     checkpoint = _read_checkpoint(path)
+    config = config.state_points()[0].config  # every system holds the same parameters
     with structure_errors(config.structure.source, config.forcefield.files):
         topology, _ = build_structure(config)
         parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
@@ -501,6 +506,9 @@ class WindowPiece:
         Seed of the window's Langevin noise.
     output : str
         The fit's output directory, named in messages.
+    state_point : int
+        Which (system, state point) of the config (its position in
+        :meth:`~openmm_reversible.config.FitConfig.state_points`) the window simulates.
     """
 
     epoch: int
@@ -510,6 +518,7 @@ class WindowPiece:
     state: SampledState
     seed: int
     output: str
+    state_point: int = 0
 
 
 @dataclass(frozen=True)
@@ -528,6 +537,9 @@ class WindowResult:
         Each observable over the window.
     info : dict of str to float
         ``forward_s``, ``backward_s`` (s) and ``reconstruction_error`` (nm).
+    blocks : dict of str to list
+        Each observable on contiguous blocks of the window's snapshots
+        (:func:`block_observables`), for its standard error.
     """
 
     loss: float
@@ -535,6 +547,7 @@ class WindowResult:
     terms: dict
     observables: dict
     info: dict
+    blocks: dict = field(default_factory=dict)
 
 
 def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
@@ -592,9 +605,57 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
             "parameters involved nonzero values")
     info = {key: float(simulation.info.get(key, 0.0))
             for key in ("forward_s", "backward_s", "reconstruction_error")}
-    return WindowResult(float(loss.detach()), grad.detach().clone(),
-                        dict(model.objective.last_terms), dict(model.objective.last_observables),
-                        info)
+    terms, observables = dict(model.objective.last_terms), dict(model.objective.last_observables)
+    return WindowResult(float(loss.detach()), grad.detach().clone(), terms, observables, info,
+                        block_observables(model.objective, simulation.trajectory,
+                                          model.potential))
+
+
+BLOCKS_PER_WINDOW = 5
+"""Contiguous blocks of a window's snapshots on which each observable is evaluated for its
+standard error (fewer when the window has fewer snapshots)."""
+
+
+def block_observables(objective: Objective, traj: Trajectory, potential,
+                      n_blocks: int = BLOCKS_PER_WINDOW) -> dict[str, list]:
+    """Each target's observable on contiguous blocks of a window's snapshots.
+
+    Parameters
+    ----------
+    objective : Objective
+    traj : Trajectory
+        The window's S snapshots.
+    potential : TorchPotential
+    n_blocks : int
+        Blocks (``min(n_blocks, S)``; the whole window is one block when S = 1).
+
+    Returns
+    -------
+    dict of str to list
+        For each target label, one value per block (a float, or g(r) as a list), in the
+        observable's units; numbers for reports, not differentiable.
+    """
+    n = min(n_blocks, traj.n_frames)
+    parts = [slice(0, traj.n_frames)] if n < 2 else block_slices(traj.n_frames, n)
+    values: dict[str, list] = {t.label: [] for t in objective.targets}
+    for part in parts:
+        frames = dataclasses.replace(traj, positions=traj.positions[part].detach(),
+                                     velocities=traj.velocities[part].detach(),
+                                     steps=traj.steps[part])
+        for t in objective.targets:
+            value = objective.observable(t, frames, potential).detach()
+            values[t.label].append(value.tolist() if value.ndim else float(value))
+    return values
+
+
+def pooled_stderr(blocks: Sequence) -> float | list | None:
+    """Standard error of an observable from its block values pooled over an epoch's windows
+    (:func:`~openmm_reversible.observables.blocking.block_average` with one block per value),
+    or None with fewer than two blocks."""
+    if len(blocks) < 2:
+        return None
+    stderr = block_average(np.asarray(blocks, dtype=float), n_blocks=len(blocks))[1]
+    return stderr.tolist() if stderr.ndim else float(stderr)
 
 
 _MODELS: dict[str, WindowModel] = {}
@@ -602,16 +663,71 @@ _MODELS: dict[str, WindowModel] = {}
 
 
 def remote_window(config: FitConfig, piece: WindowPiece) -> WindowResult:
-    """:func:`compute_window` with this process's model of ``config`` (built on first use)."""
+    """:func:`compute_window` with this process's model of the piece's state point of
+    ``config`` (built on first use)."""
+    config = config.state_points()[piece.state_point].config
     key = json.dumps(_comparable(to_dict(config)), sort_keys=True, default=str)
     if key not in _MODELS:
         _MODELS[key] = window_model(config)
     return compute_window(_MODELS[key], piece)
 
 
+def _window_of(models: Sequence[WindowModel], piece: WindowPiece) -> WindowResult:
+    """:func:`compute_window` with the model of the piece's state point."""
+    return compute_window(models[piece.state_point], piece)
+
+
+
+@dataclass
+class Leg:
+    """One (system, state point) of a fit: its model, its OpenMM sampler, and the state its
+    sampling continues from.
+
+    Attributes
+    ----------
+    point : StatePoint
+        The system and state point, with its single-system config.
+    model : WindowModel
+        Structure, parameters, potential and objective built from ``point.config``.
+    sampler : Sampler
+        OpenMM at the state point (NPT where it has a pressure).
+    state : SampledState or None
+        Where the next epoch's sampling starts (None before the start state is made).
+    """
+
+    point: StatePoint
+    model: WindowModel
+    sampler: Sampler
+    state: SampledState | None = None
+
+    @property
+    def directory(self) -> str:
+        """Subdirectory of ``trajectory/`` for this state point's frames ("" for a config
+        without ``[[systems]]``)."""
+        return self.point.label.replace(" ", "_")
+
+
+@contextlib.contextmanager
+def _naming(point: StatePoint):
+    """Prefix the state point's label to an InputError raised inside (configs with
+    ``[[systems]]``; a config without them has one state point, named nowhere)."""
+    try:
+        yield
+    except InputError as exc:
+        if not point.label:
+            raise
+        raise InputError(f"{point.label}: {exc}") from None
+
 
 class Trainer:
     """Fit the tagged parameters of a force field to targets (see the module docstring).
+
+    Every (system, state point) of the config (:meth:`FitConfig.state_points`) is a
+    :class:`Leg`, sampled in OpenMM on its own; an epoch runs the windows of every leg and
+    takes one optimiser step on the sum of their losses. The attributes ``model``,
+    ``parameters``, ``potential``, ``objective``, ``topology``, ``sampler`` and ``state`` are
+    those of the first leg (the only one of a config without ``[[systems]]``); ``parameters``
+    is the one set the optimiser moves.
 
     Parameters
     ----------
@@ -649,15 +765,25 @@ class Trainer:
             raise InputError(f"{self.output} already holds a fit ({CHECKPOINT}); pass --resume "
                              f"to continue it or choose another --output directory")
 
-        self.model = window_model(config)
-        self.topology = topology = self.model.topology
-        self._start_positions = self.model.positions
-        self.parameters = self.model.parameters
+        self.legs = [self._leg(point) for point in config.state_points()]
+        first = self.legs[0]
+        self.model = first.model
+        self.topology = first.model.topology
+        self._start_positions = first.model.positions
+        self.parameters = first.model.parameters
+        for leg in self.legs[1:]:
+            names = leg.model.parameters.trainable_keys
+            if names != self.parameters.trainable_keys:
+                raise InputError(
+                    f"{leg.point.label}: its structure has the trainable parameters "
+                    f"{', '.join(names)}, but {first.point.label} has "
+                    f"{', '.join(self.parameters.trainable_keys)}; every system must use "
+                    "every tagged parameter (tag only what all systems contain, or fit them "
+                    "separately)")
         self.regularization = Regularization(self.parameters, config.parameters)
-        self.potential = self.model.potential
-        self.objective = self.model.objective
-        self.sampler = Sampler.from_config(config, self.parameters.system, self.model.positions,
-                                           topology)
+        self.potential = first.model.potential
+        self.objective = first.model.objective
+        self.sampler = first.sampler
         sched = config.schedule
         optimizer_cls = torch.optim.Adam if sched.optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer_cls([self.parameters.scaled], lr=sched.learning_rate)
@@ -668,17 +794,42 @@ class Trainer:
         if checkpoint is None:
             self.epoch = 0
             self.records: list[dict] = []
-            self.state = self._initial_state()
+            for leg in self.legs:
+                leg.state = self._initial_state(leg)
         else:
             self._load_checkpoint(checkpoint)
 
+    @property
+    def state(self) -> SampledState:
+        """The state the first leg's next epoch starts from."""
+        return self.legs[0].state
+
+    @property
+    def rdf_notes(self) -> dict[str, str]:
+        """For each rdf target of every leg (keyed as in the log), how its file is used."""
+        return {leg.point.key(label): note for leg in self.legs
+                for label, note in leg.model.objective.rdf_notes.items()}
+
+    @property
+    def _several(self) -> bool:
+        return len(self.legs) > 1
+
     # -- setup and checkpoints ------------------------------------------------------------------
 
-    def _initial_state(self) -> SampledState:
+    @staticmethod
+    def _leg(point: StatePoint) -> Leg:
+        with _naming(point):
+            model = window_model(point.config)
+            sampler = Sampler.from_config(point.config, model.parameters.system,
+                                          model.positions, model.topology)
+        return Leg(point, model, sampler)
+
+    @staticmethod
+    def _initial_state(leg: Leg) -> SampledState:
         """Minimised start with Maxwell–Boltzmann velocities."""
-        self.sampler.minimize()
-        self.sampler.set_velocities(self.config.simulation.seed)
-        return self.sampler.state()
+        leg.sampler.minimize()
+        leg.sampler.set_velocities(leg.point.config.simulation.seed)
+        return leg.sampler.state()
 
     def _check_checkpoint(self, checkpoint: dict) -> None:
         saved = _comparable(with_defaults(checkpoint["config"]))
@@ -692,48 +843,84 @@ class Trainer:
                              f"[output] may change) or start a new fit in another directory")
 
     def _load_checkpoint(self, checkpoint: dict) -> None:
-        _restore_parameters(self.parameters, checkpoint, self.output / CHECKPOINT)
+        path = self.output / CHECKPOINT
+        _restore_parameters(self.parameters, checkpoint, path)
+        states = checkpoint["state"] if isinstance(checkpoint["state"], list) \
+            else [checkpoint["state"]]
+        if len(states) != len(self.legs):
+            raise InputError(f"{path} holds {len(states)} state points but the config has "
+                             f"{len(self.legs)}; pass the config the fit used, or start a new "
+                             "fit")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.epoch = int(checkpoint["epoch"])
         self.records = list(checkpoint["records"])
-        s = checkpoint["state"]
-        self.state = SampledState(
-            positions=s["positions"].numpy(), velocities=s["velocities"].numpy(),
-            box=None if s["box"] is None else s["box"].numpy(), step=int(s["step"]))
+        for leg, s in zip(self.legs, states, strict=True):
+            leg.state = SampledState(
+                positions=s["positions"].numpy(), velocities=s["velocities"].numpy(),
+                box=None if s["box"] is None else s["box"].numpy(), step=int(s["step"]))
 
     def _checkpoint(self) -> dict:
-        st = self.state
+        """The checkpoint's entries; ``state`` is one state (a dict) for a config without
+        ``[[systems]]``, else a list with one per state point."""
+        states = [{"positions": torch.from_numpy(leg.state.positions),
+                   "velocities": torch.from_numpy(leg.state.velocities),
+                   "box": None if leg.state.box is None else torch.from_numpy(leg.state.box),
+                   "step": leg.state.step} for leg in self.legs]
         return {
             "version": CHECKPOINT_VERSION, "epoch": self.epoch,
             "sites": self.parameters.names,
             "scaled": self.parameters.scaled.detach().clone(),
             "optimizer": self.optimizer.state_dict(),
             "records": self.records,
-            "state": {"positions": torch.from_numpy(st.positions),
-                      "velocities": torch.from_numpy(st.velocities),
-                      "box": None if st.box is None else torch.from_numpy(st.box),
-                      "step": st.step},
+            "state": states if self._several else states[0],
             "config": _comparable(to_dict(self.config)),
         }
 
     # -- one epoch ------------------------------------------------------------------------------
 
-    def _seed(self, *stream: int) -> int:
-        seed = self.config.simulation.seed
+    @staticmethod
+    def _seed(leg: Leg, *stream: int) -> int:
+        seed = leg.point.config.simulation.seed
         for s in stream:
             seed = counter_seed(seed, s)
         return seed
 
-    def _frame_steps(self) -> set[int]:
-        """OpenMM steps of the current epoch at which a trajectory frame is saved: the
-        configured number, evenly spaced over the epoch's sampling, the last at its end."""
+    def _frame_steps(self, leg: Leg) -> set[int]:
+        """OpenMM steps of the current epoch at which a trajectory frame of ``leg`` is saved:
+        the configured number, evenly spaced over the epoch's sampling, the last at its end."""
         sched, out = self.config.schedule, self.config.output
         steps = sched.equilibration_steps + sched.windows * sched.bulk_steps
         if out.trajectory == "none" or steps == 0:
             return set()
-        start = self.state.step
+        start = leg.state.step
         n = out.frames_per_epoch
         return {start + round(k * steps / n) for k in range(1, n + 1)} - {start}
+
+    def _sample(self, leg: Leg, k: int, epoch: int, attempt: int, timings: dict
+                ) -> tuple[list[WindowPiece], list[SampledState]]:
+        """Push the parameters into the leg's OpenMM simulation, restart it from its state,
+        equilibrate and sample the start state of each window; the pieces and the frames."""
+        sched = self.config.schedule
+        frame_steps = self._frame_steps(leg)
+        t = time.perf_counter()
+        with torch.no_grad():
+            leg.model.parameters.scaled.copy_(self.parameters.scaled)
+        leg.sampler.update_parameters(leg.model.parameters.create_system())
+        leg.sampler.restart(leg.state, self._seed(leg, epoch, attempt))
+        timings["push_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        frames = leg.sampler.step(sched.equilibration_steps, frame_steps)
+        timings["equilibrate_s"] += time.perf_counter() - t
+        pieces = []
+        for w in range(sched.windows):
+            t = time.perf_counter()
+            frames += leg.sampler.step(sched.bulk_steps, frame_steps)
+            timings["bulk_s"] += time.perf_counter() - t
+            pieces.append(WindowPiece(epoch, w, sched.windows,
+                                      self.parameters.scaled.detach().clone(),
+                                      leg.sampler.state(), self._seed(leg, epoch, attempt, w + 1),
+                                      str(self.output), k))
+        return pieces, frames
 
     def _attempt(self, attempt: int) -> dict:
         """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
@@ -741,34 +928,24 @@ class Trainer:
         epoch = self.epoch + 1
         if self.engine is None:  # first, so that a bad scheduler address fails before sampling
             self.engine = open_engine(self.config.parallel)
-        frame_steps = self._frame_steps()
         timings = {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0, "forward_s": 0.0,
                    "backward_s": 0.0}
-        t = time.perf_counter()
-        self.sampler.update_parameters(self.parameters.create_system())
-        self.sampler.restart(self.state, self._seed(epoch, attempt))
-        timings["push_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        frames = self.sampler.step(sched.equilibration_steps, frame_steps)
-        timings["equilibrate_s"] = time.perf_counter() - t
-        pieces = []
-        for w in range(sched.windows):
-            t = time.perf_counter()
-            frames += self.sampler.step(sched.bulk_steps, frame_steps)
-            timings["bulk_s"] += time.perf_counter() - t
-            pieces.append(WindowPiece(epoch, w, sched.windows,
-                                      self.parameters.scaled.detach().clone(),
-                                      self.sampler.state(), self._seed(epoch, attempt, w + 1),
-                                      str(self.output)))
+        pieces, frames = [], []
+        for k, leg in enumerate(self.legs):
+            leg_pieces, leg_frames = self._sample(leg, k, epoch, attempt, timings)
+            pieces += leg_pieces
+            frames.append(leg_frames)
         t = time.perf_counter()
         ran = self._run_windows(pieces)
         timings["windows_s"] = time.perf_counter() - t
-        totals = {"loss": 0.0, "terms": {}, "observables": {}, "reconstruction_error": 0.0}
+        legs = [{"loss": 0.0, "terms": {}, "observables": {}, "blocks": {},
+                 "reconstruction_error": 0.0} for _ in self.legs]
         grad = torch.zeros_like(self.parameters.scaled)
         timings["windows"] = []
         for piece, done in zip(pieces, ran, strict=True):
             result: WindowResult = done.value
-            # The window order fixes the summation order: the same sums with any layout.
+            totals = legs[piece.state_point]
+            # The piece order fixes the summation order: the same sums with any layout.
             grad = grad + result.gradient
             totals["loss"] += result.loss / sched.windows
             for name, value in result.terms.items():
@@ -777,12 +954,16 @@ class Trainer:
                 acc = totals["observables"].get(name)
                 scaled = np.asarray(value, dtype=float) / sched.windows
                 totals["observables"][name] = scaled if acc is None else acc + scaled
+            for name, values in result.blocks.items():
+                totals["blocks"].setdefault(name, []).extend(values)
             for key in ("forward_s", "backward_s"):
                 timings[key] += result.info[key]
             totals["reconstruction_error"] = max(totals["reconstruction_error"],
                                                  result.info["reconstruction_error"])
-            timings["windows"].append({"window": piece.index + 1, "worker": done.where,
-                                       "seconds": done.seconds})
+            window = {"window": piece.index + 1, "worker": done.where, "seconds": done.seconds}
+            if self._several:
+                window["state_point"] = self.legs[piece.state_point].point.label
+            timings["windows"].append(window)
         self.parameters.scaled.grad = grad
         prior = self.regularization.penalty()
         if prior.requires_grad:
@@ -790,28 +971,45 @@ class Trainer:
         self.regularization.mask(self.parameters.scaled.grad)
         grad = self.parameters.scaled.grad.detach().clone()
         keys = self.parameters.trainable_keys
-        return {
-            "epoch": epoch, "loss": totals["loss"] + float(prior.detach()),
-            "prior_penalty": float(prior.detach()), "terms": totals["terms"],
-            "observables": {k: v.tolist() for k, v in totals["observables"].items()},
+        record = {
+            "epoch": epoch, "loss": sum(t["loss"] for t in legs) + float(prior.detach()),
+            "prior_penalty": float(prior.detach()),
+            "terms": {leg.point.key(n): v for leg, t in zip(self.legs, legs, strict=True)
+                      for n, v in t["terms"].items()},
+            "observables": {leg.point.key(n): v.tolist()
+                            for leg, t in zip(self.legs, legs, strict=True)
+                            for n, v in t["observables"].items()},
+            "stderr": {leg.point.key(n): pooled_stderr(b)
+                       for leg, t in zip(self.legs, legs, strict=True)
+                       for n, b in t["blocks"].items()},
             "parameters": self.parameters.values(),
             "gradient": dict(zip(keys, grad.tolist(), strict=True)),
             "gradient_norm": float(grad.norm()),
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "attempts": attempt + 1,
-            "reconstruction_error": totals["reconstruction_error"],
-            "rdf_bins": self.objective.rdf_notes,
-            "state": state_values(self.sampler),
-            "end_state": self.sampler.state(),
-            "frames": frames,
-            "timings": timings,
+            "reconstruction_error": max(t["reconstruction_error"] for t in legs),
+            "rdf_bins": self.rdf_notes,
         }
+        states = [state_values(leg.sampler) for leg in self.legs]
+        if self._several:
+            record["state_points"] = {
+                leg.point.label: {"system": leg.point.system,
+                                  "temperature": leg.point.temperature,
+                                  "pressure": leg.point.pressure, "loss": t["loss"],
+                                  "reconstruction_error": t["reconstruction_error"],
+                                  "state": values}
+                for leg, t, values in zip(self.legs, legs, states, strict=True)}
+        else:
+            record["state"] = states[0]
+        record.update(end_states=[leg.sampler.state() for leg in self.legs], frames=frames,
+                      timings=timings)
+        return record
 
     def _run_windows(self, pieces: list[WindowPiece]) -> list:
         """Each piece through :func:`compute_window`, here or on the engine's workers; the
-        results (:class:`~openmm_reversible.parallel.Ran`) in window order."""
+        results (:class:`~openmm_reversible.parallel.Ran`) in piece order."""
         if self.engine.local:
-            function = functools.partial(compute_window, self.model)
+            function = functools.partial(_window_of, [leg.model for leg in self.legs])
         else:
             function = functools.partial(remote_window, self.config)
         bar = tqdm(total=len(pieces), desc=f"epoch {pieces[0].epoch} windows", leave=False,
@@ -827,9 +1025,11 @@ class Trainer:
                                        passthrough=(_WindowFailed, NonFiniteGradient), done=done)
             except PieceFailed as exc:
                 piece = pieces[exc.index]
+                where = self.legs[piece.state_point].point.label
                 raise TrainingFailed(
-                    f"epoch {piece.epoch}: reversible window {piece.index + 1} (started at "
-                    f"OpenMM step {piece.state.step}): {exc}. The fit stops; the last good "
+                    f"epoch {piece.epoch}: reversible window {piece.index + 1}"
+                    f"{f' of {where}' if where else ''} (started at OpenMM step "
+                    f"{piece.state.step}): {exc}. The fit stops; the last good "
                     f"parameters are kept in {self.output}") from exc
 
     def close(self) -> None:
@@ -850,6 +1050,11 @@ class Trainer:
         dict
             The epoch's record (also appended to ``log.jsonl``). ``parameters`` are the values
             the epoch was sampled with; ``parameters_after`` those after the optimiser step.
+            ``terms``, ``observables`` and ``stderr`` (the standard error of each observable,
+            :func:`pooled_stderr`; None with fewer than two blocks) are keyed by target label,
+            prefixed by the state point's label (``"liquid 298.15 K 1 bar/density"``) in a
+            config with ``[[systems]]``; such a record also has ``state_points`` (each one's
+            loss and OpenMM state) instead of ``state``.
 
         Raises
         ------
@@ -891,7 +1096,8 @@ class Trainer:
             scaled = self.parameters.scaled
             scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
         self.regularization.project()
-        self.state = record.pop("end_state")
+        for leg, state in zip(self.legs, record.pop("end_states"), strict=True):
+            leg.state = state
         frames = record.pop("frames")
         record["parameters_after"] = self.parameters.values()
         record["failures"] = messages
@@ -903,23 +1109,51 @@ class Trainer:
 
     # -- outputs --------------------------------------------------------------------------------
 
-    def _save(self, frames: list[SampledState]) -> None:
-        """The epoch's trajectory (on its own, first), then trained XML, checkpoint, log, CSV
-        and plot: all of these written, or none."""
+    def _save(self, frames: list[list[SampledState]]) -> None:
+        """The epoch's trajectories (on their own, first), then trained XML, checkpoint, log,
+        CSV and plot: all of these written, or none."""
         self.output.mkdir(parents=True, exist_ok=True)
-        if frames:
-            write_topology(self.output, self.topology, self._start_positions)
-            fmt = self.config.output.trajectory
-            write_trajectory(trajectory_path(self.output, self.epoch, fmt), frames,
-                             self.topology, fmt, self.config.simulation.timestep)
+        fmt = self.config.output.trajectory
+        for leg, leg_frames in zip(self.legs, frames, strict=True):
+            if leg_frames:
+                write_topology(self.output, leg.model.topology, leg.model.positions,
+                               leg.directory)
+                write_trajectory(trajectory_path(self.output, self.epoch, fmt, leg.directory),
+                                 leg_frames, leg.model.topology, fmt,
+                                 self.config.simulation.timestep)
         atomic_write_all([
             *xml_writes(self.parameters, self.output),
             (self.output / CHECKPOINT, lambda tmp: torch.save(self._checkpoint(), tmp)),
             (self.output / LOG, text_writer("".join(json.dumps(r) + "\n"
                                                     for r in self.records))),
-            (self.output / STATE_DATA,
-             text_writer(state_data_csv(self.records, self.config.targets))),
-            (self.output / PLOT, lambda tmp: plot_training(self.records, self.objective, tmp))])
+            (self.output / STATE_DATA, text_writer(self._state_data())),
+            (self.output / PLOT, lambda tmp: plot_training(self.records, self.panels(), tmp))])
+
+    def _state_data(self) -> str:
+        """``state_data.csv``: one row per epoch, or per epoch and state point with
+        ``[[systems]]`` (:func:`~openmm_reversible.outputs.state_data_csv`)."""
+        if not self._several:
+            return state_data_csv(self.records, self.config.targets)
+        rows, targets = [], {}
+        for leg in self.legs:
+            for t in leg.point.config.targets:
+                targets.setdefault(t.label, t)
+        for record in self.records:
+            for leg in self.legs:
+                label = leg.point.label
+                part = record["state_points"][label]
+                prefix = f"{label}/"
+                rows.append({"epoch": record["epoch"], "state_point": label,
+                             "loss": part["loss"], "state": part["state"],
+                             **{key: {k[len(prefix):]: v for k, v in record[key].items()
+                                      if k.startswith(prefix)}
+                                for key in ("terms", "observables")}})
+        return state_data_csv(rows, list(targets.values()), state_points=True)
+
+    def panels(self) -> list[Panel]:
+        """What :func:`plot_training` draws: each target of each leg, keyed as in the log."""
+        return [Panel(leg.point.key(t.label), t, leg.model.objective.rdf_setup.get(t.label))
+                for leg in self.legs for t in leg.model.objective.targets]
 
     def run(self) -> TrainResult:
         """Run the remaining epochs of the schedule.
@@ -978,18 +1212,44 @@ def fit(config: FitConfig, output: str | os.PathLike, resume: bool = False,
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_training(records: list[dict], objective: Objective, path: str | os.PathLike) -> None:
+@dataclass(frozen=True)
+class Panel:
+    """One target's panel of :func:`plot_training`.
+
+    Attributes
+    ----------
+    key : str
+        Its key in the records (the target label, prefixed by the state point's with
+        ``[[systems]]``).
+    target : TargetConfig
+    rdf : dict or None
+        For an rdf target, its :attr:`Objective.rdf_setup` entry (bins ``r`` and ``target``).
+    """
+
+    key: str
+    target: object
+    rdf: dict | None = None
+
+
+def _errors(records: list[dict], key: str) -> np.ndarray:
+    """The standard error of ``key`` in each record (NaN where none was estimated)."""
+    return np.array([np.nan if r.get("stderr", {}).get(key) is None else r["stderr"][key]
+                     for r in records], dtype=float)
+
+
+def plot_training(records: list[dict], panels: Sequence[Panel], path: str | os.PathLike
+                  ) -> None:
     """Loss per epoch and each observable against its target, as one PNG.
 
-    RDF targets are overlaid (target, first epoch, last epoch); scalar observables are drawn
-    per epoch with the target as a horizontal line.
+    RDF targets are overlaid (target, first epoch, last epoch with a band of ± its standard
+    error); scalar observables are drawn per epoch with error bars of ± their standard error
+    and the target as a horizontal line.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = objective.targets
-    n = 1 + len(targets)
+    n = 1 + len(panels)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
@@ -997,31 +1257,38 @@ def plot_training(records: list[dict], objective: Objective, path: str | os.Path
     epochs = [r["epoch"] for r in records]
     ax = axes[0]
     ax.plot(epochs, [r["loss"] for r in records], "k-o", ms=3, label="total")
-    for t in targets:
-        if t.weight > 0:
-            ax.plot(epochs, [r["terms"].get(t.label) for r in records], "-", lw=1,
-                    label=t.label)
+    for panel in panels:
+        if panel.target.weight > 0:
+            ax.plot(epochs, [r["terms"].get(panel.key) for r in records], "-", lw=1,
+                    label=panel.key)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     if all(r["loss"] and r["loss"] > 0 for r in records):
         ax.set_yscale("log")
     ax.legend(fontsize=7)
-    for ax, t in zip(axes[1:], targets, strict=False):
-        values = [r["observables"].get(t.label) for r in records]
+    for ax, panel in zip(axes[1:], panels, strict=False):
+        t = panel.target
+        values = [r["observables"].get(panel.key) for r in records]
+        errors = _errors(records, panel.key)
         if t.observable == "rdf":
-            setup = objective.rdf_setup[t.label]
+            setup = panel.rdf
             ax.plot(setup["r"], setup["target"].numpy(), "k-", lw=1.5, label="target")
             ax.plot(setup["r"], values[0], "C0--", lw=1, label=f"epoch {epochs[0]}")
+            last = np.asarray(values[-1], dtype=float)
             if len(values) > 1:
-                ax.plot(setup["r"], values[-1], "C3-", lw=1, label=f"epoch {epochs[-1]}")
+                ax.plot(setup["r"], last, "C3-", lw=1, label=f"epoch {epochs[-1]}")
+            band = np.broadcast_to(errors[-1], last.shape)
+            ax.fill_between(setup["r"], last - band, last + band, color="C3", alpha=0.3, lw=0,
+                            label="± stderr")
             ax.set_xlabel("r (nm)")
             ax.set_ylabel(f"g(r) {'–'.join(t.atoms)}")
         else:
-            ax.plot(epochs, values, "C0-o", ms=3, label="simulated")
+            ax.errorbar(epochs, np.asarray(values, dtype=float), yerr=errors, fmt="C0-o", ms=3,
+                        capsize=3, label="simulated ± stderr")
             ax.axhline(t.value, color="k", lw=1, label="target")
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{t.observable} ({SCALAR_UNITS[t.observable]})")
-        ax.set_title(t.label, fontsize=9)
+        ax.set_title(panel.key, fontsize=9)
         ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.set_visible(False)

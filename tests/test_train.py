@@ -8,6 +8,7 @@ RDF and ΔH_vap) are simulated here, in plain OpenMM, with the true parameters.
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import re
@@ -100,15 +101,15 @@ weight = 10.0
 """
 
 
-def _write_pdb(path) -> None:
-    lines = [f"CRYST1{BOX * 10:9.3f}{BOX * 10:9.3f}{BOX * 10:9.3f}  90.00  90.00  90.00 P 1"
+def _write_pdb(path, name: str = "argon.pdb", n_side: int = N_SIDE, box: float = BOX) -> None:
+    lines = [f"CRYST1{box * 10:9.3f}{box * 10:9.3f}{box * 10:9.3f}  90.00  90.00  90.00 P 1"
              "           1"]
-    grid = (np.stack(np.meshgrid(*[np.arange(N_SIDE)] * 3, indexing="ij"), -1)
-            .reshape(-1, 3) + 0.5) * BOX / N_SIDE * 10
+    grid = (np.stack(np.meshgrid(*[np.arange(n_side)] * 3, indexing="ij"), -1)
+            .reshape(-1, 3) + 0.5) * box / n_side * 10
     for k, (x, y, z) in enumerate(grid, start=1):
         lines.append(f"HETATM{k:5d} AR    AR A{k:4d}    {x:8.3f}{y:8.3f}{z:8.3f}  1.00  0.00"
                      "          AR")
-    (path / "argon.pdb").write_text("\n".join(lines + ["END"]) + "\n")
+    (path / name).write_text("\n".join(lines + ["END"]) + "\n")
 
 
 @pytest.fixture(scope="module")
@@ -354,3 +355,134 @@ def test_fused_fit_equals_the_autograd_fit(argon, tmp_path):
     assert fast["loss"] == pytest.approx(plain["loss"], rel=1e-10)
     for key, value in plain["gradient"].items():
         assert fast["gradient"][key] == pytest.approx(value, rel=1e-8, abs=1e-12)
+
+
+SYSTEMS_CONFIG = """
+[forcefield]
+files = ["{xml}"]
+
+[simulation]
+friction = 5.0
+timestep = 0.004
+platform = "Reference"
+seed = 11
+
+[schedule]
+epochs = {epochs}
+equilibration_steps = 100
+bulk_steps = 50
+windows = 1
+window_steps = 10
+snapshot_every = 5
+learning_rate = 0.03
+
+[[systems]]
+name = "liquid"
+temperature = [120.0, 130.0]
+[systems.structure]
+pdb = "argon.pdb"
+[systems.system]
+nonbonded_method = "CutoffPeriodic"
+cutoff = 0.7
+[[systems.targets]]
+observable = "enthalpy_of_vaporization"
+value = {dhvap}
+temperature = 120.0
+[[systems.targets]]
+observable = "rdf"
+atoms = ["AR", "AR"]
+file = "rdf_ArAr.dat"
+weight = 10.0
+
+[[systems]]
+name = "small"
+temperature = [120.0]
+[systems.structure]
+pdb = "small.pdb"
+[systems.system]
+nonbonded_method = "CutoffPeriodic"
+cutoff = 0.5
+[[systems.targets]]
+observable = "enthalpy_of_vaporization"
+value = {dhvap}
+"""
+
+
+def _systems_config(argon, epochs: int):
+    path, dhvap = argon
+    xml = path / "systems.xml"
+    xml.write_text(XML.format(sigma=SIGMA * 1.02, epsilon=EPSILON * 0.95))
+    _write_pdb(path, "small.pdb", n_side=3, box=1.10)
+    toml = path / f"systems{epochs}.toml"
+    toml.write_text(SYSTEMS_CONFIG.format(xml=xml.name, epochs=epochs, dhvap=dhvap))
+    return load_config(toml)
+
+
+LABELS = ["liquid 120 K", "liquid 130 K", "small 120 K"]
+
+
+def test_systems_and_state_points_in_one_fit(argon, tmp_path):
+    """Two systems, one at two temperatures: every state point is a piece of its own (its
+    sampling, its window), the epoch's loss and gradient are the sums of theirs (the same, bit
+    for bit, as fitting each state point's config alone), each observable carries a standard
+    error, and the CSV and trajectories are per state point."""
+    config = _systems_config(argon, epochs=1)
+    out = tmp_path / "all"
+    (record,) = fit(config, out, progress=False).records
+    assert list(record["state_points"]) == LABELS
+    assert "state" not in record
+    assert set(record["terms"]) == {"liquid 120 K/enthalpy_of_vaporization",
+                                    "liquid 120 K/rdf_ARAR", "liquid 130 K/rdf_ARAR",
+                                    "small 120 K/enthalpy_of_vaporization"}
+    assert set(record["stderr"]) == set(record["observables"]) == set(record["terms"])
+    for key, value in record["stderr"].items():
+        assert value is not None and np.all(np.asarray(value) >= 0), key
+    assert record["stderr"]["small 120 K/enthalpy_of_vaporization"] > 0
+    assert record["loss"] == pytest.approx(sum(record["terms"].values()), rel=1e-12)
+    assert [w["state_point"] for w in record["timings"]["windows"]] == LABELS
+    # The small box is its own system: 27 atoms, its own trajectory directory.
+    small = mdtraj_load(out, "small_120_K")
+    assert small.n_atoms == 27
+    assert mdtraj_load(out, "liquid_130_K").n_atoms == 64
+
+    gradient = np.zeros(2)
+    for point in config.state_points():
+        (alone,) = fit(point.config, tmp_path / point.label.replace(" ", "_"),
+                       progress=False).records
+        part = record["state_points"][point.label]
+        assert part["loss"] == alone["loss"]
+        assert part["state"] == alone["state"]
+        for name, value in alone["observables"].items():
+            assert record["observables"][point.key(name)] == value
+        gradient = gradient + np.array(list(alone["gradient"].values()))
+    assert list(record["gradient"].values()) == gradient.tolist()
+
+    header, *rows = list(csv.reader((out / "state_data.csv").read_text()[1:].splitlines()))
+    assert header[:3] == ["Epoch", "State point", "Step"]
+    assert [row[1] for row in rows] == LABELS
+    values = dict(zip(header, rows[2], strict=True))
+    assert float(values["enthalpy_of_vaporization (kJ/mol)"]) == \
+        record["observables"]["small 120 K/enthalpy_of_vaporization"]
+    assert values["Loss rdf_ARAR"] == ""  # the small box has no RDF target
+
+
+def mdtraj_load(out, part: str):
+    import mdtraj
+
+    directory = out / "trajectory" / part
+    return mdtraj.load(str(directory / "epoch_0001.dcd"), top=str(directory / "topology.pdb"))
+
+
+def test_systems_fit_resumes_exactly(argon, tmp_path):
+    """A fit of several state points killed after epoch 1 and resumed equals the uninterrupted
+    one: the checkpoint holds every state point's state."""
+    straight = fit(_systems_config(argon, epochs=2), tmp_path / "straight", progress=False)
+    fit(_systems_config(argon, epochs=1), tmp_path / "split", progress=False)
+    saved = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=True)
+    assert [s["positions"].shape[0] for s in saved["state"]] == [64, 64, 27]
+    resumed = fit(_systems_config(argon, epochs=2), tmp_path / "split", resume=True,
+                  progress=False)
+    untimed = [{k: v for k, v in r.items() if k != "timings"} for r in straight.records]
+    assert [{k: v for k, v in r.items() if k != "timings"} for r in resumed.records] == untimed
+    assert straight.parameters == resumed.parameters
+    assert straight.parameters != resumed.records[0]["parameters"]  # the fit moved them
