@@ -205,3 +205,23 @@ def test_a_fit_resumes_on_another_layout_as_if_uninterrupted(argon, in_process, 
     assert [r["epoch"] for r in resumed.records] == [1, 2]
     assert _results(resumed) == _results(in_process)
     assert {w["worker"] for w in resumed.records[1]["timings"]["windows"]} != {IN_PROCESS}
+
+
+def test_state_points_on_workers_as_in_process(argon, two_workers, tmp_path):  # noqa: F811
+    """The pieces of several systems and state points on workers (each worker builds the model
+    of a piece's state point from the config): the same epoch bit for bit as in-process."""
+    from test_train import LABELS, _systems_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = fit(_systems_config(argon, epochs=1), tmp_path / "here", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    there = fit(_systems_config(argon, epochs=1), tmp_path / "there", progress=False,
+                engine=two_workers)
+    assert _results(there) == _results(here)
+    assert there.records[0]["stderr"] == here.records[0]["stderr"]
+    windows = there.records[0]["timings"]["windows"]
+    assert [w["state_point"] for w in windows] == LABELS
+    assert IN_PROCESS not in {w["worker"] for w in windows}
