@@ -7,10 +7,14 @@ A config file has one table per concern::
     [system]       nonbonded_method, cutoff, ...   arguments of ForceField.createSystem
     [simulation]   temperature, friction, timestep, pressure, platform, seed, deterministic
     [schedule]     epochs, equilibration_steps, bulk_steps, windows, window_steps, optimiser
+    [equilibration] before the first epoch: max_steps, the drift test's blocks and threshold
     [failure]      what to do when a simulation blows up (retries, new noise, smaller step)
     [output]       trajectory format and frames per epoch (besides XML, log, CSV, checkpoint)
     [parallel]     workers, scheduler, threads_per_worker: where the windows of an epoch run
     [[targets]]    one table per observable with its target and weight
+    [[systems]]    instead of [structure], [system] and [[targets]]: several systems, each
+                   with name, temperature = [...] and pressure = [...] (its state points),
+                   [systems.structure], [systems.system] and [[systems.targets]]
 
 Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
 value (a negative time step, a cutoff larger than half the box, a missing target file) raises
@@ -152,6 +156,23 @@ class ScheduleConfig:
     learning_rate: float = _spec(0.01, _positive, "step on parameters scaled to their start")
     lr_decay: float = _spec(1.0, lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
                             "learning rate multiplied by this after every epoch")
+
+
+@dataclass(frozen=True)
+class EquilibrationConfig:
+    max_steps: int = _spec(0, _non_negative,
+                           "OpenMM steps at most of each system at its state point before the "
+                           "first epoch (0: no such stage); it ends earlier, once the density "
+                           "(NPT) or potential energy (NVT) has stopped drifting")
+    block_steps: int = _spec(500, _positive, "steps of one block of the drift test")
+    sample_every: int = _spec(10, _positive, "steps between the samples a block averages")
+    min_blocks: int = _spec(10, lambda v: None if v >= 6 else "must be >= 6 (the test fits "
+                                                              "the last half, >= 3 blocks)",
+                            "blocks before the drift test is first applied (its last half is "
+                            "what the test fits)")
+    threshold: float = _spec(2.0, _positive,
+                             "drifting while |slope| of the last half's block means exceeds "
+                             "threshold × its standard error")
 
 
 @dataclass(frozen=True)
@@ -334,6 +355,8 @@ class FitConfig:
     simulation: SimulationConfig
     schedule: ScheduleConfig
     system: SystemConfig = field(default_factory=SystemConfig)
+    equilibration: EquilibrationConfig = field(default_factory=EquilibrationConfig)
+    """Before the first epoch: each system at its state point until it stops drifting."""
     failure: FailureConfig = field(default_factory=FailureConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -604,6 +627,11 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
     if schedule.window_steps % schedule.snapshot_every:
         raise InputError(f"schedule.window_steps = {schedule.window_steps}: must be a multiple "
                          f"of schedule.snapshot_every = {schedule.snapshot_every}")
+    equilibration = _build(EquilibrationConfig, data.get("equilibration", {}), "equilibration")
+    if equilibration.sample_every > equilibration.block_steps:
+        raise InputError(f"equilibration.sample_every = {equilibration.sample_every}: larger "
+                         f"than equilibration.block_steps = {equilibration.block_steps}, so a "
+                         "block would have no sample")
     failure = _build(FailureConfig, data.get("failure", {}), "failure")
     output = _build(OutputConfig, data.get("output", {}), "output")
     parallel = _build(ParallelConfig, data.get("parallel", {}), "parallel")
@@ -635,7 +663,8 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                          "prior_width, lower, upper, frozen)")
     rules = [_build(ParameterRule, r, f"parameters[{i}]") for i, r in enumerate(raw_rules)]
     return FitConfig(forcefield=ff, structure=structure, system=system, simulation=simulation,
-                     schedule=schedule, failure=failure, output=output, parallel=parallel,
+                     schedule=schedule, equilibration=equilibration, failure=failure,
+                     output=output, parallel=parallel,
                      targets=targets, parameters=rules, path=path)
 
 

@@ -23,6 +23,7 @@ A simulation that blows up (NaN coordinates, or a kinetic temperature far above 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ from .config import FitConfig
 from .errors import InputError
 from .files import read_structure
 from .methods import CONSTRAINTS, NONBONDED_METHODS
+from .observables.blocking import drifting
+from .observables.density import G_CM3_PER_AMU_NM3
 from .parameters import residue_tag_error
 from .units import KB
 
@@ -402,6 +405,61 @@ class Sampler:
                     self.current_step(), f"kinetic temperature {temperature:.0f} K exceeds "
                                          f"{self.max_temperature:.0f} K")
         return frames
+
+    def equilibrate(self, max_steps: int, block_steps: int = 500, sample_every: int = 10,
+                    min_blocks: int = 10, threshold: float = 2.0) -> dict:
+        """Run until the density (NPT) or the potential energy (NVT) stops drifting.
+
+        Samples every ``sample_every`` steps are averaged per block of ``block_steps``; from
+        ``min_blocks`` blocks on, after every block, the least-squares slope of the last half
+        of the block means is compared with its standard error
+        (:func:`~openmm_reversible.observables.blocking.drifting`), and the run stops once
+        ``|slope| <= threshold · stderr``, or after ``max_steps``.
+
+        Returns
+        -------
+        dict
+            ``observable`` ("density" or "potential_energy"), ``unit`` (g/cm^3 or kJ/mol),
+            ``converged`` (False when ``max_steps`` ran out first), ``steps``, ``seconds``,
+            ``block_steps``, ``block_means``, ``slope_per_block`` and ``slope_stderr`` (units
+            of the observable; None before ``min_blocks`` blocks) and ``threshold``.
+
+        Raises
+        ------
+        SimulationExploded
+        """
+        npt = any(isinstance(f, openmm.MonteCarloBarostat) for f in self.system.getForces())
+        mass = sum(self.system.getParticleMass(i).value_in_unit(unit.dalton)
+                   for i in range(self.system.getNumParticles()))
+
+        def sample() -> float:
+            state = self.context.getState(getEnergy=True)
+            if npt:
+                volume = state.getPeriodicBoxVolume().value_in_unit(unit.nanometer ** 3)
+                return mass / volume * G_CM3_PER_AMU_NM3
+            return state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+        start = time.perf_counter()
+        means: list[float] = []
+        slope = stderr = None
+        converged = False
+        done = 0
+        while done < max_steps and not converged:
+            block = min(block_steps, max_steps - done)
+            values = []
+            for k in range(0, block, sample_every):
+                self.step(min(sample_every, block - k))
+                values.append(sample())
+            done += block
+            means.append(float(np.mean(values)))
+            if len(means) >= min_blocks:
+                drifts, slope, stderr = drifting(means, threshold)
+                converged = not drifts
+        return {"observable": "density" if npt else "potential_energy",
+                "unit": "g/cm^3" if npt else "kJ/mol", "converged": converged, "steps": done,
+                "seconds": time.perf_counter() - start, "block_steps": block_steps,
+                "block_means": means, "slope_per_block": slope, "slope_stderr": stderr,
+                "threshold": threshold}
 
     def current_step(self) -> int:
         return int(self.context.getStepCount())

@@ -693,12 +693,16 @@ class Leg:
         OpenMM at the state point (NPT where it has a pressure).
     state : SampledState or None
         Where the next epoch's sampling starts (None before the start state is made).
+    equilibration : dict or None
+        How the equilibration before the first epoch went
+        (:meth:`~openmm_reversible.sampler.Sampler.equilibrate`); None until it ran.
     """
 
     point: StatePoint
     model: WindowModel
     sampler: Sampler
     state: SampledState | None = None
+    equilibration: dict | None = None
 
     @property
     def directory(self) -> str:
@@ -812,7 +816,9 @@ class Trainer:
 
     @property
     def _several(self) -> bool:
-        return len(self.legs) > 1
+        """Whether the config has ``[[systems]]`` (its records, CSV rows, trajectories and
+        checkpoint are then per state point, even for one)."""
+        return bool(self.config.systems)
 
     # -- setup and checkpoints ------------------------------------------------------------------
 
@@ -830,6 +836,42 @@ class Trainer:
         leg.sampler.minimize()
         leg.sampler.set_velocities(leg.point.config.simulation.seed)
         return leg.sampler.state()
+
+    def _equilibrate(self) -> dict[str, dict]:
+        """Before the first epoch (``[equilibration] max_steps`` > 0): run each leg at its
+        state point until its density (NPT) or energy (NVT) stops drifting; what each took,
+        keyed by the state point's label ("system" without ``[[systems]]``).
+
+        Raises
+        ------
+        TrainingFailed
+            If a simulation blows up (nothing has been written yet).
+        """
+        eq = self.config.equilibration
+        report = {}
+        for leg in self.legs:
+            name = leg.point.label or "system"
+            if not eq.max_steps or leg.equilibration is not None:
+                continue
+            leg.sampler.restart(leg.state, self._seed(leg, 0))
+            try:
+                info = leg.sampler.equilibrate(eq.max_steps, eq.block_steps, eq.sample_every,
+                                               eq.min_blocks, eq.threshold)
+            except SimulationExploded as exc:
+                raise TrainingFailed(f"{name}: equilibration before the first epoch: {exc}; "
+                                     "nothing was written") from None
+            leg.equilibration = info
+            leg.state = leg.sampler.state()
+            report[name] = info
+            if self.progress:
+                verdict = ("stopped drifting" if info["converged"] else
+                           f"still drifting at equilibration.max_steps = {eq.max_steps}")
+                slope = ("" if info["slope_per_block"] is None else
+                         f" (slope {info['slope_per_block']:.3g} ± {info['slope_stderr']:.2g} "
+                         f"{info['unit']} per block)")
+                tqdm.write(f"{name}: {info['observable']} {verdict} after {info['steps']} "
+                           f"steps, {info['seconds']:.1f} s{slope}")
+        return report
 
     def _check_checkpoint(self, checkpoint: dict) -> None:
         saved = _comparable(with_defaults(checkpoint["config"]))
@@ -1064,6 +1106,7 @@ class Trainer:
         """
         failure = self.config.failure
         start = time.perf_counter()
+        equilibration = self._equilibrate() if self.epoch == 0 else {}
         good_scaled = self.parameters.scaled.detach().clone()
         good_optimizer = copy.deepcopy(self.optimizer.state_dict())
         messages = []
@@ -1099,6 +1142,8 @@ class Trainer:
         for leg, state in zip(self.legs, record.pop("end_states"), strict=True):
             leg.state = state
         frames = record.pop("frames")
+        if equilibration:
+            record["equilibration"] = equilibration
         record["parameters_after"] = self.parameters.values()
         record["failures"] = messages
         record["timings"]["total_s"] = time.perf_counter() - start

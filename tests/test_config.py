@@ -332,3 +332,13 @@ def test_bad_system_entries_name_the_key(systems, change, expected):
     data, where = systems
     change(data)
     assert expected in _error(data, where)
+
+
+def test_equilibration_table(base):
+    data, where = base
+    assert config_from_dict(data, where).equilibration.max_steps == 0  # off unless asked for
+    data["equilibration"] = {"max_steps": 20000, "block_steps": 5, "sample_every": 10}
+    assert _error(data, where).startswith("equilibration.sample_every = 10: larger than "
+                                          "equilibration.block_steps = 5")
+    data["equilibration"] = {"max_steps": 20000, "min_blocks": 4}
+    assert _error(data, where).startswith("equilibration.min_blocks = 4: must be >= 6")

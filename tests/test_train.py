@@ -486,3 +486,72 @@ def test_systems_fit_resumes_exactly(argon, tmp_path):
     assert [{k: v for k, v in r.items() if k != "timings"} for r in resumed.records] == untimed
     assert straight.parameters == resumed.parameters
     assert straight.parameters != resumed.records[0]["parameters"]  # the fit moved them
+
+
+NPT_CONFIG = """
+[forcefield]
+files = ["{xml}"]
+[simulation]
+friction = 5.0
+timestep = 0.004
+platform = "Reference"
+seed = 11
+[schedule]
+epochs = 1
+equilibration_steps = 0
+bulk_steps = {bulk_steps}
+window_steps = 10
+snapshot_every = 5
+[equilibration]
+max_steps = {max_steps}
+block_steps = 250
+[[systems]]
+name = "argon"
+temperature = [120.0]
+pressure = [400.0]
+[systems.structure]
+pdb = "loose.pdb"
+[systems.system]
+nonbonded_method = "CutoffPeriodic"
+cutoff = 0.6
+{targets}
+"""
+DHVAP_TARGET = """[[systems.targets]]
+observable = "enthalpy_of_vaporization"
+value = 5.0
+"""
+
+
+def _npt_config(argon, max_steps: int, bulk_steps: int = 50, targets: str = DHVAP_TARGET):
+    """Argon at 120 K and 400 bar from a loose lattice (1.6 nm box: 0.94 g/cm^3; the dense
+    fluid is near 1.28 g/cm^3)."""
+    path, _ = argon
+    _write_pdb(path, "loose.pdb", n_side=4, box=1.6)
+    (path / "npt.xml").write_text(XML.format(sigma=SIGMA, epsilon=EPSILON))
+    toml = path / "npt.toml"
+    toml.write_text(NPT_CONFIG.format(xml="npt.xml", max_steps=max_steps, bulk_steps=bulk_steps,
+                                      targets=targets))
+    return load_config(toml)
+
+
+def test_equilibration_runs_until_the_density_stops_drifting(argon, tmp_path):
+    """[equilibration]: the loose box is compressed by the barostat until the slope of the
+    last half of its block means is within twice its error; the log says how long it took,
+    and the first epoch starts where it ended. With too small a step cap the log says it was
+    still drifting."""
+    (record,) = fit(_npt_config(argon, max_steps=20000), tmp_path / "eq",
+                    progress=False).records
+    info = record["equilibration"]["argon 120 K 400 bar"]
+    assert info["converged"] and info["observable"] == "density"
+    assert info["steps"] < 20000 and info["steps"] % 250 == 0 and info["seconds"] > 0
+    means = info["block_means"]
+    assert len(means) == info["steps"] // 250 >= 10
+    assert means[0] < 1.1 < 1.2 < means[-1]  # it was compressed from 0.94 g/cm^3
+    assert abs(info["slope_per_block"]) <= 2.0 * info["slope_stderr"]
+    state = record["state_points"]["argon 120 K 400 bar"]["state"]
+    assert state["Step"] == info["steps"] + 50
+    assert state["Density (g/mL)"] > 1.15
+    (capped,) = fit(_npt_config(argon, max_steps=500), tmp_path / "capped",
+                    progress=False).records
+    info = capped["equilibration"]["argon 120 K 400 bar"]
+    assert not info["converged"] and info["steps"] == 500 and info["slope_per_block"] is None
