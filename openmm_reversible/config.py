@@ -149,6 +149,10 @@ class ScheduleConfig:
     bulk_steps: int = _spec(500, _non_negative, "OpenMM steps before each reversible window")
     windows: int = _spec(1, _positive, "reversible windows per epoch")
     window_steps: int = _spec(100, _positive, "steps of one reversible window")
+    ensemble_every: int = _spec(10, _positive,
+                                "steps between the OpenMM frames of the bulk sampling that "
+                                "ensemble targets (density) average, besides each window's "
+                                "start")
     snapshot_every: int = _spec(10, _positive, "steps between loss snapshots in a window")
     truncation: int | None = _spec(None, _positive, "adjoint truncation, steps")
     resync_every: int | None = _spec(None, _positive, "steps between stored resync states")

@@ -69,6 +69,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from openmm import unit
 from tqdm.auto import tqdm
 
 from .config import SCALAR_UNITS, FitConfig, StatePoint, to_dict, with_defaults
@@ -96,6 +97,7 @@ from .parallel import Engine, PieceFailed, open_engine
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
+from .reweighting import fluctuation_gradient
 from .sampler import (
     SampledState,
     Sampler,
@@ -285,6 +287,11 @@ def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
     return 0.5 * modes * KB * temperature
 
 
+ENSEMBLE_OBSERVABLES = ("density",)
+"""Observables averaged over OpenMM's NPT frames, with the fluctuation gradient
+(:func:`ensemble_terms`), instead of through the reversible windows."""
+
+
 class Objective:
     """Weighted sum of the config's target terms, as a ``loss_fn(trajectory, potential)``.
 
@@ -293,8 +300,10 @@ class Objective:
       from the smooth histogram of the window's snapshots (intermolecular pairs);
     - scalar targets (``enthalpy_of_vaporization``, ``pressure``): ``weight · ((x - value) /
       tolerance)²`` with x averaged over the window's snapshots;
-    - ``density`` only with weight 0 (reported: the window's box is fixed, so it carries no
-      gradient).
+    - ensemble targets (``density``, :data:`ENSEMBLE_OBSERVABLES`): the same scalar term, but
+      not in the windows (their box is fixed): x is averaged over the OpenMM NPT frames of the
+      epoch's bulk sampling and its gradient is the fluctuation estimator
+      (:func:`ensemble_terms`); they are in :attr:`ensemble_targets`, not :attr:`targets`.
 
     After each call, :attr:`last_terms` holds each weighted term and :attr:`last_observables`
     each observable (a float, or g(r) as a list) for logs and plots.
@@ -302,7 +311,9 @@ class Objective:
 
     def __init__(self, config: FitConfig, topology):
         self.config = config
-        self.targets = config.targets
+        self.targets = [t for t in config.targets if t.observable not in ENSEMBLE_OBSERVABLES]
+        self.ensemble_targets = [t for t in config.targets
+                                 if t.observable in ENSEMBLE_OBSERVABLES]
         self.rdf_setup: dict[str, dict] = {}
         self._molecules = molecules(topology)
         rigid = config.system.rigid_water or config.system.constraints != "none"
@@ -314,16 +325,18 @@ class Objective:
                     "target": torch.as_tensor(grid.g, dtype=DTYPE), "r_range": grid.r_range,
                     "n_bins": len(grid.r), "sigma": t.bandwidth or grid.width,
                     "note": grid.note}
-            elif t.observable == "diffusion" or (t.observable == "density" and t.weight > 0):
+            elif t.observable == "diffusion":
                 raise InputError(f"targets: {t.observable} cannot be fitted through the "
-                                 f"reversible windows (fixed box, short windows); give it "
-                                 f"weight = 0 to report it, check it with 'openmm-reversible "
-                                 f"validate', or fit pressure instead")
+                                 f"reversible windows (short windows); give it weight = 0 to "
+                                 f"report it, or check it with 'openmm-reversible validate'")
         self.gas_energy = {t.label: (t.gas_energy if t.gas_energy is not None else
                                      harmonic_gas_energy(topology, config.simulation.temperature,
                                                          rigid))
                            for t in self.targets if t.observable == "enthalpy_of_vaporization"}
-        self.loss = Loss([self._target(t) for t in self.targets])
+        self.loss = Loss([self._target(t) for t in self.targets]) if self.targets else None
+        self.ensemble_loss = Loss([
+            Target(t.label, t.value, weight=t.weight / t.scale ** 2, kind="l2", name=t.label)
+            for t in self.ensemble_targets]) if self.ensemble_targets else None
         self.last_terms: dict[str, float] = {}
         self.last_observables: dict[str, object] = {}
 
@@ -609,6 +622,62 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
     return WindowResult(float(loss.detach()), grad.detach().clone(), terms, observables, info,
                         block_observables(model.objective, simulation.trajectory,
                                           model.potential))
+
+
+def ensemble_terms(model: WindowModel, frames: Sequence[SampledState], n_blocks: int = 5
+                   ) -> WindowResult:
+    """The ensemble targets of a state point on OpenMM's NPT frames, with their gradient.
+
+    Each observable is averaged over the frames, ⟨ρ⟩; its parameter gradient is the
+    fluctuation estimator d⟨ρ⟩/dθ = −β(⟨ρ ∂U/∂θ⟩ − ⟨ρ⟩⟨∂U/∂θ⟩)
+    (:func:`~openmm_reversible.reweighting.fluctuation_gradient`: ρ depends on θ only through
+    the ensemble, and the pV term of the NPT weight does not depend on θ), chained through
+    the loss term of :attr:`Objective.ensemble_loss`.
+
+    Parameters
+    ----------
+    model : WindowModel
+        With its parameters at the values the frames were sampled with.
+    frames : sequence of SampledState
+        Frames of the NPT sampling (positions nm, box nm), in time order.
+    n_blocks : int
+        Blocks of the standard error (:func:`block_average`; fewer with fewer frames).
+
+    Returns
+    -------
+    WindowResult
+        ``loss``, ``gradient`` (d loss / d scaled parameters), ``terms``, ``observables``;
+        ``blocks`` holds each observable's block means (for :func:`pooled_stderr`).
+    """
+    objective, parameters = model.objective, model.parameters
+    positions = torch.as_tensor(np.stack([f.positions for f in frames]), dtype=DTYPE)
+    boxes = torch.as_tensor(np.stack([f.box for f in frames]), dtype=DTYPE)
+    system = model.parameters.system
+    masses = torch.tensor([system.getParticleMass(i).value_in_unit(unit.dalton)
+                           for i in range(system.getNumParticles())], dtype=DTYPE)
+    temperature = model.config.simulation.temperature
+    values, blocks = {}, {}
+    t0 = time.perf_counter()
+    for t in objective.ensemble_targets:
+        mean, (grad,) = fluctuation_gradient(lambda x, box: density(masses, box),
+                                             model.potential, positions, boxes, temperature,
+                                             [parameters.scaled])
+        # A tensor whose value is ⟨ρ⟩ and whose gradient is the estimator's, for the loss.
+        linear = (parameters.scaled * grad).sum()
+        values[t.label] = mean + linear - linear.detach()
+        per_frame = density(masses, boxes).numpy()
+        n = min(n_blocks, len(per_frame))
+        blocks[t.label] = [float(per_frame[b].mean()) for b in
+                           ([slice(0, len(per_frame))] if n < 2
+                            else block_slices(len(per_frame), n))]
+    parameters.scaled.grad = None
+    total, report = objective.ensemble_loss.evaluate(values)
+    total.backward()
+    return WindowResult(float(total.detach()), parameters.scaled.grad.detach().clone(),
+                        {k: r.contribution for k, r in report.items()},
+                        {k: float(r.value) for k, r in report.items()},
+                        {"forward_s": time.perf_counter() - t0, "backward_s": 0.0,
+                         "reconstruction_error": 0.0}, blocks)
 
 
 BLOCKS_PER_WINDOW = 5
@@ -939,10 +1008,13 @@ class Trainer:
         return {start + round(k * steps / n) for k in range(1, n + 1)} - {start}
 
     def _sample(self, leg: Leg, k: int, epoch: int, attempt: int, timings: dict
-                ) -> tuple[list[WindowPiece], list[SampledState]]:
+                ) -> tuple[list[WindowPiece], list[SampledState], list[SampledState]]:
         """Push the parameters into the leg's OpenMM simulation, restart it from its state,
-        equilibrate and sample the start state of each window; the pieces and the frames."""
+        equilibrate and sample the start state of each window; the window pieces, the
+        trajectory frames and the frames of the ensemble targets (every
+        ``schedule.ensemble_every`` steps of the bulk sampling and each window's start)."""
         sched = self.config.schedule
+        objective = leg.model.objective
         frame_steps = self._frame_steps(leg)
         t = time.perf_counter()
         with torch.no_grad():
@@ -953,16 +1025,24 @@ class Trainer:
         t = time.perf_counter()
         frames = leg.sampler.step(sched.equilibration_steps, frame_steps)
         timings["equilibrate_s"] += time.perf_counter() - t
-        pieces = []
+        pieces, ensemble = [], []
         for w in range(sched.windows):
             t = time.perf_counter()
-            frames += leg.sampler.step(sched.bulk_steps, frame_steps)
+            start = leg.sampler.current_step()
+            every = set(range(start + sched.ensemble_every, start + sched.bulk_steps,
+                              sched.ensemble_every)) if objective.ensemble_targets else set()
+            sampled = leg.sampler.step(sched.bulk_steps, frame_steps | every)
             timings["bulk_s"] += time.perf_counter() - t
-            pieces.append(WindowPiece(epoch, w, sched.windows,
-                                      self.parameters.scaled.detach().clone(),
-                                      leg.sampler.state(), self._seed(leg, epoch, attempt, w + 1),
-                                      str(self.output), k))
-        return pieces, frames
+            frames += [f for f in sampled if f.step in frame_steps]
+            window_start = leg.sampler.state()
+            if objective.ensemble_targets:
+                ensemble += [f for f in sampled if f.step in every] + [window_start]
+            if objective.targets:
+                pieces.append(WindowPiece(epoch, w, sched.windows,
+                                          self.parameters.scaled.detach().clone(), window_start,
+                                          self._seed(leg, epoch, attempt, w + 1),
+                                          str(self.output), k))
+        return pieces, frames, ensemble
 
     def _attempt(self, attempt: int) -> dict:
         """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
@@ -972,13 +1052,14 @@ class Trainer:
             self.engine = open_engine(self.config.parallel)
         timings = {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0, "forward_s": 0.0,
                    "backward_s": 0.0}
-        pieces, frames = [], []
+        pieces, frames, ensembles = [], [], []
         for k, leg in enumerate(self.legs):
-            leg_pieces, leg_frames = self._sample(leg, k, epoch, attempt, timings)
+            leg_pieces, leg_frames, ensemble = self._sample(leg, k, epoch, attempt, timings)
             pieces += leg_pieces
             frames.append(leg_frames)
+            ensembles.append(ensemble)
         t = time.perf_counter()
-        ran = self._run_windows(pieces)
+        ran = self._run_windows(pieces) if pieces else []
         timings["windows_s"] = time.perf_counter() - t
         legs = [{"loss": 0.0, "terms": {}, "observables": {}, "blocks": {},
                  "reconstruction_error": 0.0} for _ in self.legs]
@@ -1006,6 +1087,17 @@ class Trainer:
             if self._several:
                 window["state_point"] = self.legs[piece.state_point].point.label
             timings["windows"].append(window)
+        t = time.perf_counter()
+        for leg, totals, ensemble in zip(self.legs, legs, ensembles, strict=True):
+            if ensemble:  # after the windows, in leg order: a fixed summation order
+                result = ensemble_terms(leg.model, ensemble)
+                grad = grad + result.gradient
+                totals["loss"] += result.loss
+                totals["terms"].update(result.terms)
+                totals["observables"].update(
+                    {n: np.asarray(v) for n, v in result.observables.items()})
+                totals["blocks"].update(result.blocks)
+        timings["ensemble_s"] = time.perf_counter() - t
         self.parameters.scaled.grad = grad
         prior = self.regularization.penalty()
         if prior.requires_grad:
@@ -1198,7 +1290,8 @@ class Trainer:
     def panels(self) -> list[Panel]:
         """What :func:`plot_training` draws: each target of each leg, keyed as in the log."""
         return [Panel(leg.point.key(t.label), t, leg.model.objective.rdf_setup.get(t.label))
-                for leg in self.legs for t in leg.model.objective.targets]
+                for leg in self.legs
+                for t in leg.model.objective.targets + leg.model.objective.ensemble_targets]
 
     def run(self) -> TrainResult:
         """Run the remaining epochs of the schedule.
