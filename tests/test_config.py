@@ -342,3 +342,30 @@ def test_equilibration_table(base):
                                           "equilibration.block_steps = 5")
     data["equilibration"] = {"max_steps": 20000, "min_blocks": 4}
     assert _error(data, where).startswith("equilibration.min_blocks = 4: must be >= 6")
+
+
+def test_state_points_example_config_loads():
+    config = load_config(EXAMPLE / "water_state_points.toml")
+    points = config.state_points()
+    assert [p.label for p in points] == [f"water {t} K 1 bar" for t in (278.15, 298.15, 318.15)]
+    assert [[t.label for t in p.config.targets] for p in points] == [
+        ["density"], ["density", "enthalpy_of_vaporization", "rdf_OO"], ["density"]]
+    assert [p.config.targets[0].value for p in points] == [0.99997, 0.99705, 0.99021]
+    assert config.equilibration.max_steps == 100000
+
+
+def test_readme_systems_example_is_a_valid_config():
+    """The README's [[systems]] block, with a [forcefield] and a [schedule], loads."""
+    import re
+
+    import tomllib
+
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+                if "[[systems]]" in b]
+    data = tomllib.loads(block)
+    data["forcefield"] = {"files": ["water_flexible.xml"]}
+    data["schedule"] = {"epochs": 1, "window_steps": 10, "snapshot_every": 5}
+    config = config_from_dict(data, EXAMPLE)
+    assert [p.label for p in config.state_points()] == [
+        "water 278.15 K 1 bar", "water 298.15 K 1 bar", "small box 298.15 K"]

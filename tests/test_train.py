@@ -563,10 +563,13 @@ def test_equilibration_runs_until_the_density_stops_drifting(argon, tmp_path):
         ((record["observables"][key] - 1.0) / 0.01) ** 2, rel=1e-12)
     assert record["loss"] == pytest.approx(sum(record["terms"].values()), rel=1e-12)
     assert record["timings"]["ensemble_s"] > 0 and record["gradient_norm"] > 0
-    (capped,) = fit(_npt_config(argon, max_steps=500), tmp_path / "capped",
-                    progress=False).records
+    # A state point with only a density target runs no reversible window.
+    (capped,) = fit(_npt_config(argon, max_steps=500, targets=DENSITY_TARGET),
+                    tmp_path / "capped", progress=False).records
     info = capped["equilibration"]["argon 120 K 400 bar"]
     assert not info["converged"] and info["steps"] == 500 and info["slope_per_block"] is None
+    assert capped["timings"]["windows"] == [] and list(capped["terms"]) == [key]
+    assert capped["loss"] == capped["terms"][key] and capped["gradient_norm"] > 0
 
 
 DENSITY_TARGET = """[[systems.targets]]
