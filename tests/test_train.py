@@ -645,3 +645,27 @@ def test_density_gradient_by_fluctuation_against_finite_differences(argon, tmp_p
         assert abs(gradient[k] - fd) < 3 * math.hypot(stderr[k], fd_error), (
             name, gradient[k], stderr[k], fd, fd_error)
     assert gradient[0] < 0 < gradient[1]  # larger atoms: less dense; more cohesion: denser
+
+
+def test_validation_across_state_points(argon, tmp_path, capsys):
+    """`validate` on a config with [[systems]]: a round trip and a table (values ± standard
+    error) per state point, one report and one plot of each property against temperature."""
+    from openmm_reversible.cli import main
+
+    config = _systems_config(argon, epochs=1)
+    xml = str(argon[0] / "systems.xml")
+    assert main(["validate", xml, "--config", config.path, "--steps", "400",
+                 "--equilibration", "100", "--every", "20", "--platform", "Reference",
+                 "--output", str(tmp_path), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert [line[:-1] for line in out.splitlines() if line.endswith(" K:")] == LABELS
+    assert out.count("round trip") == 3
+    report = json.loads((tmp_path / "validation.json").read_text())
+    points = report["state_points"]
+    assert [(p["system"], p["temperature"], p["pressure"]) for p in points] == [
+        ("liquid", 120.0, None), ("liquid", 130.0, None), ("small", 120.0, None)]
+    rows = {p["label"]: {r["name"]: r for r in p["observables"]} for p in points}
+    hvap = rows["small 120 K"]["enthalpy_of_vaporization"]
+    assert hvap["target"] == pytest.approx(argon[1]) and hvap["stderr"] > 0
+    assert "enthalpy_of_vaporization" not in rows["liquid 130 K"]  # selected at 120 K only
+    assert (tmp_path / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
