@@ -1,18 +1,25 @@
 """The training loop: epochs of OpenMM sampling and reversible windows, an optimiser step each.
 
-One epoch (:meth:`Trainer.run_epoch`):
+A fit has one :class:`Leg` per system and state point (:meth:`FitConfig.state_points`; one
+for a config without ``[[systems]]``), each with its own OpenMM simulation and state. Before
+the first epoch, with ``[equilibration] max_steps`` > 0, each leg is equilibrated until its
+density (NPT) or energy (NVT) stops drifting (:meth:`Sampler.equilibrate`). One epoch
+(:meth:`Trainer.run_epoch`):
 
-1. push the current parameter values into the OpenMM System (``updateParametersInContext``)
-   and restart the simulation from the state the previous epoch ended in, with noise seeded by
-   ``(seed, epoch, attempt)``;
-2. equilibrate in OpenMM (NPT with a MonteCarloBarostat when ``simulation.pressure`` is set);
-3. for each window: sample ``bulk_steps`` in OpenMM (one chain, so the windows' start states
-   are collected first); then run each window as an independent piece
-   (:func:`compute_window`: a torch
+1. for each leg: push the current parameter values into its OpenMM System
+   (``updateParametersInContext``) and restart its simulation from the state its previous
+   epoch ended in, with noise seeded by ``(leg seed, epoch, attempt)``;
+2. equilibrate in OpenMM (NPT with a MonteCarloBarostat when the state point has a pressure);
+3. for each window: sample ``bulk_steps`` in OpenMM (one chain per leg, so the windows' start
+   states are collected first, and the NPT frames of ensemble targets with them); then run
+   every leg's windows as independent pieces (:func:`compute_window`: a torch
    :class:`~openmm_reversible.integrators.ReversibleSimulation` from its start state, its loss
    back-propagated), in this process or on Dask workers (``[parallel]``,
    :mod:`~openmm_reversible.parallel`), and sum the gradients, each weighted 1/windows, in
-   window order, so that the result is the same bit for bit with any number of workers;
+   piece order, then each leg's ensemble terms (:func:`ensemble_terms`: the density by the
+   fluctuation estimator), so that the result is the same bit for bit with any number of
+   workers; each observable gets a standard error from blocks of the window's snapshots
+   (:func:`block_observables`, :func:`pooled_stderr`);
 4. the priors of ``[[parameters]]`` (:mod:`~openmm_reversible.priors`) add their penalty
    and its gradient, frozen parameters lose theirs; one optimiser step on the *scaled*
    parameters (value / start value, as in the reversible simulation paper), then clip them so
@@ -659,21 +666,27 @@ def ensemble_terms(model: WindowModel, frames: Sequence[SampledState], n_blocks:
     values, blocks = {}, {}
     t0 = time.perf_counter()
     for t in objective.ensemble_targets:
-        mean, (grad,) = fluctuation_gradient(lambda x, box: density(masses, box),
-                                             model.potential, positions, boxes, temperature,
-                                             [parameters.scaled])
-        # A tensor whose value is ⟨ρ⟩ and whose gradient is the estimator's, for the loss.
-        linear = (parameters.scaled * grad).sum()
-        values[t.label] = mean + linear - linear.detach()
         per_frame = density(masses, boxes).numpy()
+        if t.weight == 0:  # reported only: no energies needed
+            values[t.label] = torch.tensor(per_frame.mean(), dtype=DTYPE)
+        else:
+            mean, (grad,) = fluctuation_gradient(lambda x, box: density(masses, box),
+                                                 model.potential, positions, boxes,
+                                                 temperature, [parameters.scaled])
+            # A tensor whose value is ⟨ρ⟩ and whose gradient is the estimator's, for the loss.
+            linear = (parameters.scaled * grad).sum()
+            values[t.label] = mean + linear - linear.detach()
         n = min(n_blocks, len(per_frame))
         blocks[t.label] = [float(per_frame[b].mean()) for b in
                            ([slice(0, len(per_frame))] if n < 2
                             else block_slices(len(per_frame), n))]
     parameters.scaled.grad = None
     total, report = objective.ensemble_loss.evaluate(values)
-    total.backward()
-    return WindowResult(float(total.detach()), parameters.scaled.grad.detach().clone(),
+    if total.requires_grad:
+        total.backward()
+    gradient = (torch.zeros_like(parameters.scaled) if parameters.scaled.grad is None
+                else parameters.scaled.grad.detach().clone())
+    return WindowResult(float(total.detach()), gradient,
                         {k: r.contribution for k, r in report.items()},
                         {k: float(r.value) for k, r in report.items()},
                         {"forward_s": time.perf_counter() - t0, "backward_s": 0.0,

@@ -349,6 +349,11 @@ CASES: list[Case] = [
      lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
          "[[systems]]", "[structure]\nwater_box = 16\n[[systems]]")), "--output", str(o)],
      ("structure: with [[systems]], each system gives its own [systems.structure]",)),
+    ("fit-systems-unmatched-residue",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "[systems.structure]\nwater_box = 12", f'[systems.structure]\npdb = '
+         f'"{_leucine(d / "leu.pdb")}"')), "--output", str(o)],
+     ("error: small 300 K: ", "leu.pdb: residue 0 (LEU) matches no residue template of")),
     ("fit-zero-epochs",
      lambda d, o, w: ["fit", _config(d / "c.toml"), "--epochs", "0", "--output", str(o)],
      ("--epochs must be >= 1",)),
