@@ -105,6 +105,11 @@ class StructureConfig:
     water_box: int | None = _spec(None, _positive, "number of water molecules in a cubic box")
     model: str = _spec("tip3p", doc="water model Modeller uses for water_box / padding")
     padding: float | None = _spec(None, _positive, "nm of water added around the PDB solute")
+    density: float | None = _spec(None, _positive,
+                                  "g/cm^3: scale the periodic box (molecule centres moved "
+                                  "with it, molecules kept rigid) to this density before "
+                                  "anything is simulated; brings an NVT box to its state "
+                                  "point's density")
 
     @property
     def source(self) -> str:

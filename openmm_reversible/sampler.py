@@ -37,6 +37,7 @@ from .files import read_structure
 from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .observables.blocking import drifting
 from .observables.density import G_CM3_PER_AMU_NM3
+from .observables.selection import molecules
 from .parameters import residue_tag_error
 from .units import KB
 
@@ -208,7 +209,52 @@ def build_structure(config: FitConfig, forcefield_files: list[str] | None = None
         if s.padding is not None:
             modeller.addSolvent(forcefield, model=s.model, padding=s.padding * unit.nanometer)
     positions = np.asarray(modeller.positions.value_in_unit(unit.nanometer), dtype=float)
+    if s.density is not None:
+        positions = scale_to_density(modeller.topology, positions, s.density)
     return modeller.topology, positions
+
+
+def scale_to_density(topology: app.Topology, positions: np.ndarray, density: float
+                     ) -> np.ndarray:
+    """Scale a periodic structure to a mass density, in place for the topology's box.
+
+    The box is scaled isotropically and each molecule is moved rigidly with its centre of mass
+    (the move a MonteCarloBarostat makes), so bonds and angles are unchanged.
+
+    Parameters
+    ----------
+    topology : openmm.app.Topology
+        Its periodic box vectors are replaced by the scaled ones.
+    positions : ndarray, shape (N, 3), nm
+    density : float, g/cm^3
+
+    Returns
+    -------
+    ndarray, shape (N, 3), nm
+        The moved positions.
+
+    Raises
+    ------
+    InputError
+        If the structure has no periodic box.
+    """
+    vectors = topology.getPeriodicBoxVectors()
+    if vectors is None:
+        raise InputError("structure.density: the structure has no periodic box to scale; give "
+                         "the PDB a CRYST1 record or remove structure.density")
+    box = np.asarray(vectors.value_in_unit(unit.nanometer), dtype=float)
+    masses = np.array([0.0 if a.element is None else a.element.mass.value_in_unit(unit.dalton)
+                       for a in topology.atoms()])
+    current = masses.sum() / abs(np.linalg.det(box)) * G_CM3_PER_AMU_NM3
+    factor = (current / density) ** (1.0 / 3.0)
+    moved = np.array(positions, dtype=float)
+    for group in molecules(topology):
+        weights = masses[group]
+        centre = (weights[:, None] * moved[group]).sum(0) / max(weights.sum(), 1e-300)
+        moved[group] += (factor - 1.0) * centre
+    topology.setPeriodicBoxVectors(unit.Quantity([openmm.Vec3(*row) for row in box * factor],
+                                                 unit.nanometer))
+    return moved
 
 
 def copy_parameters(source: openmm.System, target: openmm.System,
