@@ -395,7 +395,7 @@ class FitConfig:
             for temperature, pressure in entry.state_points():
                 k = len(points)
                 seed = self.simulation.seed if k == 0 else \
-                    counter_seed(self.simulation.seed, k) % _SEED_RANGE
+                    counter_seed(self.simulation.seed, k) % _SEED_RANGE + 1
                 simulation = dataclasses.replace(self.simulation, temperature=temperature,
                                                  pressure=pressure, seed=seed)
                 config = dataclasses.replace(
@@ -406,8 +406,9 @@ class FitConfig:
         return points
 
 
-_SEED_RANGE = 2 ** 31 - 1
-"""Seeds derived for state points stay below this (OpenMM takes 32-bit signed seeds)."""
+_SEED_RANGE = 2 ** 31 - 2
+"""Seeds derived for state points lie in 1 ... this (OpenMM takes 32-bit signed seeds and
+draws a random one for 0)."""
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(FitConfig) if f.name != "path"}

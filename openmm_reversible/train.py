@@ -861,11 +861,10 @@ class Trainer:
             names = leg.model.parameters.trainable_keys
             if names != self.parameters.trainable_keys:
                 raise InputError(
-                    f"{leg.point.label}: its structure has the trainable parameters "
-                    f"{', '.join(names)}, but {first.point.label} has "
-                    f"{', '.join(self.parameters.trainable_keys)}; every system must use "
-                    "every tagged parameter (tag only what all systems contain, or fit them "
-                    "separately)")
+                    f"{leg.point.label}: the force field gives it the trainable parameters "
+                    f"{', '.join(names)}, but {first.point.label} "
+                    f"{', '.join(self.parameters.trainable_keys)}; the systems of one fit "
+                    "must share one set of tagged parameters (fit them separately)")
         self.regularization = Regularization(self.parameters, config.parameters)
         self.potential = first.model.potential
         self.objective = first.model.objective
