@@ -7,10 +7,14 @@ A config file has one table per concern::
     [system]       nonbonded_method, cutoff, ...   arguments of ForceField.createSystem
     [simulation]   temperature, friction, timestep, pressure, platform, seed, deterministic
     [schedule]     epochs, equilibration_steps, bulk_steps, windows, window_steps, optimiser
+    [equilibration] before the first epoch: max_steps, the drift test's blocks and threshold
     [failure]      what to do when a simulation blows up (retries, new noise, smaller step)
     [output]       trajectory format and frames per epoch (besides XML, log, CSV, checkpoint)
     [parallel]     workers, scheduler, threads_per_worker: where the windows of an epoch run
     [[targets]]    one table per observable with its target and weight
+    [[systems]]    instead of [structure], [system] and [[targets]]: several systems, each
+                   with name, temperature = [...] and pressure = [...] (its state points),
+                   [systems.structure], [systems.system] and [[systems.targets]]
 
 Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
 value (a negative time step, a cutoff larger than half the box, a missing target file) raises
@@ -28,6 +32,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -37,6 +42,7 @@ import numpy as np
 from openmm import app
 
 from .errors import InputError
+from .integrators.noise import counter_seed
 from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .priors import ParameterRule
 from .target_files import R_UNITS, RdfGrid, rdf_bins, read_rdf
@@ -99,6 +105,11 @@ class StructureConfig:
     water_box: int | None = _spec(None, _positive, "number of water molecules in a cubic box")
     model: str = _spec("tip3p", doc="water model Modeller uses for water_box / padding")
     padding: float | None = _spec(None, _positive, "nm of water added around the PDB solute")
+    density: float | None = _spec(None, _positive,
+                                  "g/cm^3: scale the periodic box (molecule centres moved "
+                                  "with it, molecules kept rigid) to this density before "
+                                  "anything is simulated; brings an NVT box to its state "
+                                  "point's density")
 
     @property
     def source(self) -> str:
@@ -121,7 +132,8 @@ class SystemConfig:
 
 @dataclass(frozen=True)
 class SimulationConfig:
-    temperature: float = _spec(check=_positive, doc="K")
+    temperature: float | None = _spec(None, _positive, "K; required without [[systems]] (each "
+                                                       "of those gives its own)")
     friction: float = _spec(1.0, _positive, "1/ps")
     timestep: float = _spec(0.001, _positive, "ps")
     pressure: float | None = _spec(None, _positive, "bar; NPT sampling with a MonteCarloBarostat")
@@ -145,6 +157,10 @@ class ScheduleConfig:
                                         "own seeds and windows; the gradient is the mean "
                                         "over all their windows")
     window_steps: int = _spec(100, _positive, "steps of one reversible window")
+    ensemble_every: int = _spec(10, _positive,
+                                "steps between the OpenMM frames of the bulk sampling that "
+                                "ensemble targets (density) average, besides each window's "
+                                "start")
     snapshot_every: int = _spec(10, _positive, "steps between loss snapshots in a window")
     truncation: int | None = _spec(None, _positive, "adjoint truncation, steps")
     resync_every: int | None = _spec(None, _positive, "steps between stored resync states")
@@ -152,6 +168,23 @@ class ScheduleConfig:
     learning_rate: float = _spec(0.01, _positive, "step on parameters scaled to their start")
     lr_decay: float = _spec(1.0, lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
                             "learning rate multiplied by this after every epoch")
+
+
+@dataclass(frozen=True)
+class EquilibrationConfig:
+    max_steps: int = _spec(0, _non_negative,
+                           "OpenMM steps at most of each system at its state point before the "
+                           "first epoch (0: no such stage); it ends earlier, once the density "
+                           "(NPT) or potential energy (NVT) has stopped drifting")
+    block_steps: int = _spec(500, _positive, "steps of one block of the drift test")
+    sample_every: int = _spec(10, _positive, "steps between the samples a block averages")
+    min_blocks: int = _spec(10, lambda v: None if v >= 6 else "must be >= 6 (the test fits "
+                                                              "the last half, >= 3 blocks)",
+                            "blocks before the drift test is first applied (its last half is "
+                            "what the test fits)")
+    threshold: float = _spec(2.0, _positive,
+                             "drifting while |slope| of the last half's block means exceeds "
+                             "threshold × its standard error")
 
 
 @dataclass(frozen=True)
@@ -214,6 +247,12 @@ class TargetConfig:
     gas_energy: float | None = _spec(None, doc="enthalpy_of_vaporization: potential energy "
                                                "of one isolated molecule, kJ/mol (default: "
                                                "k_B T/2 per internal harmonic mode)")
+    temperature: float | None = _spec(None, _positive,
+                                      "[[systems.targets]] only: K of the state points this "
+                                      "target applies to (default: every state point)")
+    pressure: float | None = _spec(None, _positive,
+                                   "[[systems.targets]] only: bar of the state points this "
+                                   "target applies to (default: every state point)")
 
     @property
     def label(self) -> str:
@@ -240,14 +279,96 @@ class TargetConfig:
 
 
 @dataclass(frozen=True)
+class FitSystemConfig:
+    """One ``[[systems]]`` table: a structure, its ``createSystem`` settings, its state points
+    and its targets.
+
+    State point ``k`` is ``(temperature[k], pressure[k])``: NPT at that pressure (bar), or NVT
+    when ``pressure`` is not given. A ``pressure`` list of one entry applies to every
+    temperature. A target applies to every state point unless its ``temperature`` (and/or
+    ``pressure``) selects some.
+    """
+
+    name: str
+    structure: StructureConfig
+    temperature: list[float]
+    pressure: list[float] | None = None
+    system: SystemConfig = field(default_factory=SystemConfig)
+    targets: list[TargetConfig] = field(default_factory=list)
+
+    def state_points(self) -> list[tuple[float, float | None]]:
+        """``(temperature K, pressure bar or None)`` of each state point, in order."""
+        if self.pressure is None:
+            return [(t, None) for t in self.temperature]
+        pressures = self.pressure * len(self.temperature) if len(self.pressure) == 1 \
+            else self.pressure
+        return list(zip(self.temperature, pressures, strict=True))
+
+    def targets_at(self, temperature: float, pressure: float | None) -> list[TargetConfig]:
+        """The targets that apply at a state point, their selectors cleared."""
+        return [dataclasses.replace(t, temperature=None, pressure=None) for t in self.targets
+                if _selects(t, temperature, pressure)]
+
+
+def _selects(target: TargetConfig, temperature: float, pressure: float | None) -> bool:
+    """Whether a target's ``temperature``/``pressure`` selectors match a state point."""
+    return ((target.temperature is None or math.isclose(target.temperature, temperature))
+            and (target.pressure is None or (pressure is not None
+                                             and math.isclose(target.pressure, pressure))))
+
+
+@dataclass(frozen=True)
+class StatePoint:
+    """One system at one state point: a piece of the fit, with its own sampling and windows.
+
+    Attributes
+    ----------
+    system : str
+        Name of its ``[[systems]]`` table ("" for a config without them).
+    temperature : float, K
+    pressure : float, bar, or None (NVT)
+    config : FitConfig
+        A config of this system at this state point alone (one structure, one
+        ``simulation.temperature``/``pressure``, its targets; no ``[[systems]]``): what the
+        sampler, the windows and the objective of this piece are built from.
+    """
+
+    system: str
+    temperature: float
+    pressure: float | None
+    config: FitConfig
+
+    @property
+    def label(self) -> str:
+        """``"liquid 298.15 K 1 bar"``; "" for a config without ``[[systems]]``."""
+        if not self.system:
+            return ""
+        bar = "" if self.pressure is None else f" {self.pressure:g} bar"
+        return f"{self.system} {self.temperature:g} K{bar}"
+
+    def key(self, name: str) -> str:
+        """The log key of this state point's ``name`` (a target label): ``"label/name"``, or
+        ``name`` alone for a config without ``[[systems]]``."""
+        return f"{self.label}/{name}" if self.system else name
+
+
+@dataclass(frozen=True)
 class FitConfig:
-    """A whole fitting configuration. Build it with :func:`load_config`."""
+    """A whole fitting configuration. Build it with :func:`load_config`.
+
+    Without ``[[systems]]`` it describes one system at one state point (``structure``,
+    ``system``, ``simulation.temperature``/``pressure``, ``targets``). With them, ``structure``
+    is None and ``targets`` empty: each system carries its own, and :meth:`state_points` gives
+    a single-system config for each (system, state point).
+    """
 
     forcefield: ForceFieldConfig
-    structure: StructureConfig
+    structure: StructureConfig | None
     simulation: SimulationConfig
     schedule: ScheduleConfig
     system: SystemConfig = field(default_factory=SystemConfig)
+    equilibration: EquilibrationConfig = field(default_factory=EquilibrationConfig)
+    """Before the first epoch: each system at its state point until it stops drifting."""
     failure: FailureConfig = field(default_factory=FailureConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -255,11 +376,47 @@ class FitConfig:
     targets: list[TargetConfig] = field(default_factory=list)
     parameters: list[ParameterRule] = field(default_factory=list)
     """Priors, bounds and frozen parameters (``[[parameters]]`` tables, :mod:`.priors`)."""
+    systems: list[FitSystemConfig] = field(default_factory=list)
+    """``[[systems]]`` tables: several structures and state points in one loss."""
     path: str | None = None
     """The config file this was read from (absolute), None when built from a dict."""
 
+    def state_points(self) -> list[StatePoint]:
+        """Every (system, state point) of the fit, systems in order, then their state points.
+
+        Without ``[[systems]]`` this is one StatePoint whose config is this config itself.
+        With them, each has a config of its own: this one's shared tables, the system's
+        structure, ``[system]`` settings and targets, its temperature and pressure, and a seed
+        of its own (``simulation.seed`` for the first, one derived from it and the state
+        point's position for the others, so that no two pieces share noise).
+        """
+        if not self.systems:
+            sim = self.simulation
+            return [StatePoint("", sim.temperature, sim.pressure, self)]
+        points = []
+        for entry in self.systems:
+            for temperature, pressure in entry.state_points():
+                k = len(points)
+                seed = self.simulation.seed if k == 0 else \
+                    counter_seed(self.simulation.seed, k) % _SEED_RANGE + 1
+                simulation = dataclasses.replace(self.simulation, temperature=temperature,
+                                                 pressure=pressure, seed=seed)
+                config = dataclasses.replace(
+                    self, structure=entry.structure, system=entry.system,
+                    simulation=simulation, targets=entry.targets_at(temperature, pressure),
+                    systems=[])
+                points.append(StatePoint(entry.name, temperature, pressure, config))
+        return points
+
+
+_SEED_RANGE = 2 ** 31 - 2
+"""Seeds derived for state points lie in 1 ... this (OpenMM takes 32-bit signed seeds and
+draws a random one for 0)."""
+
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(FitConfig) if f.name != "path"}
+_PER_SYSTEM = ("structure", "system", "targets")
+"""Tables that a config with ``[[systems]]`` gives inside each system instead."""
 
 
 def _type_ok(value, annotation) -> bool:
@@ -279,16 +436,27 @@ def _type_ok(value, annotation) -> bool:
 
 
 def _type_name(annotation) -> str:
-    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    """The annotation as a user reads it; ``| None`` left out (TOML cannot write None: the key
+    is omitted instead)."""
+    text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+    return text.replace(" | None", "")
+
+
+def _table_class(annotation):
+    """``(dataclass, many)`` of a FitConfig field: ``list[X]`` → (X, True), ``X | None`` →
+    (X, False)."""
+    if typing.get_origin(annotation) is list:
+        return typing.get_args(annotation)[0], True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation, False
 
 
 def _table_of(key: str) -> str | None:
     """The table that takes ``key`` (as ``[name]`` or ``[[targets]]``), or None."""
     hints = typing.get_type_hints(FitConfig)
     for name in _SECTIONS:
-        cls = hints[name]
-        many = typing.get_origin(cls) is list
-        cls = typing.get_args(cls)[0] if many else cls
+        cls, many = _table_class(hints[name])
         if key in {f.name for f in dataclasses.fields(cls)}:
             return f"[[{name}]]" if many else f"[{name}]"
     return None
@@ -422,6 +590,8 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
     for key in data:
         if key not in _SECTIONS:
             raise _unknown(key, _SECTIONS, key)
+    if "systems" in data:
+        return _systems_config(data, base, path)
     for name, f in _SECTIONS.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in data:
@@ -460,6 +630,8 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                          f"on the {', '.join(DETERMINISTIC_PLATFORMS[1:])} platforms only, not "
                          f"{simulation.platform}; set simulation.platform = \"CPU\" (or "
                          f"\"auto\"), or deterministic = false")
+    if simulation.temperature is None:
+        raise InputError("simulation.temperature: required key is missing")
     schedule = _build(ScheduleConfig, data["schedule"], "schedule")
     if schedule.snapshot_every > schedule.window_steps:
         raise InputError(f"schedule.snapshot_every = {schedule.snapshot_every}: larger than "
@@ -468,6 +640,11 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
     if schedule.window_steps % schedule.snapshot_every:
         raise InputError(f"schedule.window_steps = {schedule.window_steps}: must be a multiple "
                          f"of schedule.snapshot_every = {schedule.snapshot_every}")
+    equilibration = _build(EquilibrationConfig, data.get("equilibration", {}), "equilibration")
+    if equilibration.sample_every > equilibration.block_steps:
+        raise InputError(f"equilibration.sample_every = {equilibration.sample_every}: larger "
+                         f"than equilibration.block_steps = {equilibration.block_steps}, so a "
+                         "block would have no sample")
     failure = _build(FailureConfig, data.get("failure", {}), "failure")
     output = _build(OutputConfig, data.get("output", {}), "output")
     parallel = _build(ParallelConfig, data.get("parallel", {}), "parallel")
@@ -480,6 +657,12 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
     targets = [_check_target(_build(TargetConfig, t, f"targets[{i}]"), base, f"targets[{i}]",
                              simulation.pressure)
                for i, t in enumerate(raw_targets)]
+    for i, t in enumerate(targets):
+        for key in ("temperature", "pressure"):
+            if getattr(t, key) is not None:
+                raise InputError(f"targets[{i}].{key}: only [[systems.targets]] select state "
+                                 f"points; a config without [[systems]] has one, given by "
+                                 f"simulation.temperature and simulation.pressure")
     labels = [t.label for t in targets]
     duplicates = sorted({x for x in labels if labels.count(x) > 1})
     if duplicates:
@@ -493,8 +676,151 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                          "prior_width, lower, upper, frozen)")
     rules = [_build(ParameterRule, r, f"parameters[{i}]") for i, r in enumerate(raw_rules)]
     return FitConfig(forcefield=ff, structure=structure, system=system, simulation=simulation,
-                     schedule=schedule, failure=failure, output=output, parallel=parallel,
+                     schedule=schedule, equilibration=equilibration, failure=failure,
+                     output=output, parallel=parallel,
                      targets=targets, parameters=rules, path=path)
+
+
+def _numbers(value, where: str, unit: str) -> list[float]:
+    """A state-point list (or one number) of positive finite numbers."""
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(_type_ok(v, float) for v in values):
+        raise InputError(f"{where}: expected a list of numbers ({unit}), got {value!r}")
+    for v in values:
+        if not (math.isfinite(v) and v > 0):
+            raise InputError(f"{where} = {value!r}: each entry must be a finite number > 0 "
+                             f"({unit})")
+    return [float(v) for v in values]
+
+
+def _state_text(temperature: float, pressure: float | None) -> str:
+    return f"{temperature:g} K" + ("" if pressure is None else f", {pressure:g} bar")
+
+
+def _renamed(exc: InputError, where: str, targets: list[int], state: str) -> InputError:
+    """An error of one state point's single-system config, its keys named as the user wrote
+    them inside ``[[systems]]`` (``structure.pdb`` → ``systems[0].structure.pdb``,
+    ``targets[1]`` → ``systems[0].targets[3]``, ``simulation.pressure`` →
+    ``systems[0].pressure``)."""
+    message = str(exc)
+    for key in ("temperature", "pressure"):
+        message = message.replace(f"simulation.{key}", f"{where}.{key}")
+    match = re.match(r"targets\[(\d+)\]", message)
+    if match:
+        message = f"{where}.targets[{targets[int(match[1])]}]{message[match.end():]}"
+    elif message.startswith("targets:"):
+        message = f"{where}.targets at {state}:{message[len('targets:'):]}"
+    elif message.startswith(("structure", "system.", "system:")):
+        message = f"{where}.{message}"
+    return InputError(message)
+
+
+def _system_entry(table, shared: dict, base: Path, where: str
+                  ) -> tuple[FitSystemConfig, FitConfig]:
+    """One validated ``[[systems]]`` table, and the config of its first state point: each
+    state point's single-system config is checked in full by :func:`config_from_dict`, its
+    errors named inside the table."""
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: must be a table ([[systems]]), got {type(table).__name__}")
+    known = [f.name for f in dataclasses.fields(FitSystemConfig)]
+    for key in table:
+        if key not in known:
+            raise _unknown(key, known, f"{where}.{key}")
+    for key, hint in (("name", 'a label for logs and plots, e.g. name = "liquid"'),
+                      ("temperature", "K, one per state point, e.g. temperature = [278.15, "
+                                      "298.15]"),
+                      ("structure", "[systems.structure] with pdb or water_box"),
+                      ("targets", "at least one [[systems.targets]] table")):
+        if key not in table:
+            raise InputError(f"{where}.{key}: required key is missing ({hint})")
+    name = table["name"]
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise InputError(f"{where}.name: expected a non-empty label without '/', got {name!r}")
+    temperatures = _numbers(table["temperature"], f"{where}.temperature", "K")
+    pressures = None
+    if "pressure" in table:
+        pressures = _numbers(table["pressure"], f"{where}.pressure", "bar")
+        if len(pressures) not in (1, len(temperatures)):
+            raise InputError(f"{where}.pressure: {len(pressures)} pressures for "
+                             f"{len(temperatures)} temperatures; give one pressure per "
+                             f"temperature, or one for all")
+    raw_targets = table["targets"]
+    if not isinstance(raw_targets, list) or not raw_targets:
+        raise InputError(f"{where}.targets: give at least one [[systems.targets]] table")
+    selectors = [_build(TargetConfig, t, f"{where}.targets[{k}]")
+                 for k, t in enumerate(raw_targets)]
+    entry = FitSystemConfig(name, StructureConfig(), temperatures, pressures)
+    points = entry.state_points()
+    if len(set(points)) != len(points):
+        raise InputError(f"{where}: a state point is listed twice in temperature/pressure; "
+                         f"list each (temperature, pressure) once")
+    for k, t in enumerate(selectors):
+        if not any(_selects(t, *point) for point in points):
+            key = "temperature" if t.temperature is not None else "pressure"
+            raise InputError(f"{where}.targets[{k}].{key} = {getattr(t, key)!r}: matches none "
+                             f"of the system's state points "
+                             f"({'; '.join(_state_text(*p) for p in points)})")
+    validated: dict[int, TargetConfig] = {}
+    first = None
+    for temperature, pressure in points:
+        chosen = [k for k, t in enumerate(selectors) if _selects(t, temperature, pressure)]
+        state = _state_text(temperature, pressure)
+        if not chosen:
+            raise InputError(f"{where}: no target applies at {state}; give it a "
+                             f"[[systems.targets]] table or remove the state point")
+        simulation = dict(shared.get("simulation") or {}, temperature=temperature)
+        if pressure is not None:
+            simulation["pressure"] = pressure
+        piece = dict(shared, structure=table["structure"], simulation=simulation,
+                     targets=[{k: v for k, v in raw_targets[k].items()
+                               if k not in ("temperature", "pressure")} for k in chosen])
+        if "system" in table:
+            piece["system"] = table["system"]
+        try:
+            config = config_from_dict(piece, base)
+        except InputError as exc:
+            raise _renamed(exc, where, chosen, state) from None
+        first = first or config
+        for k, t in zip(chosen, config.targets, strict=True):
+            validated.setdefault(k, dataclasses.replace(
+                t, temperature=selectors[k].temperature, pressure=selectors[k].pressure))
+    return dataclasses.replace(entry, structure=first.structure, system=first.system,
+                               targets=[validated[k] for k in range(len(selectors))]), first
+
+
+def _systems_config(data: dict, base: Path, path: str | None) -> FitConfig:
+    """A config with ``[[systems]]`` (:func:`config_from_dict` reads it)."""
+    raw = data["systems"]
+    if not isinstance(raw, list) or not raw:
+        raise InputError("systems: give one [[systems]] table per system (name, temperature, "
+                         "pressure, [systems.structure], [[systems.targets]])")
+    for key in _PER_SYSTEM:
+        if key in data:
+            table = "[[systems.targets]]" if key == "targets" else f"[systems.{key}]"
+            raise InputError(f"{key}: with [[systems]], each system gives its own {table}; "
+                             f"move it into the systems")
+    simulation = data.get("simulation")
+    for key in ("temperature", "pressure"):
+        if isinstance(simulation, dict) and key in simulation:
+            raise InputError(f"simulation.{key}: with [[systems]], each system lists its state "
+                             f"points ({key} = [...] in its [[systems]] table); remove it "
+                             "from [simulation]")
+    shared = {k: v for k, v in data.items() if k != "systems"}
+    entries = [_system_entry(table, shared, base, f"systems[{i}]")
+               for i, table in enumerate(raw)]
+    systems = [entry for entry, _ in entries]
+    names = [s.name for s in systems]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise InputError(f"systems[{i}].name = {name!r}: another system has this name; "
+                             "give each a distinct name")
+    if not any(t.weight > 0 for s in systems for t in s.targets):
+        raise InputError("systems: every target weight is 0, nothing to fit")
+    # The shared tables were validated with every state point; keep them, without one.
+    first = entries[0][1]
+    return dataclasses.replace(
+        first, structure=None, system=SystemConfig(), targets=[], systems=systems, path=path,
+        simulation=dataclasses.replace(first.simulation, temperature=None, pressure=None))
 
 
 def load_config(path: str | os.PathLike) -> FitConfig:
@@ -550,8 +876,9 @@ def with_defaults(data: dict) -> dict:
     filled = _fill_defaults(data, FitConfig)
     hints = typing.get_type_hints(FitConfig)
     for name in _SECTIONS:
-        if name == "targets":
-            filled[name] = [_fill_defaults(t, TargetConfig) for t in filled[name]]
+        cls, many = _table_class(hints[name])
+        if many:
+            filled[name] = [_fill_defaults(t, cls) for t in filled[name]]
         elif isinstance(filled.get(name), dict):
-            filled[name] = _fill_defaults(filled[name], hints[name])
+            filled[name] = _fill_defaults(filled[name], cls)
     return filled

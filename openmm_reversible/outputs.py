@@ -58,9 +58,12 @@ def state_values(sampler: Sampler) -> dict[str, float]:
     return values
 
 
-def state_data_columns(targets: Sequence[TargetConfig]) -> list[str]:
-    """Column names of ``state_data.csv``: StateDataReporter's, then the fit's."""
-    columns = ["Epoch", "Step", "Time (ps)", "Potential Energy (kJ/mole)",
+def state_data_columns(targets: Sequence[TargetConfig], state_points: bool = False
+                       ) -> list[str]:
+    """Column names of ``state_data.csv``: StateDataReporter's, then the fit's (with
+    ``state_points``, a ``State point`` column after ``Epoch``)."""
+    columns = ["Epoch", *(["State point"] if state_points else []), "Step", "Time (ps)",
+               "Potential Energy (kJ/mole)",
                "Kinetic Energy (kJ/mole)", "Total Energy (kJ/mole)", "Temperature (K)",
                "Box Volume (nm^3)", "Density (g/mL)", "Loss"]
     columns += [f"Loss {t.label}" for t in targets if t.weight > 0]
@@ -69,41 +72,50 @@ def state_data_columns(targets: Sequence[TargetConfig]) -> list[str]:
     return columns
 
 
-def state_data_csv(records: Sequence[dict], targets: Sequence[TargetConfig]) -> str:
+def state_data_csv(records: Sequence[dict], targets: Sequence[TargetConfig],
+                   state_points: bool = False) -> str:
     """The epoch records as StateDataReporter-style CSV text (header line starts with ``#``).
 
     Each record needs ``epoch``, ``loss``, ``terms``, ``observables`` and ``state`` (the
-    StateDataReporter-named values of :func:`state_values`). Values are written
-    at full precision (``repr``); a missing value (a non-periodic box) is an empty field.
+    StateDataReporter-named values of :func:`state_values`), and ``state_point`` (its label)
+    with ``state_points``: one row per epoch and state point. Values are written at full
+    precision (``repr``); a missing value (a non-periodic box, a target of another state
+    point) is an empty field.
     """
-    columns = state_data_columns(targets)
+    columns = state_data_columns(targets, state_points)
     lines = ["#" + ",".join(f'"{c}"' for c in columns)]
     for record in records:
         values = {"Epoch": record["epoch"], "Loss": record["loss"], **record["state"]}
+        if state_points:
+            values["State point"] = record["state_point"]
         for t in targets:
             values[f"Loss {t.label}"] = record["terms"].get(t.label)
             if t.observable != "rdf":
                 values[f"{t.label} ({SCALAR_UNITS[t.observable]})"] = \
                     record["observables"].get(t.label)
-        lines.append(",".join("" if values.get(c) is None else repr(values[c])
+        lines.append(",".join("" if values.get(c) is None else
+                              f'"{values[c]}"' if isinstance(values[c], str) else repr(values[c])
                               for c in columns))
     return "\n".join(lines) + "\n"
 
 
-def trajectory_path(output: str | os.PathLike, epoch: int, fmt: str) -> Path:
-    """``output/trajectory/epoch_NNNN.<fmt>``: where an epoch's frames go."""
-    return Path(output) / TRAJECTORY_DIR / f"epoch_{epoch:04d}.{fmt}"
+def trajectory_path(output: str | os.PathLike, epoch: int, fmt: str, part: str = "") -> Path:
+    """``output/trajectory/[part/]epoch_NNNN.<fmt>``: where an epoch's frames go (``part``:
+    the state point's subdirectory in a fit of several)."""
+    return Path(output) / TRAJECTORY_DIR / part / f"epoch_{epoch:04d}.{fmt}"
 
 
 def write_topology(output: str | os.PathLike, topology: app.Topology,
-                   positions: np.ndarray) -> Path:
-    """Write ``output/trajectory/topology.pdb`` (atomically) and return its path.
+                   positions: np.ndarray, part: str = "") -> Path:
+    """Write ``output/trajectory/[part/]topology.pdb`` (atomically) and return its path.
 
     Parameters
     ----------
     positions : ndarray, shape (N, 3), nm
+    part : str
+        Subdirectory of the state point in a fit of several ("" for one).
     """
-    path = Path(output) / TRAJECTORY_DIR / TOPOLOGY
+    path = Path(output) / TRAJECTORY_DIR / part / TOPOLOGY
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(temporary: str) -> None:

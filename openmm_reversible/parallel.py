@@ -347,23 +347,18 @@ class DaskEngine(Engine):
                 raise WorkerMismatch(problem)
 
     def map(self, function, items, passthrough=(), done=None):
-        from distributed import as_completed
-
         futures = [self.client.submit(_run_piece, function, self.threads, passthrough,
                                       self.environment, item, pure=False, retries=self.retries)
                    for item in items]
-        index = {f.key: i for i, f in enumerate(futures)}
         results: list[Ran | None] = [None] * len(futures)
         try:
-            for future in as_completed(futures):
-                i = index[future.key]
-                try:
-                    ran = future.result()
-                except Exception as exc:  # whatever it was, the piece is named
+            for i, outcome in self._outcomes(futures):
+                if isinstance(outcome, BaseException):  # whatever it was, the piece is named
                     raise PieceFailed(i, f"piece {i + 1} of {len(futures)} failed on all "
                                          f"{self.retries + 1} runs allowed "
                                          f"(parallel.retries = {self.retries}): "
-                                         f"{type(exc).__name__}: {exc}") from exc
+                                         f"{type(outcome).__name__}: {outcome}") from outcome
+                ran = outcome
                 if isinstance(ran.value, _Raised) and isinstance(ran.value.error,
                                                                  WorkerMismatch):
                     raise ran.value.error
@@ -378,10 +373,70 @@ class DaskEngine(Engine):
                 raise ran.value.error
         return results
 
+    POLL_S = 5.0
+    """How long to wait for the next finished piece before asking the scheduler directly."""
+
+    def _outcomes(self, futures):
+        """``(index, Ran or exception)`` for each future as it finishes, in completion order.
+
+        Dask's client is told of finished tasks by messages from the scheduler, and a lost
+        message leaves a future pending forever although its task is done (all keys in
+        memory, futures not done: dask/distributed#6285). So the wait is in slices of
+        :attr:`POLL_S`; after a slice in which no future finished, the scheduler is asked for
+        the state of the pending keys, and results it holds are fetched from it directly.
+        """
+        import asyncio
+
+        from distributed import wait
+
+        pending = dict(enumerate(futures))
+        while pending:
+            finished = [i for i, f in pending.items() if f.done()]
+            if not finished:
+                try:
+                    wait(list(pending.values()), timeout=self.POLL_S,
+                         return_when="FIRST_COMPLETED")
+                    continue
+                except (TimeoutError, asyncio.TimeoutError):  # distinct before Python 3.11
+                    pass
+                finished = [i for i, f in pending.items() if f.done()]
+            if finished:
+                for i in finished:
+                    future = pending.pop(i)
+                    try:
+                        yield i, future.result()
+                    except Exception as exc:
+                        yield i, exc
+                continue
+            keys = {pending[i].key: i for i in pending}
+            states = self.client.run_on_scheduler(_task_states, keys=list(keys))
+            stored = [key for key, (state, _) in states.items() if state == "memory"]
+            if stored:
+                response = self.client.sync(self.client.scheduler.gather, keys=stored)
+                if response.get("status") == "OK":
+                    for key in stored:
+                        del pending[keys[key]]
+                        yield keys[key], response["data"][key]
+            for key, (state, text) in states.items():
+                if state == "erred" and keys[key] in pending:
+                    del pending[keys[key]]
+                    yield keys[key], RuntimeError(text)
+
     def close(self) -> None:
         self.client.close()
         if self._cluster is not None:
             self._cluster.close()
+
+
+def _task_states(keys: list, dask_scheduler=None) -> dict:
+    """On the scheduler: ``key -> (state, exception text)`` of each key ("forgotten" when
+    the scheduler no longer knows it)."""
+    out = {}
+    for key in keys:
+        task = dask_scheduler.tasks.get(key)
+        out[key] = (("forgotten", "") if task is None
+                    else (task.state, str(getattr(task, "exception_text", "") or "")))
+    return out
 
 
 def open_engine(settings) -> Engine:

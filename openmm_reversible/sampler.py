@@ -23,6 +23,7 @@ A simulation that blows up (NaN coordinates, or a kinetic temperature far above 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
@@ -34,6 +35,9 @@ from .config import FitConfig
 from .errors import InputError
 from .files import read_structure
 from .methods import CONSTRAINTS, NONBONDED_METHODS
+from .observables.blocking import drifting
+from .observables.density import G_CM3_PER_AMU_NM3
+from .observables.selection import molecules
 from .parameters import residue_tag_error
 from .units import KB
 
@@ -208,7 +212,52 @@ def build_structure(config: FitConfig, forcefield_files: list[str] | None = None
         if s.padding is not None:
             modeller.addSolvent(forcefield, model=s.model, padding=s.padding * unit.nanometer)
     positions = np.asarray(modeller.positions.value_in_unit(unit.nanometer), dtype=float)
+    if s.density is not None:
+        positions = scale_to_density(modeller.topology, positions, s.density)
     return modeller.topology, positions
+
+
+def scale_to_density(topology: app.Topology, positions: np.ndarray, density: float
+                     ) -> np.ndarray:
+    """Scale a periodic structure to a mass density, in place for the topology's box.
+
+    The box is scaled isotropically and each molecule is moved rigidly with its centre of mass
+    (the move a MonteCarloBarostat makes), so bonds and angles are unchanged.
+
+    Parameters
+    ----------
+    topology : openmm.app.Topology
+        Its periodic box vectors are replaced by the scaled ones.
+    positions : ndarray, shape (N, 3), nm
+    density : float, g/cm^3
+
+    Returns
+    -------
+    ndarray, shape (N, 3), nm
+        The moved positions.
+
+    Raises
+    ------
+    InputError
+        If the structure has no periodic box.
+    """
+    vectors = topology.getPeriodicBoxVectors()
+    if vectors is None:
+        raise InputError("structure.density: the structure has no periodic box to scale; give "
+                         "the PDB a CRYST1 record or remove structure.density")
+    box = np.asarray(vectors.value_in_unit(unit.nanometer), dtype=float)
+    masses = np.array([0.0 if a.element is None else a.element.mass.value_in_unit(unit.dalton)
+                       for a in topology.atoms()])
+    current = masses.sum() / abs(np.linalg.det(box)) * G_CM3_PER_AMU_NM3
+    factor = (current / density) ** (1.0 / 3.0)
+    moved = np.array(positions, dtype=float)
+    for group in molecules(topology):
+        weights = masses[group]
+        centre = (weights[:, None] * moved[group]).sum(0) / max(weights.sum(), 1e-300)
+        moved[group] += (factor - 1.0) * centre
+    topology.setPeriodicBoxVectors(unit.Quantity([openmm.Vec3(*row) for row in box * factor],
+                                                 unit.nanometer))
+    return moved
 
 
 def copy_parameters(source: openmm.System, target: openmm.System,
@@ -405,6 +454,61 @@ class Sampler:
                     self.current_step(), f"kinetic temperature {temperature:.0f} K exceeds "
                                          f"{self.max_temperature:.0f} K")
         return frames
+
+    def equilibrate(self, max_steps: int, block_steps: int = 500, sample_every: int = 10,
+                    min_blocks: int = 10, threshold: float = 2.0) -> dict:
+        """Run until the density (NPT) or the potential energy (NVT) stops drifting.
+
+        Samples every ``sample_every`` steps are averaged per block of ``block_steps``; from
+        ``min_blocks`` blocks on, after every block, the least-squares slope of the last half
+        of the block means is compared with its standard error
+        (:func:`~openmm_reversible.observables.blocking.drifting`), and the run stops once
+        ``|slope| <= threshold · stderr``, or after ``max_steps``.
+
+        Returns
+        -------
+        dict
+            ``observable`` ("density" or "potential_energy"), ``unit`` (g/cm^3 or kJ/mol),
+            ``converged`` (False when ``max_steps`` ran out first), ``steps``, ``seconds``,
+            ``block_steps``, ``block_means``, ``slope_per_block`` and ``slope_stderr`` (units
+            of the observable; None before ``min_blocks`` blocks) and ``threshold``.
+
+        Raises
+        ------
+        SimulationExploded
+        """
+        npt = any(isinstance(f, openmm.MonteCarloBarostat) for f in self.system.getForces())
+        mass = sum(self.system.getParticleMass(i).value_in_unit(unit.dalton)
+                   for i in range(self.system.getNumParticles()))
+
+        def sample() -> float:
+            state = self.context.getState(getEnergy=True)
+            if npt:
+                volume = state.getPeriodicBoxVolume().value_in_unit(unit.nanometer ** 3)
+                return mass / volume * G_CM3_PER_AMU_NM3
+            return state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+        start = time.perf_counter()
+        means: list[float] = []
+        slope = stderr = None
+        converged = False
+        done = 0
+        while done < max_steps and not converged:
+            block = min(block_steps, max_steps - done)
+            values = []
+            for k in range(0, block, sample_every):
+                self.step(min(sample_every, block - k))
+                values.append(sample())
+            done += block
+            means.append(float(np.mean(values)))
+            if len(means) >= min_blocks:
+                drifts, slope, stderr = drifting(means, threshold)
+                converged = not drifts
+        return {"observable": "density" if npt else "potential_energy",
+                "unit": "g/cm^3" if npt else "kJ/mol", "converged": converged, "steps": done,
+                "seconds": time.perf_counter() - start, "block_steps": block_steps,
+                "block_means": means, "slope_per_block": slope, "slope_stderr": stderr,
+                "threshold": threshold}
 
     def current_step(self) -> int:
         return int(self.context.getStepCount())

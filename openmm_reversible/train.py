@@ -1,23 +1,31 @@
 """The training loop: epochs of OpenMM sampling and reversible windows, an optimiser step each.
 
-One epoch (:meth:`Trainer.run_epoch`):
+A fit has one :class:`Leg` per system and state point (:meth:`FitConfig.state_points`; one
+for a config without ``[[systems]]``), each with its own OpenMM simulation and state. Before
+the first epoch, with ``[equilibration] max_steps`` > 0, each leg is equilibrated until its
+density (NPT) or energy (NVT) stops drifting (:meth:`Sampler.equilibrate`). One epoch
+(:meth:`Trainer.run_epoch`):
 
-1. push the current parameter values into the OpenMM System (``updateParametersInContext``)
-   and restart the simulation from the state the previous epoch ended in, with noise seeded by
-   ``(seed, epoch, attempt)``;
-2. equilibrate in OpenMM (NPT with a MonteCarloBarostat when ``simulation.pressure`` is set);
-3. for each window: sample ``bulk_steps`` in OpenMM (one chain, so the windows' start states
-   are collected first); then run each window as an independent piece
-   (:func:`compute_window`: a torch
+1. for each leg: push the current parameter values into its OpenMM System
+   (``updateParametersInContext``) and restart its simulation from the state its previous
+   epoch ended in, with noise seeded by ``(leg seed, epoch, attempt)``;
+2. equilibrate in OpenMM (NPT with a MonteCarloBarostat when the state point has a pressure);
+3. for each window: sample ``bulk_steps`` in OpenMM (one chain per leg, so the windows' start
+   states are collected first, and the NPT frames of ensemble targets with them); then run
+   every leg's windows as independent pieces (:func:`compute_window`: a torch
    :class:`~openmm_reversible.integrators.ReversibleSimulation` from its start state, its loss
    back-propagated), in this process or on Dask workers (``[parallel]``,
    :mod:`~openmm_reversible.parallel`), and sum the gradients, each weighted 1/windows, in
-   window order, so that the result is the same bit for bit with any number of workers;
-   with ``schedule.replicas = R`` > 1, steps 1 to 3 run for R independent chains, each from
-   the epoch's start state with its own seeds, each chain's OpenMM sampling a piece of the
-   engine (:func:`sample_replica`), and the gradient is the mean over all R × windows
-   windows (replica 1 has the seeds, hence the windows, of a fit without replicas; its
-   end state is where the next epoch starts, and its frames are the epoch's trajectory);
+   piece order, then each leg's ensemble terms (:func:`ensemble_terms`: the density by the
+   fluctuation estimator), so that the result is the same bit for bit with any number of
+   workers; each observable gets a standard error from blocks of the window's snapshots
+   (:func:`block_observables`, :func:`pooled_stderr`); with ``schedule.replicas = R`` > 1,
+   steps 1 to 3 run for R independent chains per leg, each from the leg's epoch start state
+   with its own seeds, each chain's OpenMM sampling a piece of the engine
+   (:func:`sample_replica`), and a leg's gradient is the mean over all its R × windows
+   windows (replica 1 has the seeds, hence the windows, of a fit without replicas; its end
+   state is where the leg's next epoch starts, and its frames are the epoch's trajectory;
+   the ensemble targets pool the frames of all replicas);
 4. the priors of ``[[parameters]]`` (:mod:`~openmm_reversible.priors`) add their penalty
    and its gradient, frozen parameters lose theirs; one optimiser step on the *scaled*
    parameters (value / start value, as in the reversible simulation paper), then clip them so
@@ -60,21 +68,24 @@ parameters and the forces whose derivatives are not finite (:func:`nonfinite_gra
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from openmm import unit
 from tqdm.auto import tqdm
 
-from .config import SCALAR_UNITS, FitConfig, to_dict, with_defaults
+from .config import SCALAR_UNITS, FitConfig, StatePoint, to_dict, with_defaults
 from .errors import InputError, structure_errors
 from .export import xml_writes
 from .files import atomic_write_all, text_writer
@@ -82,6 +93,7 @@ from .geometry import box_widths
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from .integrators.noise import counter_seed
 from .losses import Loss, Target
+from .observables.blocking import block_average, block_slices
 from .observables.density import density, pressure
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
 from .observables.rdf import rdf
@@ -98,6 +110,7 @@ from .parallel import Engine, PieceFailed, by_worker, describe_workers, open_eng
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
+from .reweighting import fluctuation_gradient
 from .sampler import (
     SampledState,
     Sampler,
@@ -244,6 +257,7 @@ def trained_parameters(config: FitConfig, output: str | os.PathLike) -> Paramete
     """
     path = Path(output) / CHECKPOINT
     checkpoint = _read_checkpoint(path)
+    config = config.state_points()[0].config  # every system holds the same parameters
     with structure_errors(config.structure.source, config.forcefield.files):
         topology, _ = build_structure(config)
         parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
@@ -286,6 +300,11 @@ def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
     return 0.5 * modes * KB * temperature
 
 
+ENSEMBLE_OBSERVABLES = ("density",)
+"""Observables averaged over OpenMM's NPT frames, with the fluctuation gradient
+(:func:`ensemble_terms`), instead of through the reversible windows."""
+
+
 class Objective:
     """Weighted sum of the config's target terms, as a ``loss_fn(trajectory, potential)``.
 
@@ -294,8 +313,10 @@ class Objective:
       from the smooth histogram of the window's snapshots (intermolecular pairs);
     - scalar targets (``enthalpy_of_vaporization``, ``pressure``): ``weight · ((x - value) /
       tolerance)²`` with x averaged over the window's snapshots;
-    - ``density`` only with weight 0 (reported: the window's box is fixed, so it carries no
-      gradient).
+    - ensemble targets (``density``, :data:`ENSEMBLE_OBSERVABLES`): the same scalar term, but
+      not in the windows (their box is fixed): x is averaged over the OpenMM NPT frames of the
+      epoch's bulk sampling and its gradient is the fluctuation estimator
+      (:func:`ensemble_terms`); they are in :attr:`ensemble_targets`, not :attr:`targets`.
 
     After each call, :attr:`last_terms` holds each weighted term and :attr:`last_observables`
     each observable (a float, or g(r) as a list) for logs and plots.
@@ -303,7 +324,9 @@ class Objective:
 
     def __init__(self, config: FitConfig, topology):
         self.config = config
-        self.targets = config.targets
+        self.targets = [t for t in config.targets if t.observable not in ENSEMBLE_OBSERVABLES]
+        self.ensemble_targets = [t for t in config.targets
+                                 if t.observable in ENSEMBLE_OBSERVABLES]
         self.rdf_setup: dict[str, dict] = {}
         self._molecules = molecules(topology)
         rigid = config.system.rigid_water or config.system.constraints != "none"
@@ -315,16 +338,18 @@ class Objective:
                     "target": torch.as_tensor(grid.g, dtype=DTYPE), "r_range": grid.r_range,
                     "n_bins": len(grid.r), "sigma": t.bandwidth or grid.width,
                     "note": grid.note}
-            elif t.observable == "diffusion" or (t.observable == "density" and t.weight > 0):
+            elif t.observable == "diffusion":
                 raise InputError(f"targets: {t.observable} cannot be fitted through the "
-                                 f"reversible windows (fixed box, short windows); give it "
-                                 f"weight = 0 to report it, check it with 'openmm-reversible "
-                                 f"validate', or fit pressure instead")
+                                 f"reversible windows (short windows); give it weight = 0 to "
+                                 f"report it, or check it with 'openmm-reversible validate'")
         self.gas_energy = {t.label: (t.gas_energy if t.gas_energy is not None else
                                      harmonic_gas_energy(topology, config.simulation.temperature,
                                                          rigid))
                            for t in self.targets if t.observable == "enthalpy_of_vaporization"}
-        self.loss = Loss([self._target(t) for t in self.targets])
+        self.loss = Loss([self._target(t) for t in self.targets]) if self.targets else None
+        self.ensemble_loss = Loss([
+            Target(t.label, t.value, weight=t.weight / t.scale ** 2, kind="l2", name=t.label)
+            for t in self.ensemble_targets]) if self.ensemble_targets else None
         self.last_terms: dict[str, float] = {}
         self.last_observables: dict[str, object] = {}
 
@@ -509,6 +534,9 @@ class WindowPiece:
         The fit's output directory, named in messages.
     replica : int
         0-based replica whose sampling gave ``state`` (``schedule.replicas``).
+    state_point : int
+        Which (system, state point) of the config (its position in
+        :meth:`~openmm_reversible.config.FitConfig.state_points`) the window simulates.
     """
 
     epoch: int
@@ -519,6 +547,7 @@ class WindowPiece:
     seed: int
     output: str
     replica: int = 0
+    state_point: int = 0
 
 
 @dataclass(frozen=True)
@@ -537,6 +566,9 @@ class WindowResult:
         Each observable over the window.
     info : dict of str to float
         ``forward_s``, ``backward_s`` (s) and ``reconstruction_error`` (nm).
+    blocks : dict of str to list
+        Each observable on contiguous blocks of the window's snapshots
+        (:func:`block_observables`), for its standard error.
     """
 
     loss: float
@@ -544,6 +576,7 @@ class WindowResult:
     terms: dict
     observables: dict
     info: dict
+    blocks: dict = field(default_factory=dict)
 
 
 def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
@@ -601,14 +634,125 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
             "parameters involved nonzero values")
     info = {key: float(simulation.info.get(key, 0.0))
             for key in ("forward_s", "backward_s", "reconstruction_error")}
-    return WindowResult(float(loss.detach()), grad.detach().clone(),
-                        dict(model.objective.last_terms), dict(model.objective.last_observables),
-                        info)
+    terms, observables = dict(model.objective.last_terms), dict(model.objective.last_observables)
+    return WindowResult(float(loss.detach()), grad.detach().clone(), terms, observables, info,
+                        block_observables(model.objective, simulation.trajectory,
+                                          model.potential))
+
+
+def ensemble_terms(model: WindowModel, frames: Sequence[SampledState], n_blocks: int = 5
+                   ) -> WindowResult:
+    """The ensemble targets of a state point on OpenMM's NPT frames, with their gradient.
+
+    Each observable is averaged over the frames, ⟨ρ⟩; its parameter gradient is the
+    fluctuation estimator d⟨ρ⟩/dθ = −β(⟨ρ ∂U/∂θ⟩ − ⟨ρ⟩⟨∂U/∂θ⟩)
+    (:func:`~openmm_reversible.reweighting.fluctuation_gradient`: ρ depends on θ only through
+    the ensemble, and the pV term of the NPT weight does not depend on θ), chained through
+    the loss term of :attr:`Objective.ensemble_loss`.
+
+    Parameters
+    ----------
+    model : WindowModel
+        With its parameters at the values the frames were sampled with.
+    frames : sequence of SampledState
+        Frames of the NPT sampling (positions nm, box nm), in time order.
+    n_blocks : int
+        Blocks of the standard error (:func:`block_average`; fewer with fewer frames).
+
+    Returns
+    -------
+    WindowResult
+        ``loss``, ``gradient`` (d loss / d scaled parameters), ``terms``, ``observables``;
+        ``blocks`` holds each observable's block means (for :func:`pooled_stderr`).
+    """
+    objective, parameters = model.objective, model.parameters
+    positions = torch.as_tensor(np.stack([f.positions for f in frames]), dtype=DTYPE)
+    boxes = torch.as_tensor(np.stack([f.box for f in frames]), dtype=DTYPE)
+    system = model.parameters.system
+    masses = torch.tensor([system.getParticleMass(i).value_in_unit(unit.dalton)
+                           for i in range(system.getNumParticles())], dtype=DTYPE)
+    temperature = model.config.simulation.temperature
+    values, blocks = {}, {}
+    t0 = time.perf_counter()
+    for t in objective.ensemble_targets:
+        per_frame = density(masses, boxes).numpy()
+        if t.weight == 0:  # reported only: no energies needed
+            values[t.label] = torch.tensor(per_frame.mean(), dtype=DTYPE)
+        else:
+            mean, (grad,) = fluctuation_gradient(lambda x, box: density(masses, box),
+                                                 model.potential, positions, boxes,
+                                                 temperature, [parameters.scaled])
+            # A tensor whose value is ⟨ρ⟩ and whose gradient is the estimator's, for the loss.
+            linear = (parameters.scaled * grad).sum()
+            values[t.label] = mean + linear - linear.detach()
+        n = min(n_blocks, len(per_frame))
+        blocks[t.label] = [float(per_frame[b].mean()) for b in
+                           ([slice(0, len(per_frame))] if n < 2
+                            else block_slices(len(per_frame), n))]
+    parameters.scaled.grad = None
+    total, report = objective.ensemble_loss.evaluate(values)
+    if total.requires_grad:
+        total.backward()
+    gradient = (torch.zeros_like(parameters.scaled) if parameters.scaled.grad is None
+                else parameters.scaled.grad.detach().clone())
+    return WindowResult(float(total.detach()), gradient,
+                        {k: r.contribution for k, r in report.items()},
+                        {k: float(r.value) for k, r in report.items()},
+                        {"forward_s": time.perf_counter() - t0, "backward_s": 0.0,
+                         "reconstruction_error": 0.0}, blocks)
+
+
+BLOCKS_PER_WINDOW = 5
+"""Contiguous blocks of a window's snapshots on which each observable is evaluated for its
+standard error (fewer when the window has fewer snapshots)."""
+
+
+def block_observables(objective: Objective, traj: Trajectory, potential,
+                      n_blocks: int = BLOCKS_PER_WINDOW) -> dict[str, list]:
+    """Each target's observable on contiguous blocks of a window's snapshots.
+
+    Parameters
+    ----------
+    objective : Objective
+    traj : Trajectory
+        The window's S snapshots.
+    potential : TorchPotential
+    n_blocks : int
+        Blocks (``min(n_blocks, S)``; the whole window is one block when S = 1).
+
+    Returns
+    -------
+    dict of str to list
+        For each target label, one value per block (a float, or g(r) as a list), in the
+        observable's units; numbers for reports, not differentiable.
+    """
+    n = min(n_blocks, traj.n_frames)
+    parts = [slice(0, traj.n_frames)] if n < 2 else block_slices(traj.n_frames, n)
+    values: dict[str, list] = {t.label: [] for t in objective.targets}
+    for part in parts:
+        frames = dataclasses.replace(traj, positions=traj.positions[part].detach(),
+                                     velocities=traj.velocities[part].detach(),
+                                     steps=traj.steps[part])
+        for t in objective.targets:
+            value = objective.observable(t, frames, potential).detach()
+            values[t.label].append(value.tolist() if value.ndim else float(value))
+    return values
+
+
+def pooled_stderr(blocks: Sequence) -> float | list | None:
+    """Standard error of an observable from its block values pooled over an epoch's windows
+    (:func:`~openmm_reversible.observables.blocking.block_average` with one block per value),
+    or None with fewer than two blocks."""
+    if len(blocks) < 2:
+        return None
+    stderr = block_average(np.asarray(blocks, dtype=float), n_blocks=len(blocks))[1]
+    return stderr.tolist() if stderr.ndim else float(stderr)
 
 
 @dataclass(frozen=True)
 class ReplicaPiece:
-    """The inputs of one replica's OpenMM sampling in an epoch (``schedule.replicas``).
+    """The inputs of one replica's OpenMM sampling of one state point in an epoch
+    (``schedule.replicas``).
 
     Attributes
     ----------
@@ -619,11 +763,15 @@ class ReplicaPiece:
     scaled : torch.Tensor, shape (P,)
         Scaled trainable parameter values (value / start value).
     state : SampledState
-        Where the sampling starts: the state the previous epoch's replica 1 ended in.
+        Where the sampling starts: the state the previous epoch's replica 1 of this state
+        point ended in.
     seed : int
         Seed of the replica's OpenMM noise.
     frames_at : tuple of int
         OpenMM steps at which a trajectory frame is kept (replica 1 only).
+    state_point : int
+        Which (system, state point) of the config (its position in
+        :meth:`~openmm_reversible.config.FitConfig.state_points`) is sampled.
     """
 
     epoch: int
@@ -632,6 +780,7 @@ class ReplicaPiece:
     state: SampledState
     seed: int
     frames_at: tuple[int, ...] = ()
+    state_point: int = 0
 
 
 @dataclass(frozen=True)
@@ -644,6 +793,9 @@ class SampledReplica:
         The start state of each window, in window order.
     frames : list of SampledState
         The trajectory frames asked for by ``frames_at``.
+    ensemble : list of SampledState
+        The frames of the ensemble targets (every ``schedule.ensemble_every`` steps of the
+        bulk sampling and each window's start; empty when the state point has none).
     end : SampledState
         The state the sampling ended in.
     state : dict of str to float
@@ -654,6 +806,7 @@ class SampledReplica:
 
     starts: list
     frames: list
+    ensemble: list
     end: SampledState
     state: dict
     timings: dict
@@ -662,7 +815,8 @@ class SampledReplica:
 def sample_replica(model: WindowModel, sampler: Sampler, piece: ReplicaPiece) -> SampledReplica:
     """Push the piece's parameter values into ``sampler``, restart it from the piece's state
     with its seed, equilibrate, then sample ``bulk_steps`` before each window, keeping each
-    window's start state (OpenMM steps of ``model.config.schedule``).
+    window's start state and the frames of the ensemble targets (OpenMM steps of
+    ``model.config.schedule``).
 
     Raises
     ------
@@ -670,6 +824,8 @@ def sample_replica(model: WindowModel, sampler: Sampler, piece: ReplicaPiece) ->
         NaN or runaway temperature in OpenMM (the epoch is retried with new noise).
     """
     sched = model.config.schedule
+    frames_at = set(piece.frames_at)
+    ensemble_targets = bool(model.objective.ensemble_targets)
     t = time.perf_counter()
     with torch.no_grad():
         model.parameters.scaled.copy_(piece.scaled)
@@ -677,15 +833,22 @@ def sample_replica(model: WindowModel, sampler: Sampler, piece: ReplicaPiece) ->
     sampler.restart(piece.state, piece.seed)
     timings = {"push_s": time.perf_counter() - t}
     t = time.perf_counter()
-    frames = sampler.step(sched.equilibration_steps, piece.frames_at)
+    frames = sampler.step(sched.equilibration_steps, frames_at)
     timings["equilibrate_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    starts = []
+    starts, ensemble = [], []
     for _ in range(sched.windows):
-        frames += sampler.step(sched.bulk_steps, piece.frames_at)
+        start = sampler.current_step()
+        every = (set(range(start + sched.ensemble_every, start + sched.bulk_steps,
+                           sched.ensemble_every)) if ensemble_targets else set())
+        sampled = sampler.step(sched.bulk_steps, frames_at | every)
+        frames += [f for f in sampled if f.step in frames_at]
         starts.append(sampler.state())
+        if ensemble_targets:
+            ensemble += [f for f in sampled if f.step in every] + [starts[-1]]
     timings["bulk_s"] = time.perf_counter() - t
-    return SampledReplica(starts, frames, sampler.state(), state_values(sampler), timings)
+    return SampledReplica(starts, frames, ensemble, sampler.state(), state_values(sampler),
+                          timings)
 
 
 _MODELS: dict[str, WindowModel] = {}
@@ -694,8 +857,10 @@ _SAMPLERS: dict[str, Sampler] = {}
 """This process's OpenMM samplers for replica pieces, keyed like :data:`_MODELS`."""
 
 
-def _model_of(config: FitConfig) -> tuple[str, WindowModel]:
-    """This process's model of ``config`` (built on first use), and its cache key."""
+def _model_of(config: FitConfig, state_point: int = 0) -> tuple[str, WindowModel]:
+    """This process's model of the state point of ``config`` (built on first use), and its
+    cache key."""
+    config = config.state_points()[state_point].config
     key = json.dumps(_comparable(to_dict(config)), sort_keys=True, default=str)
     if key not in _MODELS:
         _MODELS[key] = window_model(config)
@@ -703,23 +868,87 @@ def _model_of(config: FitConfig) -> tuple[str, WindowModel]:
 
 
 def remote_window(config: FitConfig, piece: WindowPiece) -> WindowResult:
-    """:func:`compute_window` with this process's model of ``config`` (built on first use)."""
-    return compute_window(_model_of(config)[1], piece)
+    """:func:`compute_window` with this process's model of the piece's state point of
+    ``config`` (built on first use)."""
+    return compute_window(_model_of(config, piece.state_point)[1], piece)
 
 
 def remote_replica(config: FitConfig, piece: ReplicaPiece) -> SampledReplica:
-    """:func:`sample_replica` with this process's model and OpenMM sampler of ``config``
-    (built on first use)."""
-    key, model = _model_of(config)
+    """:func:`sample_replica` with this process's model and OpenMM sampler of the piece's
+    state point of ``config`` (built on first use)."""
+    key, model = _model_of(config, piece.state_point)
     if key not in _SAMPLERS:
-        _SAMPLERS[key] = Sampler.from_config(config, model.parameters.system, model.positions,
-                                             model.topology)
+        _SAMPLERS[key] = Sampler.from_config(model.config, model.parameters.system,
+                                             model.positions, model.topology)
     return sample_replica(model, _SAMPLERS[key], piece)
 
+
+def _window_of(legs: Sequence[Leg], piece: WindowPiece) -> WindowResult:
+    """:func:`compute_window` with the model of the piece's state point."""
+    return compute_window(legs[piece.state_point].model, piece)
+
+
+def _replica_of(legs: Sequence[Leg], piece: ReplicaPiece) -> SampledReplica:
+    """:func:`sample_replica` with the model and OpenMM sampler of the piece's state point."""
+    leg = legs[piece.state_point]
+    return sample_replica(leg.model, leg.sampler, piece)
+
+
+
+@dataclass
+class Leg:
+    """One (system, state point) of a fit: its model, its OpenMM sampler, and the state its
+    sampling continues from.
+
+    Attributes
+    ----------
+    point : StatePoint
+        The system and state point, with its single-system config.
+    model : WindowModel
+        Structure, parameters, potential and objective built from ``point.config``.
+    sampler : Sampler
+        OpenMM at the state point (NPT where it has a pressure).
+    state : SampledState or None
+        Where the next epoch's sampling starts (None before the start state is made).
+    equilibration : dict or None
+        How the equilibration before the first epoch went
+        (:meth:`~openmm_reversible.sampler.Sampler.equilibrate`); None until it ran.
+    """
+
+    point: StatePoint
+    model: WindowModel
+    sampler: Sampler
+    state: SampledState | None = None
+    equilibration: dict | None = None
+
+    @property
+    def directory(self) -> str:
+        """Subdirectory of ``trajectory/`` for this state point's frames ("" for a config
+        without ``[[systems]]``)."""
+        return self.point.label.replace(" ", "_")
+
+
+@contextlib.contextmanager
+def _naming(point: StatePoint):
+    """Prefix the state point's label to an InputError raised inside (configs with
+    ``[[systems]]``; a config without them has one state point, named nowhere)."""
+    try:
+        yield
+    except InputError as exc:
+        if not point.label:
+            raise
+        raise InputError(f"{point.label}: {exc}") from None
 
 
 class Trainer:
     """Fit the tagged parameters of a force field to targets (see the module docstring).
+
+    Every (system, state point) of the config (:meth:`FitConfig.state_points`) is a
+    :class:`Leg`, sampled in OpenMM on its own; an epoch runs the windows of every leg and
+    takes one optimiser step on the sum of their losses. The attributes ``model``,
+    ``parameters``, ``potential``, ``objective``, ``topology``, ``sampler`` and ``state`` are
+    those of the first leg (the only one of a config without ``[[systems]]``); ``parameters``
+    is the one set the optimiser moves.
 
     Parameters
     ----------
@@ -757,15 +986,24 @@ class Trainer:
             raise InputError(f"{self.output} already holds a fit ({CHECKPOINT}); pass --resume "
                              f"to continue it or choose another --output directory")
 
-        self.model = window_model(config)
-        self.topology = topology = self.model.topology
-        self._start_positions = self.model.positions
-        self.parameters = self.model.parameters
+        self.legs = [self._leg(point) for point in config.state_points()]
+        first = self.legs[0]
+        self.model = first.model
+        self.topology = first.model.topology
+        self._start_positions = first.model.positions
+        self.parameters = first.model.parameters
+        for leg in self.legs[1:]:
+            names = leg.model.parameters.trainable_keys
+            if names != self.parameters.trainable_keys:
+                raise InputError(
+                    f"{leg.point.label}: the force field gives it the trainable parameters "
+                    f"{', '.join(names)}, but {first.point.label} "
+                    f"{', '.join(self.parameters.trainable_keys)}; the systems of one fit "
+                    "must share one set of tagged parameters (fit them separately)")
         self.regularization = Regularization(self.parameters, config.parameters)
-        self.potential = self.model.potential
-        self.objective = self.model.objective
-        self.sampler = Sampler.from_config(config, self.parameters.system, self.model.positions,
-                                           topology)
+        self.potential = first.model.potential
+        self.objective = first.model.objective
+        self.sampler = first.sampler
         sched = config.schedule
         optimizer_cls = torch.optim.Adam if sched.optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer_cls([self.parameters.scaled], lr=sched.learning_rate)
@@ -776,17 +1014,80 @@ class Trainer:
         if checkpoint is None:
             self.epoch = 0
             self.records: list[dict] = []
-            self.state = self._initial_state()
+            for leg in self.legs:
+                leg.state = self._initial_state(leg)
         else:
             self._load_checkpoint(checkpoint)
 
+    @property
+    def state(self) -> SampledState:
+        """The state the first leg's next epoch starts from."""
+        return self.legs[0].state
+
+    @property
+    def rdf_notes(self) -> dict[str, str]:
+        """For each rdf target of every leg (keyed as in the log), how its file is used."""
+        return {leg.point.key(label): note for leg in self.legs
+                for label, note in leg.model.objective.rdf_notes.items()}
+
+    @property
+    def _several(self) -> bool:
+        """Whether the config has ``[[systems]]`` (its records, CSV rows, trajectories and
+        checkpoint are then per state point, even for one)."""
+        return bool(self.config.systems)
+
     # -- setup and checkpoints ------------------------------------------------------------------
 
-    def _initial_state(self) -> SampledState:
+    @staticmethod
+    def _leg(point: StatePoint) -> Leg:
+        with _naming(point):
+            model = window_model(point.config)
+            sampler = Sampler.from_config(point.config, model.parameters.system,
+                                          model.positions, model.topology)
+        return Leg(point, model, sampler)
+
+    @staticmethod
+    def _initial_state(leg: Leg) -> SampledState:
         """Minimised start with Maxwell–Boltzmann velocities."""
-        self.sampler.minimize()
-        self.sampler.set_velocities(self.config.simulation.seed)
-        return self.sampler.state()
+        leg.sampler.minimize()
+        leg.sampler.set_velocities(leg.point.config.simulation.seed)
+        return leg.sampler.state()
+
+    def _equilibrate(self) -> dict[str, dict]:
+        """Before the first epoch (``[equilibration] max_steps`` > 0): run each leg at its
+        state point until its density (NPT) or energy (NVT) stops drifting; what each took,
+        keyed by the state point's label ("system" without ``[[systems]]``).
+
+        Raises
+        ------
+        TrainingFailed
+            If a simulation blows up (nothing has been written yet).
+        """
+        eq = self.config.equilibration
+        report = {}
+        for leg in self.legs:
+            name = leg.point.label or "system"
+            if not eq.max_steps or leg.equilibration is not None:
+                continue
+            leg.sampler.restart(leg.state, self._seed(leg, 0))
+            try:
+                info = leg.sampler.equilibrate(eq.max_steps, eq.block_steps, eq.sample_every,
+                                               eq.min_blocks, eq.threshold)
+            except SimulationExploded as exc:
+                raise TrainingFailed(f"{name}: equilibration before the first epoch: {exc}; "
+                                     "nothing was written") from None
+            leg.equilibration = info
+            leg.state = leg.sampler.state()
+            report[name] = info
+            if self.progress:
+                verdict = ("stopped drifting" if info["converged"] else
+                           f"still drifting at equilibration.max_steps = {eq.max_steps}")
+                slope = ("" if info["slope_per_block"] is None else
+                         f" (slope {info['slope_per_block']:.3g} ± {info['slope_stderr']:.2g} "
+                         f"{info['unit']} per block)")
+                tqdm.write(f"{name}: {info['observable']} {verdict} after {info['steps']} "
+                           f"steps, {info['seconds']:.1f} s{slope}")
+        return report
 
     def _check_checkpoint(self, checkpoint: dict) -> None:
         saved = _comparable(with_defaults(checkpoint["config"]))
@@ -800,51 +1101,63 @@ class Trainer:
                              f"[output] may change) or start a new fit in another directory")
 
     def _load_checkpoint(self, checkpoint: dict) -> None:
-        _restore_parameters(self.parameters, checkpoint, self.output / CHECKPOINT)
+        path = self.output / CHECKPOINT
+        _restore_parameters(self.parameters, checkpoint, path)
+        states = checkpoint["state"] if isinstance(checkpoint["state"], list) \
+            else [checkpoint["state"]]
+        if len(states) != len(self.legs):
+            raise InputError(f"{path} holds {len(states)} state points but the config has "
+                             f"{len(self.legs)}; pass the config the fit used, or start a new "
+                             "fit")
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.epoch = int(checkpoint["epoch"])
         self.records = list(checkpoint["records"])
-        s = checkpoint["state"]
-        self.state = SampledState(
-            positions=s["positions"].numpy(), velocities=s["velocities"].numpy(),
-            box=None if s["box"] is None else s["box"].numpy(), step=int(s["step"]))
+        for leg, s in zip(self.legs, states, strict=True):
+            leg.state = SampledState(
+                positions=s["positions"].numpy(), velocities=s["velocities"].numpy(),
+                box=None if s["box"] is None else s["box"].numpy(), step=int(s["step"]))
 
     def _checkpoint(self) -> dict:
-        st = self.state
+        """The checkpoint's entries; ``state`` is one state (a dict) for a config without
+        ``[[systems]]``, else a list with one per state point."""
+        states = [{"positions": torch.from_numpy(leg.state.positions),
+                   "velocities": torch.from_numpy(leg.state.velocities),
+                   "box": None if leg.state.box is None else torch.from_numpy(leg.state.box),
+                   "step": leg.state.step} for leg in self.legs]
         return {
             "version": CHECKPOINT_VERSION, "epoch": self.epoch,
             "sites": self.parameters.names,
             "scaled": self.parameters.scaled.detach().clone(),
             "optimizer": self.optimizer.state_dict(),
             "records": self.records,
-            "state": {"positions": torch.from_numpy(st.positions),
-                      "velocities": torch.from_numpy(st.velocities),
-                      "box": None if st.box is None else torch.from_numpy(st.box),
-                      "step": st.step},
+            "state": states if self._several else states[0],
             "config": _comparable(to_dict(self.config)),
         }
 
     # -- one epoch ------------------------------------------------------------------------------
 
-    def _seed(self, *stream: int) -> int:
-        seed = self.config.simulation.seed
+    @staticmethod
+    def _seed(leg: Leg, *stream: int) -> int:
+        seed = leg.point.config.simulation.seed
         for s in stream:
             seed = counter_seed(seed, s)
         return seed
 
-    def _replica_seed(self, epoch: int, attempt: int, replica: int, *stream: int) -> int:
-        """Seeds of ``replica`` (0-based); replica 0 keeps the streams of a fit without
-        replicas, so that its windows are those of ``replicas = 1``."""
-        return self._seed(epoch, attempt, *(() if replica == 0 else (0, replica)), *stream)
+    def _replica_seed(self, leg: Leg, epoch: int, attempt: int, replica: int, *stream: int
+                      ) -> int:
+        """Seeds of ``replica`` (0-based) of ``leg``; replica 0 keeps the streams of a fit
+        without replicas, so that its windows are those of ``replicas = 1``."""
+        return self._seed(leg, epoch, attempt, *(() if replica == 0 else (0, replica)),
+                          *stream)
 
-    def _frame_steps(self) -> set[int]:
-        """OpenMM steps of the current epoch at which a trajectory frame is saved: the
-        configured number, evenly spaced over the epoch's sampling, the last at its end."""
+    def _frame_steps(self, leg: Leg) -> set[int]:
+        """OpenMM steps of the current epoch at which a trajectory frame of ``leg`` is saved:
+        the configured number, evenly spaced over the epoch's sampling, the last at its end."""
         sched, out = self.config.schedule, self.config.output
         steps = sched.equilibration_steps + sched.windows * sched.bulk_steps
         if out.trajectory == "none" or steps == 0:
             return set()
-        start = self.state.step
+        start = leg.state.step
         n = out.frames_per_epoch
         return {start + round(k * steps / n) for k in range(1, n + 1)} - {start}
 
@@ -855,41 +1168,53 @@ class Trainer:
         if self.engine is None:  # first, so that a bad scheduler address fails before sampling
             self.engine = open_engine(self.config.parallel)
         scaled = self.parameters.scaled.detach().clone()
-        frame_steps = tuple(sorted(self._frame_steps()))
-        replicas = [ReplicaPiece(epoch, r, scaled, self.state,
-                                 self._replica_seed(epoch, attempt, r),
-                                 frame_steps if r == 0 else ())
-                    for r in range(sched.replicas)]
+        replicas = [ReplicaPiece(epoch, r, scaled, leg.state,
+                                 self._replica_seed(leg, epoch, attempt, r),
+                                 tuple(sorted(self._frame_steps(leg))) if r == 0 else (), k)
+                    for k, leg in enumerate(self.legs) for r in range(sched.replicas)]
         timings = {}
         t = time.perf_counter()
-        if sched.replicas == 1:  # sampled here: one chain, the windows' start states in turn
-            sampled = [sample_replica(self.model, self.sampler, replicas[0])]
+        if sched.replicas == 1:  # sampled here: one chain per leg, in leg order
+            sampled = [_replica_of(self.legs, piece) for piece in replicas]
         else:  # each replica's sampling is a piece of the engine
             ran = self._run_pieces(
-                replicas, functools.partial(sample_replica, self.model, self.sampler),
+                replicas, functools.partial(_replica_of, self.legs),
                 functools.partial(remote_replica, self.config), "replica",
-                lambda piece: f"OpenMM sampling of replica {piece.index + 1}")
+                lambda piece: f"OpenMM sampling of replica {piece.index + 1}"
+                              f"{self._of(piece.state_point)}")
             sampled = [done.value for done in ran]
-            timings["replicas"] = [{"replica": i + 1, "worker": done.where,
-                                    "seconds": done.seconds} for i, done in enumerate(ran)]
+            timings["replicas"] = [{"replica": piece.index + 1, "worker": done.where,
+                                    "seconds": done.seconds, **self._label(piece.state_point)}
+                                   for piece, done in zip(replicas, ran, strict=True)]
         timings["sampling_s"] = time.perf_counter() - t
         for key in ("push_s", "equilibrate_s", "bulk_s"):
             timings[key] = sum(replica.timings[key] for replica in sampled)
         timings.update(forward_s=0.0, backward_s=0.0)
         count = sched.windows * sched.replicas
         pieces = [WindowPiece(epoch, w, count, scaled, start,
-                              self._replica_seed(epoch, attempt, r, w + 1), str(self.output), r)
-                  for r, replica in enumerate(sampled) for w, start in enumerate(replica.starts)]
+                              self._replica_seed(self.legs[piece.state_point], epoch, attempt,
+                                                 piece.index, w + 1),
+                              str(self.output), piece.index, piece.state_point)
+                  for piece, replica in zip(replicas, sampled, strict=True)
+                  if self.legs[piece.state_point].model.objective.targets
+                  for w, start in enumerate(replica.starts)]
+        first = [replica for piece, replica in zip(replicas, sampled, strict=True)
+                 if piece.index == 0]  # replica 1 of each leg, in leg order
+        ensembles = [[] for _ in self.legs]
+        for piece, replica in zip(replicas, sampled, strict=True):
+            ensembles[piece.state_point] += replica.ensemble
         t = time.perf_counter()
-        ran = self._run_windows(pieces)
+        ran = self._run_windows(pieces) if pieces else []
         timings["windows_s"] = time.perf_counter() - t
-        totals = {"loss": 0.0, "terms": {}, "observables": {}, "reconstruction_error": 0.0}
+        legs = [{"loss": 0.0, "terms": {}, "observables": {}, "blocks": {},
+                 "reconstruction_error": 0.0} for _ in self.legs]
         replica_losses = [0.0] * sched.replicas
         grad = torch.zeros_like(self.parameters.scaled)
         timings["windows"] = []
         for piece, done in zip(pieces, ran, strict=True):
             result: WindowResult = done.value
-            # The window order fixes the summation order: the same sums with any layout.
+            totals = legs[piece.state_point]
+            # The piece order fixes the summation order: the same sums with any layout.
             grad = grad + result.gradient
             totals["loss"] += result.loss / piece.windows
             replica_losses[piece.replica] += result.loss / sched.windows
@@ -899,6 +1224,8 @@ class Trainer:
                 acc = totals["observables"].get(name)
                 part = np.asarray(value, dtype=float) / piece.windows
                 totals["observables"][name] = part if acc is None else acc + part
+            for name, values in result.blocks.items():
+                totals["blocks"].setdefault(name, []).extend(values)
             for key in ("forward_s", "backward_s"):
                 timings[key] += result.info[key]
             totals["reconstruction_error"] = max(totals["reconstruction_error"],
@@ -906,8 +1233,22 @@ class Trainer:
             timings["windows"].append({"window": piece.index + 1, "worker": done.where,
                                        "seconds": done.seconds,
                                        **({"replica": piece.replica + 1} if sched.replicas > 1
-                                          else {})})
+                                          else {}),
+                                       **self._label(piece.state_point)})
         timings["workers"] = by_worker(dict(enumerate(ran)))
+        t = time.perf_counter()
+        for leg, totals, ensemble in zip(self.legs, legs, ensembles, strict=True):
+            if ensemble:  # after the windows, in leg order: a fixed summation order
+                with torch.no_grad():
+                    leg.model.parameters.scaled.copy_(scaled)
+                result = ensemble_terms(leg.model, ensemble)
+                grad = grad + result.gradient
+                totals["loss"] += result.loss
+                totals["terms"].update(result.terms)
+                totals["observables"].update(
+                    {n: np.asarray(v) for n, v in result.observables.items()})
+                totals["blocks"].update(result.blocks)
+        timings["ensemble_s"] = time.perf_counter() - t
         self.parameters.scaled.grad = grad
         prior = self.regularization.penalty()
         if prior.requires_grad:
@@ -916,36 +1257,60 @@ class Trainer:
         grad = self.parameters.scaled.grad.detach().clone()
         keys = self.parameters.trainable_keys
         record = {
-            "epoch": epoch, "loss": totals["loss"] + float(prior.detach()),
-            "prior_penalty": float(prior.detach()), "terms": totals["terms"],
-            "observables": {k: v.tolist() for k, v in totals["observables"].items()},
+            "epoch": epoch, "loss": sum(t["loss"] for t in legs) + float(prior.detach()),
+            "prior_penalty": float(prior.detach()),
+            "terms": {leg.point.key(n): v for leg, t in zip(self.legs, legs, strict=True)
+                      for n, v in t["terms"].items()},
+            "observables": {leg.point.key(n): v.tolist()
+                            for leg, t in zip(self.legs, legs, strict=True)
+                            for n, v in t["observables"].items()},
+            "stderr": {leg.point.key(n): pooled_stderr(b)
+                       for leg, t in zip(self.legs, legs, strict=True)
+                       for n, b in t["blocks"].items()},
             "parameters": self.parameters.values(),
             "gradient": dict(zip(keys, grad.tolist(), strict=True)),
             "gradient_norm": float(grad.norm()),
             "learning_rate": self.optimizer.param_groups[0]["lr"],
             "attempts": attempt + 1,
-            "reconstruction_error": totals["reconstruction_error"],
-            "rdf_bins": self.objective.rdf_notes,
-            "state": sampled[0].state,
-            "end_state": sampled[0].end,
-            "frames": sampled[0].frames,
-            "timings": timings,
+            "reconstruction_error": max(t["reconstruction_error"] for t in legs),
+            "rdf_bins": self.rdf_notes,
         }
+        if self._several:
+            record["state_points"] = {
+                leg.point.label: {"system": leg.point.system,
+                                  "temperature": leg.point.temperature,
+                                  "pressure": leg.point.pressure, "loss": t["loss"],
+                                  "reconstruction_error": t["reconstruction_error"],
+                                  "state": replica.state}
+                for leg, t, replica in zip(self.legs, legs, first, strict=True)}
+        else:
+            record["state"] = first[0].state
         if sched.replicas > 1:
             record["replica_losses"] = replica_losses
+        record.update(end_states=[replica.end for replica in first],
+                      frames=[replica.frames for replica in first], timings=timings)
         return record
+
+    def _label(self, state_point: int) -> dict:
+        """``{"state_point": label}`` for the timings of a config with ``[[systems]]``."""
+        return {"state_point": self.legs[state_point].point.label} if self._several else {}
+
+    def _of(self, state_point: int) -> str:
+        """`` of <label>`` for messages of a config with ``[[systems]]``, else ""."""
+        label = self.legs[state_point].point.label
+        return f" of {label}" if label else ""
 
     def _run_windows(self, pieces: list[WindowPiece]) -> list:
         """Each piece through :func:`compute_window`, here or on the engine's workers; the
-        results (:class:`~openmm_reversible.parallel.Ran`) in window order."""
+        results (:class:`~openmm_reversible.parallel.Ran`) in piece order."""
         several = self.config.schedule.replicas > 1
 
         def name(piece: WindowPiece) -> str:
             return (f"reversible window {piece.index + 1}"
-                    f"{f' of replica {piece.replica + 1}' if several else ''} (started at "
-                    f"OpenMM step {piece.state.step})")
+                    f"{f' of replica {piece.replica + 1}' if several else ''}"
+                    f"{self._of(piece.state_point)} (started at OpenMM step {piece.state.step})")
 
-        return self._run_pieces(pieces, functools.partial(compute_window, self.model),
+        return self._run_pieces(pieces, functools.partial(_window_of, self.legs),
                                 functools.partial(remote_window, self.config), "window", name)
 
     def _run_pieces(self, pieces: list, local: Callable, remote: Callable, unit: str,
@@ -992,6 +1357,11 @@ class Trainer:
         dict
             The epoch's record (also appended to ``log.jsonl``). ``parameters`` are the values
             the epoch was sampled with; ``parameters_after`` those after the optimiser step.
+            ``terms``, ``observables`` and ``stderr`` (the standard error of each observable,
+            :func:`pooled_stderr`; None with fewer than two blocks) are keyed by target label,
+            prefixed by the state point's label (``"liquid 298.15 K 1 bar/density"``) in a
+            config with ``[[systems]]``; such a record also has ``state_points`` (each one's
+            loss and OpenMM state) instead of ``state``.
 
         Raises
         ------
@@ -1001,6 +1371,7 @@ class Trainer:
         """
         failure = self.config.failure
         start = time.perf_counter()
+        equilibration = self._equilibrate() if self.epoch == 0 else {}
         good_scaled = self.parameters.scaled.detach().clone()
         good_optimizer = copy.deepcopy(self.optimizer.state_dict())
         messages = []
@@ -1033,8 +1404,11 @@ class Trainer:
             scaled = self.parameters.scaled
             scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
         self.regularization.project()
-        self.state = record.pop("end_state")
+        for leg, state in zip(self.legs, record.pop("end_states"), strict=True):
+            leg.state = state
         frames = record.pop("frames")
+        if equilibration:
+            record["equilibration"] = equilibration
         record["parameters_after"] = self.parameters.values()
         record["failures"] = messages
         record["timings"]["total_s"] = time.perf_counter() - start
@@ -1045,23 +1419,52 @@ class Trainer:
 
     # -- outputs --------------------------------------------------------------------------------
 
-    def _save(self, frames: list[SampledState]) -> None:
-        """The epoch's trajectory (on its own, first), then trained XML, checkpoint, log, CSV
-        and plot: all of these written, or none."""
+    def _save(self, frames: list[list[SampledState]]) -> None:
+        """The epoch's trajectories (on their own, first), then trained XML, checkpoint, log,
+        CSV and plot: all of these written, or none."""
         self.output.mkdir(parents=True, exist_ok=True)
-        if frames:
-            write_topology(self.output, self.topology, self._start_positions)
-            fmt = self.config.output.trajectory
-            write_trajectory(trajectory_path(self.output, self.epoch, fmt), frames,
-                             self.topology, fmt, self.config.simulation.timestep)
+        fmt = self.config.output.trajectory
+        for leg, leg_frames in zip(self.legs, frames, strict=True):
+            if leg_frames:
+                write_topology(self.output, leg.model.topology, leg.model.positions,
+                               leg.directory)
+                write_trajectory(trajectory_path(self.output, self.epoch, fmt, leg.directory),
+                                 leg_frames, leg.model.topology, fmt,
+                                 self.config.simulation.timestep)
         atomic_write_all([
             *xml_writes(self.parameters, self.output),
             (self.output / CHECKPOINT, lambda tmp: torch.save(self._checkpoint(), tmp)),
             (self.output / LOG, text_writer("".join(json.dumps(r) + "\n"
                                                     for r in self.records))),
-            (self.output / STATE_DATA,
-             text_writer(state_data_csv(self.records, self.config.targets))),
-            (self.output / PLOT, lambda tmp: plot_training(self.records, self.objective, tmp))])
+            (self.output / STATE_DATA, text_writer(self._state_data())),
+            (self.output / PLOT, lambda tmp: plot_training(self.records, self.panels(), tmp))])
+
+    def _state_data(self) -> str:
+        """``state_data.csv``: one row per epoch, or per epoch and state point with
+        ``[[systems]]`` (:func:`~openmm_reversible.outputs.state_data_csv`)."""
+        if not self._several:
+            return state_data_csv(self.records, self.config.targets)
+        rows, targets = [], {}
+        for leg in self.legs:
+            for t in leg.point.config.targets:
+                targets.setdefault(t.label, t)
+        for record in self.records:
+            for leg in self.legs:
+                label = leg.point.label
+                part = record["state_points"][label]
+                prefix = f"{label}/"
+                rows.append({"epoch": record["epoch"], "state_point": label,
+                             "loss": part["loss"], "state": part["state"],
+                             **{key: {k[len(prefix):]: v for k, v in record[key].items()
+                                      if k.startswith(prefix)}
+                                for key in ("terms", "observables")}})
+        return state_data_csv(rows, list(targets.values()), state_points=True)
+
+    def panels(self) -> list[Panel]:
+        """What :func:`plot_training` draws: each target of each leg, keyed as in the log."""
+        return [Panel(leg.point.key(t.label), t, leg.model.objective.rdf_setup.get(t.label))
+                for leg in self.legs
+                for t in leg.model.objective.targets + leg.model.objective.ensemble_targets]
 
     def run(self) -> TrainResult:
         """Run the remaining epochs of the schedule.
@@ -1120,18 +1523,44 @@ def fit(config: FitConfig, output: str | os.PathLike, resume: bool = False,
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_training(records: list[dict], objective: Objective, path: str | os.PathLike) -> None:
+@dataclass(frozen=True)
+class Panel:
+    """One target's panel of :func:`plot_training`.
+
+    Attributes
+    ----------
+    key : str
+        Its key in the records (the target label, prefixed by the state point's with
+        ``[[systems]]``).
+    target : TargetConfig
+    rdf : dict or None
+        For an rdf target, its :attr:`Objective.rdf_setup` entry (bins ``r`` and ``target``).
+    """
+
+    key: str
+    target: object
+    rdf: dict | None = None
+
+
+def _errors(records: list[dict], key: str) -> np.ndarray:
+    """The standard error of ``key`` in each record (NaN where none was estimated)."""
+    return np.array([np.nan if r.get("stderr", {}).get(key) is None else r["stderr"][key]
+                     for r in records], dtype=float)
+
+
+def plot_training(records: list[dict], panels: Sequence[Panel], path: str | os.PathLike
+                  ) -> None:
     """Loss per epoch and each observable against its target, as one PNG.
 
-    RDF targets are overlaid (target, first epoch, last epoch); scalar observables are drawn
-    per epoch with the target as a horizontal line.
+    RDF targets are overlaid (target, first epoch, last epoch with a band of ± its standard
+    error); scalar observables are drawn per epoch with error bars of ± their standard error
+    and the target as a horizontal line.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    targets = objective.targets
-    n = 1 + len(targets)
+    n = 1 + len(panels)
     cols = min(n, 3)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
@@ -1139,31 +1568,38 @@ def plot_training(records: list[dict], objective: Objective, path: str | os.Path
     epochs = [r["epoch"] for r in records]
     ax = axes[0]
     ax.plot(epochs, [r["loss"] for r in records], "k-o", ms=3, label="total")
-    for t in targets:
-        if t.weight > 0:
-            ax.plot(epochs, [r["terms"].get(t.label) for r in records], "-", lw=1,
-                    label=t.label)
+    for panel in panels:
+        if panel.target.weight > 0:
+            ax.plot(epochs, [r["terms"].get(panel.key) for r in records], "-", lw=1,
+                    label=panel.key)
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     if all(r["loss"] and r["loss"] > 0 for r in records):
         ax.set_yscale("log")
     ax.legend(fontsize=7)
-    for ax, t in zip(axes[1:], targets, strict=False):
-        values = [r["observables"].get(t.label) for r in records]
+    for ax, panel in zip(axes[1:], panels, strict=False):
+        t = panel.target
+        values = [r["observables"].get(panel.key) for r in records]
+        errors = _errors(records, panel.key)
         if t.observable == "rdf":
-            setup = objective.rdf_setup[t.label]
+            setup = panel.rdf
             ax.plot(setup["r"], setup["target"].numpy(), "k-", lw=1.5, label="target")
             ax.plot(setup["r"], values[0], "C0--", lw=1, label=f"epoch {epochs[0]}")
+            last = np.asarray(values[-1], dtype=float)
             if len(values) > 1:
-                ax.plot(setup["r"], values[-1], "C3-", lw=1, label=f"epoch {epochs[-1]}")
+                ax.plot(setup["r"], last, "C3-", lw=1, label=f"epoch {epochs[-1]}")
+            band = np.broadcast_to(errors[-1], last.shape)
+            ax.fill_between(setup["r"], last - band, last + band, color="C3", alpha=0.3, lw=0,
+                            label="± stderr")
             ax.set_xlabel("r (nm)")
             ax.set_ylabel(f"g(r) {'–'.join(t.atoms)}")
         else:
-            ax.plot(epochs, values, "C0-o", ms=3, label="simulated")
+            ax.errorbar(epochs, np.asarray(values, dtype=float), yerr=errors, fmt="C0-o", ms=3,
+                        capsize=3, label="simulated ± stderr")
             ax.axhline(t.value, color="k", lw=1, label="target")
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{t.observable} ({SCALAR_UNITS[t.observable]})")
-        ax.set_title(t.label, fontsize=9)
+        ax.set_title(panel.key, fontsize=9)
         ax.legend(fontsize=7)
     for ax in axes[n:]:
         ax.set_visible(False)

@@ -463,3 +463,68 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
                          "pressure_bar": pressure, "timestep_ps": sim_cfg.timestep,
                          "temperature_K": sim_cfg.temperature}}
 
+
+
+def validate_state_points(trained: list[str], config: FitConfig, **settings) -> dict:
+    """:func:`validate` at every (system, state point) of a config with ``[[systems]]``.
+
+    Parameters
+    ----------
+    trained : list of str
+        Trained ForceField XML files.
+    config : FitConfig
+    **settings
+        Passed to :func:`validate` (steps, equilibration, every, rigid, ...).
+
+    Returns
+    -------
+    dict
+        ``state_points``: one report per state point, in order, each :func:`validate`'s with
+        ``label``, ``system``, ``temperature`` (K) and ``pressure`` (bar or None) added.
+    """
+    return {"state_points": [
+        {"label": point.label, "system": point.system, "temperature": point.temperature,
+         "pressure": point.pressure, **validate(trained, point.config, **settings)}
+        for point in config.state_points()]}
+
+
+def plot_state_points(report: dict, path: str | os.PathLike) -> None:
+    """Each targeted scalar property of each system against temperature: simulated ± standard
+    error (error bars) and the targets (crosses), one panel per system and property."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels: dict[tuple[str, str], list] = {}
+    for point in report["state_points"]:
+        for row in point["observables"]:
+            if row["observable"] != "rdf" and row["target"] is not None:
+                panels.setdefault((point["system"], row["name"]), []).append(
+                    (point["temperature"], row))
+    n = max(1, len(panels))
+    fig, axes = plt.subplots(1, n, figsize=(3.8 * n, 3.4), squeeze=False)
+    for ax, ((system, name), rows) in zip(axes[0], panels.items(), strict=False):
+        temperatures = [t for t, _ in rows]
+        ax.errorbar(temperatures, [r["value"] for _, r in rows],
+                    yerr=[r["stderr"] for _, r in rows], fmt="o-", color="C0", capsize=4,
+                    label="trained (OpenMM) ± stderr")
+        ax.plot(temperatures, [r["target"] for _, r in rows], "kx", ms=8, label="target")
+        ax.set_xlabel("temperature (K)")
+        ax.set_ylabel(f"{rows[0][1]['observable']} ({rows[0][1]['unit']})")
+        ax.set_title(f"{system}: {name}", fontsize=9)
+        ax.legend(fontsize=7)
+    if not panels:
+        axes[0][0].set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def save_state_points_report(report: dict, output: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``validation.json`` (every state point's report) and ``validation.png``
+    (:func:`plot_state_points`) into ``output``, both or neither."""
+    output = Path(output)
+    paths = output / REPORT, output / FIGURE
+    atomic_write_all([(paths[0], text_writer(json.dumps(report, indent=1))),
+                      (paths[1], lambda tmp: plot_state_points(report, tmp))])
+    return paths

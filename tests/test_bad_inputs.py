@@ -103,6 +103,28 @@ value = 44.0
     return str(path)
 
 
+def _systems_config(path: Path, replace: tuple[str, str] | None = None) -> str:
+    """The config of :func:`_config` as two ``[[systems]]`` (a box at two temperatures and a
+    second box), with one textual change when ``replace`` is given."""
+    text = Path(_config(path)).read_text()
+    head, targets = text.split("[[targets]]", 1)
+    head = head.replace("[structure]\nwater_box = 16\n", "").replace(
+        "temperature = 295.15\n", "")
+    system = head[head.index("[system]"):head.index("[simulation]")]
+    head = head.replace(system, "")
+    body = system.replace("[system]", "[systems.system]")
+    tables = "[[systems.targets]]" + targets.replace("[[targets]]", "[[systems.targets]]")
+    text = (head + '[[systems]]\nname = "liquid"\ntemperature = [280.0, 300.0]\n'
+            "[systems.structure]\nwater_box = 16\n" + body + tables
+            + '[[systems]]\nname = "small"\ntemperature = [300.0]\n'
+            "[systems.structure]\nwater_box = 12\n" + body + tables)
+    if replace is not None:
+        assert replace[0] in text
+        text = text.replace(*replace, 1)
+    path.write_text(text)
+    return str(path)
+
+
 def _system(path: Path, water) -> str:
     system = app.ForceField(str(UNTAGGED)).createSystem(water[0], nonbondedMethod=app.NoCutoff)
     path.write_text(openmm.XmlSerializer.serialize(system))
@@ -349,6 +371,35 @@ CASES: list[Case] = [
      lambda d, o, w: ["fit", _config(d / "c.toml"), "--resume", "--output",
                       _fit_dir(o, lambda p: _checkpoint(p, [1, 2, 3]))],
      ("not a checkpoint of `openmm-reversible fit`",)),
+    ("fit-systems-negative-temperature",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "temperature = [280.0, 300.0]", "temperature = [280.0, -300.0]")), "--output", str(o)],
+     ("systems[0].temperature = [280.0, -300.0]: each entry must be a finite number > 0",)),
+    ("fit-systems-pressure-count",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "temperature = [280.0, 300.0]", "temperature = [280.0, 300.0]\npressure = [1, 1, 1]")),
+         "--output", str(o)], ("systems[0].pressure: 3 pressures for 2 temperatures",)),
+    ("fit-systems-target-selects-nothing",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "value = 44.0", "value = 44.0\ntemperature = 310.0")), "--output", str(o)],
+     ("systems[0].targets[1].temperature = 310.0: matches none of the system's state points",)),
+    ("fit-systems-unknown-key",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         'name = "small"', 'name = "small"\ntemprature = [300.0]')), "--output", str(o)],
+     ("systems[1].temprature: unknown key; did you mean 'temperature'?",)),
+    ("fit-systems-bad-target",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "value = 44.0", "value = -44.0")), "--output", str(o)],
+     ("systems[0].targets[1].value = -44.0: an enthalpy of vaporization",)),
+    ("fit-systems-with-top-level-structure",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "[[systems]]", "[structure]\nwater_box = 16\n[[systems]]")), "--output", str(o)],
+     ("structure: with [[systems]], each system gives its own [systems.structure]",)),
+    ("fit-systems-unmatched-residue",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "[systems.structure]\nwater_box = 12", f'[systems.structure]\npdb = '
+         f'"{_leucine(d / "leu.pdb")}"')), "--output", str(o)],
+     ("error: small 300 K: ", "leu.pdb: residue 0 (LEU) matches no residue template of")),
     ("fit-zero-epochs",
      lambda d, o, w: ["fit", _config(d / "c.toml"), "--epochs", "0", "--output", str(o)],
      ("--epochs must be >= 1",)),

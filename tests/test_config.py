@@ -237,3 +237,160 @@ def test_toml_reader_is_declared_for_every_supported_python():
             else:
                 sys.modules[name] = value
     assert module.tomllib is tomllib
+
+
+@pytest.fixture
+def systems(base):
+    """A valid [[systems]] config: a liquid at two state points and a second, NVT box."""
+    data, where = base
+    shared = {k: v for k, v in data.items() if k not in ("structure", "system", "targets")}
+    shared["simulation"] = {"seed": 5}
+    shared["systems"] = [
+        {"name": "liquid", "temperature": [278.15, 298.15], "pressure": [1.0],
+         "structure": {"water_box": 30}, "system": {"cutoff": 0.45},
+         "targets": [{"observable": "density", "value": 0.99997, "temperature": 278.15},
+                     {"observable": "density", "value": 0.99705, "temperature": 298.15},
+                     {"observable": "enthalpy_of_vaporization", "value": 44.0}]},
+        {"name": "box", "temperature": 298.15, "structure": {"water_box": 24},
+         "system": {"cutoff": 0.4},
+         "targets": [{"observable": "rdf", "atoms": ["O", "O"], "file": "rdf.dat"}]}]
+    return shared, where
+
+
+def test_systems_and_state_points(systems):
+    """Each (system, state point) is a single-system config of its own: its structure, state
+    point, targets (selected by temperature) and a seed of its own."""
+    data, where = systems
+    config = config_from_dict(data, where)
+    assert config.structure is None and config.targets == []
+    assert config.simulation.temperature is None
+    points = config.state_points()
+    assert [p.label for p in points] == ["liquid 278.15 K 1 bar", "liquid 298.15 K 1 bar",
+                                         "box 298.15 K"]
+    cold, warm, box = (p.config for p in points)
+    assert (cold.simulation.temperature, cold.simulation.pressure) == (278.15, 1.0)
+    assert box.simulation.pressure is None and box.structure.water_box == 24
+    assert [(t.observable, t.value) for t in cold.targets] == [
+        ("density", 0.99997), ("enthalpy_of_vaporization", 44.0)]
+    assert [t.value for t in warm.targets] == [0.99705, 44.0]
+    assert box.targets[0].file == str(where / "rdf.dat")
+    assert all(t.temperature is None for p in points for t in p.config.targets)
+    seeds = [p.config.simulation.seed for p in points]
+    assert seeds[0] == 5 and len(set(seeds)) == 3 and max(seeds) < 2 ** 31
+    assert points[2].key("rdf_OO") == "box 298.15 K/rdf_OO"
+    assert to_dict(config)["systems"][0]["targets"][0]["temperature"] == 278.15
+
+
+def test_single_system_config_is_one_state_point(base):
+    data, where = base
+    config = config_from_dict(data, where)
+    (point,) = config.state_points()
+    assert point.config is config and point.label == "" and point.key("x") == "x"
+    data["targets"][1]["temperature"] = 295.15
+    assert _error(data, where).startswith("targets[1].temperature: only [[systems.targets]] "
+                                          "select state points")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["systems"][0].pop("name"), "systems[0].name: required key is missing"),
+    (lambda d: d["systems"][0].update(temperature=[]),
+     "systems[0].temperature: expected a list of numbers (K), got []"),
+    (lambda d: d["systems"][0].update(temperature=[300.0, -5.0]),
+     "systems[0].temperature = [300.0, -5.0]: each entry must be a finite number > 0 (K)"),
+    (lambda d: d["systems"][0].update(pressure=[1.0, 1.0, 1.0]),
+     "systems[0].pressure: 3 pressures for 2 temperatures"),
+    (lambda d: d["systems"][0].update(temperature=[298.15, 298.15]),
+     "systems[0]: a state point is listed twice"),
+    (lambda d: d["systems"][0].update(temprature=[300.0]),
+     "systems[0].temprature: unknown key; did you mean 'temperature'?"),
+    (lambda d: d["systems"][1].update(name="liquid"),
+     "systems[1].name = 'liquid': another system has this name"),
+    (lambda d: d["systems"][0]["targets"][0].update(temperature=300.0),
+     "systems[0].targets[0].temperature = 300.0: matches none of the system's state points "
+     "(278.15 K, 1 bar; 298.15 K, 1 bar)"),
+    (lambda d: d["systems"][0]["targets"].pop(2) and d["systems"][0]["targets"].pop(1),
+     "systems[0]: no target applies at 298.15 K, 1 bar"),
+    (lambda d: d["systems"][0]["targets"][2].update(value=-44.0),
+     "systems[0].targets[2].value = -44.0: an enthalpy of vaporization"),
+    (lambda d: d["systems"][1]["targets"].append({"observable": "density", "value": 1.0}),
+     "systems[1].targets[1]: a density target needs NPT sampling; set systems[1].pressure"),
+    (lambda d: d["systems"][1]["structure"].update(pdb="x.pdb"),
+     "systems[1].structure: give exactly one of 'pdb'"),
+    (lambda d: d["systems"][1]["system"].update(cutof=1.0),
+     "systems[1].system.cutof: unknown key; did you mean 'cutoff'?"),
+    (lambda d: d["systems"][1].update(system={"nonbonded_method": "NoCutoff"}, pressure=1.0),
+     "systems[1].pressure: NPT needs a periodic system"),
+    (lambda d: d["simulation"].update(temperature=300.0),
+     "simulation.temperature: with [[systems]], each system lists its state points"),
+    (lambda d: d.update(structure={"water_box": 10}),
+     "structure: with [[systems]], each system gives its own [systems.structure]"),
+    (lambda d: d.update(systems=[]), "systems: give one [[systems]] table per system"),
+    (lambda d: [t.update(weight=0.0) for s in d["systems"] for t in s["targets"]],
+     "every weight is 0"),
+])
+def test_bad_system_entries_name_the_key(systems, change, expected):
+    data, where = systems
+    change(data)
+    assert expected in _error(data, where)
+
+
+def test_equilibration_table(base):
+    data, where = base
+    assert config_from_dict(data, where).equilibration.max_steps == 0  # off unless asked for
+    data["equilibration"] = {"max_steps": 20000, "block_steps": 5, "sample_every": 10}
+    assert _error(data, where).startswith("equilibration.sample_every = 10: larger than "
+                                          "equilibration.block_steps = 5")
+    data["equilibration"] = {"max_steps": 20000, "min_blocks": 4}
+    assert _error(data, where).startswith("equilibration.min_blocks = 4: must be >= 6")
+
+
+def test_state_points_example_config_loads():
+    config = load_config(EXAMPLE / "water_state_points.toml")
+    points = config.state_points()
+    assert [p.label for p in points] == [f"water {t} K 1 bar" for t in (278.15, 298.15, 318.15)]
+    assert [[t.label for t in p.config.targets] for p in points] == [
+        ["density"], ["density", "enthalpy_of_vaporization", "rdf_OO"], ["density"]]
+    assert [p.config.targets[0].value for p in points] == [0.99997, 0.99705, 0.99021]
+    assert config.equilibration.max_steps == 100000
+
+
+def test_readme_systems_example_is_a_valid_config():
+    """The README's [[systems]] block, with a [forcefield] and a [schedule], loads."""
+    import re
+
+    import tomllib
+
+    readme = (EXAMPLE.parent.parent / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```toml\n(.*?)```", readme, flags=re.S)
+                if "[[systems]]" in b]
+    data = tomllib.loads(block)
+    data["forcefield"] = {"files": ["water_flexible.xml"]}
+    data["schedule"] = {"epochs": 1, "window_steps": 10, "snapshot_every": 5}
+    config = config_from_dict(data, EXAMPLE)
+    assert [p.label for p in config.state_points()] == [
+        "water 278.15 K 1 bar", "water 298.15 K 1 bar", "small box 298.15 K"]
+
+
+def test_structure_density_scales_the_box_with_rigid_molecules(base):
+    """structure.density: a Modeller water box (loose: 0.76 g/cm^3) is scaled to 0.9 g/cm^3,
+    each water moved with its centre of mass (its O-H bonds unchanged to round-off)."""
+    import numpy as np
+    from openmm import unit
+
+    from openmm_reversible.observables.density import G_CM3_PER_AMU_NM3
+    from openmm_reversible.sampler import build_structure
+
+    data, where = base
+    topology, plain = build_structure(config_from_dict(data, where))
+    data["structure"]["density"] = 0.9
+    scaled_topology, scaled = build_structure(config_from_dict(data, where))
+    box = np.asarray(scaled_topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    mass = sum(a.element.mass.value_in_unit(unit.dalton) for a in topology.atoms())
+    assert mass / np.linalg.det(box) * G_CM3_PER_AMU_NM3 == pytest.approx(0.9, rel=1e-12)
+    before = np.asarray(topology.getPeriodicBoxVectors().value_in_unit(unit.nanometer))
+    assert box[0, 0] < before[0, 0] - 0.03  # Modeller's 30 waters: 0.76 g/cm^3, compressed
+    bonds = [(b.atom1.index, b.atom2.index) for b in topology.bonds()]
+    for i, j in bonds:
+        assert np.linalg.norm(scaled[i] - scaled[j]) == pytest.approx(
+            np.linalg.norm(plain[i] - plain[j]), abs=1e-12)
+    assert np.abs(scaled - plain).max() > 0.01

@@ -113,3 +113,27 @@ def test_statistical_inefficiency_bad_input():
         statistical_inefficiency(np.full(10, 2.0))
     with pytest.raises(InputError, match="1-D series of at least two samples"):
         statistical_inefficiency(np.ones((4, 2)))
+
+
+def test_trend_by_hand_and_the_drift_test():
+    """trend: slope of y = 2 + 0.5 k + (+1, -1, -1, +1)·0.1 is 0.5 (the residual pattern is
+    orthogonal to k), its standard error from the residuals by the textbook formula;
+    drifting: a ramp under noise drifts, the same noise about a constant does not."""
+    from openmm_reversible.observables.blocking import drifting, trend
+
+    noise = np.array([1.0, -1.0, -1.0, 1.0]) * 0.1
+    slope, stderr = trend(2.0 + 0.5 * np.arange(4) + noise)
+    assert slope == pytest.approx(0.5, rel=1e-12)
+    # Residuals are the noise itself: SE = sqrt(Σr² / (n - 2) / Σ(k - k̄)²) = sqrt(0.04/2/5).
+    assert stderr == pytest.approx(math.sqrt(0.04 / 2 / 5), rel=1e-12)
+    rng = np.random.default_rng(3)
+    flat = 1.0 + 0.01 * rng.standard_normal(20)
+    assert not drifting(flat)[0]
+    ramp = flat + 0.01 * np.arange(20)
+    drifts, slope, stderr = drifting(ramp)
+    assert drifts and slope == pytest.approx(0.01, abs=3 * stderr)
+    # Only the last half counts: an early transient that has settled is not drift.
+    settled = np.concatenate([np.linspace(0.5, 1.0, 10), flat[:10]])
+    assert not drifting(settled)[0] and drifting(settled[:12])[0]
+    with pytest.raises(InputError, match="at least 3 block means"):
+        trend([1.0, 2.0])

@@ -28,6 +28,7 @@ from openmm_reversible.parallel import (
     ClusterUnavailable,
     DaskEngine,
     InProcess,
+    PieceFailed,
     Ran,
     WorkerMismatch,
     by_worker,
@@ -373,3 +374,51 @@ def test_benchmark_reports_time_and_overhead_per_piece_and_speed_up_in_one_run(a
     for key in ("windows_speedup", "sampling_speedup", "epoch_speedup"):
         assert result[key] > 0
     assert result["piece_bytes"] < result["replica_result_bytes"]  # 3 states against 1
+
+
+def test_state_points_on_workers_as_in_process(argon, two_workers, tmp_path):  # noqa: F811
+    """The pieces of several systems and state points on workers (each worker builds the model
+    of a piece's state point from the config): the same epoch bit for bit as in-process."""
+    from test_train import LABELS, _systems_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        here = fit(_systems_config(argon, epochs=1), tmp_path / "here", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    there = fit(_systems_config(argon, epochs=1), tmp_path / "there", progress=False,
+                engine=two_workers)
+    assert _results(there) == _results(here)
+    assert there.records[0]["stderr"] == here.records[0]["stderr"]
+    windows = there.records[0]["timings"]["windows"]
+    assert [w["state_point"] for w in windows] == LABELS
+    assert IN_PROCESS not in {w["worker"] for w in windows}
+
+
+def _square(x: int) -> int:
+    return x * x
+
+
+def test_results_the_client_was_never_told_of_are_fetched_from_the_scheduler(two_workers,
+                                                                            monkeypatch):
+    """Dask can lose the message that a task finished (its future then stays pending with
+    the key in memory); the engine asks the scheduler after a quiet slice and fetches what
+    it holds. Here every such message is dropped, so only that path can finish the map."""
+    client = two_workers.client
+    monkeypatch.setattr(two_workers, "POLL_S", 0.2)
+    monkeypatch.setitem(client._stream_handlers, "key-in-memory", lambda **_: None)
+    assert [ran.value for ran in two_workers.map(_square, range(4))] == [0, 1, 4, 9]
+
+
+def _fail(_item) -> None:
+    raise ValueError("this piece fails")
+
+
+def test_a_failure_the_client_was_never_told_of_is_named(two_workers, monkeypatch):
+    client = two_workers.client
+    monkeypatch.setattr(two_workers, "POLL_S", 0.2)
+    monkeypatch.setitem(client._stream_handlers, "task-erred", lambda **_: None)
+    with pytest.raises(PieceFailed, match=r"^piece 1 of 1 failed on all 3 runs allowed "
+                                          r"\(parallel.retries = 2\): .*this piece fails"):
+        two_workers.map(_fail, [0])

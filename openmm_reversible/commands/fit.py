@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
             config.parallel, workers=args.workers, scheduler=args.scheduler))
     output = fit_directory(args.config, args.output)
     trainer = Trainer(config, output, resume=args.resume, progress=not args.no_progress)
-    for label, note in trainer.objective.rdf_notes.items():
+    for label, note in trainer.rdf_notes.items():
         print(f"{label}: {note}")
     result = train(trainer, "fit")
     if result is None:

@@ -42,25 +42,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
-    from ..files import output_directory
-    from ..validate import format_table, save_report, validate
+def _print_report(report: dict) -> bool:
+    """Print one state point's round trip and table; whether its round trip is ok."""
+    from ..validate import format_table
 
-    config = load_config(args.config)
-    output = Path(args.output) if args.output else Path(args.trained[0]).resolve().parent
-    with output_directory(output):
-        report = validate(args.trained, config, steps=args.steps,
-                          equilibration=args.equilibration, every=args.every, rigid=args.rigid,
-                          nonbonded=args.nonbonded, pressure=args.pressure,
-                          platform=args.platform, seed=args.seed,
-                          progress=not args.no_progress)
-        paths = save_report(report, output)
     check = report["round_trip"]
     verdict = "ok" if check["ok"] else "FAILED"
     print(f"round trip (trained XML in OpenMM vs torch twin): energy rel. error "
           f"{check['energy_rel_error']:.2e}, force rel. RMS error "
           f"{check['force_rel_rms_error']:.2e} (tolerance {check['tolerance']:.0e}): {verdict}")
     print(format_table(report["observables"]))
+    return check["ok"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import load_config
+    from ..files import output_directory
+    from ..validate import (
+        save_report,
+        save_state_points_report,
+        validate,
+        validate_state_points,
+    )
+
+    config = load_config(args.config)
+    output = Path(args.output) if args.output else Path(args.trained[0]).resolve().parent
+    settings = dict(steps=args.steps, equilibration=args.equilibration, every=args.every,
+                    rigid=args.rigid, nonbonded=args.nonbonded, pressure=args.pressure,
+                    platform=args.platform, seed=args.seed, progress=not args.no_progress)
+    with output_directory(output):
+        if config.systems:
+            report = validate_state_points(args.trained, config, **settings)
+            paths = save_state_points_report(report, output)
+        else:
+            report = validate(args.trained, config, **settings)
+            paths = save_report(report, output)
+    if config.systems:
+        ok = True
+        for point in report["state_points"]:
+            print(f"{point['label']}:")
+            ok = _print_report(point) and ok
+    else:
+        ok = _print_report(report)
     print(f"wrote {paths[0]} and {paths[1]}")
-    return OK if check["ok"] else OUTSIDE_TOLERANCE
+    return OK if ok else OUTSIDE_TOLERANCE

@@ -125,3 +125,49 @@ def statistical_inefficiency(samples, mintime: int = 3) -> float:
     end = stops[0] if stops.size else lags.size
     g = 1.0 + 2.0 * float(np.sum((1.0 - lags[:end] / n) * correlation[:end]))
     return max(g, 1.0)
+
+
+def trend(block_means) -> tuple[float, float]:
+    """Least-squares slope of a series of block means against the block index, and its
+    standard error.
+
+    Parameters
+    ----------
+    block_means : array-like, shape (B,)
+        One mean per block, in order (B >= 3); any units.
+
+    Returns
+    -------
+    slope : float
+        Change per block, units of the means.
+    stderr : float
+        Standard error of the slope from the residuals (``B - 2`` degrees of freedom). Block
+        means longer than the correlation time are nearly independent, which this assumes.
+    """
+    y = np.asarray(block_means, dtype=float)
+    if y.ndim != 1 or len(y) < 3:
+        raise InputError(f"trend needs at least 3 block means in a 1-d series, got shape "
+                         f"{y.shape}")
+    x = np.arange(len(y), dtype=float) - (len(y) - 1) / 2
+    slope = float(x @ (y - y.mean()) / (x @ x))
+    residuals = y - y.mean() - slope * x
+    stderr = math.sqrt(float(residuals @ residuals) / (len(y) - 2) / float(x @ x))
+    return slope, stderr
+
+
+def drifting(block_means, threshold: float = 2.0) -> tuple[bool, float, float]:
+    """Whether the last half of a series of block means still drifts.
+
+    The test of an equilibration: the least-squares slope (:func:`trend`) of the last half
+    of the blocks (at least 3) is compared with its standard error; the series drifts while
+    ``|slope| > threshold · stderr``.
+
+    Returns
+    -------
+    drifts : bool
+    slope, stderr : float
+        Change per block of the last half and its standard error, units of the means.
+    """
+    y = np.asarray(block_means, dtype=float)
+    slope, stderr = trend(y[len(y) - max(3, len(y) // 2):])
+    return abs(slope) > threshold * stderr, slope, stderr
