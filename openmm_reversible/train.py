@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import openmm
 import torch
 from tqdm.auto import tqdm
 
@@ -268,15 +269,25 @@ def rdf_pairs(topology, atoms: list[str]) -> np.ndarray:
                         exclude=molecules(topology))
 
 
-def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
+def harmonic_gas_energy(topology, temperature: float, rigid: bool,
+                        system: openmm.System | None = None) -> float:
     """Classical mean potential energy of one isolated molecule, kJ/mol: k_B T / 2 per
-    internal mode (3n - 6, or 3n - 5 for a linear 2-atom molecule), 0 when rigid."""
-    sizes = {len(m) for m in molecules(topology)}
+    internal mode (3n - 6, or 1 for a 2-atom molecule, n its atoms), 0 when rigid.
+
+    With the OpenMM ``system``, one mode fewer per constraint inside the first molecule (a
+    rigid water has none left, an HBonds water with a flexible angle one).
+    """
+    groups = molecules(topology)
+    sizes = {len(m) for m in groups}
     if len(sizes) != 1:
         raise InputError("enthalpy_of_vaporization needs a pure liquid (molecules of one "
                          f"size), but the structure has molecules of {sorted(sizes)} atoms")
-    n = sizes.pop()
-    modes = 0 if rigid or n == 1 else (1 if n == 2 else 3 * n - 6)
+    n, constrained = sizes.pop(), 0
+    if system is not None:
+        first = {int(i) for i in groups[0]}
+        constrained = sum(1 for k in range(system.getNumConstraints())
+                          if system.getConstraintParameters(k)[0] in first)
+    modes = 0 if rigid or n == 1 else max((1 if n == 2 else 3 * n - 6) - constrained, 0)
     return 0.5 * modes * KB * temperature
 
 
@@ -292,15 +303,19 @@ class Objective:
       gradient).
 
     After each call, :attr:`last_terms` holds each weighted term and :attr:`last_observables`
-    each observable (a float, or g(r) as a list) for logs and plots.
+    each observable (a float, or g(r) as a list) for logs and plots. With the OpenMM
+    ``system`` the gas-phase energy of ΔHvap counts its constraints
+    (:func:`harmonic_gas_energy`).
     """
 
-    def __init__(self, config: FitConfig, topology):
+    def __init__(self, config: FitConfig, topology, system: openmm.System | None = None):
         self.config = config
         self.targets = config.targets
         self.rdf_setup: dict[str, dict] = {}
         self._molecules = molecules(topology)
-        rigid = config.system.rigid_water or config.system.constraints != "none"
+        # Without the System the config's flags say whether the molecules are rigid.
+        rigid = system is None and (config.system.rigid_water
+                                    or config.system.constraints != "none")
         for t in self.targets:
             if t.observable == "rdf":
                 grid = t.rdf_grid()
@@ -316,7 +331,7 @@ class Objective:
                                  f"validate', or fit pressure instead")
         self.gas_energy = {t.label: (t.gas_energy if t.gas_energy is not None else
                                      harmonic_gas_energy(topology, config.simulation.temperature,
-                                                         rigid))
+                                                         rigid, system))
                            for t in self.targets if t.observable == "enthalpy_of_vaporization"}
         self.loss = Loss([self._target(t) for t in self.targets])
         self.last_terms: dict[str, float] = {}
@@ -478,7 +493,7 @@ def window_model(config: FitConfig) -> WindowModel:
     potential = TorchPotential(parameters.system, parameters=parameters,
                                fused=config.simulation.fused)
     return WindowModel(config, topology, positions, parameters, potential,
-                       Objective(config, topology))
+                       Objective(config, topology, parameters.system))
 
 
 @dataclass(frozen=True)

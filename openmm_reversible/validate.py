@@ -296,7 +296,7 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
                        stderr=np.broadcast_to(g_stderr, g.shape).tolist())
         elif t.observable == "enthalpy_of_vaporization":
             gas = t.gas_energy if t.gas_energy is not None else \
-                harmonic_gas_energy(topology, config.simulation.temperature, rigid)
+                harmonic_gas_energy(topology, config.simulation.temperature, rigid, system)
             row["value"] = float(gas - np.mean(frames.energies) / len(groups)
                                  + KB * config.simulation.temperature)
             row["stderr"] = float(stderr(frames.energies)) / len(groups)

@@ -10,7 +10,7 @@ import numpy as np
 import openmm
 import pytest
 import torch
-from openmm import unit
+from openmm import app, unit
 
 from openmm_reversible.errors import InputError
 from openmm_reversible.integrators.constraints import Constraints
@@ -25,6 +25,8 @@ from openmm_reversible.observables import (
 from openmm_reversible.observables.density import BAR_PER_KJ_MOL_NM3
 from openmm_reversible.potential import TorchPotential
 from openmm_reversible.systems import water_box
+from openmm_reversible.train import harmonic_gas_energy
+from openmm_reversible.units import KB
 
 TEMPERATURE = 300.0
 
@@ -133,3 +135,30 @@ def test_constraints_or_molecules_not_both(rigid_box):
     with pytest.raises(InputError, match="constraints are for 192 particles"):
         constraint_virial(b["constraints"], b["potential"], b["x"][:1, :9], b["v"][:1, :9],
                           b["box"], b["masses"][:9])
+
+
+@pytest.mark.parametrize("model, rigid, constraints, modes", [
+    ("tip3p", True, None, 0), ("tip3p", False, app.HBonds, 1), ("tip3p", False, None, 3),
+    ("spce", True, None, 0)])
+def test_gas_phase_energy_counts_constraints(model, rigid, constraints, modes):
+    """k_B T / 2 per internal mode left by the constraints. For a
+    rigid molecule the value 0 is OpenMM's own energy of one isolated molecule (no bonded
+    terms are left and the intramolecular pairs are excluded)."""
+    ff = app.ForceField(f"{model}.xml")
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(ff, model=model, numAdded=2, neutralize=False)
+    kwargs = dict(rigidWater=rigid, constraints=constraints, removeCMMotion=False)
+    system = ff.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, **kwargs)
+    expected = 0.5 * modes * KB * TEMPERATURE
+    assert harmonic_gas_energy(modeller.topology, TEMPERATURE, False, system) == pytest.approx(
+        expected, rel=1e-12, abs=1e-15)
+    if modes == 0:
+        assert harmonic_gas_energy(modeller.topology, TEMPERATURE, True) == 0.0
+        one = app.Modeller(modeller.topology, modeller.positions)
+        one.delete([r for r in one.topology.residues()][1:])
+        single = ff.createSystem(one.topology, nonbondedMethod=app.NoCutoff, **kwargs)
+        context = openmm.Context(single, openmm.VerletIntegrator(0.001),
+                                 openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(one.positions)
+        energy = context.getState(getEnergy=True).getPotentialEnergy()
+        assert energy.value_in_unit(unit.kilojoule_per_mole) == pytest.approx(0.0, abs=1e-12)
