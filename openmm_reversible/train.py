@@ -74,8 +74,9 @@ from .errors import InputError, structure_errors
 from .export import xml_writes
 from .files import atomic_write_all, text_writer
 from .geometry import box_widths
-from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimulation
 from .integrators.noise import counter_seed
+from .integrators.reversible import check_virtual_sites
 from .losses import Loss, Target
 from .observables.density import density, pressure
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
@@ -473,6 +474,8 @@ class WindowModel:
     potential : TorchPotential
         Bound to ``parameters``.
     objective : Objective
+    constraints : Constraints, optional
+        The System's distance constraints (rigid water, HBonds), integrated in the windows.
     """
 
     config: FitConfig
@@ -481,10 +484,12 @@ class WindowModel:
     parameters: ParameterSet
     potential: TorchPotential
     objective: Objective
+    constraints: Constraints | None = None
 
 
 def window_model(config: FitConfig) -> WindowModel:
-    """Build the structure, parameters, torch potential and objective of a config."""
+    """Build the structure, parameters, torch potential, objective and constraints of a
+    config (virtual sites refused: the windows do not integrate them)."""
     with structure_errors(config.structure.source, config.forcefield.files):
         topology, positions = build_structure(config)
         parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
@@ -492,8 +497,11 @@ def window_model(config: FitConfig) -> WindowModel:
     configure_system(parameters.system, config)
     potential = TorchPotential(parameters.system, parameters=parameters,
                                fused=config.simulation.fused)
+    check_virtual_sites(potential)
+    constraints = Constraints.from_system(parameters.system)
     return WindowModel(config, topology, positions, parameters, potential,
-                       Objective(config, topology, parameters.system))
+                       Objective(config, topology, parameters.system),
+                       constraints if len(constraints) else None)
 
 
 @dataclass(frozen=True)
@@ -573,9 +581,15 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
                                           sim_cfg.temperature, seed=piece.seed)
     simulation = ReversibleSimulation(
         model.potential, integrator, sched.window_steps, sched.snapshot_every,
-        model.objective, truncation=sched.truncation, resync_every=sched.resync_every)
+        model.objective, truncation=sched.truncation, resync_every=sched.resync_every,
+        constraints=model.constraints)
     positions = torch.as_tensor(state.positions, dtype=DTYPE)
     velocities = torch.as_tensor(state.velocities, dtype=DTYPE)
+    if model.constraints is not None:
+        # OpenMM holds constraints to its tolerance (1e-5 by default); the window starts on
+        # them to round-off.
+        positions, velocities = model.constraints.constrain_state(positions, velocities,
+                                                                  simulation.masses)
     box = None if state.box is None else torch.as_tensor(state.box, dtype=DTYPE)
     loss = simulation(positions, velocities, box)
     frames = simulation.trajectory.positions

@@ -84,6 +84,18 @@ def check_constraints(potential, constraints: Constraints | None) -> None:
                          "from the same System")
 
 
+def check_virtual_sites(potential) -> None:
+    """Refuse a potential whose System has virtual sites: the windows do not place them."""
+    n = int(getattr(getattr(potential, "virtual_sites", None), "n_sites", 0) or 0)
+    if n:
+        raise InputError(
+            f"the System has {n} virtual sites (a 4-site water such as TIP4P-Ew, TIP4P/2005 "
+            "or OPC); the reversible windows do not integrate virtual sites yet. Train a "
+            "3-site model instead (TIP3P, SPC/E, OPC3: rigid, config system.rigid_water = "
+            "true, or flexible), and check a 4-site model's energies and forces with "
+            "`openmm-reversible verify`")
+
+
 class ReversibleSimulation:
     """A differentiable simulation window: ``loss = sim(positions, velocities, box)``.
 
@@ -165,6 +177,7 @@ class ReversibleSimulation:
                                  "(tensor of shape (N,), amu)")
         masses = torch.as_tensor(masses)
         check_constraints(potential, constraints)
+        check_virtual_sites(potential)
         if not bool((masses > 0).all()):
             raise InputError("every mass must be > 0 amu (massless particles and virtual "
                              "sites are not supported by the integrator)")
