@@ -22,7 +22,10 @@ from openmm import unit
 from openmm_reversible.commands import gradcheck as gradcheck_command
 from openmm_reversible.config import config_from_dict
 from openmm_reversible.errors import InputError
-from openmm_reversible.systems import alanine_dipeptide, openmm_data_file
+from openmm_reversible.exact import DeterministicForces
+from openmm_reversible.potential import TorchPotential, UnsupportedForceError
+from openmm_reversible.sampler import SampledState
+from openmm_reversible.systems import alanine_dipeptide, openmm_data_file, water_box
 from openmm_reversible.train import (
     WindowPiece,
     compute_window,
@@ -175,7 +178,6 @@ def test_windows_start_on_the_constraints_to_round_off(tmp_path):
     x, _ = model.constraints.constrain_state(torch.as_tensor(positions),
                                              torch.as_tensor(velocities), model.potential.masses)
     assert model.constraints.residual(x) < 1e-14
-    from openmm_reversible.sampler import SampledState
     box = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer)
     piece = WindowPiece(1, 0, 1, model.parameters.scaled.detach().clone(),
                         SampledState(positions, velocities, np.asarray(box), 0), 3, "out")
@@ -202,3 +204,10 @@ def test_virtual_sites_are_refused_before_any_sampling(tmp_path):
     with pytest.raises(InputError, match="the System has 30 virtual sites .* do not "
                                          "integrate virtual sites yet. Train a 3-site model"):
         window_model(config)
+
+
+def test_exact_mode_refuses_constraints():
+    ms = water_box(8, rigid=True, nonbonded="NoCutoff")
+    with pytest.raises(UnsupportedForceError, match="exact mode does not support virtual "
+                                                    "sites or constraints .* 24 constraints"):
+        DeterministicForces(TorchPotential(ms.system))
