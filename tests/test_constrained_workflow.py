@@ -1,4 +1,4 @@
-"""Constrained systems through the workflow: the config, ``fit``, ``gradcheck``.
+"""Constrained systems through the workflow: the config, ``fit``, ``gradcheck``, ``validate``.
 
 Systems: rigid TIP3P (the example's tagged flexible TIP3P built with ``rigidWater=True``: 3
 distance constraints a molecule, no bonds or angles left) and alanine
@@ -33,6 +33,7 @@ from openmm_reversible.train import (
     window_model,
 )
 from openmm_reversible.units import KB
+from openmm_reversible.validate import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # σ, ε and charge of the oxygen tagged (q_H = -q_O / 2); its bonds and angle become the
@@ -154,6 +155,12 @@ def test_rigid_water_fit_runs_and_its_hvap_is_openmm_rigid_tip3p(tmp_path):
     assert abs(hvap - reference) < 3.0, (hvap, reference, stderr)
     assert record["reconstruction_error"] < 1e-8
     assert all(np.isfinite(g) and g != 0 for g in record["gradient"].values())
+    # The trained XML validates in plain OpenMM in the setting it was trained in (rigid).
+    report = validate([str(f) for f in result.files["forcefield"]], config, steps=400,
+                      equilibration=200, every=20, progress=False)
+    assert report["round_trip"]["ok"] and report["settings"]["rigid"]
+    (row,) = [r for r in report["observables"] if r["observable"] == "enthalpy_of_vaporization"]
+    assert abs(row["value"] - reference) < 3.0
 
 
 def test_windows_start_on_the_constraints_to_round_off(tmp_path):
