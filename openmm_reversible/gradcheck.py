@@ -72,7 +72,6 @@ from tqdm.auto import tqdm
 from .errors import InputError, check_at_least, check_positive, structure_errors
 from .geometry import box_widths
 from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimulation
-from .integrators.reversible import check_virtual_sites
 from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .observables.energy import frame_energies
 from .reweighting import reweighted_average
@@ -485,12 +484,13 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
     with structure_errors(pdb, files):
         parameters = ParameterSet.from_forcefield(files, structure.topology, **kwargs)
     potential = TorchPotential(parameters.system, parameters=parameters)
-    check_virtual_sites(potential)
     box = None if vectors is None else box_tensor(vectors)
     positions = positions_tensor(structure.getPositions())
     integrator = LangevinMiddleIntegrator(timestep, friction, temperature, seed)
     # State 0 never uses the noise of "step 0", so it seeds the initial velocities.
     velocities = integrator.noise(0, potential.masses)
+    # Virtual sites (massless) have no velocity; the windows place them from their parents.
+    velocities = torch.where(potential.masses[:, None] > 0, velocities, 0.0)
     constrained = Constraints.from_system(parameters.system)
     positions, velocities = constrained.constrain_state(positions, velocities, potential.masses)
     loss_fn = {"energy": energy_loss, "kinetic": kinetic_loss}.get(loss) \

@@ -251,7 +251,9 @@ class Constraints:
         (torch.Tensor, torch.Tensor)
             Positions (nm) and velocities (nm/ps), detached.
         """
-        inv_masses = 1.0 / masses.to(positions.dtype)
+        masses = masses.to(positions.dtype)
+        # Massless particles (virtual sites) are never constrained and never moved.
+        inv_masses = torch.where(masses > 0, 1.0 / masses, torch.zeros_like(masses))
         with torch.no_grad():
             x, _ = self.project_positions(positions, positions, inv_masses)
             return x, self.project_velocities(x, velocities, inv_masses)
