@@ -76,7 +76,6 @@ from .files import atomic_write_all, text_writer
 from .geometry import box_widths
 from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimulation
 from .integrators.noise import counter_seed
-from .integrators.reversible import check_virtual_sites
 from .losses import Loss, Target
 from .observables.density import density, pressure
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
@@ -275,10 +274,12 @@ def harmonic_gas_energy(topology, temperature: float, rigid: bool,
     """Classical mean potential energy of one isolated molecule, kJ/mol: k_B T / 2 per
     internal mode (3n - 6, or 1 for a 2-atom molecule, n its atoms), 0 when rigid.
 
-    With the OpenMM ``system``, one mode fewer per constraint inside the first molecule (a
-    rigid water has none left, an HBonds water with a flexible angle one).
+    With the OpenMM ``system`` the count is that of its first molecule (its virtual sites
+    joined to it): n its particles with mass (a site has no modes of its own) and one mode
+    fewer per constraint inside it (a rigid water has none left, an HBonds water with a
+    flexible angle one).
     """
-    groups = molecules(topology)
+    groups = molecules(topology, system)
     sizes = {len(m) for m in groups}
     if len(sizes) != 1:
         raise InputError("enthalpy_of_vaporization needs a pure liquid (molecules of one "
@@ -286,6 +287,8 @@ def harmonic_gas_energy(topology, temperature: float, rigid: bool,
     n, constrained = sizes.pop(), 0
     if system is not None:
         first = {int(i) for i in groups[0]}
+        n = sum(1 for i in first
+                if system.getParticleMass(i).value_in_unit(openmm.unit.dalton) > 0)
         constrained = sum(1 for k in range(system.getNumConstraints())
                           if system.getConstraintParameters(k)[0] in first)
     modes = 0 if rigid or n == 1 else max((1 if n == 2 else 3 * n - 6) - constrained, 0)
@@ -305,15 +308,15 @@ class Objective:
 
     After each call, :attr:`last_terms` holds each weighted term and :attr:`last_observables`
     each observable (a float, or g(r) as a list) for logs and plots. With the OpenMM
-    ``system`` the gas-phase energy of ΔHvap counts its constraints
-    (:func:`harmonic_gas_energy`).
+    ``system`` its molecules include their virtual sites and the gas-phase energy of ΔHvap
+    counts its constraints (:func:`harmonic_gas_energy`).
     """
 
     def __init__(self, config: FitConfig, topology, system: openmm.System | None = None):
         self.config = config
         self.targets = config.targets
         self.rdf_setup: dict[str, dict] = {}
-        self._molecules = molecules(topology)
+        self._molecules = molecules(topology, system)
         # Without the System the config's flags say whether the molecules are rigid.
         rigid = system is None and (config.system.rigid_water
                                     or config.system.constraints != "none")
@@ -489,7 +492,7 @@ class WindowModel:
 
 def window_model(config: FitConfig) -> WindowModel:
     """Build the structure, parameters, torch potential, objective and constraints of a
-    config (virtual sites refused: the windows do not integrate them)."""
+    config."""
     with structure_errors(config.structure.source, config.forcefield.files):
         topology, positions = build_structure(config)
         parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
@@ -497,7 +500,6 @@ def window_model(config: FitConfig) -> WindowModel:
     configure_system(parameters.system, config)
     potential = TorchPotential(parameters.system, parameters=parameters,
                                fused=config.simulation.fused)
-    check_virtual_sites(potential)
     constraints = Constraints.from_system(parameters.system)
     return WindowModel(config, topology, positions, parameters, potential,
                        Objective(config, topology, parameters.system),

@@ -1,4 +1,5 @@
-"""Constrained systems through the workflow: the config, ``fit``, ``gradcheck``, ``validate``.
+"""Constrained systems and virtual sites through the workflow: the config, ``fit``,
+``gradcheck``, ``validate``.
 
 Systems: rigid TIP3P (the example's tagged flexible TIP3P built with ``rigidWater=True``: 3
 distance constraints a molecule, no bonds or angles left) and alanine
@@ -21,7 +22,6 @@ from openmm import unit
 
 from openmm_reversible.commands import gradcheck as gradcheck_command
 from openmm_reversible.config import config_from_dict
-from openmm_reversible.errors import InputError
 from openmm_reversible.exact import DeterministicForces
 from openmm_reversible.potential import TorchPotential, UnsupportedForceError
 from openmm_reversible.sampler import SampledState
@@ -196,21 +196,43 @@ def test_windows_start_on_the_constraints_to_round_off(tmp_path):
         0.5 * KB * TEMPERATURE)
 
 
-def test_virtual_sites_are_refused_before_any_sampling(tmp_path):
+def test_four_site_rigid_fit_runs_and_its_hvap_is_openmm(tmp_path):
+    """One epoch of a rigid TIP4P/2005 fit (a virtual M site a molecule): the windows
+    integrate the 90 massive particles under 90 constraints and place the sites; the ΔHvap
+    of the windows is that of plain OpenMM on the same System, and the trained XML
+    validates in OpenMM."""
     with open(os.path.join(ROOT, "tests", "data", "tip4p2005.xml")) as handle:
         xml = handle.read().replace('epsilon="0.774908"/>',
-                                    'epsilon="0.774908" parameterize="sigma"/>')
+                                    'epsilon="0.774908" parameterize="sigma, epsilon"/>')
     (tmp_path / "tip4p2005_tagged.xml").write_text(xml)
     data = {"forcefield": {"files": [str(tmp_path / "tip4p2005_tagged.xml")]},
             "structure": {"water_box": 30, "model": "tip4pew"},
-            "system": {"cutoff": 0.45, "rigid_water": True},
-            "simulation": {"temperature": TEMPERATURE},
-            "schedule": {"epochs": 1, "window_steps": 10, "snapshot_every": 5},
-            "targets": [{"observable": "enthalpy_of_vaporization", "value": 44.0}]}
+            "system": {"nonbonded_method": "ReactionField", "cutoff": 0.45,
+                       "rigid_water": True},
+            "simulation": {"temperature": TEMPERATURE, "timestep": 0.002,
+                           "platform": "Reference", "seed": 5},
+            "schedule": {"epochs": 1, "equilibration_steps": 1000, "bulk_steps": 100,
+                         "windows": 3, "window_steps": 40, "snapshot_every": 5,
+                         "learning_rate": 1e-3},
+            "targets": [{"observable": "enthalpy_of_vaporization", "value": 44.0},
+                        {"observable": "pressure", "value": 1.0, "weight": 0.0}]}
     config = config_from_dict(data, tmp_path)
-    with pytest.raises(InputError, match="the System has 30 virtual sites .* do not "
-                                         "integrate virtual sites yet. Train a 3-site model"):
-        window_model(config)
+    model = window_model(config)
+    assert model.potential.virtual_sites.n_sites == 30 and len(model.constraints) == 90
+    assert len(model.objective._molecules) == 30
+    result = fit(config, tmp_path / "out", progress=False)
+    (record,) = result.records
+    hvap = record["observables"]["enthalpy_of_vaporization"]
+    reference, stderr = openmm_hvap(model.parameters.system, model.positions, 30)
+    print(f"TIP4P/2005 fit ΔHvap {hvap:.2f} kJ/mol, OpenMM {reference:.2f} ± {stderr:.2f}")
+    assert abs(hvap - reference) < 3.0, (hvap, reference, stderr)
+    assert np.isfinite(record["observables"]["pressure"])
+    assert record["reconstruction_error"] < 1e-8
+    assert all(np.isfinite(g) and g != 0 for g in record["gradient"].values())
+    report = validate([str(f) for f in result.files["forcefield"]], config, steps=400,
+                      equilibration=200, every=20, progress=False)
+    (row,) = [r for r in report["observables"] if r["observable"] == "enthalpy_of_vaporization"]
+    assert report["round_trip"]["ok"] and abs(row["value"] - reference) < 3.0
 
 
 def test_exact_mode_refuses_constraints():

@@ -139,9 +139,10 @@ def test_constraints_or_molecules_not_both(rigid_box):
 
 @pytest.mark.parametrize("model, rigid, constraints, modes", [
     ("tip3p", True, None, 0), ("tip3p", False, app.HBonds, 1), ("tip3p", False, None, 3),
-    ("spce", True, None, 0)])
-def test_gas_phase_energy_counts_constraints(model, rigid, constraints, modes):
-    """k_B T / 2 per internal mode left by the constraints. For a
+    ("spce", True, None, 0), ("tip4pew", True, None, 0), ("tip4pew", False, None, 3)])
+def test_gas_phase_energy_counts_constraints_and_virtual_sites(model, rigid, constraints,
+                                                              modes):
+    """k_B T / 2 per internal mode left by the constraints; a virtual site has none. For a
     rigid molecule the value 0 is OpenMM's own energy of one isolated molecule (no bonded
     terms are left and the intramolecular pairs are excluded)."""
     ff = app.ForceField(f"{model}.xml")
@@ -153,12 +154,13 @@ def test_gas_phase_energy_counts_constraints(model, rigid, constraints, modes):
     assert harmonic_gas_energy(modeller.topology, TEMPERATURE, False, system) == pytest.approx(
         expected, rel=1e-12, abs=1e-15)
     if modes == 0:
-        assert harmonic_gas_energy(modeller.topology, TEMPERATURE, True) == 0.0
+        assert harmonic_gas_energy(modeller.topology, TEMPERATURE, True, system) == 0.0
         one = app.Modeller(modeller.topology, modeller.positions)
         one.delete([r for r in one.topology.residues()][1:])
         single = ff.createSystem(one.topology, nonbondedMethod=app.NoCutoff, **kwargs)
         context = openmm.Context(single, openmm.VerletIntegrator(0.001),
                                  openmm.Platform.getPlatformByName("Reference"))
         context.setPositions(one.positions)
+        context.computeVirtualSites()
         energy = context.getState(getEnergy=True).getPotentialEnergy()
         assert energy.value_in_unit(unit.kilojoule_per_mole) == pytest.approx(0.0, abs=1e-12)

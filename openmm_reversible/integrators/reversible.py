@@ -85,21 +85,6 @@ def check_constraints(potential, constraints: Constraints | None) -> None:
                          "from the same System")
 
 
-def check_virtual_sites(potential) -> None:
-    """Refuse a potential whose System has virtual sites where the trainer would meet them:
-    its observables take molecules from the topology's bonds, so a site (bonded to nothing)
-    would count as a molecule of its own in ΔHvap and the molecular pressure. The windows
-    themselves integrate sites (:mod:`.sites`)."""
-    n = int(getattr(getattr(potential, "virtual_sites", None), "n_sites", 0) or 0)
-    if n:
-        raise InputError(
-            f"the System has {n} virtual sites (a 4-site water such as TIP4P-Ew, TIP4P/2005 "
-            "or OPC); fit does not train models with virtual sites yet (its molecules, ΔHvap "
-            "and pressure would count each site as a molecule). Train a 3-site model instead "
-            "(TIP3P, SPC/E, OPC3: rigid, config system.rigid_water = true, or flexible); "
-            "`openmm-reversible gradcheck` and ReversibleSimulation accept virtual sites")
-
-
 class ReversibleSimulation:
     """A differentiable simulation window: ``loss = sim(positions, velocities, box)``.
 
