@@ -412,7 +412,8 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
     initial velocities drawn from the same noise stream, gives the loss. With constraints the
     dynamics are OpenMM's constrained Langevin-middle scheme
     (:mod:`~openmm_reversible.integrators.constrained`), started from the structure put on
-    the constraints (positions projected, velocities made tangent).
+    the constraints (positions projected, velocities made tangent). Virtual sites are placed
+    from their parents, not integrated (:mod:`~openmm_reversible.integrators.sites`).
 
     Parameters
     ----------

@@ -49,6 +49,16 @@ def gradcheck_json(capsys, *argv: str) -> tuple[int, dict]:
     return code, json.loads(capsys.readouterr().out)
 
 
+def tagged_tip4p2005(where) -> str:
+    """tests/data/tip4p2005.xml with σ and ε of the oxygen tagged, written into ``where``."""
+    with open(os.path.join(ROOT, "tests", "data", "tip4p2005.xml")) as handle:
+        xml = handle.read().replace('epsilon="0.774908"/>',
+                                    'epsilon="0.774908" parameterize="sigma, epsilon"/>')
+    path = where / "tip4p2005_tagged.xml"
+    path.write_text(xml)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def water_pdb(tmp_path_factory):
     modeller = app.Modeller(app.Topology(), [])
@@ -89,6 +99,22 @@ def test_gradcheck_rigid_water_agrees_with_bptt_and_finite_differences(water_pdb
     assert result["rel_error_bptt"] < 1e-8
     assert result["rel_error_fd"] < 1e-4
     assert result["reconstruction_error"] < 1e-10
+
+
+def test_gradcheck_four_site_rigid_water(tmp_path, capsys):
+    """TIP4P/2005 (a virtual M site a molecule) rigid: the sites are placed, not integrated,
+    and the gradient equals BPTT and finite differences."""
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(app.ForceField("tip4pew.xml"), model="tip4pew", numAdded=16,
+                        neutralize=False)
+    with open(tmp_path / "water16.pdb", "w") as handle:
+        app.PDBFile.writeFile(modeller.topology, modeller.positions, handle)
+    forcefield = tagged_tip4p2005(tmp_path)
+    code, result = gradcheck_json(capsys, "--forcefield", forcefield, "--pdb",
+                                  str(tmp_path / "water16.pdb"), "--steps", "6", "--cutoff",
+                                  "0.35", "--rigid-water")
+    assert code == 0, result["verdict"]
+    assert result["rel_error_bptt"] < 1e-8 and result["rel_error_fd"] < 1e-4
 
 
 def test_gradcheck_hbonds_dipeptide_agrees_with_finite_differences(dipeptide_files, capsys):
@@ -201,11 +227,7 @@ def test_four_site_rigid_fit_runs_and_its_hvap_is_openmm(tmp_path):
     integrate the 90 massive particles under 90 constraints and place the sites; the ΔHvap
     of the windows is that of plain OpenMM on the same System, and the trained XML
     validates in OpenMM."""
-    with open(os.path.join(ROOT, "tests", "data", "tip4p2005.xml")) as handle:
-        xml = handle.read().replace('epsilon="0.774908"/>',
-                                    'epsilon="0.774908" parameterize="sigma, epsilon"/>')
-    (tmp_path / "tip4p2005_tagged.xml").write_text(xml)
-    data = {"forcefield": {"files": [str(tmp_path / "tip4p2005_tagged.xml")]},
+    data = {"forcefield": {"files": [tagged_tip4p2005(tmp_path)]},
             "structure": {"water_box": 30, "model": "tip4pew"},
             "system": {"nonbonded_method": "ReactionField", "cutoff": 0.45,
                        "rigid_water": True},
