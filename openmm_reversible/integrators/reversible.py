@@ -137,6 +137,8 @@ class ReversibleSimulation:
         The snapshots of the last call (detached).
     final_state : tuple of torch.Tensor
         Positions and velocities after ``n_steps`` (detached), to start the next window.
+    sites : MassiveParticles or None
+        With virtual sites, the particles the window integrates (:mod:`.sites`).
 
     Examples
     --------
