@@ -164,3 +164,18 @@ def test_gas_phase_energy_counts_constraints_and_virtual_sites(model, rigid, con
         context.computeVirtualSites()
         energy = context.getState(getEnergy=True).getPotentialEnergy()
         assert energy.value_in_unit(unit.kilojoule_per_mole) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_molecules_join_virtual_sites_with_the_system():
+    """The M site of TIP4P-Ew is bonded to nothing in the topology: alone it is a molecule of
+    its own; with the System it joins its parents, as in OpenMM's Context.getMolecules()."""
+    ff = app.ForceField("tip4pew.xml")
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(ff, model="tip4pew", numAdded=5, neutralize=False)
+    system = ff.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, rigidWater=True)
+    assert sorted(len(m) for m in molecules(modeller.topology)) == [1] * 5 + [3] * 5
+    joined = molecules(modeller.topology, system)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001),
+                             openmm.Platform.getPlatformByName("Reference"))
+    assert sorted(tuple(m) for m in joined) == sorted(tuple(sorted(m))
+                                                      for m in context.getMolecules())
