@@ -613,13 +613,6 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
             raise InputError(f"structure.pdb: {pdb} does not exist")
         structure = dataclasses.replace(structure, pdb=pdb)
     system = _build(SystemConfig, data.get("system", {}), "system")
-    if system.rigid_water or system.constraints != "none":
-        key = "rigid_water" if system.rigid_water else "constraints"
-        raise InputError(
-            f"system.{key}: constraints (rigid water, {', '.join(list(CONSTRAINTS)[1:])}) are "
-            "not supported in the reversible windows yet, and a fit with them would be "
-            "silently wrong; set system.rigid_water = false and system.constraints = \"none\" "
-            "(a flexible model), and check the trained model rigid with `validate --rigid`")
     simulation = _build(SimulationConfig, data["simulation"], "simulation")
     if simulation.pressure is not None and system.nonbonded_method in ("NoCutoff",
                                                                       "CutoffNonPeriodic"):

@@ -71,8 +71,8 @@ from tqdm.auto import tqdm
 
 from .errors import InputError, check_at_least, check_positive, structure_errors
 from .geometry import box_widths
-from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
-from .methods import NONBONDED_METHODS
+from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimulation
+from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .observables.energy import frame_energies
 from .reweighting import reweighted_average
 from .trajectory import Trajectory
@@ -346,7 +346,8 @@ def check_gradients(sim: ReversibleSimulation, positions: torch.Tensor,
         raise InputError("the potential has no trainable parameters; tag some with "
                          "parameterize=\"...\" in the force field XML")
     bptt = ReversibleSimulation(sim.potential, sim.integrator, sim.n_steps, sim.snapshot_every,
-                                sim.loss_fn, masses=sim.masses, mode="bptt")
+                                sim.loss_fn, masses=sim.masses, mode="bptt",
+                                constraints=sim.constraints)
 
     def flat_gradient(simulation: ReversibleSimulation) -> tuple[float, np.ndarray]:
         for p in params:
@@ -401,13 +402,18 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
                                temperature: float = 295.15, seed: int = 0,
                                nonbonded_method: str | None = None, cutoff: float = 0.9,
                                fd_step: float = 1e-6, reweighting: bool = False,
-                               progress: bool = False) -> GradientCheck:
+                               progress: bool = False, rigid_water: bool = False,
+                               constraints: str = "none") -> GradientCheck:
     """:func:`check_gradients` for a tagged force field on a structure file.
 
-    The System is built by OpenMM from ``forcefield`` for the structure (flexible: no
-    constraints, no rigid water, no centre-of-mass remover), its tagged parameters are the
-    variables, and a short Langevin simulation from the structure's positions, with initial
-    velocities drawn from the same noise stream, gives the loss.
+    The System is built by OpenMM from ``forcefield`` for the structure (no centre-of-mass
+    remover; flexible unless ``rigid_water`` or ``constraints``), its tagged parameters are
+    the variables, and a short Langevin simulation from the structure's positions, with
+    initial velocities drawn from the same noise stream, gives the loss. With constraints the
+    dynamics are OpenMM's constrained Langevin-middle scheme
+    (:mod:`~openmm_reversible.integrators.constrained`), started from the structure put on
+    the constraints (positions projected, velocities made tangent). Virtual sites are placed
+    from their parents, not integrated (:mod:`~openmm_reversible.integrators.sites`).
 
     Parameters
     ----------
@@ -434,6 +440,11 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
         Nonbonded cutoff (ignored with NoCutoff).
     fd_step, reweighting, progress
         As in :func:`check_gradients`.
+    rigid_water : bool
+        Rigid water molecules (``rigidWater=True``).
+    constraints : str
+        A key of :data:`~openmm_reversible.methods.CONSTRAINTS` ("none", "HBonds",
+        "AllBonds", "HAngles").
 
     Raises
     ------
@@ -463,8 +474,12 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
     if vectors is None and method in ("CutoffPeriodic", "Ewald", "PME"):
         raise InputError(f"--nonbonded-method {method} needs a periodic box, but {pdb} "
                          "has no CRYST1 record")
-    kwargs = {"nonbondedMethod": NONBONDED_METHODS[method], "constraints": None,
-              "rigidWater": False, "removeCMMotion": False}
+    if constraints not in CONSTRAINTS:
+        raise InputError(f"--constraints {constraints!r}: choose one of "
+                         f"{', '.join(CONSTRAINTS)}")
+    kwargs = {"nonbondedMethod": NONBONDED_METHODS[method],
+              "constraints": CONSTRAINTS[constraints], "rigidWater": bool(rigid_water),
+              "removeCMMotion": False}
     if method != "NoCutoff":
         kwargs["nonbondedCutoff"] = cutoff * openmm.unit.nanometer
     with structure_errors(pdb, files):
@@ -475,8 +490,13 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
     integrator = LangevinMiddleIntegrator(timestep, friction, temperature, seed)
     # State 0 never uses the noise of "step 0", so it seeds the initial velocities.
     velocities = integrator.noise(0, potential.masses)
+    # Virtual sites (massless) have no velocity; the windows place them from their parents.
+    velocities = torch.where(potential.masses[:, None] > 0, velocities, 0.0)
+    constrained = Constraints.from_system(parameters.system)
+    positions, velocities = constrained.constrain_state(positions, velocities, potential.masses)
     loss_fn = {"energy": energy_loss, "kinetic": kinetic_loss}.get(loss) \
         or rdf_loss(structure.topology, box)
-    sim = ReversibleSimulation(potential, integrator, steps, snapshot_every, loss_fn)
+    sim = ReversibleSimulation(potential, integrator, steps, snapshot_every, loss_fn,
+                               constraints=constrained)
     return check_gradients(sim, positions, velocities, box, parameters.trainable_keys,
                            fd_step, reweighting=reweighting, progress=progress)

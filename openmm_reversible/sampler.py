@@ -38,6 +38,7 @@ from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .observables.blocking import drifting
 from .observables.density import G_CM3_PER_AMU_NM3
 from .observables.selection import molecules
+from .observables.temperature import degrees_of_freedom
 from .parameters import residue_tag_error
 from .units import KB
 
@@ -310,15 +311,6 @@ def _openmm_seed(seed: int) -> int:
     return int(seed) % 2147483646 + 1
 
 
-def _degrees_of_freedom(system: openmm.System) -> int:
-    n = sum(1 for i in range(system.getNumParticles())
-            if system.getParticleMass(i).value_in_unit(unit.dalton) > 0)
-    dof = 3 * n - system.getNumConstraints()
-    if any(isinstance(f, openmm.CMMotionRemover) for f in system.getForces()):
-        dof -= 3
-    return dof
-
-
 class Sampler:
     """An OpenMM simulation (Langevin-middle, optionally NPT) whose parameters can be updated.
 
@@ -367,7 +359,7 @@ class Sampler:
         self.timestep = float(timestep)
         self.max_temperature = float(max_temperature or 3.0 * temperature)
         self.check_every = int(check_every)
-        self._dof = _degrees_of_freedom(self.system)
+        self._dof = degrees_of_freedom(self.system)
         self.integrator = openmm.LangevinMiddleIntegrator(temperature, friction, timestep)
         self.integrator.setRandomNumberSeed(seed)
         self.platform = select_platform(platform, deterministic)

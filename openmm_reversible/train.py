@@ -81,6 +81,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import openmm
 import torch
 from openmm import unit
 from tqdm.auto import tqdm
@@ -90,7 +91,7 @@ from .errors import InputError, structure_errors
 from .export import xml_writes
 from .files import atomic_write_all, text_writer
 from .geometry import box_widths
-from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
+from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimulation
 from .integrators.noise import counter_seed
 from .losses import Loss, Target
 from .observables.blocking import block_average, block_slices
@@ -288,15 +289,29 @@ def rdf_pairs(topology, atoms: list[str]) -> np.ndarray:
                         exclude=molecules(topology))
 
 
-def harmonic_gas_energy(topology, temperature: float, rigid: bool) -> float:
+def harmonic_gas_energy(topology, temperature: float, rigid: bool,
+                        system: openmm.System | None = None) -> float:
     """Classical mean potential energy of one isolated molecule, kJ/mol: k_B T / 2 per
-    internal mode (3n - 6, or 3n - 5 for a linear 2-atom molecule), 0 when rigid."""
-    sizes = {len(m) for m in molecules(topology)}
+    internal mode (3n - 6, or 1 for a 2-atom molecule, n its atoms), 0 when rigid.
+
+    With the OpenMM ``system`` the count is that of its first molecule (its virtual sites
+    joined to it): n its particles with mass (a site has no modes of its own) and one mode
+    fewer per constraint inside it (a rigid water has none left, an HBonds water with a
+    flexible angle one).
+    """
+    groups = molecules(topology, system)
+    sizes = {len(m) for m in groups}
     if len(sizes) != 1:
         raise InputError("enthalpy_of_vaporization needs a pure liquid (molecules of one "
                          f"size), but the structure has molecules of {sorted(sizes)} atoms")
-    n = sizes.pop()
-    modes = 0 if rigid or n == 1 else (1 if n == 2 else 3 * n - 6)
+    n, constrained = sizes.pop(), 0
+    if system is not None:
+        first = {int(i) for i in groups[0]}
+        n = sum(1 for i in first
+                if system.getParticleMass(i).value_in_unit(openmm.unit.dalton) > 0)
+        constrained = sum(1 for k in range(system.getNumConstraints())
+                          if system.getConstraintParameters(k)[0] in first)
+    modes = 0 if rigid or n == 1 else max((1 if n == 2 else 3 * n - 6) - constrained, 0)
     return 0.5 * modes * KB * temperature
 
 
@@ -319,17 +334,21 @@ class Objective:
       (:func:`ensemble_terms`); they are in :attr:`ensemble_targets`, not :attr:`targets`.
 
     After each call, :attr:`last_terms` holds each weighted term and :attr:`last_observables`
-    each observable (a float, or g(r) as a list) for logs and plots.
+    each observable (a float, or g(r) as a list) for logs and plots. With the OpenMM
+    ``system`` its molecules include their virtual sites and the gas-phase energy of ΔHvap
+    counts its constraints (:func:`harmonic_gas_energy`).
     """
 
-    def __init__(self, config: FitConfig, topology):
+    def __init__(self, config: FitConfig, topology, system: openmm.System | None = None):
         self.config = config
         self.targets = [t for t in config.targets if t.observable not in ENSEMBLE_OBSERVABLES]
         self.ensemble_targets = [t for t in config.targets
                                  if t.observable in ENSEMBLE_OBSERVABLES]
         self.rdf_setup: dict[str, dict] = {}
-        self._molecules = molecules(topology)
-        rigid = config.system.rigid_water or config.system.constraints != "none"
+        self._molecules = molecules(topology, system)
+        # Without the System the config's flags say whether the molecules are rigid.
+        rigid = system is None and (config.system.rigid_water
+                                    or config.system.constraints != "none")
         for t in self.targets:
             if t.observable == "rdf":
                 grid = t.rdf_grid()
@@ -344,7 +363,7 @@ class Objective:
                                  f"report it, or check it with 'openmm-reversible validate'")
         self.gas_energy = {t.label: (t.gas_energy if t.gas_energy is not None else
                                      harmonic_gas_energy(topology, config.simulation.temperature,
-                                                         rigid))
+                                                         rigid, system))
                            for t in self.targets if t.observable == "enthalpy_of_vaporization"}
         self.loss = Loss([self._target(t) for t in self.targets]) if self.targets else None
         self.ensemble_loss = Loss([
@@ -489,6 +508,8 @@ class WindowModel:
     potential : TorchPotential
         Bound to ``parameters``.
     objective : Objective
+    constraints : Constraints, optional
+        The System's distance constraints (rigid water, HBonds), integrated in the windows.
     """
 
     config: FitConfig
@@ -497,10 +518,12 @@ class WindowModel:
     parameters: ParameterSet
     potential: TorchPotential
     objective: Objective
+    constraints: Constraints | None = None
 
 
 def window_model(config: FitConfig) -> WindowModel:
-    """Build the structure, parameters, torch potential and objective of a config."""
+    """Build the structure, parameters, torch potential, objective and constraints of a
+    config."""
     with structure_errors(config.structure.source, config.forcefield.files):
         topology, positions = build_structure(config)
         parameters = ParameterSet.from_forcefield(config.forcefield.files, topology,
@@ -508,8 +531,10 @@ def window_model(config: FitConfig) -> WindowModel:
     configure_system(parameters.system, config)
     potential = TorchPotential(parameters.system, parameters=parameters,
                                fused=config.simulation.fused)
+    constraints = Constraints.from_system(parameters.system)
     return WindowModel(config, topology, positions, parameters, potential,
-                       Objective(config, topology))
+                       Objective(config, topology, parameters.system),
+                       constraints if len(constraints) else None)
 
 
 @dataclass(frozen=True)
@@ -600,9 +625,15 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
                                           sim_cfg.temperature, seed=piece.seed)
     simulation = ReversibleSimulation(
         model.potential, integrator, sched.window_steps, sched.snapshot_every,
-        model.objective, truncation=sched.truncation, resync_every=sched.resync_every)
+        model.objective, truncation=sched.truncation, resync_every=sched.resync_every,
+        constraints=model.constraints)
     positions = torch.as_tensor(state.positions, dtype=DTYPE)
     velocities = torch.as_tensor(state.velocities, dtype=DTYPE)
+    if model.constraints is not None:
+        # OpenMM holds constraints to its tolerance (1e-5 by default); the window starts on
+        # them to round-off.
+        positions, velocities = model.constraints.constrain_state(positions, velocities,
+                                                                  simulation.masses)
     box = None if state.box is None else torch.as_tensor(state.box, dtype=DTYPE)
     loss = simulation(positions, velocities, box)
     frames = simulation.trajectory.positions

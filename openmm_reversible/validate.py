@@ -82,7 +82,8 @@ def substitute_files(config: FitConfig, trained: list[str]) -> list[str]:
 
 def round_trip(config: FitConfig, trained_files: list[str], topology: app.Topology,
                positions: np.ndarray) -> dict:
-    """OpenMM (Reference) energy and forces of the trained System vs the twin's.
+    """OpenMM (Reference) energy and forces (on the particles that are not virtual sites) of
+    the trained System vs the twin's.
 
     Returns
     -------
@@ -105,6 +106,9 @@ def round_trip(config: FitConfig, trained_files: list[str], topology: app.Topolo
     if box is not None:
         context.setPeriodicBoxVectors(*box)
     context.setPositions(positions)
+    # Sites where the trained model puts them (the twin places them too): the structure's
+    # may come from another model (Modeller's TIP4P-Ew box for TIP4P/2005).
+    context.computeVirtualSites()
     state = context.getState(getEnergy=True, getForces=True)
     e_ref = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
     f_ref = state.getForces(asNumpy=True).value_in_unit(unit.kilojoule_per_mole / unit.nanometer)
@@ -115,6 +119,10 @@ def round_trip(config: FitConfig, trained_files: list[str], topology: app.Topolo
     energy = twin(x, box_t)
     forces = -torch.autograd.grad(energy, x)[0].detach().numpy()
     e_torch = float(energy.detach())
+    # Real particles only: OpenMM reports a virtual site's force before spreading it onto
+    # the parents, the twin (whose energy places the sites) after.
+    real = [not system.isVirtualSite(i) for i in range(system.getNumParticles())]
+    forces, f_ref = forces[real], np.asarray(f_ref)[real]
     ewald = config.system.nonbonded_method in ("Ewald", "PME")
     tol = ENERGY_TOL_EWALD if ewald else ENERGY_TOL
     e_err = abs(e_torch - e_ref) / max(abs(e_ref), 1e-3)
@@ -203,7 +211,7 @@ def simulate(system: openmm.System, topology: app.Topology, positions: np.ndarra
         chunk = min(every, equilibration - done)
         integrator.step(chunk)
         bar.update(chunk)
-    groups = molecules(topology)
+    groups = molecules(topology, system)
     masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                        for i in range(system.getNumParticles())])
     periodic = system.usesPeriodicBoundaryConditions()
@@ -253,7 +261,7 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
     the diffusion coefficient and, bin by bin (a list), for g(r). It is trustworthy when a
     block is longer than the observable's correlation time.
     """
-    groups = molecules(topology)
+    groups = molecules(topology, system)
     masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
                        for i in range(system.getNumParticles())])
     densities = masses.sum() / np.abs(np.linalg.det(frames.boxes)) * G_CM3_PER_AMU_NM3
@@ -296,7 +304,7 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
                        stderr=np.broadcast_to(g_stderr, g.shape).tolist())
         elif t.observable == "enthalpy_of_vaporization":
             gas = t.gas_energy if t.gas_energy is not None else \
-                harmonic_gas_energy(topology, config.simulation.temperature, rigid)
+                harmonic_gas_energy(topology, config.simulation.temperature, rigid, system)
             row["value"] = float(gas - np.mean(frames.energies) / len(groups)
                                  + KB * config.simulation.temperature)
             row["stderr"] = float(stderr(frames.energies)) / len(groups)

@@ -234,6 +234,6 @@ def format_report(report: VerifyReport) -> str:
     if report.n_virtual_sites or report.n_constraints:
         lines.append(f"{report.n_virtual_sites} virtual sites (placed from their parents), "
                      f"{report.n_constraints} constraints (no energy; the reversible windows "
-                     "do not support constraints or virtual sites yet)")
+                     "integrate the constraints and place the sites)")
     return "\n".join(lines)
 

@@ -154,13 +154,12 @@ def test_target_checks(base):
 
 
 @pytest.mark.parametrize("key, value", [("rigid_water", True), ("constraints", "HBonds")])
-def test_constraints_are_refused(base, key, value):
-    """The reversible windows integrate unconstrained dynamics: a rigid fit is refused."""
+def test_constraints_are_accepted(base, key, value):
+    """The reversible windows integrate constraints: rigid and HBonds configs load."""
     data, where = base
     data["system"][key] = value
-    message = _error(data, where)
-    assert message.startswith(f"system.{key}: constraints")
-    assert 'system.rigid_water = false and system.constraints = "none"' in message
+    config = config_from_dict(data, where)
+    assert getattr(config.system, key) == value
 
 
 def test_parameter_rules(base):

@@ -131,13 +131,20 @@ def test_unsupported_site_type_is_named():
         TorchPotential(system)
 
 
-def test_reversible_windows_and_exact_mode_refuse_virtual_sites():
+def test_reversible_windows_integrate_and_exact_mode_refuses_virtual_sites():
+    """The windows integrate the massive particles and place the sites
+    (tests/test_virtual_site_windows.py checks them against OpenMM and BPTT); the exact mode
+    refuses sites."""
     ff = app.ForceField("tip4pew.xml")
     pdb = app.PDBFile(openmm_data_file("tip4pew.pdb"))
     system = ff.createSystem(pdb.topology, nonbondedMethod=app.NoCutoff, rigidWater=False)
     pot = TorchPotential(system)
-    with pytest.raises(InputError, match="virtual sites"):
+    sim = ReversibleSimulation(pot, LangevinMiddleIntegrator(0.001, 1.0, 300.0), 10, 5,
+                               lambda traj, p: traj.positions.sum())
+    assert sim.sites is not None and sim.sites.n_particles == system.getNumParticles()
+    with pytest.raises(InputError, match="a virtual site has a nonzero mass"):
         ReversibleSimulation(pot, LangevinMiddleIntegrator(0.001, 1.0, 300.0), 10, 5,
-                             lambda traj, p: traj.positions.sum())
+                             lambda traj, p: traj.positions.sum(),
+                             masses=torch.ones(system.getNumParticles(), dtype=torch.float64))
     with pytest.raises(UnsupportedForceError, match="exact mode does not support virtual"):
         DeterministicForces(pot)

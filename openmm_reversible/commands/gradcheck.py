@@ -21,7 +21,7 @@ HELP = "compare reversible, BPTT and finite-difference gradients of a tagged for
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from ..gradcheck import FD_CONSISTENCY, LOSSES, check_forcefield_gradients
-    from ..methods import NONBONDED_METHODS
+    from ..methods import CONSTRAINTS, NONBONDED_METHODS
 
     default = defaults(check_forcefield_gradients)
     parser.add_argument("--forcefield", action="append", required=True, metavar="FF.xml",
@@ -44,6 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: CutoffPeriodic (reaction field) with a box, else "
                              "NoCutoff")
     parser.add_argument("--cutoff", type=float, default=default["cutoff"], help="nm")
+    parser.add_argument("--rigid-water", action="store_true",
+                        help="rigid water molecules (constrained, as OpenMM's rigidWater)")
+    parser.add_argument("--constraints", choices=list(CONSTRAINTS),
+                        default=default["constraints"],
+                        help="bond constraints (as OpenMM's createSystem constraints)")
     parser.add_argument("--fd-step", type=float, default=default["fd_step"],
                         help="finite-difference step in the scaled variables")
     parser.add_argument("--tol-bptt", type=float, default=1e-8,
@@ -93,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every, timestep=args.timestep, friction=args.friction,
         temperature=args.temperature, seed=args.seed, nonbonded_method=args.nonbonded_method,
         cutoff=args.cutoff, fd_step=args.fd_step, reweighting=args.reweighting,
-        progress=not args.no_progress)
+        progress=not args.no_progress, rigid_water=args.rigid_water,
+        constraints=args.constraints)
     ok, why = result.verdict(args.tol_bptt, args.tol_fd, args.fd_consistency)
     if args.json:
         print(json.dumps(result.as_dict() | {"ok": ok, "verdict": why, "loss_name": args.loss,

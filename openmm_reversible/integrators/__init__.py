@@ -5,6 +5,8 @@
 - :mod:`.langevin`: the Langevin-middle step, its exact inverse and its adjoint;
 - :mod:`.constraints`: distance constraints (rigid water, HBonds) and their projections;
   :mod:`.constrained`: OpenMM's constrained Langevin-middle step, its inverse and its adjoint;
+- :mod:`.sites`: virtual sites in a window (the particles with mass integrated, the sites
+  placed from them);
 - :mod:`.adjoint`: the reverse sweep (adjoint recurrence, snapshot injection, truncation)
   shared by the float and the exact mode;
 - :mod:`.reversible`: :class:`ReversibleSimulation`, a window of dynamics whose loss is

@@ -152,6 +152,35 @@ class Constraints:
         y = torch.linalg.solve(matrix, (rhs[index] * valid)[..., None])
         return y.reshape(-1)[slot]
 
+    def force_multipliers(self, x: torch.Tensor, v: torch.Tensor, forces: torch.Tensor,
+                          inv_masses: torch.Tensor) -> torch.Tensor:
+        """Multipliers ``λ`` of the instantaneous constraint forces ``f = G(x)ᵀλ`` (kJ/mol/nm²).
+
+        The forces that keep the constrained distances fixed in continuous time at the state
+        ``(x, v)``: with them ``d²g_k/dt² = |ṙ_k|² + r_k·r̈_k = 0``, i.e.
+        ``G M⁻¹Gᵀ λ = -(|ṙ_k|² + G M⁻¹F)``. Atom a of constraint k feels ``+λ_k r_k`` and atom
+        b ``-λ_k r_k``; their virial is ``Σ_k λ_k r_k ⊗ r_k`` (kJ/mol). Differentiable by
+        autograd in all inputs.
+
+        Parameters
+        ----------
+        x : torch.Tensor, shape (N, 3), nm
+        v : torch.Tensor, shape (N, 3), nm/ps
+            Velocities (tangent to the constraints for a consistent state).
+        forces : torch.Tensor, shape (N, 3), kJ/mol/nm
+            The potential's forces at ``x``.
+        inv_masses : torch.Tensor, shape (N,), 1/amu
+
+        Returns
+        -------
+        torch.Tensor, shape (m,)
+        """
+        if not len(self):
+            return x.new_zeros(0)
+        rate = self.bonds(v)
+        rhs = (rate * rate).sum(-1) + self.gradient_dot(x, forces * inv_masses[:, None])
+        return self.solve(x, x, inv_masses, -rhs)
+
     # -- projections ------------------------------------------------------------------------
 
     def project_velocities(self, x: torch.Tensor, q: torch.Tensor, inv_masses: torch.Tensor
@@ -203,6 +232,31 @@ class Constraints:
             f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
             f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
             "large for the constrained geometry: reduce the timestep")
+
+    def constrain_state(self, positions: torch.Tensor, velocities: torch.Tensor,
+                        masses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A state put on the constraints to round-off: positions projected onto them
+        (``Π(x; x)``, the smallest mass-weighted move) and velocities made tangent there
+        (``P_x v``). For states from an OpenMM platform, whose constraint tolerance
+        (1e-5 relative by default) is far above round-off.
+
+        Parameters
+        ----------
+        positions : torch.Tensor, shape (N, 3), nm
+        velocities : torch.Tensor, shape (N, 3), nm/ps
+        masses : torch.Tensor, shape (N,), amu
+
+        Returns
+        -------
+        (torch.Tensor, torch.Tensor)
+            Positions (nm) and velocities (nm/ps), detached.
+        """
+        masses = masses.to(positions.dtype)
+        # Massless particles (virtual sites) are never constrained and never moved.
+        inv_masses = torch.where(masses > 0, 1.0 / masses, torch.zeros_like(masses))
+        with torch.no_grad():
+            x, _ = self.project_positions(positions, positions, inv_masses)
+            return x, self.project_velocities(x, velocities, inv_masses)
 
     def project_positions(self, u: torch.Tensor, reference: torch.Tensor,
                           inv_masses: torch.Tensor, autograd: bool = False,

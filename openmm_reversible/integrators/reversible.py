@@ -56,6 +56,7 @@ from .constrained import ConstrainedLangevin
 from .constraints import Constraints
 from .forces import accelerations
 from .langevin import LangevinMiddleIntegrator
+from .sites import MassiveParticles
 
 LossFunction = Callable[[Trajectory, Any], torch.Tensor]
 """``loss_fn(trajectory, potential) -> scalar tensor``."""
@@ -119,6 +120,12 @@ class ReversibleSimulation:
         System has any. The initial positions must satisfy them (relative error
         ``<= 1e-10``; :meth:`~.constraints.Constraints.project_positions` puts them there).
 
+    Virtual sites (massless particles of a TorchPotential's System: TIP4P-Ew's M) are not
+    integrated: the window integrates the particles with mass and places the sites from them
+    (:mod:`.sites`), so forces on sites reach their parents through autograd. Positions and
+    velocities in and out (the snapshots, :attr:`final_state`) hold every particle, the sites
+    placed, with zero velocity; gradients with respect to the sites' input rows are zero.
+
     Attributes
     ----------
     info : dict
@@ -130,6 +137,8 @@ class ReversibleSimulation:
         The snapshots of the last call (detached).
     final_state : tuple of torch.Tensor
         Positions and velocities after ``n_steps`` (detached), to start the next window.
+    sites : MassiveParticles or None
+        With virtual sites, the particles the window integrates (:mod:`.sites`).
 
     Examples
     --------
@@ -165,9 +174,11 @@ class ReversibleSimulation:
                                  "(tensor of shape (N,), amu)")
         masses = torch.as_tensor(masses)
         check_constraints(potential, constraints)
-        if not bool((masses > 0).all()):
-            raise InputError("every mass must be > 0 amu (massless particles and virtual "
-                             "sites are not supported by the integrator)")
+        self.sites = MassiveParticles.of(potential, masses)
+        if self.sites is None and not bool((masses > 0).all()):
+            raise InputError("every mass must be > 0 amu (massless particles are integrated "
+                             "only as the virtual sites of a TorchPotential, placed from their "
+                             "parents)")
         self.potential = potential
         self.integrator = integrator
         self.n_steps = int(n_steps)
@@ -178,8 +189,14 @@ class ReversibleSimulation:
         self.masses = masses
         self.mode = mode
         self.constraints = constraints if constraints is not None and len(constraints) else None
-        self.scheme = (None if self.constraints is None
-                       else ConstrainedLangevin(integrator, self.constraints, masses))
+        # What the dynamics integrate: every particle, or those with mass (sites placed).
+        if self.sites is None:
+            self._dynamics, self._masses, integrated = potential, masses, self.constraints
+        else:
+            self._dynamics, self._masses = self.sites.potential(potential), self.sites.masses
+            integrated = self.sites.constraints(self.constraints)
+        self.scheme = (None if integrated is None
+                       else ConstrainedLangevin(integrator, integrated, self._masses))
         self.info: dict[str, float | int | str] = {}
         self.trajectory: Trajectory | None = None
         self.final_state: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -232,6 +249,8 @@ class ReversibleSimulation:
                     f"{residual:.3g} > {INITIAL_CONSTRAINT_TOL:g}); constrain them first, e.g. "
                     "positions = constraints.project_positions(positions, positions, "
                     "1 / masses)[0], or Context.applyConstraints(1e-12) in OpenMM")
+        if self.sites is not None:
+            positions, velocities = self.sites.reduce(positions), self.sites.reduce(velocities)
         if self.mode == "bptt":
             return self._bptt(positions, velocities, box, int(start_step))
         return _ReversibleFunction.apply(self, int(start_step), box, positions, velocities,
@@ -241,8 +260,11 @@ class ReversibleSimulation:
 
     def _trajectory(self, xs: torch.Tensor, vs: torch.Tensor, box: torch.Tensor | None,
                     start_step: int) -> Trajectory:
+        """The snapshots of all particles (sites placed from the integrated ones)."""
         steps = start_step + self.snapshot_every * torch.arange(
             1, self.n_snapshots + 1, device=xs.device)
+        if self.sites is not None:
+            xs, vs = self.sites.expand(xs), self.sites.expand_velocities(vs)
         return Trajectory(positions=xs, velocities=vs, box=box, steps=steps,
                           timestep=self.integrator.timestep, masses=self.masses,
                           temperature=self.integrator.temperature)
@@ -257,22 +279,24 @@ class ReversibleSimulation:
     def _step(self, x, v, a, step: int, autograd: bool = False):
         """One forward step (constrained when the simulation has constraints)."""
         if self.scheme is None:
-            return self.integrator.step(x, v, a, step, self.masses)
+            return self.integrator.step(x, v, a, step, self._masses)
         return self.scheme.step(x, v, a, step, autograd=autograd)
 
     def _remember(self, xs, vs, box, start_step, x, v) -> None:
         self.trajectory = self._trajectory(xs.detach(), vs.detach(), box, start_step)
-        self.final_state = (x.detach(), v.detach())
+        x, v = x.detach(), v.detach()
+        self.final_state = (x, v) if self.sites is None else (
+            self.sites.expand(x), self.sites.expand_velocities(v))
 
     # -- backpropagation through time ----------------------------------------------------------
 
     def _bptt(self, positions, velocities, box, start_step) -> torch.Tensor:
         t0 = time.perf_counter()
-        inv_masses = 1.0 / self.masses
+        inv_masses = 1.0 / self._masses
         x, v = positions, velocities
         xs, vs = [], []
         for k in range(1, self.n_steps + 1):
-            a, x = accelerations(self.potential, x, box, inv_masses, create_graph=True)
+            a, x = accelerations(self._dynamics, x, box, inv_masses, create_graph=True)
             x, v = self._step(x, v, a, start_step + k, autograd=True)
             if k % self.snapshot_every == 0:
                 xs.append(x)
@@ -291,13 +315,13 @@ class _ReversibleFunction(torch.autograd.Function):
     def forward(ctx, sim: ReversibleSimulation, start_step: int, box, positions, velocities,
                 *params):
         t0 = time.perf_counter()
-        inv_masses = 1.0 / sim.masses
+        inv_masses = 1.0 / sim._masses
         last = sim.n_snapshots * sim.snapshot_every
         first_needed = first_needed_step(sim.snapshot_every, sim.truncation)
         x, v = positions.detach(), velocities.detach()
         xs, vs, resync = [], [], {}
         for k in range(1, sim.n_steps + 1):
-            a, _ = accelerations(sim.potential, x, box, inv_masses)
+            a, _ = accelerations(sim._dynamics, x, box, inv_masses)
             x, v = sim._step(x, v, a, start_step + k)
             if k % sim.snapshot_every == 0:
                 xs.append(x)
@@ -327,14 +351,14 @@ class _ReversibleFunction(torch.autograd.Function):
         top = start + sim.n_snapshots * every
         exact = {**ctx.resync, start: ctx.initial, **stored}
         if sim.scheme is None:
-            dynamics = _FloatReverse(sim.integrator, sim.masses, (xs[-1], vs[-1]), top, exact)
+            dynamics = _FloatReverse(sim.integrator, sim._masses, (xs[-1], vs[-1]), top, exact)
         else:
             dynamics = _ConstrainedReverse(sim.scheme, (xs[-1], vs[-1]), top, exact, start)
         at_start = reverse_sweep(
             dynamics, top=top, stop=start + first_needed_step(every, sim.truncation),
             start=start, snapshots={n: (g_x[i], g_v[i]) for i, n in enumerate(stored)},
-            truncation=sim.truncation, potential=sim.potential, integ=sim.integrator, box=box,
-            inv_masses=1.0 / sim.masses, params=params, param_grads=param_grads,
+            truncation=sim.truncation, potential=sim._dynamics, integ=sim.integrator, box=box,
+            inv_masses=1.0 / sim._masses, params=params, param_grads=param_grads,
             needs_accelerations=True)
         sim.info.update(backward_s=time.perf_counter() - t0,
                         reconstruction_error=dynamics.x_err, velocity_error=dynamics.v_err,

@@ -17,7 +17,8 @@ energy (:mod:`.energy`)                 :func:`frame_energies`, :func:`energy_pe
 temperature (:mod:`.temperature`)       :func:`temperature`, :func:`degrees_of_freedom`
                                         (constraints and CM removal counted as OpenMM does)
 density, pressure (:mod:`.density`)     :func:`density`, :func:`virial`, :func:`kinetic_tensor`,
-                                        :func:`pressure_tensor`, :func:`pressure`
+                                        :func:`pressure_tensor`, :func:`pressure`,
+                                        :func:`constraint_virial` (constrained systems)
 transport (:mod:`.diffusion`)           :func:`mean_squared_displacement`,
                                         :func:`self_diffusion_coefficient`, :func:`unwrap`,
                                         :func:`time_between_frames`,
@@ -68,7 +69,14 @@ reweighting, :mod:`openmm_reversible.reweighting`.
 """
 
 from .blocking import block_average, block_slices, statistical_inefficiency
-from .density import density, kinetic_tensor, pressure, pressure_tensor, virial
+from .density import (
+    constraint_virial,
+    density,
+    kinetic_tensor,
+    pressure,
+    pressure_tensor,
+    virial,
+)
 from .dielectric import dipole_moment, static_dielectric
 from .diffusion import (
     mean_squared_displacement,
@@ -93,7 +101,7 @@ from .thermodynamics import (
 
 __all__ = [
     "Estimate", "atom_indices", "block_average", "block_slices", "born_terms",
-    "degrees_of_freedom", "density", "dipole_moment", "elastic_constants",
+    "constraint_virial", "degrees_of_freedom", "density", "dipole_moment", "elastic_constants",
     "energy_per_molecule", "enthalpy", "enthalpy_of_vaporization", "frame_energies",
     "heat_capacity", "isothermal_compressibility", "kinetic_tensor",
     "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",

@@ -15,8 +15,23 @@ PME, many-body and ML terms alike. The pressure tensor is
     P = (Σ m v ⊗ v + W) / V,        P = tr(P) / 3 = (2 K + tr W) / (3 V),
 
 with atomic masses and velocities for the atomic virial, molecular masses and centre-of-mass
-velocities for the molecular one. Systems with constraints (rigid water) need the molecular
-form: the atomic form would miss the constraint forces. The two agree on average otherwise.
+velocities for the molecular one. The two agree on average.
+
+Constrained systems (rigid water, HBonds). The forces that hold the constraints are internal
+to each molecule, so the molecular virial has no constraint term at all: it is right for a
+constrained system as it stands. The atomic form needs them: ``constraints=`` adds the virial
+``Σ_k λ_k r_k ⊗ r_k`` of the instantaneous constraint forces (:func:`constraint_virial`).
+For rigid molecules the two forms then agree frame by frame in the trace (the scalar
+pressure), not only on average: their difference is half the second time derivative of each
+molecule's moment of inertia trace, zero for a rigid body.
+
+What OpenMM reports. ``MonteCarloBarostat.computeCurrentPressure`` (OpenMM 8) is the
+molecular form with two choices of its own: the kinetic part from the molecules' centre-of-mass
+velocities (as here), and the configurational part by a central difference of the energy
+under box scalings ``1 ± 1e-3`` that move each molecule by its *geometric* centre. Passing unit
+masses to :func:`virial` gives its configurational number (to the accuracy of its finite
+difference, ~1e-4 relative on a switched PME box); the centre-of-mass choice used by
+:func:`pressure` differs frame by frame and agrees on average.
 """
 
 from __future__ import annotations
@@ -27,6 +42,7 @@ import torch
 from openmm import unit
 
 from ..errors import InputError
+from ..integrators.constraints import Constraints
 from .energy import Potential
 from .frames import MoleculeLayout, box_of_frame, check_box, check_frames, volumes
 
@@ -123,6 +139,51 @@ def virial(potential: Potential, positions: torch.Tensor, box, masses: torch.Ten
     return torch.stack(result)
 
 
+def constraint_virial(constraints: Constraints, potential: Potential, positions: torch.Tensor,
+                      velocities: torch.Tensor, box, masses: torch.Tensor) -> torch.Tensor:
+    """Virial ``Σ_k λ_k r_k ⊗ r_k`` of the instantaneous constraint forces, every frame, kJ/mol.
+
+    The multipliers ``λ`` are those that keep the constrained distances fixed in continuous
+    time at each frame's positions and velocities
+    (:meth:`~openmm_reversible.integrators.constraints.Constraints.force_multipliers`). Added
+    to the atomic :func:`virial` it gives the full atomic virial of a constrained system.
+
+    Parameters
+    ----------
+    constraints : Constraints
+        The System's constraints (``Constraints.from_system(system)``).
+    potential, positions, box
+        As for :func:`virial`.
+    velocities : torch.Tensor, shape (n_frames, n_atoms, 3), nm/ps
+    masses : torch.Tensor, shape (n_atoms,), amu
+
+    Returns
+    -------
+    torch.Tensor, shape (n_frames, 3, 3), kJ/mol
+        Symmetric; differentiable in the frames and the potential's parameters.
+    """
+    positions = check_frames(positions)
+    velocities = check_frames(velocities, "velocities")
+    box = check_box(box, positions.shape[0], positions, required=True)
+    if constraints.n_particles != positions.shape[1]:
+        raise InputError(f"constraints are for {constraints.n_particles} particles but the "
+                         f"frames have {positions.shape[1]} atoms; build them from the same "
+                         "System")
+    inv_masses = 1.0 / torch.as_tensor(masses, dtype=positions.dtype, device=positions.device)
+    result = []
+    for s in range(positions.shape[0]):
+        x = positions[s]
+        if not x.requires_grad:
+            x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (gradient,) = torch.autograd.grad(potential(x, box_of_frame(box, s)), x,
+                                              create_graph=True)
+        lam = constraints.force_multipliers(x, velocities[s], -gradient, inv_masses)
+        r = constraints.bonds(x)
+        result.append(torch.einsum("k,ka,kb->ab", lam, r, r))
+    return torch.stack(result)
+
+
 def kinetic_tensor(velocities: torch.Tensor, masses: torch.Tensor,
                    molecules: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
     """Twice the kinetic-energy tensor, ``Σ m v ⊗ v``, of every frame, kJ/mol.
@@ -152,7 +213,8 @@ def kinetic_tensor(velocities: torch.Tensor, masses: torch.Tensor,
 
 def pressure_tensor(potential: Potential, positions: torch.Tensor, velocities: torch.Tensor,
                     box, masses: torch.Tensor,
-                    molecules: Sequence[Sequence[int]] | None = None) -> torch.Tensor:
+                    molecules: Sequence[Sequence[int]] | None = None,
+                    constraints: Constraints | None = None) -> torch.Tensor:
     """Instantaneous pressure tensor ``(Σ m v ⊗ v + W) / V`` of every frame, bar.
 
     Parameters
@@ -161,7 +223,11 @@ def pressure_tensor(potential: Potential, positions: torch.Tensor, velocities: t
         As for :func:`virial` (``masses`` required here).
     velocities : torch.Tensor, shape (n_frames, n_atoms, 3), nm/ps
     molecules : list of array-like of int, optional
-        Molecular virial and centre-of-mass kinetic term (required for constrained systems).
+        Molecular virial and centre-of-mass kinetic term (right for constrained systems as
+        it is: constraint forces are internal to molecules).
+    constraints : Constraints, optional
+        With the atomic form (no ``molecules``): add the virial of the constraint forces
+        (:func:`constraint_virial`), needed for a System with constraints.
 
     Returns
     -------
@@ -174,19 +240,25 @@ def pressure_tensor(potential: Potential, positions: torch.Tensor, velocities: t
         raise InputError(f"velocities {tuple(velocities.shape)} and positions "
                          f"{tuple(positions.shape)} must have the same shape")
     box = check_box(box, positions.shape[0], positions, required=True)
+    if constraints is not None and molecules is not None:
+        raise InputError("constraints are for the atomic virial; the molecular virial "
+                         "(molecules=...) has no constraint term: give one of the two")
     total = kinetic_tensor(velocities, masses, molecules) + virial(
         potential, positions, box, masses, molecules)
+    if constraints is not None and len(constraints):
+        total = total + constraint_virial(constraints, potential, positions, velocities, box,
+                                          masses)
     volume = volumes(box)
     volume = volume[:, None, None] if volume.ndim == 1 else volume
     return total / volume * BAR_PER_KJ_MOL_NM3
 
 
 def pressure(potential: Potential, positions: torch.Tensor, velocities: torch.Tensor, box,
-             masses: torch.Tensor, molecules: Sequence[Sequence[int]] | None = None
-             ) -> torch.Tensor:
+             masses: torch.Tensor, molecules: Sequence[Sequence[int]] | None = None,
+             constraints: Constraints | None = None) -> torch.Tensor:
     """Instantaneous pressure ``(2K + tr W) / (3V)`` of every frame, bar, shape (n_frames,).
 
     Same arguments as :func:`pressure_tensor`, of which this is one third of the trace.
     """
-    return pressure_tensor(potential, positions, velocities, box, masses, molecules
-                           ).diagonal(dim1=-2, dim2=-1).mean(-1)
+    return pressure_tensor(potential, positions, velocities, box, masses, molecules,
+                           constraints).diagonal(dim1=-2, dim2=-1).mean(-1)

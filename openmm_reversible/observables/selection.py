@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 
 import numpy as np
+import openmm
 from openmm import app
 
 from ..errors import InputError
@@ -67,18 +68,23 @@ def atom_indices(topology: app.Topology, name: str | Collection[str] | None = No
     return np.asarray(selected, dtype=np.int64)
 
 
-def molecules(topology: app.Topology) -> list[np.ndarray]:
+def molecules(topology: app.Topology, system: openmm.System | None = None
+              ) -> list[np.ndarray]:
     """Atom indices of each molecule: the connected components of the topology's bonds.
 
     Parameters
     ----------
     topology : openmm.app.Topology
+    system : openmm.System, optional
+        Also join each virtual site to its parents and each constrained pair, as OpenMM's
+        molecules do (the M site of TIP4P-Ew has no bond in the topology).
 
     Returns
     -------
     list of numpy.ndarray (int64)
         One array per molecule, atoms in increasing order, molecules ordered by first atom.
-        An atom without bonds is a molecule of its own.
+        An atom without bonds (and, with ``system``, neither a site nor constrained) is a
+        molecule of its own.
     """
     parent = list(range(topology.getNumAtoms()))
 
@@ -88,8 +94,16 @@ def molecules(topology: app.Topology) -> list[np.ndarray]:
             i = parent[i]
         return i
 
-    for bond in topology.bonds():
-        a, b = root(bond[0].index), root(bond[1].index)
+    links = [(bond[0].index, bond[1].index) for bond in topology.bonds()]
+    if system is not None:
+        links += [tuple(system.getConstraintParameters(k)[:2])
+                  for k in range(system.getNumConstraints())]
+        for i in range(system.getNumParticles()):
+            if system.isVirtualSite(i):
+                site = system.getVirtualSite(i)
+                links += [(i, site.getParticle(k)) for k in range(site.getNumParticles())]
+    for first, second in links:
+        a, b = root(first), root(second)
         if a != b:
             parent[max(a, b)] = min(a, b)
     groups: dict[int, list[int]] = {}
