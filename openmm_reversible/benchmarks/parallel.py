@@ -63,9 +63,9 @@ def _sizes(trainer) -> dict[str, int]:
         sizes["replica_piece_bytes"] = ReplicaPiece(last["epoch"], 1, scaled, trainer.state, 0)
         # Distinct copies of the state: pickle would store one object repeated only once.
         sizes["replica_result_bytes"] = SampledReplica(
-            [copy.deepcopy(trainer.state) for _ in range(sched.windows)], [],
-            copy.deepcopy(trainer.state), last["state"],
-            {"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0})
+            starts=[copy.deepcopy(trainer.state) for _ in range(sched.windows)], frames=[],
+            ensemble=[], end=copy.deepcopy(trainer.state), state=last["state"],
+            timings={"push_s": 0.0, "equilibrate_s": 0.0, "bulk_s": 0.0})
     return {key: len(pickle.dumps(value)) for key, value in sizes.items()}
 
 
