@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,9 +48,10 @@ from .errors import InputError
 IN_PROCESS = "in-process"
 """The ``where`` of a piece run by :class:`InProcess`."""
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                    "OPENMM_CPU_THREADS")
+                    "NUMBA_NUM_THREADS", "OPENMM_CPU_THREADS")
 """Environment variables set to ``threads_per_worker`` in local workers: the math libraries'
-threads, and the default thread count of OpenMM's CPU platform (a replica's sampling)."""
+and the fused kernels' (numba) threads, and the default thread count of OpenMM's CPU platform
+(a replica's sampling)."""
 
 
 class PieceFailed(RuntimeError):
@@ -190,12 +192,24 @@ def _run_piece(function: Callable, threads: int | None, passthrough: tuple,
         if problem is not None:
             return Ran(_Raised(WorkerMismatch(problem)), where, 0.0)
         torch.set_num_threads(threads)
+        _set_numba_threads(threads)
     start = time.perf_counter()
     try:
         value = function(item)
     except passthrough as exc:
         value = _Raised(exc)
     return Ran(value, where, time.perf_counter() - start)
+
+
+def _set_numba_threads(threads: int) -> None:
+    """The fused kernels' threads on a worker (also one started by hand, whose environment
+    the engine does not set): at most ``threads``, so that workers sharing a node do not
+    oversubscribe its cores."""
+    if importlib.util.find_spec("numba") is None:
+        return
+    import numba
+
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
 
 
 class Engine:

@@ -231,6 +231,12 @@ def _threads(_item) -> int:
     return torch.get_num_threads()
 
 
+def _numba_threads(_item) -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
 def _allowed_failures(dask_scheduler) -> int:
     return dask_scheduler.allowed_failures
 
@@ -252,6 +258,8 @@ def test_workers_run_with_the_threads_and_retries_asked_for(two_workers):
     ran = two_workers.map(_threads, range(4))
     assert [r.value for r in ran] == [1] * 4
     assert all(r.where.startswith("tcp://") for r in ran)
+    # The fused kernels' threads too: 2 workers of 1 thread on 2 cores, not 2 × 2.
+    assert [r.value for r in two_workers.map(_numba_threads, range(2))] == [1] * 2
     assert [r.value for r in InProcess().map(_threads, range(2))] == [torch.get_num_threads()] * 2
 
 
