@@ -19,6 +19,7 @@ import openmm.app as app
 import pytest
 import torch
 from openmm import unit
+from test_gradcheck import water_pdb  # noqa: F401 - a fixture (16 TIP3P waters, PDB)
 
 from openmm_reversible.commands import gradcheck as gradcheck_command
 from openmm_reversible.config import config_from_dict
@@ -60,17 +61,6 @@ def tagged_tip4p2005(where) -> str:
 
 
 @pytest.fixture(scope="module")
-def water_pdb(tmp_path_factory):
-    modeller = app.Modeller(app.Topology(), [])
-    modeller.addSolvent(app.ForceField("tip3p.xml"), model="tip3p", numAdded=16,
-                        neutralize=False)
-    path = tmp_path_factory.mktemp("water") / "water16.pdb"
-    with open(path, "w") as handle:
-        app.PDBFile.writeFile(modeller.topology, modeller.positions, handle)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def dipeptide_files(tmp_path_factory):
     """A PDB of alanine dipeptide and ff14SB with the CT and HC Lennard-Jones tagged."""
     path = tmp_path_factory.mktemp("dipeptide")
@@ -87,7 +77,7 @@ def dipeptide_files(tmp_path_factory):
     return str(path / "ff14SB_tagged.xml"), str(path / "dipeptide.pdb")
 
 
-def test_gradcheck_rigid_water_agrees_with_bptt_and_finite_differences(water_pdb, capsys):
+def test_gradcheck_rigid_water_agrees_with_bptt_and_finite_differences(water_pdb, capsys):  # noqa: F811
     code, result = gradcheck_json(capsys, "--forcefield", XML, "--pdb", water_pdb,
                                   "--steps", "6", "--cutoff", "0.35", "--rigid-water",
                                   "--timestep", "0.001")
