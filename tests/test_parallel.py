@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 
+import numpy as np
 import pytest
 import torch
 from test_train import EPSILON, SIGMA, _config, argon  # noqa: F401 - argon is a fixture
@@ -37,7 +38,7 @@ from openmm_reversible.parallel import (
     open_engine,
 )
 from openmm_reversible.sampler import SimulationExploded
-from openmm_reversible.train import TrainingFailed, fit
+from openmm_reversible.train import CHECKPOINT, ReplicaPiece, TrainingFailed, fit
 
 WINDOWS = 4
 
@@ -155,6 +156,56 @@ def test_replicas_are_pieces_with_their_own_seeds_and_the_same_result_on_any_lay
         places = {p["worker"] for p in timings["replicas"]}
         assert places == where if where else IN_PROCESS not in places
     assert "replica_losses" not in in_process.records[0]
+
+
+class _Recording(InProcess):
+    """Runs the pieces here and keeps every replica piece with its sampling."""
+
+    def __init__(self):
+        self.replicas = []
+
+    def map(self, function, items, passthrough=(), done=None):
+        results = super().map(function, items, passthrough, done)
+        self.replicas += [(item, ran.value) for item, ran in zip(items, results, strict=True)
+                          if isinstance(item, ReplicaPiece)]
+        return results
+
+
+def _same_state(a, b) -> bool:
+    return (a.step == b.step and np.array_equal(a.positions, b.positions)
+            and np.array_equal(a.velocities, b.velocities))
+
+
+def test_each_replica_continues_its_own_chain_also_after_resuming(argon, tmp_path):  # noqa: F811
+    """Replica r of epoch 2 starts where replica r ended epoch 1, not where replica 1 did; the
+    checkpoint keeps every replica's end state, so a resumed fit gives the uninterrupted one."""
+    engine = _Recording()
+    whole = fit(_windows_config(argon, "chains", replicas=2), tmp_path / "whole",
+                progress=False, engine=engine)
+    pieces = [(p.epoch, p.index) for p, _ in engine.replicas]
+    assert pieces == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    (first1, ran1), (first2, ran2), (second1, _), (second2, _) = engine.replicas
+    assert _same_state(first1.state, first2.state)  # epoch 1: both from the start state
+    assert not _same_state(ran1.end, ran2.end)  # their own noise: two chains
+    assert _same_state(second1.state, ran1.end)
+    assert _same_state(second2.state, ran2.end)
+    saved = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
+    assert len(saved["replica_states"]) == 1 and len(saved["replica_states"][0]) == 1
+    assert saved["replica_states"][0][0]["step"] == saved["state"]["step"]
+    assert not torch.equal(saved["replica_states"][0][0]["positions"],
+                           saved["state"]["positions"])
+
+    fit(_windows_config(argon, "chains", epochs=1, replicas=2), tmp_path / "split",
+        progress=False)
+    resumed = _Recording()
+    again = fit(_windows_config(argon, "chains", replicas=2), tmp_path / "split", resume=True,
+                progress=False, engine=resumed)
+    assert [(p.epoch, p.index) for p, _ in resumed.replicas] == [(2, 0), (2, 1)]
+    assert _same_state(resumed.replicas[1][0].state, ran2.end)
+    assert _results(again) == _results(whole)
+    assert [r["replica_losses"] for r in again.records] == \
+        [r["replica_losses"] for r in whole.records]
+    assert again.parameters == whole.parameters
 
 
 def test_an_exploded_simulation_crosses_from_a_worker_with_its_step_and_reason():
