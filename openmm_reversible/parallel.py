@@ -28,6 +28,12 @@ differs is refused with :class:`WorkerMismatch` before it runs any piece.
 Every result says where it ran (the worker's address, or ``"in-process"``) and how long the
 piece's function took (s); the rest of a piece's wall time is the engine's overhead
 (serialisation, transfer, scheduling).
+
+Progress: a map tells its caller when each piece starts on a worker (``started``) and when it
+finishes (``done``); :class:`PieceProgress` turns both into one bar for an epoch, whose status
+says what each worker runs now and how many pieces it has finished (:func:`describe_progress`).
+On Dask the start of a piece reaches the coordinator as an event the worker logs to the
+scheduler, under a topic of the engine's own.
 """
 
 from __future__ import annotations
@@ -36,12 +42,15 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import InputError
 
@@ -170,6 +179,93 @@ def describe_workers(summary: Mapping[str, dict]) -> str:
                      f"({e['seconds']:.1f} s)" for where, e in summary.items())
 
 
+def describe_progress(running: Mapping[str, str], finished: Iterable[Ran]) -> str:
+    """What each worker runs now and how much it has finished, for a progress bar:
+    ``127.0.0.1:40123: window 4, 2 done (3.5 s); 127.0.0.1:40777: idle, 1 done (0.3 s)``.
+
+    Parameters
+    ----------
+    running : mapping of str to str
+        Worker address to the label of the piece it runs now.
+    finished : iterable of Ran
+        The pieces finished so far.
+
+    Returns
+    -------
+    str
+        One entry per worker, in address order: what it runs (``idle`` when nothing), the
+        number of pieces it finished and their total time in the function (s).
+    """
+    done: dict[str, list[float]] = {}
+    for ran in finished:
+        done.setdefault(ran.where, []).append(ran.seconds)
+    parts = []
+    for where in sorted(set(running) | set(done)):
+        times = done.get(where, [])
+        parts.append(f"{where.removeprefix('tcp://')}: {running.get(where, 'idle')}, "
+                     f"{len(times)} done" + (f" ({sum(times):.1f} s)" if times else ""))
+    return "; ".join(parts)
+
+
+class PieceProgress:
+    """One progress bar over the pieces of several maps (an epoch's replicas, then its
+    windows), with what each worker runs now (:func:`describe_progress`) as its status.
+
+    Parameters
+    ----------
+    description : str
+        The bar's label, e.g. ``"epoch 3"``.
+    total : int
+        The pieces of all the maps the bar will follow.
+    enabled : bool
+        Whether to show the bar (the status is kept either way).
+    """
+
+    def __init__(self, description: str, total: int, enabled: bool = True):
+        self.bar = tqdm(total=total, desc=description, unit="piece", leave=False,
+                        disable=not enabled or None)
+        self.running: dict[str, str] = {}
+        self.finished: list[Ran] = []
+        # started() may come from the Dask client's thread, done() from the caller's.
+        self._lock = threading.Lock()
+
+    def phase(self, labels: Sequence[str]) -> tuple[Callable[[int, str], None],
+                                                     Callable[[int, Ran], None]]:
+        """The ``started`` and ``done`` callbacks of one :meth:`Engine.map` whose items are
+        named ``labels`` (short: ``"window 3"``), in item order."""
+        over: set[int] = set()
+
+        def started(index: int, where: str) -> None:
+            with self._lock:
+                if index not in over:  # a late start event of a finished piece is dropped
+                    self.running[where] = labels[index]
+                    self.bar.set_postfix_str(self.status(), refresh=True)
+
+        def done(index: int, ran: Ran) -> None:
+            with self._lock:
+                over.add(index)
+                if self.running.get(ran.where) == labels[index]:
+                    del self.running[ran.where]
+                self.finished.append(ran)
+                self.bar.update(1)
+                self.bar.set_postfix_str(self.status(), refresh=True)
+
+        return started, done
+
+    def status(self) -> str:
+        """The bar's status now (:func:`describe_progress`)."""
+        return describe_progress(self.running, self.finished)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> PieceProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class _Raised:
     """A passthrough exception, carried back as a value so that the engine does not retry it."""
@@ -178,21 +274,25 @@ class _Raised:
 
 
 def _run_piece(function: Callable, threads: int | None, passthrough: tuple,
-               expected: dict | None, item) -> Ran:
+               expected: dict | None, item, announce: tuple[str, dict] | None = None) -> Ran:
     """Run ``function(item)``: on a Dask worker with ``threads`` torch threads, or here when
     ``threads`` is None. On a worker whose :func:`environment` differs from ``expected`` the
-    piece is not run: a :class:`WorkerMismatch` comes back instead. Module-level so that it
-    pickles."""
+    piece is not run: a :class:`WorkerMismatch` comes back instead. ``announce``, on a
+    worker, is ``(topic, message)`` of the event logged as the piece starts (the worker's
+    address is added to the message as ``where``). Module-level so that it pickles."""
     where = IN_PROCESS
     if threads is not None:
         from distributed import get_worker
 
-        where = get_worker().address
+        worker = get_worker()
+        where = worker.address
         problem = mismatch(where, environment(), expected)
         if problem is not None:
             return Ran(_Raised(WorkerMismatch(problem)), where, 0.0)
         torch.set_num_threads(threads)
         _set_numba_threads(threads)
+        if announce is not None:
+            worker.log_event(announce[0], {**announce[1], "where": where})
     start = time.perf_counter()
     try:
         value = function(item)
@@ -219,7 +319,8 @@ class Engine:
     """Whether the pieces run in this process (and may use its objects as they are)."""
 
     def map(self, function: Callable, items: Sequence, passthrough: tuple = (),
-            done: Callable[[int, Ran], None] | None = None) -> list[Ran]:
+            done: Callable[[int, Ran], None] | None = None,
+            started: Callable[[int, str], None] | None = None) -> list[Ran]:
         """``function(item)`` for every item, results in the order of ``items``.
 
         Parameters
@@ -232,6 +333,9 @@ class Engine:
             Raised to the caller unchanged (the first in item order), never retried.
         done : callable, optional
             Called as ``done(index, ran)`` when a piece finishes (progress bars).
+        started : callable, optional
+            Called as ``started(index, where)`` when a piece starts on a worker (``where``: its
+            address), possibly from another thread; a piece re-run elsewhere starts again.
 
         Raises
         ------
@@ -254,9 +358,11 @@ class Engine:
 class InProcess(Engine):
     """Run the pieces one after another in this process."""
 
-    def map(self, function, items, passthrough=(), done=None):
+    def map(self, function, items, passthrough=(), done=None, started=None):
         results = []
         for index, item in enumerate(items):
+            if started is not None:
+                started(index, IN_PROCESS)
             ran = _run_piece(function, None, passthrough, None, item)
             if isinstance(ran.value, _Raised):
                 raise ran.value.error
@@ -306,6 +412,8 @@ class DaskEngine(Engine):
         self.retries = int(retries)
         self.environment = environment()
         self._cluster = None
+        self._topic = f"openmm-reversible-started-{uuid.uuid4().hex}"
+        """The topic of this engine's piece-start events (:meth:`map`'s ``started``)."""
         if scheduler is None:
             # The scheduler lives in this process: how often a piece may take its worker down
             # before it counts as failed is set here. Dask starts its workers with
@@ -360,10 +468,21 @@ class DaskEngine(Engine):
                 self.close()
                 raise WorkerMismatch(problem)
 
-    def map(self, function, items, passthrough=(), done=None):
+    def map(self, function, items, passthrough=(), done=None, started=None):
+        token = uuid.uuid4().hex  # tells this map's start events from a previous map's
+        if started is not None:
+            def on_event(event) -> None:
+                message = event[1]
+                if message.get("map") == token:
+                    started(message["index"], message["where"])
+
+            self.client.subscribe_topic(self._topic, on_event)
         futures = [self.client.submit(_run_piece, function, self.threads, passthrough,
-                                      self.environment, item, pure=False, retries=self.retries)
-                   for item in items]
+                                      self.environment, item,
+                                      None if started is None
+                                      else (self._topic, {"map": token, "index": i}),
+                                      pure=False, retries=self.retries)
+                   for i, item in enumerate(items)]
         results: list[Ran | None] = [None] * len(futures)
         try:
             for i, outcome in self._outcomes(futures):
@@ -382,6 +501,8 @@ class DaskEngine(Engine):
         finally:
             for future in futures:
                 future.cancel()
+            if started is not None:
+                self.client.unsubscribe_topic(self._topic)
         for ran in results:
             if isinstance(ran.value, _Raised):
                 raise ran.value.error

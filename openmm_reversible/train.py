@@ -108,7 +108,7 @@ from .outputs import (
     write_topology,
     write_trajectory,
 )
-from .parallel import Engine, PieceFailed, by_worker, describe_workers, open_engine
+from .parallel import Engine, PieceFailed, PieceProgress, by_worker, open_engine
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
@@ -1210,6 +1210,16 @@ class Trainer:
         return {start + round(k * steps / n) for k in range(1, n + 1)} - {start}
 
     def _attempt(self, attempt: int) -> dict:
+        """:meth:`_run_attempt` under one progress bar for all the epoch's pieces (the
+        replicas' sampling when ``schedule.replicas`` > 1, then the windows)."""
+        sched = self.config.schedule
+        legs = sum(1 for leg in self.legs if leg.model.objective.targets)
+        total = (len(self.legs) if sched.replicas > 1 else 0) * sched.replicas \
+            + legs * sched.replicas * sched.windows
+        with PieceProgress(f"epoch {self.epoch + 1}", total, self.progress) as self._bar:
+            return self._run_attempt(attempt)
+
+    def _run_attempt(self, attempt: int) -> dict:
         """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
         sched = self.config.schedule
         epoch = self.epoch + 1
@@ -1371,24 +1381,15 @@ class Trainer:
         order. A piece that fails on every run the engine allows stops the fit with
         :class:`TrainingFailed`, named by ``name(piece)``."""
         function = local if self.engine.local else remote
-        bar = tqdm(total=len(pieces), desc=f"epoch {pieces[0].epoch} {unit}s", leave=False,
-                   disable=not self.progress or None, unit=unit)
-        finished = {}
-
-        def done(index, ran) -> None:
-            finished[index] = ran
-            bar.update(1)
-            bar.set_postfix_str(describe_workers(by_worker(finished)))
-
-        with bar:
-            try:
-                return self.engine.map(
-                    function, pieces, done=done,
-                    passthrough=(_WindowFailed, NonFiniteGradient, SimulationExploded))
-            except PieceFailed as exc:
-                raise TrainingFailed(
-                    f"epoch {pieces[exc.index].epoch}: {name(pieces[exc.index])}: {exc}. The "
-                    f"fit stops; the last good parameters are kept in {self.output}") from exc
+        started, done = self._bar.phase([f"{unit} {i + 1}" for i in range(len(pieces))])
+        try:
+            return self.engine.map(
+                function, pieces, done=done, started=started,
+                passthrough=(_WindowFailed, NonFiniteGradient, SimulationExploded))
+        except PieceFailed as exc:
+            raise TrainingFailed(
+                f"epoch {pieces[exc.index].epoch}: {name(pieces[exc.index])}: {exc}. The "
+                f"fit stops; the last good parameters are kept in {self.output}") from exc
 
     def close(self) -> None:
         """Close the engine the trainer opened (its worker processes); a later epoch opens it
