@@ -9,9 +9,16 @@ to a single-process run.
 
 - :class:`InProcess` runs the pieces one after another here (the default);
 - :class:`DaskEngine` runs them on a Dask ``distributed`` cluster: ``workers`` local worker
-  processes (a ``LocalCluster``) or a running scheduler given by its address (a cluster
-  started by hand or by ``dask-jobqueue`` on Slurm/PBS). Each worker runs one piece at a time
-  with ``threads_per_worker`` torch threads, so N workers × threads stay within the cores.
+  processes (a ``LocalCluster``), worker jobs it submits to Slurm or PBS (``dask-jobqueue``,
+  :func:`jobqueue_cluster`), or a running scheduler given by its address (a cluster started
+  by hand). Each worker runs one piece at a time with ``threads_per_worker`` torch threads,
+  so N workers × threads stay within the cores.
+
+GPUs: where this process sees CUDA GPUs, each local worker gets one of them as its only
+visible device (``CUDA_VISIBLE_DEVICES``, :func:`local_workers`), round robin, and
+``workers = "auto"`` starts one worker per GPU. OpenMM's CUDA platform (``platform = "auto"``
+or ``"CUDA"``) then runs a worker's sampling on its own GPU (device index 0 of the one it
+sees). The reversible windows run in float64 torch on the CPU, which a GPU does not change.
 
 Faults: a worker that dies while running a piece (killed, out of memory) has the piece re-run on
 another worker, and an unexpected exception in a piece is retried, ``retries`` times each; a
@@ -42,6 +49,8 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import os
+import sys
 import threading
 import time
 import uuid
@@ -61,6 +70,11 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 """Environment variables set to ``threads_per_worker`` in local workers: the math libraries'
 and the fused kernels' (numba) threads, and the default thread count of OpenMM's CPU platform
 (a replica's sampling)."""
+
+
+SCHEDULER_HTTP = "127.0.0.1:0"
+"""Where a scheduler this process starts serves its HTTP endpoint (health, metrics): a free
+local port instead of 8787, which another cluster may hold; no dashboard."""
 
 
 class PieceFailed(RuntimeError):
@@ -128,6 +142,114 @@ def mismatch(where: str, theirs: dict[str, str], ours: dict[str, str]) -> str | 
             f"would not give this process's numbers; install the same versions on every node "
             f"(pip install -r requirements.lock, and openmm-reversible from the same commit: "
             f"pip install -e .) and restart that worker")
+
+
+def gpu_count() -> int:
+    """CUDA GPUs this process sees (those of ``CUDA_VISIBLE_DEVICES``); 0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_workers(workers: int | str, threads: int, gpus: int, cores: int,
+                  visible: str | None = None) -> list[dict[str, str]]:
+    """The environment of each local worker process: its threads and, with GPUs, its GPU.
+
+    Parameters
+    ----------
+    workers : int or "auto"
+        How many workers; ``"auto"``: one per GPU, or without GPUs one per ``threads`` cores.
+    threads : int
+        Threads of each worker (:data:`THREAD_VARIABLES`).
+    gpus : int
+        CUDA GPUs this process sees (:func:`gpu_count`).
+    cores : int
+        CPU cores of the machine.
+    visible : str, optional
+        This process's ``CUDA_VISIBLE_DEVICES`` (its GPUs' ids, comma-separated); None or empty
+        when unset, the GPUs are then 0, 1, ...
+
+    Returns
+    -------
+    list of dict of str to str
+        Per worker, the variables to set. With GPUs, worker k sees GPU k mod ``gpus`` of this
+        process's only (``CUDA_VISIBLE_DEVICES``), so that each gets its own while there are
+        as many GPUs as workers.
+    """
+    ids = [i.strip() for i in visible.split(",")] if visible else [str(i) for i in range(gpus)]
+    ids = ids[:gpus]
+    count = (len(ids) or max(1, cores // threads)) if workers == "auto" else int(workers)
+    env = {name: str(threads) for name in THREAD_VARIABLES}
+    return [{**env, **({"CUDA_VISIBLE_DEVICES": ids[k % len(ids)]} if ids else {})}
+            for k in range(count)]
+
+
+def _job_environment(threads: int) -> list[str]:
+    """Shell lines of a worker job that set its threads as :func:`local_workers` does, and
+    keep Dask's nanny from setting ``MALLOC_TRIM_THRESHOLD_`` (see :class:`DaskEngine`) or
+    forcing the math libraries to 1 thread."""
+    spawn = {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": threads,
+             "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    return [f"export {' '.join(f'{name}={threads}' for name in THREAD_VARIABLES)}",
+            f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{spawn!r}"']
+
+
+def jobqueue_cluster(settings, submit: bool = True):
+    """A dask-jobqueue cluster of ``settings.workers`` batch jobs, one worker each.
+
+    The scheduler runs in this process; each job runs one worker that runs one piece at a time
+    and books ``threads_per_worker`` CPUs for its torch threads, with the thread variables
+    set as for local workers and the interpreter of this process (``sys.executable``: the
+    nodes must see it at the same path).
+
+    Parameters
+    ----------
+    settings : ParallelConfig
+        ``cluster`` (``"slurm"`` or ``"pbs"``), ``workers``, ``threads_per_worker``,
+        ``queue``, ``account``, ``memory``, ``walltime``, ``job_extra`` (extra directives,
+        e.g. ``--gres=gpu:1``) and ``prologue`` (shell lines before the worker starts).
+    submit : bool
+        Submit the jobs (``scale``); False only builds the cluster, e.g. to read its
+        ``job_script()``.
+
+    Returns
+    -------
+    dask_jobqueue.JobQueueCluster
+        Close it when done (this cancels its jobs).
+
+    Raises
+    ------
+    ClusterUnavailable
+        dask-jobqueue is not installed.
+    """
+    try:
+        import dask
+        import dask_jobqueue
+    except ImportError:
+        raise ClusterUnavailable(
+            f"parallel.cluster = {settings.cluster!r} needs dask-jobqueue; install the pinned "
+            f"packages (pip install -r requirements.lock) or set parallel.cluster = 'local'"
+        ) from None
+    threads = settings.threads_per_worker
+    options = {"queue": settings.queue, "account": settings.account, "cores": 1,
+               "processes": 1, "memory": settings.memory, "walltime": settings.walltime,
+               "job_extra_directives": list(settings.job_extra),
+               "job_script_prologue": _job_environment(threads) + list(settings.prologue),
+               "python": sys.executable, "scheduler_options": {
+                   "dashboard_address": SCHEDULER_HTTP}}
+    if settings.cluster == "slurm":
+        cls = dask_jobqueue.SLURMCluster
+        options["job_cpu"] = threads
+    else:
+        from dask.utils import parse_bytes
+        from dask_jobqueue.pbs import pbs_format_bytes_ceil
+
+        cls = dask_jobqueue.PBSCluster
+        options["resource_spec"] = (f"select=1:ncpus={threads}:"
+                                    f"mem={pbs_format_bytes_ceil(parse_bytes(settings.memory))}")
+    with dask.config.set({"distributed.scheduler.allowed-failures": settings.retries}):
+        cluster = cls(**options)
+    if submit:
+        cluster.scale(jobs=int(settings.workers))
+    return cluster
 
 
 @dataclass(frozen=True)
@@ -377,16 +499,19 @@ class DaskEngine(Engine):
 
     Parameters
     ----------
-    workers : int, optional
-        Start a ``LocalCluster`` of this many worker processes (one piece at a time each).
+    workers : int or "auto", optional
+        Start a ``LocalCluster`` of this many worker processes (one piece at a time each),
+        each with a GPU of its own where there are GPUs (:func:`local_workers`).
     scheduler : str, optional
         Or connect to a running scheduler at this address (``tcp://host:8786``).
+    cluster : dask_jobqueue.JobQueueCluster, optional
+        Or use this cluster (:func:`jobqueue_cluster`); the engine closes it.
     threads_per_worker : int
         torch threads in each worker while it runs a piece.
     retries : int
         Extra runs of a piece whose worker died or that raised an unexpected exception.
     connect_timeout : float, s
-        How long to wait for the scheduler (and for the local workers to start).
+        How long to wait for the scheduler (and for each local worker to start).
 
     Raises
     ------
@@ -400,37 +525,60 @@ class DaskEngine(Engine):
 
     local = False
 
-    def __init__(self, workers: int | None = None, scheduler: str | None = None,
-                 threads_per_worker: int = 1, retries: int = 2, connect_timeout: float = 10.0):
+    def __init__(self, workers: int | str | None = None, scheduler: str | None = None,
+                 threads_per_worker: int = 1, retries: int = 2, connect_timeout: float = 10.0,
+                 cluster=None):
         import dask
         from distributed import Client, LocalCluster
 
-        if (workers is None) == (scheduler is None):
-            raise InputError("parallel: give either a number of local workers or the address "
-                             "of a running scheduler")
+        if sum(x is not None for x in (workers, scheduler, cluster)) != 1:
+            raise InputError("parallel: give either a number of local workers, the address "
+                             "of a running scheduler or a cluster")
         self.threads = int(threads_per_worker)
         self.retries = int(retries)
         self.environment = environment()
         self._cluster = None
         self._topic = f"openmm-reversible-started-{uuid.uuid4().hex}"
         """The topic of this engine's piece-start events (:meth:`map`'s ``started``)."""
+        if cluster is not None:  # its scheduler lives in this process; its jobs join later
+            self._cluster = cluster
+            self.client = Client(cluster, timeout=connect_timeout)
+            self._check_workers()
+            return
         if scheduler is None:
             # The scheduler lives in this process: how often a piece may take its worker down
             # before it counts as failed is set here. Dask starts its workers with
             # MALLOC_TRIM_THRESHOLD_ set, which turns off glibc's adaptive mmap threshold: every
             # tensor over 128 KiB is then mapped and unmapped, and torch ran 1.4 to 1.8 times
             # slower in a worker than in a plain process (measured); it is left unset.
+            # Each worker has an environment of its own (its GPU), so the cluster starts
+            # without workers and is then given one spec per worker; they start while the
+            # settings above hold.
+            layout = local_workers(workers, self.threads, gpu_count(), os.cpu_count() or 1,
+                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
             with dask.config.set({
                     "distributed.scheduler.allowed-failures": self.retries,
                     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
                 self._cluster = LocalCluster(
-                    n_workers=int(workers), threads_per_worker=1, processes=True,
+                    n_workers=0, threads_per_worker=1, processes=True,
                     dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
-                    env={name: str(self.threads) for name in THREAD_VARIABLES},
-                    # No dashboard; the scheduler's own HTTP endpoint (health, metrics) on a
-                    # free local port instead of 8787, which another cluster may hold.
-                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
-            self.client = Client(self._cluster, timeout=connect_timeout)
+                    scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP})
+                spec = self._cluster.new_spec
+                for k, env in enumerate(layout):
+                    self._cluster.worker_spec[k] = {
+                        "cls": spec["cls"], "options": {**spec["options"], "env": env}}
+                self._cluster.scale(len(layout))
+                self.client = Client(self._cluster, timeout=connect_timeout)
+                try:
+                    self.client.wait_for_workers(len(layout),
+                                                 timeout=connect_timeout * len(layout))
+                except TimeoutError as exc:
+                    self.close()
+                    raise ClusterUnavailable(
+                        f"parallel.workers = {workers!r}: the local workers did not all start "
+                        f"within {connect_timeout:g} s each ({exc}); raise "
+                        f"parallel.connect_timeout on a busy machine, or start fewer "
+                        f"workers") from None
             self._check_workers()
             return
         try:
@@ -580,16 +728,20 @@ def open_engine(settings) -> Engine:
     Parameters
     ----------
     settings : ParallelConfig
-        ``workers``, ``scheduler``, ``threads_per_worker``, ``retries``, ``connect_timeout``.
+        ``workers``, ``scheduler``, ``threads_per_worker``, ``retries``, ``connect_timeout``,
+        and ``cluster`` with its job keys (:func:`jobqueue_cluster`).
 
     Returns
     -------
     Engine
         :class:`InProcess` when neither ``workers`` nor ``scheduler`` is given, else a
-        :class:`DaskEngine` (close it when done).
+        :class:`DaskEngine` (close it when done) on local workers, on worker jobs it
+        submits (``cluster`` = slurm or pbs) or on the scheduler's cluster.
     """
     if settings.workers is None and settings.scheduler is None:
         return InProcess()
-    return DaskEngine(workers=settings.workers, scheduler=settings.scheduler,
-                      threads_per_worker=settings.threads_per_worker, retries=settings.retries,
-                      connect_timeout=settings.connect_timeout)
+    common = {"threads_per_worker": settings.threads_per_worker, "retries": settings.retries,
+              "connect_timeout": settings.connect_timeout}
+    if settings.cluster != "local":
+        return DaskEngine(cluster=jobqueue_cluster(settings), **common)
+    return DaskEngine(workers=settings.workers, scheduler=settings.scheduler, **common)
