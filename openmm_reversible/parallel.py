@@ -183,11 +183,10 @@ def local_workers(workers: int | str, threads: int, gpus: int, cores: int,
 
 
 def _job_environment(threads: int) -> list[str]:
-    """Shell lines of a worker job that set its threads as :func:`local_workers` does, and
-    keep Dask's nanny from setting ``MALLOC_TRIM_THRESHOLD_`` (see :class:`DaskEngine`) or
-    forcing the math libraries to 1 thread."""
-    spawn = {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": threads,
-             "MKL_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads}
+    """Shell lines of a worker job that set its threads as :func:`local_workers` does (the
+    nanny keeps variables set in its environment), and keep Dask's nanny from setting
+    ``MALLOC_TRIM_THRESHOLD_`` (see :class:`DaskEngine`)."""
+    spawn = {"MALLOC_TRIM_THRESHOLD_": None}
     return [f"export {' '.join(f'{name}={threads}' for name in THREAD_VARIABLES)}",
             f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{spawn!r}"']
 
@@ -357,17 +356,22 @@ class PieceProgress:
         named ``labels`` (short: ``"window 3"``), in item order."""
         over: set[int] = set()
 
+        def forget(index: int) -> None:
+            """The piece no longer runs where it ran before (also on a worker that died)."""
+            for where in [w for w, label in self.running.items() if label == labels[index]]:
+                del self.running[where]
+
         def started(index: int, where: str) -> None:
             with self._lock:
                 if index not in over:  # a late start event of a finished piece is dropped
+                    forget(index)
                     self.running[where] = labels[index]
                     self.bar.set_postfix_str(self.status(), refresh=True)
 
         def done(index: int, ran: Ran) -> None:
             with self._lock:
                 over.add(index)
-                if self.running.get(ran.where) == labels[index]:
-                    del self.running[ran.where]
+                forget(index)
                 self.finished.append(ran)
                 self.bar.update(1)
                 self.bar.set_postfix_str(self.status(), refresh=True)

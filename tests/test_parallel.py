@@ -121,7 +121,7 @@ def test_progress_line_says_which_pieces_each_worker_ran_and_how_long():
     assert describe_workers(summary) == "127.0.0.1:40123: 1, 3 (3.5 s); 127.0.0.1:40777: 2 (0.3 s)"
 
 
-A, B = "tcp://127.0.0.1:40123", "tcp://127.0.0.1:40777"
+A, B, C = "tcp://127.0.0.1:40123", "tcp://127.0.0.1:40777", "tcp://127.0.0.1:40999"
 
 
 def test_progress_status_says_what_each_worker_runs_now_and_how_much_it_finished():
@@ -155,6 +155,10 @@ def test_one_bar_follows_the_pieces_of_several_maps_as_they_start_and_finish():
         assert progress.status() == "127.0.0.1:40123: window 3, 2 done (2.5 s); " \
                                     "127.0.0.1:40777: window 2, 1 done (1.0 s)"
         assert len(progress.finished) == 3 and progress.bar.total == 5
+        started(1, C)  # B died running window 2: it runs again on a new worker
+        assert progress.status() == "127.0.0.1:40123: window 3, 2 done (2.5 s); " \
+                                    "127.0.0.1:40777: idle, 1 done (1.0 s); " \
+                                    "127.0.0.1:40999: window 2, 0 done"
 
 
 def _square_slowly(x: int) -> int:
