@@ -10,7 +10,8 @@ A config file has one table per concern::
     [equilibration] before the first epoch: max_steps, the drift test's blocks and threshold
     [failure]      what to do when a simulation blows up (retries, new noise, smaller step)
     [output]       trajectory format and frames per epoch (besides XML, log, CSV, checkpoint)
-    [parallel]     workers, scheduler, threads_per_worker: where the windows of an epoch run
+    [parallel]     workers, scheduler, threads_per_worker, cluster (local, slurm, pbs):
+                   where the pieces of an epoch run
     [[targets]]    one table per observable with its target and weight
     [[systems]]    instead of [structure], [system] and [[targets]]: several systems, each
                    with name, temperature = [...] and pressure = [...] (its state points),
@@ -206,16 +207,48 @@ class OutputConfig:
                                                 "over its equilibration and bulk steps")
 
 
+def _workers(value) -> str | None:
+    if value == "auto":
+        return None
+    if isinstance(value, str):
+        return "must be a number of workers or 'auto'"
+    return _positive(value)
+
+
+CLUSTERS = ("local", "slurm", "pbs")
+"""Where ``parallel.workers`` start: this machine, or batch jobs (dask-jobqueue)."""
+JOBQUEUE_KEYS = ("queue", "account", "memory", "walltime", "job_extra", "prologue")
+"""The ``[parallel]`` keys of a batch-job cluster (``cluster`` = slurm or pbs)."""
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    workers: int | None = _spec(None, _positive, "local worker processes for the windows "
-                                                 "(default: none, windows run in-process)")
+    workers: int | str | None = _spec(
+        None, _workers, "worker processes for the pieces (default: none, they run "
+                        "in-process); 'auto': one per CUDA GPU when there are GPUs, else one "
+                        "per threads_per_worker cores; with cluster = slurm or pbs, the "
+                        "number of worker jobs")
     scheduler: str | None = _spec(None, doc="address of a running Dask scheduler, e.g. "
-                                            "tcp://10.0.0.5:8786 (instead of local workers)")
-    threads_per_worker: int = _spec(1, _positive, "torch threads of each worker")
+                                            "tcp://10.0.0.5:8786 (instead of workers)")
+    threads_per_worker: int = _spec(1, _positive, "torch threads of each worker (the CPUs "
+                                                  "each worker job books)")
     retries: int = _spec(2, _non_negative, "extra runs of a window whose worker died or "
                                            "failed unexpectedly")
-    connect_timeout: float = _spec(10.0, _positive, "s to wait for the scheduler")
+    connect_timeout: float = _spec(10.0, _positive, "s to wait for the scheduler (and for "
+                                                    "each local worker to start)")
+    cluster: str = _spec("local", _one_of(*CLUSTERS),
+                         "where the workers start: local processes, or Slurm or PBS jobs "
+                         "(dask-jobqueue) with the keys below")
+    queue: str | None = _spec(None, doc="slurm/pbs: partition or queue of the worker jobs")
+    account: str | None = _spec(None, doc="slurm/pbs: account the worker jobs are billed to")
+    memory: str | None = _spec(None, doc="slurm/pbs: memory of each worker job, e.g. '8GB' "
+                                         "(required there)")
+    walltime: str | None = _spec(None, doc="slurm/pbs: time limit of each worker job, e.g. "
+                                           "'04:00:00'")
+    job_extra: list[str] = _spec([], doc="slurm/pbs: extra directives of the job script, e.g. "
+                                         "['--gres=gpu:1'] (one GPU per worker on Slurm)")
+    prologue: list[str] = _spec([], doc="slurm/pbs: shell lines run in each job before its "
+                                        "worker, e.g. ['source /path/to/.venv/bin/activate']")
 
 
 @dataclass(frozen=True)
@@ -506,6 +539,37 @@ def _build(cls, table, where: str):
     return cls(**kwargs)
 
 
+def check_parallel(parallel: ParallelConfig) -> None:
+    """Check a ``[parallel]`` section as a whole (also after the command line changed it).
+
+    Raises
+    ------
+    InputError
+        Both ``workers`` and ``scheduler``; keys of worker jobs without ``cluster`` = slurm
+        or pbs; or such a cluster without a number of ``workers`` or their ``memory``.
+    """
+    if parallel.workers is not None and parallel.scheduler is not None:
+        raise InputError("parallel: give either 'workers' (local worker processes) or "
+                         "'scheduler' (the address of a running cluster), not both")
+    default = ParallelConfig()
+    given = [key for key in JOBQUEUE_KEYS if getattr(parallel, key) != getattr(default, key)]
+    if parallel.cluster == "local":
+        if given:
+            raise InputError(f"parallel.{given[0]}: only for worker jobs; set parallel.cluster "
+                             f"= 'slurm' or 'pbs', or remove it")
+        return
+    where = f"parallel.cluster = {parallel.cluster!r}"
+    if parallel.scheduler is not None:
+        raise InputError(f"{where}: starts its own scheduler; remove parallel.scheduler (or "
+                         f"set cluster = 'local' to connect to that one)")
+    if not isinstance(parallel.workers, int):
+        raise InputError(f"{where}: give parallel.workers, the number of worker jobs to "
+                         f"submit, e.g. workers = 8")
+    if parallel.memory is None:
+        raise InputError(f"{where}: give parallel.memory, the memory of each worker job, e.g. "
+                         f"memory = '8GB'")
+
+
 def _resolve(path: str, base: Path) -> str:
     p = Path(path).expanduser()
     return str(p if p.is_absolute() else (base / p).resolve())
@@ -641,9 +705,7 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
     failure = _build(FailureConfig, data.get("failure", {}), "failure")
     output = _build(OutputConfig, data.get("output", {}), "output")
     parallel = _build(ParallelConfig, data.get("parallel", {}), "parallel")
-    if parallel.workers is not None and parallel.scheduler is not None:
-        raise InputError("parallel: give either 'workers' (local worker processes) or "
-                         "'scheduler' (the address of a running cluster), not both")
+    check_parallel(parallel)
     raw_targets = data.get("targets", [])
     if not isinstance(raw_targets, list) or not raw_targets:
         raise InputError("targets: give at least one [[targets]] table")

@@ -9,9 +9,16 @@ to a single-process run.
 
 - :class:`InProcess` runs the pieces one after another here (the default);
 - :class:`DaskEngine` runs them on a Dask ``distributed`` cluster: ``workers`` local worker
-  processes (a ``LocalCluster``) or a running scheduler given by its address (a cluster
-  started by hand or by ``dask-jobqueue`` on Slurm/PBS). Each worker runs one piece at a time
-  with ``threads_per_worker`` torch threads, so N workers × threads stay within the cores.
+  processes (a ``LocalCluster``), worker jobs it submits to Slurm or PBS (``dask-jobqueue``,
+  :func:`jobqueue_cluster`), or a running scheduler given by its address (a cluster started
+  by hand). Each worker runs one piece at a time with ``threads_per_worker`` torch threads,
+  so N workers × threads stay within the cores.
+
+GPUs: where this process sees CUDA GPUs, each local worker gets one of them as its only
+visible device (``CUDA_VISIBLE_DEVICES``, :func:`local_workers`), round robin, and
+``workers = "auto"`` starts one worker per GPU. OpenMM's CUDA platform (``platform = "auto"``
+or ``"CUDA"``) then runs a worker's sampling on its own GPU (device index 0 of the one it
+sees). The reversible windows run in float64 torch on the CPU, which a GPU does not change.
 
 Faults: a worker that dies while running a piece (killed, out of memory) has the piece re-run on
 another worker, and an unexpected exception in a piece is retried, ``retries`` times each; a
@@ -28,6 +35,12 @@ differs is refused with :class:`WorkerMismatch` before it runs any piece.
 Every result says where it ran (the worker's address, or ``"in-process"``) and how long the
 piece's function took (s); the rest of a piece's wall time is the engine's overhead
 (serialisation, transfer, scheduling).
+
+Progress: a map tells its caller when each piece starts on a worker (``started``) and when it
+finishes (``done``); :class:`PieceProgress` turns both into one bar for an epoch, whose status
+says what each worker runs now and how many pieces it has finished (:func:`describe_progress`).
+On Dask the start of a piece reaches the coordinator as an event the worker logs to the
+scheduler, under a topic of the engine's own.
 """
 
 from __future__ import annotations
@@ -36,12 +49,17 @@ import functools
 import hashlib
 import importlib.util
 import logging
+import os
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from .errors import InputError
 
@@ -52,6 +70,11 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"
 """Environment variables set to ``threads_per_worker`` in local workers: the math libraries'
 and the fused kernels' (numba) threads, and the default thread count of OpenMM's CPU platform
 (a replica's sampling)."""
+
+
+SCHEDULER_HTTP = "127.0.0.1:0"
+"""Where a scheduler this process starts serves its HTTP endpoint (health, metrics): a free
+local port instead of 8787, which another cluster may hold; no dashboard."""
 
 
 class PieceFailed(RuntimeError):
@@ -121,6 +144,113 @@ def mismatch(where: str, theirs: dict[str, str], ours: dict[str, str]) -> str | 
             f"pip install -e .) and restart that worker")
 
 
+def gpu_count() -> int:
+    """CUDA GPUs this process sees (those of ``CUDA_VISIBLE_DEVICES``); 0 without CUDA."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def local_workers(workers: int | str, threads: int, gpus: int, cores: int,
+                  visible: str | None = None) -> list[dict[str, str]]:
+    """The environment of each local worker process: its threads and, with GPUs, its GPU.
+
+    Parameters
+    ----------
+    workers : int or "auto"
+        How many workers; ``"auto"``: one per GPU, or without GPUs one per ``threads`` cores.
+    threads : int
+        Threads of each worker (:data:`THREAD_VARIABLES`).
+    gpus : int
+        CUDA GPUs this process sees (:func:`gpu_count`).
+    cores : int
+        CPU cores of the machine.
+    visible : str, optional
+        This process's ``CUDA_VISIBLE_DEVICES`` (its GPUs' ids, comma-separated); None or empty
+        when unset, the GPUs are then 0, 1, ...
+
+    Returns
+    -------
+    list of dict of str to str
+        Per worker, the variables to set. With GPUs, worker k sees GPU k mod ``gpus`` of this
+        process's only (``CUDA_VISIBLE_DEVICES``), so that each gets its own while there are
+        as many GPUs as workers.
+    """
+    ids = [i.strip() for i in visible.split(",")] if visible else [str(i) for i in range(gpus)]
+    ids = ids[:gpus]
+    count = (len(ids) or max(1, cores // threads)) if workers == "auto" else int(workers)
+    env = {name: str(threads) for name in THREAD_VARIABLES}
+    return [{**env, **({"CUDA_VISIBLE_DEVICES": ids[k % len(ids)]} if ids else {})}
+            for k in range(count)]
+
+
+def _job_environment(threads: int) -> list[str]:
+    """Shell lines of a worker job that set its threads as :func:`local_workers` does (the
+    nanny keeps variables set in its environment), and keep Dask's nanny from setting
+    ``MALLOC_TRIM_THRESHOLD_`` (see :class:`DaskEngine`)."""
+    spawn = {"MALLOC_TRIM_THRESHOLD_": None}
+    return [f"export {' '.join(f'{name}={threads}' for name in THREAD_VARIABLES)}",
+            f'export DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="{spawn!r}"']
+
+
+def jobqueue_cluster(settings, submit: bool = True):
+    """A dask-jobqueue cluster of ``settings.workers`` batch jobs, one worker each.
+
+    The scheduler runs in this process; each job runs one worker that runs one piece at a time
+    and books ``threads_per_worker`` CPUs for its torch threads, with the thread variables
+    set as for local workers and the interpreter of this process (``sys.executable``: the
+    nodes must see it at the same path).
+
+    Parameters
+    ----------
+    settings : ParallelConfig
+        ``cluster`` (``"slurm"`` or ``"pbs"``), ``workers``, ``threads_per_worker``,
+        ``queue``, ``account``, ``memory``, ``walltime``, ``job_extra`` (extra directives,
+        e.g. ``--gres=gpu:1``) and ``prologue`` (shell lines before the worker starts).
+    submit : bool
+        Submit the jobs (``scale``); False only builds the cluster, e.g. to read its
+        ``job_script()``.
+
+    Returns
+    -------
+    dask_jobqueue.JobQueueCluster
+        Close it when done (this cancels its jobs).
+
+    Raises
+    ------
+    ClusterUnavailable
+        dask-jobqueue is not installed.
+    """
+    try:
+        import dask
+        import dask_jobqueue
+    except ImportError:
+        raise ClusterUnavailable(
+            f"parallel.cluster = {settings.cluster!r} needs dask-jobqueue; install the pinned "
+            f"packages (pip install -r requirements.lock) or set parallel.cluster = 'local'"
+        ) from None
+    threads = settings.threads_per_worker
+    options = {"queue": settings.queue, "account": settings.account, "cores": 1,
+               "processes": 1, "memory": settings.memory, "walltime": settings.walltime,
+               "job_extra_directives": list(settings.job_extra),
+               "job_script_prologue": _job_environment(threads) + list(settings.prologue),
+               "python": sys.executable, "scheduler_options": {
+                   "dashboard_address": SCHEDULER_HTTP}}
+    if settings.cluster == "slurm":
+        cls = dask_jobqueue.SLURMCluster
+        options["job_cpu"] = threads
+    else:
+        from dask.utils import parse_bytes
+        from dask_jobqueue.pbs import pbs_format_bytes_ceil
+
+        cls = dask_jobqueue.PBSCluster
+        options["resource_spec"] = (f"select=1:ncpus={threads}:"
+                                    f"mem={pbs_format_bytes_ceil(parse_bytes(settings.memory))}")
+    with dask.config.set({"distributed.scheduler.allowed-failures": settings.retries}):
+        cluster = cls(**options)
+    if submit:
+        cluster.scale(jobs=int(settings.workers))
+    return cluster
+
+
 @dataclass(frozen=True)
 class Ran:
     """The result of one piece.
@@ -170,6 +300,98 @@ def describe_workers(summary: Mapping[str, dict]) -> str:
                      f"({e['seconds']:.1f} s)" for where, e in summary.items())
 
 
+def describe_progress(running: Mapping[str, str], finished: Iterable[Ran]) -> str:
+    """What each worker runs now and how much it has finished, for a progress bar:
+    ``127.0.0.1:40123: window 4, 2 done (3.5 s); 127.0.0.1:40777: idle, 1 done (0.3 s)``.
+
+    Parameters
+    ----------
+    running : mapping of str to str
+        Worker address to the label of the piece it runs now.
+    finished : iterable of Ran
+        The pieces finished so far.
+
+    Returns
+    -------
+    str
+        One entry per worker, in address order: what it runs (``idle`` when nothing), the
+        number of pieces it finished and their total time in the function (s).
+    """
+    done: dict[str, list[float]] = {}
+    for ran in finished:
+        done.setdefault(ran.where, []).append(ran.seconds)
+    parts = []
+    for where in sorted(set(running) | set(done)):
+        times = done.get(where, [])
+        parts.append(f"{where.removeprefix('tcp://')}: {running.get(where, 'idle')}, "
+                     f"{len(times)} done" + (f" ({sum(times):.1f} s)" if times else ""))
+    return "; ".join(parts)
+
+
+class PieceProgress:
+    """One progress bar over the pieces of several maps (an epoch's replicas, then its
+    windows), with what each worker runs now (:func:`describe_progress`) as its status.
+
+    Parameters
+    ----------
+    description : str
+        The bar's label, e.g. ``"epoch 3"``.
+    total : int
+        The pieces of all the maps the bar will follow.
+    enabled : bool
+        Whether to show the bar (the status is kept either way).
+    """
+
+    def __init__(self, description: str, total: int, enabled: bool = True):
+        self.bar = tqdm(total=total, desc=description, unit="piece", leave=False,
+                        disable=not enabled or None)
+        self.running: dict[str, str] = {}
+        self.finished: list[Ran] = []
+        # started() may come from the Dask client's thread, done() from the caller's.
+        self._lock = threading.Lock()
+
+    def phase(self, labels: Sequence[str]) -> tuple[Callable[[int, str], None],
+                                                     Callable[[int, Ran], None]]:
+        """The ``started`` and ``done`` callbacks of one :meth:`Engine.map` whose items are
+        named ``labels`` (short: ``"window 3"``), in item order."""
+        over: set[int] = set()
+
+        def forget(index: int) -> None:
+            """The piece no longer runs where it ran before (also on a worker that died)."""
+            for where in [w for w, label in self.running.items() if label == labels[index]]:
+                del self.running[where]
+
+        def started(index: int, where: str) -> None:
+            with self._lock:
+                if index not in over:  # a late start event of a finished piece is dropped
+                    forget(index)
+                    self.running[where] = labels[index]
+                    self.bar.set_postfix_str(self.status(), refresh=True)
+
+        def done(index: int, ran: Ran) -> None:
+            with self._lock:
+                over.add(index)
+                forget(index)
+                self.finished.append(ran)
+                self.bar.update(1)
+                self.bar.set_postfix_str(self.status(), refresh=True)
+
+        return started, done
+
+    def status(self) -> str:
+        """The bar's status now (:func:`describe_progress`)."""
+        return describe_progress(self.running, self.finished)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> PieceProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class _Raised:
     """A passthrough exception, carried back as a value so that the engine does not retry it."""
@@ -178,21 +400,25 @@ class _Raised:
 
 
 def _run_piece(function: Callable, threads: int | None, passthrough: tuple,
-               expected: dict | None, item) -> Ran:
+               expected: dict | None, item, announce: tuple[str, dict] | None = None) -> Ran:
     """Run ``function(item)``: on a Dask worker with ``threads`` torch threads, or here when
     ``threads`` is None. On a worker whose :func:`environment` differs from ``expected`` the
-    piece is not run: a :class:`WorkerMismatch` comes back instead. Module-level so that it
-    pickles."""
+    piece is not run: a :class:`WorkerMismatch` comes back instead. ``announce``, on a
+    worker, is ``(topic, message)`` of the event logged as the piece starts (the worker's
+    address is added to the message as ``where``). Module-level so that it pickles."""
     where = IN_PROCESS
     if threads is not None:
         from distributed import get_worker
 
-        where = get_worker().address
+        worker = get_worker()
+        where = worker.address
         problem = mismatch(where, environment(), expected)
         if problem is not None:
             return Ran(_Raised(WorkerMismatch(problem)), where, 0.0)
         torch.set_num_threads(threads)
         _set_numba_threads(threads)
+        if announce is not None:
+            worker.log_event(announce[0], {**announce[1], "where": where})
     start = time.perf_counter()
     try:
         value = function(item)
@@ -219,7 +445,8 @@ class Engine:
     """Whether the pieces run in this process (and may use its objects as they are)."""
 
     def map(self, function: Callable, items: Sequence, passthrough: tuple = (),
-            done: Callable[[int, Ran], None] | None = None) -> list[Ran]:
+            done: Callable[[int, Ran], None] | None = None,
+            started: Callable[[int, str], None] | None = None) -> list[Ran]:
         """``function(item)`` for every item, results in the order of ``items``.
 
         Parameters
@@ -232,6 +459,9 @@ class Engine:
             Raised to the caller unchanged (the first in item order), never retried.
         done : callable, optional
             Called as ``done(index, ran)`` when a piece finishes (progress bars).
+        started : callable, optional
+            Called as ``started(index, where)`` when a piece starts on a worker (``where``: its
+            address), possibly from another thread; a piece re-run elsewhere starts again.
 
         Raises
         ------
@@ -254,9 +484,11 @@ class Engine:
 class InProcess(Engine):
     """Run the pieces one after another in this process."""
 
-    def map(self, function, items, passthrough=(), done=None):
+    def map(self, function, items, passthrough=(), done=None, started=None):
         results = []
         for index, item in enumerate(items):
+            if started is not None:
+                started(index, IN_PROCESS)
             ran = _run_piece(function, None, passthrough, None, item)
             if isinstance(ran.value, _Raised):
                 raise ran.value.error
@@ -271,16 +503,19 @@ class DaskEngine(Engine):
 
     Parameters
     ----------
-    workers : int, optional
-        Start a ``LocalCluster`` of this many worker processes (one piece at a time each).
+    workers : int or "auto", optional
+        Start a ``LocalCluster`` of this many worker processes (one piece at a time each),
+        each with a GPU of its own where there are GPUs (:func:`local_workers`).
     scheduler : str, optional
         Or connect to a running scheduler at this address (``tcp://host:8786``).
+    cluster : dask_jobqueue.JobQueueCluster, optional
+        Or use this cluster (:func:`jobqueue_cluster`); the engine closes it.
     threads_per_worker : int
         torch threads in each worker while it runs a piece.
     retries : int
         Extra runs of a piece whose worker died or that raised an unexpected exception.
     connect_timeout : float, s
-        How long to wait for the scheduler (and for the local workers to start).
+        How long to wait for the scheduler (and for each local worker to start).
 
     Raises
     ------
@@ -294,35 +529,60 @@ class DaskEngine(Engine):
 
     local = False
 
-    def __init__(self, workers: int | None = None, scheduler: str | None = None,
-                 threads_per_worker: int = 1, retries: int = 2, connect_timeout: float = 10.0):
+    def __init__(self, workers: int | str | None = None, scheduler: str | None = None,
+                 threads_per_worker: int = 1, retries: int = 2, connect_timeout: float = 10.0,
+                 cluster=None):
         import dask
         from distributed import Client, LocalCluster
 
-        if (workers is None) == (scheduler is None):
-            raise InputError("parallel: give either a number of local workers or the address "
-                             "of a running scheduler")
+        if sum(x is not None for x in (workers, scheduler, cluster)) != 1:
+            raise InputError("parallel: give either a number of local workers, the address "
+                             "of a running scheduler or a cluster")
         self.threads = int(threads_per_worker)
         self.retries = int(retries)
         self.environment = environment()
         self._cluster = None
+        self._topic = f"openmm-reversible-started-{uuid.uuid4().hex}"
+        """The topic of this engine's piece-start events (:meth:`map`'s ``started``)."""
+        if cluster is not None:  # its scheduler lives in this process; its jobs join later
+            self._cluster = cluster
+            self.client = Client(cluster, timeout=connect_timeout)
+            self._check_workers()
+            return
         if scheduler is None:
             # The scheduler lives in this process: how often a piece may take its worker down
             # before it counts as failed is set here. Dask starts its workers with
             # MALLOC_TRIM_THRESHOLD_ set, which turns off glibc's adaptive mmap threshold: every
             # tensor over 128 KiB is then mapped and unmapped, and torch ran 1.4 to 1.8 times
             # slower in a worker than in a plain process (measured); it is left unset.
+            # Each worker has an environment of its own (its GPU), so the cluster starts
+            # without workers and is then given one spec per worker; they start while the
+            # settings above hold.
+            layout = local_workers(workers, self.threads, gpu_count(), os.cpu_count() or 1,
+                                   os.environ.get("CUDA_VISIBLE_DEVICES"))
             with dask.config.set({
                     "distributed.scheduler.allowed-failures": self.retries,
                     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
                 self._cluster = LocalCluster(
-                    n_workers=int(workers), threads_per_worker=1, processes=True,
+                    n_workers=0, threads_per_worker=1, processes=True,
                     dashboard_address=None, memory_limit=0, silence_logs=logging.ERROR,
-                    env={name: str(self.threads) for name in THREAD_VARIABLES},
-                    # No dashboard; the scheduler's own HTTP endpoint (health, metrics) on a
-                    # free local port instead of 8787, which another cluster may hold.
-                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
-            self.client = Client(self._cluster, timeout=connect_timeout)
+                    scheduler_kwargs={"dashboard_address": SCHEDULER_HTTP})
+                spec = self._cluster.new_spec
+                for k, env in enumerate(layout):
+                    self._cluster.worker_spec[k] = {
+                        "cls": spec["cls"], "options": {**spec["options"], "env": env}}
+                self._cluster.scale(len(layout))
+                self.client = Client(self._cluster, timeout=connect_timeout)
+                try:
+                    self.client.wait_for_workers(len(layout),
+                                                 timeout=connect_timeout * len(layout))
+                except TimeoutError as exc:
+                    self.close()
+                    raise ClusterUnavailable(
+                        f"parallel.workers = {workers!r}: the local workers did not all start "
+                        f"within {connect_timeout:g} s each ({exc}); raise "
+                        f"parallel.connect_timeout on a busy machine, or start fewer "
+                        f"workers") from None
             self._check_workers()
             return
         try:
@@ -360,10 +620,21 @@ class DaskEngine(Engine):
                 self.close()
                 raise WorkerMismatch(problem)
 
-    def map(self, function, items, passthrough=(), done=None):
+    def map(self, function, items, passthrough=(), done=None, started=None):
+        token = uuid.uuid4().hex  # tells this map's start events from a previous map's
+        if started is not None:
+            def on_event(event) -> None:
+                message = event[1]
+                if message.get("map") == token:
+                    started(message["index"], message["where"])
+
+            self.client.subscribe_topic(self._topic, on_event)
         futures = [self.client.submit(_run_piece, function, self.threads, passthrough,
-                                      self.environment, item, pure=False, retries=self.retries)
-                   for item in items]
+                                      self.environment, item,
+                                      None if started is None
+                                      else (self._topic, {"map": token, "index": i}),
+                                      pure=False, retries=self.retries)
+                   for i, item in enumerate(items)]
         results: list[Ran | None] = [None] * len(futures)
         try:
             for i, outcome in self._outcomes(futures):
@@ -382,6 +653,8 @@ class DaskEngine(Engine):
         finally:
             for future in futures:
                 future.cancel()
+            if started is not None:
+                self.client.unsubscribe_topic(self._topic)
         for ran in results:
             if isinstance(ran.value, _Raised):
                 raise ran.value.error
@@ -459,16 +732,20 @@ def open_engine(settings) -> Engine:
     Parameters
     ----------
     settings : ParallelConfig
-        ``workers``, ``scheduler``, ``threads_per_worker``, ``retries``, ``connect_timeout``.
+        ``workers``, ``scheduler``, ``threads_per_worker``, ``retries``, ``connect_timeout``,
+        and ``cluster`` with its job keys (:func:`jobqueue_cluster`).
 
     Returns
     -------
     Engine
         :class:`InProcess` when neither ``workers`` nor ``scheduler`` is given, else a
-        :class:`DaskEngine` (close it when done).
+        :class:`DaskEngine` (close it when done) on local workers, on worker jobs it
+        submits (``cluster`` = slurm or pbs) or on the scheduler's cluster.
     """
     if settings.workers is None and settings.scheduler is None:
         return InProcess()
-    return DaskEngine(workers=settings.workers, scheduler=settings.scheduler,
-                      threads_per_worker=settings.threads_per_worker, retries=settings.retries,
-                      connect_timeout=settings.connect_timeout)
+    common = {"threads_per_worker": settings.threads_per_worker, "retries": settings.retries,
+              "connect_timeout": settings.connect_timeout}
+    if settings.cluster != "local":
+        return DaskEngine(cluster=jobqueue_cluster(settings), **common)
+    return DaskEngine(workers=settings.workers, scheduler=settings.scheduler, **common)

@@ -20,12 +20,13 @@ density (NPT) or energy (NVT) stops drifting (:meth:`Sampler.equilibrate`). One 
    fluctuation estimator), so that the result is the same bit for bit with any number of
    workers; each observable gets a standard error from blocks of the window's snapshots
    (:func:`block_observables`, :func:`pooled_stderr`); with ``schedule.replicas = R`` > 1,
-   steps 1 to 3 run for R independent chains per leg, each from the leg's epoch start state
-   with its own seeds, each chain's OpenMM sampling a piece of the engine
-   (:func:`sample_replica`), and a leg's gradient is the mean over all its R × windows
-   windows (replica 1 has the seeds, hence the windows, of a fit without replicas; its end
-   state is where the leg's next epoch starts, and its frames are the epoch's trajectory;
-   the ensemble targets pool the frames of all replicas);
+   steps 1 to 3 run for R independent chains per leg, each from the state it ended the
+   previous epoch in (all from the leg's start state in the first epoch; the checkpoint
+   keeps every chain's state) with its own seeds, each chain's OpenMM sampling a piece of
+   the engine (:func:`sample_replica`), and a leg's gradient is the mean over all its
+   R × windows windows (replica 1 has the seeds, hence the windows, of a fit without
+   replicas, and its frames are the epoch's trajectory; the ensemble targets pool the
+   frames of all replicas);
 4. the priors of ``[[parameters]]`` (:mod:`~openmm_reversible.priors`) add their penalty
    and its gradient, frozen parameters lose theirs; one optimiser step on the *scaled*
    parameters (value / start value, as in the reversible simulation paper), then clip them so
@@ -107,7 +108,7 @@ from .outputs import (
     write_topology,
     write_trajectory,
 )
-from .parallel import Engine, PieceFailed, by_worker, describe_workers, open_engine
+from .parallel import Engine, PieceFailed, PieceProgress, by_worker, open_engine
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
@@ -794,8 +795,8 @@ class ReplicaPiece:
     scaled : torch.Tensor, shape (P,)
         Scaled trainable parameter values (value / start value).
     state : SampledState
-        Where the sampling starts: the state the previous epoch's replica 1 of this state
-        point ended in.
+        Where the sampling starts: the state this replica of this state point ended the
+        previous epoch in (the state point's start state in the first epoch).
     seed : int
         Seed of the replica's OpenMM noise.
     frames_at : tuple of int
@@ -940,7 +941,12 @@ class Leg:
     sampler : Sampler
         OpenMM at the state point (NPT where it has a pressure).
     state : SampledState or None
-        Where the next epoch's sampling starts (None before the start state is made).
+        Where the next epoch's sampling of replica 1 starts (None before the start state is
+        made).
+    replica_states : list of SampledState
+        Where the next epoch's sampling of replicas 2, 3, ... starts (``schedule.replicas``
+        > 1): the states they ended the last epoch in; empty before the first epoch, when
+        every replica starts from ``state``.
     equilibration : dict or None
         How the equilibration before the first epoch went
         (:meth:`~openmm_reversible.sampler.Sampler.equilibrate`); None until it ran.
@@ -950,7 +956,13 @@ class Leg:
     model: WindowModel
     sampler: Sampler
     state: SampledState | None = None
+    replica_states: list[SampledState] = field(default_factory=list)
     equilibration: dict | None = None
+
+    def start(self, replica: int) -> SampledState:
+        """Where the next epoch's sampling of ``replica`` (0-based) starts."""
+        return self.replica_states[replica - 1] if replica and self.replica_states \
+            else self.state
 
     @property
     def directory(self) -> str:
@@ -1143,18 +1155,22 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.epoch = int(checkpoint["epoch"])
         self.records = list(checkpoint["records"])
-        for leg, s in zip(self.legs, states, strict=True):
-            leg.state = SampledState(
-                positions=s["positions"].numpy(), velocities=s["velocities"].numpy(),
-                box=None if s["box"] is None else s["box"].numpy(), step=int(s["step"]))
+        # Checkpoints written before replicas kept their own chains have no replica_states:
+        # their replicas 2, 3, ... then start from replica 1's state, as they did then.
+        others = checkpoint.get("replica_states", [[] for _ in self.legs])
+        for leg, s, own in zip(self.legs, states, others, strict=True):
+            leg.state = _state_from(s)
+            leg.replica_states = [_state_from(r) for r in own]
 
     def _checkpoint(self) -> dict:
         """The checkpoint's entries; ``state`` is one state (a dict) for a config without
-        ``[[systems]]``, else a list with one per state point."""
-        states = [{"positions": torch.from_numpy(leg.state.positions),
-                   "velocities": torch.from_numpy(leg.state.velocities),
-                   "box": None if leg.state.box is None else torch.from_numpy(leg.state.box),
-                   "step": leg.state.step} for leg in self.legs]
+        ``[[systems]]``, else a list with one per state point; ``replica_states``, with
+        ``schedule.replicas`` > 1, holds the end states of replicas 2, 3, ... of each state
+        point (a list per state point)."""
+        states = [_state_entry(leg.state) for leg in self.legs]
+        replicas = ({"replica_states": [[_state_entry(r) for r in leg.replica_states]
+                                        for leg in self.legs]}
+                    if self.config.schedule.replicas > 1 else {})
         return {
             "version": CHECKPOINT_VERSION, "epoch": self.epoch,
             "sites": self.parameters.names,
@@ -1163,6 +1179,7 @@ class Trainer:
             "records": self.records,
             "state": states if self._several else states[0],
             "config": _comparable(to_dict(self.config)),
+            **replicas,
         }
 
     # -- one epoch ------------------------------------------------------------------------------
@@ -1193,13 +1210,23 @@ class Trainer:
         return {start + round(k * steps / n) for k in range(1, n + 1)} - {start}
 
     def _attempt(self, attempt: int) -> dict:
+        """:meth:`_run_attempt` under one progress bar for all the epoch's pieces (the
+        replicas' sampling when ``schedule.replicas`` > 1, then the windows)."""
+        sched = self.config.schedule
+        legs = sum(1 for leg in self.legs if leg.model.objective.targets)
+        total = (len(self.legs) if sched.replicas > 1 else 0) * sched.replicas \
+            + legs * sched.replicas * sched.windows
+        with PieceProgress(f"epoch {self.epoch + 1}", total, self.progress) as self._bar:
+            return self._run_attempt(attempt)
+
+    def _run_attempt(self, attempt: int) -> dict:
         """Sampling, windows and gradient of the current epoch; returns the epoch's record."""
         sched = self.config.schedule
         epoch = self.epoch + 1
         if self.engine is None:  # first, so that a bad scheduler address fails before sampling
             self.engine = open_engine(self.config.parallel)
         scaled = self.parameters.scaled.detach().clone()
-        replicas = [ReplicaPiece(epoch, r, scaled, leg.state,
+        replicas = [ReplicaPiece(epoch, r, scaled, leg.start(r),
                                  self._replica_seed(leg, epoch, attempt, r),
                                  tuple(sorted(self._frame_steps(leg))) if r == 0 else (), k)
                     for k, leg in enumerate(self.legs) for r in range(sched.replicas)]
@@ -1318,7 +1345,10 @@ class Trainer:
             record["state"] = first[0].state
         if sched.replicas > 1:
             record["replica_losses"] = replica_losses
-        record.update(end_states=[replica.end for replica in first],
+        ends = [[] for _ in self.legs]  # per leg, its replicas' end states in replica order
+        for piece, replica in zip(replicas, sampled, strict=True):
+            ends[piece.state_point].append(replica.end)
+        record.update(end_states=ends,
                       frames=[replica.frames for replica in first], timings=timings)
         return record
 
@@ -1351,24 +1381,15 @@ class Trainer:
         order. A piece that fails on every run the engine allows stops the fit with
         :class:`TrainingFailed`, named by ``name(piece)``."""
         function = local if self.engine.local else remote
-        bar = tqdm(total=len(pieces), desc=f"epoch {pieces[0].epoch} {unit}s", leave=False,
-                   disable=not self.progress or None, unit=unit)
-        finished = {}
-
-        def done(index, ran) -> None:
-            finished[index] = ran
-            bar.update(1)
-            bar.set_postfix_str(describe_workers(by_worker(finished)))
-
-        with bar:
-            try:
-                return self.engine.map(
-                    function, pieces, done=done,
-                    passthrough=(_WindowFailed, NonFiniteGradient, SimulationExploded))
-            except PieceFailed as exc:
-                raise TrainingFailed(
-                    f"epoch {pieces[exc.index].epoch}: {name(pieces[exc.index])}: {exc}. The "
-                    f"fit stops; the last good parameters are kept in {self.output}") from exc
+        started, done = self._bar.phase([f"{unit} {i + 1}" for i in range(len(pieces))])
+        try:
+            return self.engine.map(
+                function, pieces, done=done, started=started,
+                passthrough=(_WindowFailed, NonFiniteGradient, SimulationExploded))
+        except PieceFailed as exc:
+            raise TrainingFailed(
+                f"epoch {pieces[exc.index].epoch}: {name(pieces[exc.index])}: {exc}. The "
+                f"fit stops; the last good parameters are kept in {self.output}") from exc
 
     def close(self) -> None:
         """Close the engine the trainer opened (its worker processes); a later epoch opens it
@@ -1435,8 +1456,8 @@ class Trainer:
             scaled = self.parameters.scaled
             scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
         self.regularization.project()
-        for leg, state in zip(self.legs, record.pop("end_states"), strict=True):
-            leg.state = state
+        for leg, (state, *others) in zip(self.legs, record.pop("end_states"), strict=True):
+            leg.state, leg.replica_states = state, others
         frames = record.pop("frames")
         if equilibration:
             record["equilibration"] = equilibration
@@ -1523,6 +1544,22 @@ class Trainer:
                                   "state_data": self.output / STATE_DATA,
                                   "checkpoint": self.output / CHECKPOINT,
                                   "plot": self.output / PLOT})
+
+
+def _state_entry(state: SampledState) -> dict:
+    """A sampled state as checkpoint entries (tensors)."""
+    return {"positions": torch.from_numpy(state.positions),
+            "velocities": torch.from_numpy(state.velocities),
+            "box": None if state.box is None else torch.from_numpy(state.box),
+            "step": state.step}
+
+
+def _state_from(entry: dict) -> SampledState:
+    """The sampled state of a checkpoint entry (:func:`_state_entry`)."""
+    return SampledState(positions=entry["positions"].numpy(),
+                        velocities=entry["velocities"].numpy(),
+                        box=None if entry["box"] is None else entry["box"].numpy(),
+                        step=int(entry["step"]))
 
 
 def _comparable(config: dict) -> dict:

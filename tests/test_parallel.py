@@ -14,6 +14,7 @@ import os
 import pickle
 import signal
 
+import numpy as np
 import pytest
 import torch
 from test_train import EPSILON, SIGMA, _config, argon  # noqa: F401 - argon is a fixture
@@ -29,15 +30,17 @@ from openmm_reversible.parallel import (
     DaskEngine,
     InProcess,
     PieceFailed,
+    PieceProgress,
     Ran,
     WorkerMismatch,
     by_worker,
     code_hash,
+    describe_progress,
     describe_workers,
     open_engine,
 )
 from openmm_reversible.sampler import SimulationExploded
-from openmm_reversible.train import TrainingFailed, fit
+from openmm_reversible.train import CHECKPOINT, ReplicaPiece, TrainingFailed, fit
 
 WINDOWS = 4
 
@@ -118,6 +121,71 @@ def test_progress_line_says_which_pieces_each_worker_ran_and_how_long():
     assert describe_workers(summary) == "127.0.0.1:40123: 1, 3 (3.5 s); 127.0.0.1:40777: 2 (0.3 s)"
 
 
+A, B, C = "tcp://127.0.0.1:40123", "tcp://127.0.0.1:40777", "tcp://127.0.0.1:40999"
+
+
+def test_progress_status_says_what_each_worker_runs_now_and_how_much_it_finished():
+    assert describe_progress({}, []) == ""
+    assert describe_progress({B: "window 2", A: "window 4"},
+                             [Ran(None, A, 2.0), Ran(None, A, 1.5), Ran(None, B, 0.25)]) == \
+        "127.0.0.1:40123: window 4, 2 done (3.5 s); 127.0.0.1:40777: window 2, 1 done (0.2 s)"
+    assert describe_progress({B: "replica 1"}, [Ran(None, A, 0.3)]) == \
+        "127.0.0.1:40123: idle, 1 done (0.3 s); 127.0.0.1:40777: replica 1, 0 done"
+
+
+def test_one_bar_follows_the_pieces_of_several_maps_as_they_start_and_finish():
+    """Replicas, then windows, on two workers: the status after each event; a start event
+    that comes after its piece finished (events and results travel apart) is dropped."""
+    with PieceProgress("epoch 1", 5, enabled=False) as progress:
+        started, done = progress.phase(["replica 1", "replica 2"])
+        started(0, A)
+        started(1, B)
+        assert progress.status() == "127.0.0.1:40123: replica 1, 0 done; " \
+                                    "127.0.0.1:40777: replica 2, 0 done"
+        done(1, Ran(None, B, 1.0))
+        done(0, Ran(None, A, 2.0))
+        started(0, A)  # late
+        assert progress.status() == "127.0.0.1:40123: idle, 1 done (2.0 s); " \
+                                    "127.0.0.1:40777: idle, 1 done (1.0 s)"
+        started, done = progress.phase(["window 1", "window 2", "window 3"])
+        started(0, A)
+        started(1, B)
+        done(0, Ran(None, A, 0.5))
+        started(2, A)
+        assert progress.status() == "127.0.0.1:40123: window 3, 2 done (2.5 s); " \
+                                    "127.0.0.1:40777: window 2, 1 done (1.0 s)"
+        assert len(progress.finished) == 3 and progress.bar.total == 5
+        started(1, C)  # B died running window 2: it runs again on a new worker
+        assert progress.status() == "127.0.0.1:40123: window 3, 2 done (2.5 s); " \
+                                    "127.0.0.1:40777: idle, 1 done (1.0 s); " \
+                                    "127.0.0.1:40999: window 2, 0 done"
+
+
+def _square_slowly(x: int) -> int:
+    import time
+
+    time.sleep(0.2)
+    return x * x
+
+
+def test_workers_announce_each_piece_as_it_starts(two_workers):
+    import time
+
+    starts, finished = [], []
+    ran = two_workers.map(_square_slowly, range(4), started=lambda i, w: starts.append((i, w)),
+                          done=lambda i, r: finished.append(i))
+    deadline = time.monotonic() + 10.0  # start events travel apart from the results
+    while len(starts) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sorted(i for i, _ in starts) == [0, 1, 2, 3]
+    assert {i: w for i, w in starts} == {i: r.where for i, r in enumerate(ran)}
+    assert len({w for _, w in starts}) == 2  # both workers ran pieces
+    assert sorted(finished) == [0, 1, 2, 3]
+    here = []
+    InProcess().map(_square, range(2), started=lambda i, w: here.append((i, w)))
+    assert here == [(0, IN_PROCESS), (1, IN_PROCESS)]
+
+
 def test_four_workers_give_the_single_process_result_bit_for_bit(argon, in_process, tmp_path):  # noqa: F811
     """As many workers as windows: every window of an epoch may run at once, the result is
     still the in-process one."""
@@ -157,6 +225,56 @@ def test_replicas_are_pieces_with_their_own_seeds_and_the_same_result_on_any_lay
     assert "replica_losses" not in in_process.records[0]
 
 
+class _Recording(InProcess):
+    """Runs the pieces here and keeps every replica piece with its sampling."""
+
+    def __init__(self):
+        self.replicas = []
+
+    def map(self, function, items, passthrough=(), done=None, started=None):
+        results = super().map(function, items, passthrough, done, started)
+        self.replicas += [(item, ran.value) for item, ran in zip(items, results, strict=True)
+                          if isinstance(item, ReplicaPiece)]
+        return results
+
+
+def _same_state(a, b) -> bool:
+    return (a.step == b.step and np.array_equal(a.positions, b.positions)
+            and np.array_equal(a.velocities, b.velocities))
+
+
+def test_each_replica_continues_its_own_chain_also_after_resuming(argon, tmp_path):  # noqa: F811
+    """Replica r of epoch 2 starts where replica r ended epoch 1, not where replica 1 did; the
+    checkpoint keeps every replica's end state, so a resumed fit gives the uninterrupted one."""
+    engine = _Recording()
+    whole = fit(_windows_config(argon, "chains", replicas=2), tmp_path / "whole",
+                progress=False, engine=engine)
+    pieces = [(p.epoch, p.index) for p, _ in engine.replicas]
+    assert pieces == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    (first1, ran1), (first2, ran2), (second1, _), (second2, _) = engine.replicas
+    assert _same_state(first1.state, first2.state)  # epoch 1: both from the start state
+    assert not _same_state(ran1.end, ran2.end)  # their own noise: two chains
+    assert _same_state(second1.state, ran1.end)
+    assert _same_state(second2.state, ran2.end)
+    saved = torch.load(tmp_path / "whole" / CHECKPOINT, weights_only=True)
+    assert len(saved["replica_states"]) == 1 and len(saved["replica_states"][0]) == 1
+    assert saved["replica_states"][0][0]["step"] == saved["state"]["step"]
+    assert not torch.equal(saved["replica_states"][0][0]["positions"],
+                           saved["state"]["positions"])
+
+    fit(_windows_config(argon, "chains", epochs=1, replicas=2), tmp_path / "split",
+        progress=False)
+    resumed = _Recording()
+    again = fit(_windows_config(argon, "chains", replicas=2), tmp_path / "split", resume=True,
+                progress=False, engine=resumed)
+    assert [(p.epoch, p.index) for p, _ in resumed.replicas] == [(2, 0), (2, 1)]
+    assert _same_state(resumed.replicas[1][0].state, ran2.end)
+    assert _results(again) == _results(whole)
+    assert [r["replica_losses"] for r in again.records] == \
+        [r["replica_losses"] for r in whole.records]
+    assert again.parameters == whole.parameters
+
+
 def test_an_exploded_simulation_crosses_from_a_worker_with_its_step_and_reason():
     error = pickle.loads(pickle.dumps(SimulationExploded(120, "NaN in positions or energy")))
     assert (error.step, error.reason) == (120, "NaN in positions or energy")
@@ -185,8 +303,9 @@ class _Wrapped(DaskEngine):
         self.__dict__.update(engine.__dict__)
         self.wrapper = wrapper
 
-    def map(self, function, items, passthrough=(), done=None):
-        return super().map(functools.partial(self.wrapper, function), items, passthrough, done)
+    def map(self, function, items, passthrough=(), done=None, started=None):
+        return super().map(functools.partial(self.wrapper, function), items, passthrough, done,
+                           started)
 
     def close(self) -> None:  # the fixture closes the real one
         pass

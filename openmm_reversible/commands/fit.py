@@ -4,9 +4,10 @@ train force-field parameters.
 The config (:mod:`openmm_reversible.config`) is validated in full before anything runs or is
 written; the training loop is :class:`openmm_reversible.train.Trainer`. After every epoch DIR
 holds the trained ForceField XML, ``log.jsonl``, ``training.png`` and ``checkpoint.pt``;
-``--resume`` continues from the checkpoint. ``--workers N`` runs the windows of each epoch on N
-local worker processes, ``--scheduler ADDR`` on a running Dask cluster (both override the
-config's ``[parallel]`` section; the results are the same). Exit codes: 0 finished, 1 training
+``--resume`` continues from the checkpoint. ``--workers N`` runs the pieces of each epoch on N
+local worker processes (``auto``: one per GPU), or on N worker jobs of the config's Slurm or PBS
+cluster, ``--scheduler ADDR`` on a running Dask cluster (both override the config's
+``[parallel]`` section; the results are the same). Exit codes: 0 finished, 1 training
 failed (the last good parameters stay in DIR), 2 bad input.
 """
 
@@ -32,9 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: the config's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, default=None, metavar="N",
-                       help="run the windows on N local worker processes (overrides "
-                            "parallel.workers)")
+    where.add_argument("--workers", default=None, metavar="N",
+                       help="run the pieces of each epoch on N worker processes, or 'auto': "
+                            "one per GPU, else one per parallel.threads_per_worker cores "
+                            "(overrides parallel.workers; with parallel.cluster = slurm or "
+                            "pbs, the number of worker jobs)")
     where.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="run the windows on the Dask cluster at ADDRESS, e.g. "
                             "tcp://10.0.0.5:8786 (overrides parallel.scheduler)")
@@ -46,16 +49,27 @@ def fit_directory(config_path: str, output: str | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_config
+    from ..config import JOBQUEUE_KEYS, ParallelConfig, check_parallel, load_config
     from ..errors import InputError
     from ..train import Trainer
 
     config = with_epochs(load_config(args.config), args.epochs)
     if args.workers is not None or args.scheduler is not None:
-        if args.workers is not None and args.workers < 1:
-            raise InputError(f"--workers {args.workers}: must be >= 1")
-        config = dataclasses.replace(config, parallel=dataclasses.replace(
-            config.parallel, workers=args.workers, scheduler=args.scheduler))
+        workers = args.workers
+        if workers is not None and workers != "auto":
+            if not workers.lstrip("-").isdigit():
+                raise InputError(f"--workers {workers}: give a number of workers or 'auto'")
+            workers = int(workers)
+            if workers < 1:
+                raise InputError(f"--workers {workers}: must be >= 1")
+        parallel = dataclasses.replace(config.parallel, workers=workers,
+                                       scheduler=args.scheduler)
+        if args.scheduler is not None:  # a running cluster's, not the config's worker jobs
+            default = ParallelConfig()
+            parallel = dataclasses.replace(parallel, cluster=default.cluster, **{
+                key: getattr(default, key) for key in JOBQUEUE_KEYS})
+        check_parallel(parallel)
+        config = dataclasses.replace(config, parallel=parallel)
     output = fit_directory(args.config, args.output)
     trainer = Trainer(config, output, resume=args.resume, progress=not args.no_progress)
     for label, note in trainer.rdf_notes.items():
