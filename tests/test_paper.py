@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -24,6 +25,8 @@ import numpy as np
 import pytest
 from openmm import app, unit
 
+from openmm_reversible.benchmarks.gradient_noise import measure
+from openmm_reversible.cli import main
 from openmm_reversible.config import config_from_dict, load_config, to_dict
 from openmm_reversible.errors import InputError
 from openmm_reversible.parameters import ParameterSet
@@ -190,3 +193,28 @@ def test_tagged_lj_file_loads_in_plain_openmm():
                for i in range(3)]
     assert charges == pytest.approx([-0.834, 0.417, 0.417]) and sum(charges) == \
         pytest.approx(0.0, abs=1e-12)
+
+
+def test_gradient_noise_benchmark_writes_its_record_and_figure(tmp_path, capsys):
+    """``benchmark gradient-noise`` at a tiny size: two runs, both estimators finite for σ and
+    ε, the summaries are those of the runs, and the JSON and figure are written."""
+    code = main(["benchmark", "gradient-noise", "--waters", "16", "--cutoff", "0.35", "--runs",
+                 "2", "--steps", "4", "--snapshot-every", "2", "--equilibration-steps", "10",
+                 "--output", str(tmp_path), "--json", "--no-progress"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record == json.loads((tmp_path / "gradient_noise.json").read_text())
+    assert (tmp_path / "gradient_noise.png").stat().st_size > 0
+    assert record["parameters"] == ["Atom/sigma/tip3p-O", "Atom/epsilon/tip3p-O"]
+    assert record["frames"] == 2 and len(record["losses"]) == 2
+    for method in ("reversible", "reweighting"):
+        runs = np.array(record[method]["runs"])
+        assert runs.shape == (2, 2) and np.isfinite(runs).all() and np.all(runs != 0)
+        np.testing.assert_allclose(record[method]["mean"], runs.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(record[method]["std"], runs.std(0, ddof=1), rtol=1e-12)
+    # Independent runs: different seeds, different trajectories, different gradients.
+    assert not np.allclose(*record["reversible"]["runs"])
+    np.testing.assert_allclose(record["spread_ratio"], np.array(record["reweighting"]["std"])
+                               / np.array(record["reversible"]["std"]), rtol=1e-12)
+    with pytest.raises(InputError, match="runs must be >= 2"):
+        measure(runs=1)
