@@ -326,7 +326,8 @@ class Objective:
 
     - ``rdf``: ``weight · mean_r (g(r) - g_target(r))²`` on the fit's bins (the target file's
       own, or the file's g interpolated onto uniform bins: :meth:`TargetConfig.rdf_grid`), g
-      from the smooth histogram of the window's snapshots (intermolecular pairs);
+      from the smooth histogram of the window's snapshots (intermolecular pairs); with
+      ``loss = "l1"``, ``weight · mean_r |g(r) - g_target(r)|``;
     - scalar targets (``enthalpy_of_vaporization``, ``pressure``): ``weight · ((x - value) /
       tolerance)²`` with x averaged over the window's snapshots;
     - ensemble targets (``density``, :data:`ENSEMBLE_OBSERVABLES`): the same scalar term, but
