@@ -44,6 +44,7 @@ from openmm import app
 
 from .errors import InputError
 from .integrators.noise import counter_seed
+from .losses import KINDS
 from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .priors import ParameterRule
 from .target_files import R_UNITS, RdfGrid, rdf_bins, read_rdf
@@ -169,6 +170,11 @@ class ScheduleConfig:
     learning_rate: float = _spec(0.01, _positive, "step on parameters scaled to their start")
     lr_decay: float = _spec(1.0, lambda v: None if 0 < v <= 1 else "must be in (0, 1]",
                             "learning rate multiplied by this after every epoch")
+    gradient_clamp: float | None = _spec(None, _positive,
+                                         "each entry of the gradient with respect to the "
+                                         "scaled parameters is clamped to [-value, value] "
+                                         "before the optimiser step (the log keeps the "
+                                         "unclamped gradient); default: no clamp")
 
 
 @dataclass(frozen=True)
@@ -274,6 +280,9 @@ class TargetConfig:
                                     "then interpolated)")
     bandwidth: float | None = _spec(None, _positive,
                                     "rdf: Gaussian smoothing width, nm (default: bin width)")
+    loss: str = _spec("l2", _one_of(*KINDS),
+                      "rdf: l2 (mean squared difference over the bins) or l1 (mean absolute "
+                      "difference, the reversible simulation paper's RDF loss)")
     tolerance: float | None = _spec(None, _positive,
                                     "scalar targets: the error that costs weight × 1 "
                                     "(default DEFAULT_TOLERANCES), units of value")
@@ -609,6 +618,9 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
         return t
     if t.column != 2 or t.r_unit is not None:
         raise InputError(f"{where}: only rdf targets take 'column' and 'r_unit'")
+    if t.loss != "l2":
+        raise InputError(f"{where}.loss: only rdf targets take 'loss'; a scalar target's term "
+                         f"is weight·((value - target) / tolerance)², remove 'loss'")
     for key in ("file", "r_min", "r_max", "bin_width", "bandwidth"):
         if getattr(t, key) is not None:
             raise InputError(f"{where}.{key}: only rdf targets take {key!r}")

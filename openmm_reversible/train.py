@@ -28,7 +28,8 @@ density (NPT) or energy (NVT) stops drifting (:meth:`Sampler.equilibrate`). One 
    replicas, and its frames are the epoch's trajectory; the ensemble targets pool the
    frames of all replicas);
 4. the priors of ``[[parameters]]`` (:mod:`~openmm_reversible.priors`) add their penalty
-   and its gradient, frozen parameters lose theirs; one optimiser step on the *scaled*
+   and its gradient, frozen parameters lose theirs; each gradient entry is clamped to
+   ``±schedule.gradient_clamp`` when one is given; one optimiser step on the *scaled*
    parameters (value / start value, as in the reversible simulation paper), then clip them so
    that σ, ε, force constants and lengths stay positive, and project them into their bounds.
 
@@ -326,7 +327,8 @@ class Objective:
 
     - ``rdf``: ``weight · mean_r (g(r) - g_target(r))²`` on the fit's bins (the target file's
       own, or the file's g interpolated onto uniform bins: :meth:`TargetConfig.rdf_grid`), g
-      from the smooth histogram of the window's snapshots (intermolecular pairs);
+      from the smooth histogram of the window's snapshots (intermolecular pairs); with
+      ``loss = "l1"``, ``weight · mean_r |g(r) - g_target(r)|``;
     - scalar targets (``enthalpy_of_vaporization``, ``pressure``): ``weight · ((x - value) /
       tolerance)²`` with x averaged over the window's snapshots;
     - ensemble targets (``density``, :data:`ENSEMBLE_OBSERVABLES`): the same scalar term, but
@@ -406,15 +408,17 @@ class Objective:
 
         A scalar's ``((x - value) / scale)²`` is an ``l2`` term with weight ``weight / scale²``.
         """
+        kind = "l2"
         if target.observable == "rdf":
             reference, weight = self.rdf_setup[target.label]["target"], target.weight
+            kind = target.loss
         else:
             reference, weight = target.value, target.weight / target.scale ** 2
 
         def observable(source, target=target):
             return self.observable(target, *source)
 
-        return Target(observable, reference, weight=weight, kind="l2", name=target.label)
+        return Target(observable, reference, weight=weight, kind=kind, name=target.label)
 
     def __call__(self, traj: Trajectory, potential) -> torch.Tensor:
         total, report = self.loss.evaluate((traj, potential))
@@ -1345,6 +1349,13 @@ class Trainer:
             record["state"] = first[0].state
         if sched.replicas > 1:
             record["replica_losses"] = replica_losses
+        if sched.gradient_clamp is not None:
+            # As in the reversible simulation paper: a rare huge gradient (a close contact in
+            # one window) moves each scaled parameter by at most what Adam makes of the clamp.
+            limit = sched.gradient_clamp
+            record["gradient_clamped"] = [k for k, g in zip(keys, grad.tolist(), strict=True)
+                                          if abs(g) > limit]
+            self.parameters.scaled.grad.clamp_(-limit, limit)
         ends = [[] for _ in self.legs]  # per leg, its replicas' end states in replica order
         for piece, replica in zip(replicas, sampled, strict=True):
             ends[piece.state_point].append(replica.end)

@@ -24,6 +24,8 @@ exponential was NaN: ``d sqrt(ε_O ε_H)/dε_O = ε_H/(2 sqrt(ε_O ε_H)) = 0/0`
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import openmm
 import pytest
@@ -32,6 +34,7 @@ from openmm import app, unit
 from openmm_reference import reference_energy_forces, relative_errors, single_force_system
 
 from openmm_reversible import gradcheck
+from openmm_reversible.export import write_xml
 from openmm_reversible.integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from openmm_reversible.parameters import ParameterSet
 from openmm_reversible.potential import TorchPotential
@@ -121,6 +124,11 @@ def water():
 def parameter_set(name: str, topology, tmp_path) -> ParameterSet:
     path = tmp_path / f"{name}.xml"
     path.write_text(forcefield_xml(name))
+    return load(path, topology)
+
+
+def load(path, topology) -> ParameterSet:
+    """The tagged force field at ``path`` on ``topology``: reaction field at CUTOFF, flexible."""
     return ParameterSet.from_forcefield(str(path), topology,
                                         nonbondedMethod=app.CutoffPeriodic,
                                         nonbondedCutoff=CUTOFF * unit.nanometer,
@@ -131,7 +139,12 @@ def parameter_set(name: str, topology, tmp_path) -> ParameterSet:
 @pytest.mark.parametrize("name", sorted(FORMS))
 def test_twin_matches_openmm_reference(name, water, tmp_path):
     topology, positions, box = water
-    params = parameter_set(name, topology, tmp_path)
+    assert_twin_matches_reference(name, parameter_set(name, topology, tmp_path), positions, box)
+
+
+def assert_twin_matches_reference(name: str, params: ParameterSet, positions, box) -> None:
+    """Each force of the twin equals OpenMM's Reference platform (energy ≤ 1e-6, forces ≤
+    1e-5 relative), and the CustomNonbondedForce really acts."""
     potential = TorchPotential(params.system, parameters=params)
     x = torch.tensor(positions, dtype=torch.float64, requires_grad=True)
     energies = potential.energies(x, box_tensor(box))
@@ -154,6 +167,12 @@ def test_gradients_finite_and_equal_to_finite_differences(name, water, tmp_path)
     params = parameter_set(name, topology, tmp_path)
     assert params.trainable_keys == ([f"GlobalParameter/defaultValue/{g}" for g in FORMS[name][4]]
                                      + [f"Atom/{p}/w-O" for p in FORMS[name][2]])
+    assert_gradients_check(name, params, positions, box)
+
+
+def assert_gradients_check(name: str, params: ParameterSet, positions, box) -> None:
+    """Over a 4-step window of the energy loss, every tagged parameter's reversible gradient
+    is finite, nonzero, equal to BPTT (≤ 1e-8) and to central finite differences (≤ 1e-4)."""
     potential = TorchPotential(params.system, parameters=params)
     integrator = LangevinMiddleIntegrator(0.001, 1.0, 295.15, 3)
     velocities = integrator.noise(0, potential.masses)
@@ -183,3 +202,58 @@ def test_zero_well_depth_is_what_made_torch_sqrt_fail(water, tmp_path):
                                             "rm1": 0.35, "rm2": 1.0, "alpha": 16.766,
                                             "beta": 4.427}), e_o)[0]
     assert torch.isnan(plain) and float(safe) == 0.0
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "examples" / "paper" / "forcefields"
+SHIPPED_SHAPES = {"double_exponential": ("alpha", "beta"), "buckingham": ("B",),
+                  "buffered_14_7": ("delta", "gamma")}
+"""The paper's forms as shipped for its water fit, and each one's shape parameters."""
+
+
+def shape_keys(name: str) -> list[str]:
+    """Trainable keys of a shipped form's shape parameters."""
+    return ["Atom/B/tip3p-O" if shape == "B" else f"GlobalParameter/defaultValue/{shape}"
+            for shape in SHIPPED_SHAPES[name]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(SHIPPED_SHAPES))
+def test_shipped_forms_match_openmm_and_check_every_tagged_gradient(name, water):
+    """examples/paper/forcefields: the twin equals OpenMM, and the gradcheck passes for every
+    tagged parameter, the shape parameters, charge and bonded terms included."""
+    topology, positions, box = water
+    params = load(SHIPPED / f"{name}.xml", topology)
+    assert set(shape_keys(name)) <= set(params.trainable_keys)
+    assert {"Atom/charge/tip3p-O", "Bond/length/OW.HW", "Angle/k/HW.OW.HW"} <= \
+        set(params.trainable_keys)
+    assert_twin_matches_reference(name, params, positions, box)
+    assert_gradients_check(name, params, positions, box)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_SHAPES))
+def test_shipped_forms_export_trained_values_that_openmm_loads(name, water, tmp_path):
+    """Trained values (every tagged parameter moved by 1-3 %) are written back into the XML;
+    plain OpenMM loads the written file, and its energy is the twin's at those values."""
+    topology, positions, box = water
+    params = load(SHIPPED / f"{name}.xml", topology)
+    keys = params.trainable_keys
+    start = params.values()
+    trained = {k: start[k] * (1.0 + 0.01 * (1 + i % 3)) for i, k in enumerate(keys)}
+    params.set_values(trained)
+    (written,) = write_xml(params, tmp_path / "trained/")
+    reread = load(written, topology).values()
+    for key, value in trained.items():
+        assert reread[key] == pytest.approx(value, rel=1e-12), key
+    assert reread["Atom/charge/tip3p-H"] == pytest.approx(-0.5 * trained["Atom/charge/tip3p-O"],
+                                                          rel=1e-12)
+    system = app.ForceField(str(written)).createSystem(
+        topology, nonbondedMethod=app.CutoffPeriodic, nonbondedCutoff=CUTOFF * unit.nanometer,
+        constraints=None, rigidWater=False, removeCMMotion=False)
+    e_openmm, _ = reference_energy_forces(system, positions, box)
+    potential = TorchPotential(params.system, parameters=params)
+    with torch.no_grad():
+        e_twin = float(potential(positions_tensor(positions), box_tensor(box)))
+    assert e_twin == pytest.approx(e_openmm, rel=1e-6)
+    start_system = load(SHIPPED / f"{name}.xml", topology).system
+    e_start, _ = reference_energy_forces(start_system, positions, box)
+    assert abs(e_openmm - e_start) > 1e-3 * abs(e_start)  # the trained values took effect

@@ -18,7 +18,7 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 
 def test_tutorials_are_present_and_stored_without_outputs():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_checking_gradients.ipynb",
-                                           "03_o2_diffusion.ipynb"]
+                                           "03_o2_diffusion.ipynb", "04_diamond.ipynb"]
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         code = [c for c in book.cells if c.cell_type == "code"]

@@ -8,6 +8,8 @@
   unconstrained one on the same box;
 - :func:`.parallel.measure`: an epoch's windows on 1 and on N local Dask workers:
   speed-up, overhead per piece, identical results;
+- :func:`.gradient_noise.measure`: reversible against reweighting gradients of an RDF loss on
+  the same windows, their spread over independent runs (JSON and figure);
 - :func:`.exact.measure`: bitwise round trip of the water box in fixed point:
   information-buffer size, bits per degree of freedom and step, and cost relative to the float
   mode.

@@ -44,6 +44,7 @@ class WaterBox:
     integrator: LangevinMiddleIntegrator
     constraints: Constraints | None = None
     system: openmm.System | None = None
+    topology: app.Topology | None = None
 
     @property
     def n_atoms(self) -> int:
@@ -121,7 +122,7 @@ def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool =
     return WaterBox(potential=potential, positions=positions,
                     velocities=integrator.noise(0, potential.masses),
                     box=box_tensor(box.box), integrator=integrator, constraints=constraints,
-                    system=parameters.system)
+                    system=parameters.system, topology=box.topology)
 
 
 def check_nonbonded(nonbonded: str) -> None:

@@ -12,7 +12,8 @@ import json
 
 from . import OK, defaults
 
-HELP = "run a benchmark (forces, gradient, memory, constraints, parallel, epoch, exact)"
+HELP = ("run a benchmark (forces, gradient, memory, constraints, parallel, epoch, "
+        "gradient-noise, exact)")
 
 BENCHMARKS = {
     "gradient": ("openmm_reversible.benchmarks.gradient", "measure",
@@ -31,6 +32,9 @@ BENCHMARKS = {
               "One training epoch of a fit config: wall time, its split between OpenMM "
               "sampling and the reversible windows (forward, reverse), per-step costs against "
               "an OpenMM CPU step"),
+    "gradient-noise": ("openmm_reversible.benchmarks.gradient_noise", "measure",
+                       "Reversible against reweighting gradients of an RDF loss on the same "
+                       "windows, and their spread over independent runs (JSON and figure)"),
     "exact": ("openmm_reversible.benchmarks.exact", "measure",
               "Bitwise round trip of the water box in fixed point: buffer size, bits per step, "
               "cost vs float"),
@@ -74,6 +78,14 @@ OPTIONS = {
               "platform": (str, "override simulation.platform (OpenMM's sampling)"),
               "fused": (bool, "reversible windows on the fused kernels"),
               "openmm_steps": (int, "OpenMM CPU steps timed for the per-step ratios")},
+    "gradient-noise": {"waters": (int, "water molecules"),
+                       "runs": (int, "independent runs (>= 2)"),
+                       "steps": (int, "steps of each run's reversible window"),
+                       "snapshot_every": (int, "steps between the window's snapshots"),
+                       "equilibration_steps": (int, "OpenMM steps before each window"),
+                       "cutoff": (float, "nm"), "seed": (int, "seed of the first run"),
+                       "output": (str, "directory for gradient_noise.json and .png "
+                                       "(default: none)")},
     "exact": {"waters": (int, "water molecules"),
               "steps": (int, "steps forward, then as many back"),
               "timing_steps": (int, "steps of the float and exact round trips timed for the "
