@@ -1618,10 +1618,11 @@ class Panel:
 def _errors(records: list[dict], key: str, size: int | None = None) -> np.ndarray:
     """The standard error of ``key`` in each record (NaN where none was estimated); with
     ``size``, shape (records, size) for an observable of ``size`` components."""
-    missing = np.nan if size is None else [np.nan] * size
-    return np.array([missing if r.get("stderr", {}).get(key) is None else r["stderr"][key]
-                     for r in records], dtype=float).reshape(len(records), *(
-                         () if size is None else (size,)))
+    values = [np.nan if r.get("stderr", {}).get(key) is None else r["stderr"][key]
+              for r in records]
+    if size is None:
+        return np.array(values, dtype=float)
+    return np.array([np.broadcast_to(np.asarray(v, dtype=float), (size,)) for v in values])
 
 
 def plot_training(records: list[dict], panels: Sequence[Panel], path: str | os.PathLike
