@@ -1023,7 +1023,8 @@ def _crystal_entry(table, where: str) -> CrystalSystemConfig:
     if not isinstance(table, dict):
         raise InputError(f"{where}: must be a table ([[systems]]), got {type(table).__name__}")
     if table.get("kind") != "crystal":
-        given = (f".kind = {table['kind']!r}: must be \"crystal\"" if "kind" in table
+        given = (f".kind = {table['kind']!r}: must be \"crystal\" (a ForceField system has no "
+                 "kind)" if "kind" in table
                  else ".kind: required key is missing (kind = \"crystal\")")
         raise InputError(f"{where}{given}; a fit of crystal systems trains one ML model, so "
                          "every system is a crystal (fit ForceField systems in a config of "

@@ -292,10 +292,6 @@ class CrystalTrainer(Trainer):
         else:
             self._load_checkpoint(checkpoint)
 
-    @property
-    def _several(self) -> bool:
-        return True
-
     def _crystal_leg(self, point: StatePoint) -> CrystalLeg:
         positions, box, masses = crystal_structure(point)
         masses = torch.as_tensor(masses, dtype=DTYPE, device=self.device)
@@ -379,7 +375,7 @@ class CrystalTrainer(Trainer):
                                      leg.state.step)
             step += sched.equilibration_steps
             leg_totals = {"loss": 0.0, "terms": {}, "observables": {}, "blocks": {},
-                          "reconstruction_error": 0.0}
+                          "reconstruction_error": 0.0, "temperature_K": 0.0}
             for w in range(sched.windows):
                 x, v = self._plain_steps(leg, integrator, x, v, sched.bulk_steps, step,
                                          leg.state.step + step)
@@ -392,7 +388,8 @@ class CrystalTrainer(Trainer):
             timings["dynamics_s"] += time.perf_counter() - t
             totals.append(leg_totals)
             ends.append(self._state(x, v, leg.state.step + step))
-        gradient = torch.cat([p.grad.flatten() for p in self.trainable if p.grad is not None])
+        grads = [p.grad.flatten() for p in self.trainable if p.grad is not None]
+        gradient = torch.cat(grads) if grads else torch.zeros(0, dtype=DTYPE)
         record = {
             "epoch": epoch, "loss": sum(t["loss"] for t in totals),
             "terms": {leg.point.key(n): v for leg, t in zip(self.legs, totals, strict=True)
@@ -413,10 +410,7 @@ class CrystalTrainer(Trainer):
                 leg.point.label: {"system": leg.point.system,
                                   "temperature": leg.temperature, "loss": t["loss"],
                                   "reconstruction_error": t["reconstruction_error"],
-                                  "temperature_K": leg.kinetic_temperature(
-                                      torch.as_tensor(end.velocities, dtype=DTYPE,
-                                                      device=self.device)),
-                                  "step": end.step}
+                                  "temperature_K": t["temperature_K"], "step": end.step}
                 for leg, t, end in zip(self.legs, totals, ends, strict=True)},
         }
         record.update(end_states=ends, frames=[[] for _ in self.legs], timings=timings)
@@ -454,6 +448,8 @@ class CrystalTrainer(Trainer):
             totals["observables"][label] = part if acc is None else acc + part
         for label, values in leg.objective.blocks().items():
             totals["blocks"].setdefault(label, []).extend(values)
+        kinetic = float(sim.trajectory.kinetic_energy().mean())
+        totals["temperature_K"] += 2.0 * kinetic / (3 * leg.masses.shape[0] * KB) / windows
         totals["reconstruction_error"] = max(totals["reconstruction_error"],
                                              float(sim.info["reconstruction_error"]))
         for key in ("forward_s", "backward_s"):

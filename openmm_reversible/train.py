@@ -999,6 +999,14 @@ class Trainer:
         Where the windows run; by default the one ``config.parallel`` asks for
         (:func:`~openmm_reversible.parallel.open_engine`), opened at the first epoch and
         closed when :meth:`run` returns. An engine given here is left open.
+
+    Notes
+    -----
+    :meth:`run` and :meth:`run_epoch` (epochs, retries, optimiser step, checkpoint, log and
+    plot) are shared with the trainer of crystal systems,
+    :class:`~openmm_reversible.crystal.CrystalTrainer`, which overrides the hooks they call
+    (``_attempt``, ``_equilibrate``, ``_parameter_state``, ``_constrain_parameters``,
+    ``_checkpoint``, ``_save``, ``panels``, ``_result``, ...).
     """
 
     def __init__(self, config: FitConfig, output: str | os.PathLike, resume: bool = False,

@@ -107,7 +107,7 @@ def test_training_reduces_the_loss(trained):
     assert first["observables"][f"{LABEL}/stress"][0] < -10.0
     assert last["loss"] < 0.6 * first["loss"]
     assert last["terms"][f"{LABEL}/stress"] < 0.2 * first["terms"][f"{LABEL}/stress"]
-    # The end state's temperature is the bath's (64 atoms, instantaneous: ±20 %).
+    # The window's temperature is the bath's (64 atoms, 10 correlated snapshots: ±20 %).
     assert all(200.0 < r["state_points"][LABEL]["temperature_K"] < 400.0 for r in history)
     # Reversal in float64 over 40 steps reconstructs the forward states to round-off.
     assert max(r["reconstruction_error"] for r in history) < 1e-9
