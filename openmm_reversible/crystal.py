@@ -60,9 +60,10 @@ from tqdm.auto import tqdm
 from .config import MODELS, PRIORS, FitConfig, StatePoint
 from .errors import InputError
 from .files import atomic_write_all, atomic_write_text, text_writer
+from .geometry import NeighborList
 from .integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from .losses import Loss, Target
-from .ml import EnergySum, MLPotential, diamond_lattice, diamond_topology
+from .ml import EnergySum, MLPotential, PairSearch, diamond_lattice, diamond_topology
 from .observables.blocking import block_slices
 from .observables.elastic import (
     born_terms,
@@ -367,6 +368,7 @@ class CrystalTrainer(Trainer):
         timings = {"dynamics_s": 0.0, "forward_s": 0.0, "backward_s": 0.0}
         totals, ends = [], []
         for leg in self.legs:
+            self._fresh_neighbor_lists()
             integrator = leg.integrator(self._seed(leg, epoch, attempt))
             x, v = self._tensors(leg.state)
             step = 0
@@ -415,6 +417,14 @@ class CrystalTrainer(Trainer):
         }
         record.update(end_states=ends, frames=[[] for _ in self.legs], timings=timings)
         return record
+
+    def _fresh_neighbor_lists(self) -> None:
+        """New neighbour lists, built from the state a leg's epoch starts from: the lists of
+        a resumed fit are new, and a list built elsewhere holds other candidate pairs, whose
+        sums round differently; so an epoch gives the same bits resumed or not."""
+        for module in self.model.modules():
+            if isinstance(module, PairSearch):
+                module.verlet = NeighborList(module.cutoff, module.verlet.skin)
 
     def _window(self, leg: CrystalLeg, integrator, x, v, step: int, index: int, epoch: int,
                 totals: dict, timings: dict) -> tuple[torch.Tensor, torch.Tensor]:
