@@ -1016,6 +1016,10 @@ class Trainer:
         self._owns_engine = engine is None
         self.output = Path(output)
         self.progress = progress
+        if config.crystals:
+            raise InputError("the config's systems are crystals (kind = \"crystal\"): train it "
+                             "with openmm_reversible.crystal.CrystalTrainer (the fit command "
+                             "does)")
         checkpoint = self._open_checkpoint(resume)
 
         self.legs = [self._leg(point) for point in config.state_points()]

@@ -40,7 +40,7 @@ from openmm_reversible.ml import (
     diamond_lattice,
     diamond_topology,
 )
-from openmm_reversible.train import read_log
+from openmm_reversible.train import Trainer, read_log
 
 CARBON = 12.011
 LABEL = "diamond 298 K"
@@ -275,6 +275,11 @@ def test_bad_crystal_config_names_the_key(change, message):
     change(data)
     with pytest.raises(InputError, match=message):
         config_from_dict(data)
+
+
+def test_the_forcefield_trainer_points_to_the_crystal_trainer(tmp_path):
+    with pytest.raises(InputError, match=r"systems are crystals .* CrystalTrainer"):
+        Trainer(config_from_dict(config_data()), tmp_path / "out")
 
 
 def test_crystal_tables_need_crystal_systems():
