@@ -1119,14 +1119,19 @@ def _crystal_config(data: dict, path: str | None) -> FitConfig:
                              "give each a distinct name")
     if not any(t.weight > 0 for c in crystals for t in c.targets):
         raise InputError("systems: every target weight is 0, nothing to fit")
+    evaluation = _build(EvaluationConfig, data.get("evaluation", {}), "evaluation")
+    snapshots = evaluation.steps // evaluation.snapshot_every
+    if evaluation.steps and snapshots < 2 * evaluation.blocks:
+        raise InputError(f"evaluation.steps = {evaluation.steps}: {snapshots} snapshots (every "
+                         f"{evaluation.snapshot_every} steps) cannot fill {evaluation.blocks} "
+                         "blocks of 2; run more steps or use fewer blocks")
     return FitConfig(
         forcefield=ForceFieldConfig([]), structure=None, simulation=simulation,
         schedule=schedule, failure=_build(FailureConfig, data.get("failure", {}), "failure"),
         crystals=crystals, model=_model_table(data["model"], "model", MODELS, ModelConfig),
         prior=(_model_table(data["prior"], "prior", PRIORS, PriorConfig) if "prior" in data
                else None),
-        evaluation=_build(EvaluationConfig, data.get("evaluation", {}), "evaluation"),
-        path=path)
+        evaluation=evaluation, path=path)
 
 
 def load_config(path: str | os.PathLike) -> FitConfig:

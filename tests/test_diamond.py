@@ -269,6 +269,8 @@ def test_crystal_targets_weigh_like_the_relative_loss():
      r"simulation\.platform: crystal systems run in torch"),
     (lambda d: d["schedule"].update(replicas=2), r"schedule\.replicas: independent chains"),
     (lambda d: d.update(evaluation={"blocks": 1}), r"evaluation\.blocks = 1: must be >= 2"),
+    (lambda d: d.update(evaluation={"steps": 60, "snapshot_every": 20}),
+     r"evaluation\.steps = 60: 3 snapshots \(every 20 steps\) cannot fill 5 blocks"),
 ])
 def test_bad_crystal_config_names_the_key(change, message):
     data = config_data()
