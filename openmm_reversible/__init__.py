@@ -41,6 +41,7 @@ _EXPORTS = {
     "Loss": "openmm_reversible.losses",
     "load_config": "openmm_reversible.config",
     "Trainer": "openmm_reversible.train",
+    "CrystalTrainer": "openmm_reversible.crystal",
     # checks, export and validation
     "check_gradients": "openmm_reversible.gradcheck",
     "write_xml": "openmm_reversible.export",

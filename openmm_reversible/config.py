@@ -16,6 +16,11 @@ A config file has one table per concern::
     [[systems]]    instead of [structure], [system] and [[targets]]: several systems, each
                    with name, temperature = [...] and pressure = [...] (its state points),
                    [systems.structure], [systems.system] and [[systems.targets]]
+    [[systems]] kind = "crystal": a crystal ([systems.crystal]: lattice, n_cells,
+                   lattice_constant, element, mass) and its elastic targets (stress, C11,
+                   C12, C44 in [[systems.targets]]), fitted with the machine-learning model
+                   of [model] and [prior] instead of a ForceField; [evaluation] is a long
+                   plain run of the trained model after the last epoch
 
 Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
 value (a negative time step, a cutoff larger than half the box, a missing target file) raises
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -40,12 +46,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from openmm import app
 
 from .errors import InputError
 from .integrators.noise import counter_seed
 from .losses import KINDS
 from .methods import CONSTRAINTS, NONBONDED_METHODS
+from .ml import BehlerParrinello, SchNet, StillingerWeber
 from .priors import ParameterRule
 from .target_files import R_UNITS, RdfGrid, rdf_bins, read_rdf
 
@@ -88,8 +96,8 @@ def _one_of(*choices):
 def _spec(default=dataclasses.MISSING, check=None, doc: str = ""):
     """A dataclass field with a value check (returns an error text or None) and a description."""
     kwargs = {"metadata": {"check": check, "doc": doc}}
-    if isinstance(default, list):
-        kwargs["default_factory"] = lambda: list(default)
+    if isinstance(default, list | dict):
+        kwargs["default_factory"] = lambda: type(default)(default)
     elif default is not dataclasses.MISSING:
         kwargs["default"] = default
     return field(**kwargs)
@@ -320,6 +328,120 @@ class TargetConfig:
                         bin_width=self.bin_width)
 
 
+CRYSTAL_LATTICES = ("diamond",)
+"""Crystal structures a ``[systems.crystal]`` table builds (:mod:`openmm_reversible.ml.diamond`)."""
+ELASTIC_OBSERVABLES = ("stress", "C11", "C12", "C44")
+"""Targets of a crystal system (:func:`~openmm_reversible.observables.elastic.\
+cubic_elastic_observables`), GPa."""
+STRESS_TOLERANCE = 10.0
+"""Default tolerance of a stress target, GPa (each of the six Voigt components)."""
+MODELS = {"behler_parrinello": BehlerParrinello, "schnet": SchNet}
+"""``[model] kind`` → model class; the other keys of ``[model]`` are its arguments."""
+PRIORS = {"stillinger_weber": StillingerWeber}
+"""``[prior] kind`` → prior class; the other keys of ``[prior]`` are its arguments."""
+
+
+@dataclass(frozen=True)
+class CrystalConfig:
+    lattice_constant: float = _spec(check=_positive, doc="nm")
+    lattice: str = _spec("diamond", _one_of(*CRYSTAL_LATTICES))
+    n_cells: int = _spec(2, _positive, "conventional cells along each axis (diamond: 8·n³ "
+                                       "atoms in a cubic box of side n·lattice_constant)")
+    element: str = _spec("C", doc="element symbol of every atom")
+    mass: float | None = _spec(None, _positive, "amu (default: the element's mass)")
+    equilibration_steps: int = _spec(0, _non_negative,
+                                     "torch Langevin steps from the perfect lattice (velocities "
+                                     "at twice the temperature) before the first epoch")
+
+
+@dataclass(frozen=True)
+class ElasticTargetConfig:
+    observable: str = _spec(check=_one_of(*ELASTIC_OBSERVABLES))
+    value: float | None = _spec(None, doc="GPa; required for C11, C12, C44; stress: the value "
+                                          "of each of the six Voigt components (default 0)")
+    tolerance: float | None = _spec(None, _positive,
+                                    "GPa: the error that costs weight × 1 (default: |value| "
+                                    "for C11/C12/C44, i.e. relative errors; STRESS_TOLERANCE "
+                                    "for stress)")
+    weight: float = _spec(1.0, _non_negative)
+    name: str | None = _spec(None, doc="label in logs and plots")
+    temperature: float | None = _spec(None, _positive,
+                                      "K of the state points this target applies to (default: "
+                                      "every state point)")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.observable
+
+    @property
+    def units(self) -> str:
+        return "GPa"
+
+    @property
+    def scale(self) -> float:
+        """Tolerance (given or default), GPa."""
+        if self.tolerance is not None:
+            return self.tolerance
+        return STRESS_TOLERANCE if self.observable == "stress" else abs(self.value)
+
+
+@dataclass(frozen=True)
+class CrystalSystemConfig:
+    """One ``[[systems]]`` table of ``kind = "crystal"``: a perfect crystal in a fixed box,
+    its temperatures (NVT state points) and its elastic targets."""
+
+    name: str
+    temperature: list[float]
+    crystal: CrystalConfig
+    targets: list[ElasticTargetConfig] = field(default_factory=list)
+    kind: str = "crystal"
+
+    def state_points(self) -> list[tuple[float, None]]:
+        """``(temperature K, None)`` of each state point (a fixed box: no pressure)."""
+        return [(t, None) for t in self.temperature]
+
+    def targets_at(self, temperature: float, pressure: None = None
+                   ) -> list[ElasticTargetConfig]:
+        """The targets that apply at a temperature, their selectors cleared."""
+        return [dataclasses.replace(t, temperature=None) for t in self.targets
+                if t.temperature is None or math.isclose(t.temperature, temperature)]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[model]``: the neural potential of a crystal fit; ``arguments`` are the other keys,
+    passed to the class of ``kind`` (:data:`MODELS`)."""
+
+    kind: str = _spec("behler_parrinello", _one_of(*MODELS))
+    arguments: dict = _spec({}, doc="the class's arguments")
+    learning_rate: float | None = _spec(None, _positive,
+                                        "Adam step of the network's weights (default "
+                                        "schedule.learning_rate)")
+    device: str = _spec("cpu", doc="torch device of the dynamics and the model: cpu, cuda")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """``[prior]``: the physical prior added to the model (:data:`PRIORS`)."""
+
+    kind: str = _spec("stillinger_weber", _one_of(*PRIORS))
+    arguments: dict = _spec({}, doc="the class's arguments")
+    learning_rate: float | None = _spec(None, _positive,
+                                        "Adam step of the prior's parameters (relative scales "
+                                        "for Stillinger-Weber; default schedule.learning_rate)")
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """``[evaluation]``: after the last epoch of a crystal fit, one long plain run of the
+    trained model that reports its stress and elastic constants with standard errors."""
+
+    steps: int = _spec(0, _non_negative, "torch Langevin steps (0: no evaluation run)")
+    snapshot_every: int = _spec(20, _positive, "steps between the snapshots averaged")
+    blocks: int = _spec(5, lambda v: None if v >= 2 else "must be >= 2",
+                        "contiguous blocks of the standard errors")
+
+
 @dataclass(frozen=True)
 class FitSystemConfig:
     """One ``[[systems]]`` table: a structure, its ``createSystem`` settings, its state points
@@ -420,6 +542,12 @@ class FitConfig:
     """Priors, bounds and frozen parameters (``[[parameters]]`` tables, :mod:`.priors`)."""
     systems: list[FitSystemConfig] = field(default_factory=list)
     """``[[systems]]`` tables: several structures and state points in one loss."""
+    crystals: list[CrystalSystemConfig] = field(default_factory=list)
+    """``[[systems]]`` tables of ``kind = "crystal"`` (a config has these or ``systems``);
+    ``forcefield.files`` is then empty: the fit trains ``model`` and ``prior``."""
+    model: ModelConfig | None = None
+    prior: PriorConfig | None = None
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     path: str | None = None
     """The config file this was read from (absolute), None when built from a dict."""
 
@@ -428,25 +556,28 @@ class FitConfig:
 
         Without ``[[systems]]`` this is one StatePoint whose config is this config itself.
         With them, each has a config of its own: this one's shared tables, the system's
-        structure, ``[system]`` settings and targets, its temperature and pressure, and a seed
+        structure, ``[system]`` settings and targets (a crystal system: ``crystals`` holding
+        that system at that temperature alone), its temperature and pressure, and a seed
         of its own (``simulation.seed`` for the first, one derived from it and the state
         point's position for the others, so that no two pieces share noise).
         """
-        if not self.systems:
+        if not self.systems and not self.crystals:
             sim = self.simulation
             return [StatePoint("", sim.temperature, sim.pressure, self)]
         points = []
-        for entry in self.systems:
+        for entry in self.systems or self.crystals:
             for temperature, pressure in entry.state_points():
                 k = len(points)
                 seed = self.simulation.seed if k == 0 else \
                     counter_seed(self.simulation.seed, k) % _SEED_RANGE + 1
                 simulation = dataclasses.replace(self.simulation, temperature=temperature,
                                                  pressure=pressure, seed=seed)
-                config = dataclasses.replace(
-                    self, structure=entry.structure, system=entry.system,
-                    simulation=simulation, targets=entry.targets_at(temperature, pressure),
-                    systems=[])
+                targets = entry.targets_at(temperature, pressure)
+                own = ({"crystals": [dataclasses.replace(entry, temperature=[temperature],
+                                                         targets=targets)]} if self.crystals
+                       else {"structure": entry.structure, "system": entry.system,
+                             "targets": targets, "systems": []})
+                config = dataclasses.replace(self, simulation=simulation, **own)
                 points.append(StatePoint(entry.name, temperature, pressure, config))
         return points
 
@@ -457,6 +588,10 @@ draws a random one for 0)."""
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(FitConfig) if f.name != "path"}
+_FROM_SYSTEMS = ("crystals",)
+"""FitConfig fields filled from ``[[systems]]`` tables, not tables of their own."""
+_CRYSTAL_ONLY = ("model", "prior", "evaluation")
+"""Tables only a fit of crystal systems takes."""
 _PER_SYSTEM = ("structure", "system", "targets")
 """Tables that a config with ``[[systems]]`` gives inside each system instead."""
 
@@ -498,6 +633,8 @@ def _table_of(key: str) -> str | None:
     """The table that takes ``key`` (as ``[name]`` or ``[[targets]]``), or None."""
     hints = typing.get_type_hints(FitConfig)
     for name in _SECTIONS:
+        if name in _FROM_SYSTEMS:
+            continue
         cls, many = _table_class(hints[name])
         if key in {f.name for f in dataclasses.fields(cls)}:
             return f"[[{name}]]" if many else f"[{name}]"
@@ -643,6 +780,19 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
     return t
 
 
+def _schedule(table) -> ScheduleConfig:
+    """The ``[schedule]`` table, its window checked for loss snapshots."""
+    schedule = _build(ScheduleConfig, table, "schedule")
+    if schedule.snapshot_every > schedule.window_steps:
+        raise InputError(f"schedule.snapshot_every = {schedule.snapshot_every}: larger than "
+                         f"schedule.window_steps = {schedule.window_steps}, so a window would "
+                         f"have no loss snapshot")
+    if schedule.window_steps % schedule.snapshot_every:
+        raise InputError(f"schedule.window_steps = {schedule.window_steps}: must be a multiple "
+                         f"of schedule.snapshot_every = {schedule.snapshot_every}")
+    return schedule
+
+
 def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                      path: str | None = None) -> FitConfig:
     """Validate a parsed config (the TOML document as a dict) and build a :class:`FitConfig`.
@@ -664,8 +814,14 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
     """
     base = Path(base_dir).resolve()
     for key in data:
-        if key not in _SECTIONS:
-            raise _unknown(key, _SECTIONS, key)
+        if key not in _SECTIONS or key in _FROM_SYSTEMS:
+            raise _unknown(key, [k for k in _SECTIONS if k not in _FROM_SYSTEMS], key)
+    if _has_crystals(data):
+        return _crystal_config(data, path)
+    for key in _CRYSTAL_ONLY:
+        if key in data:
+            raise InputError(f"{key}: only a fit of crystal systems takes [{key}] ([[systems]] "
+                             f"with kind = \"crystal\"); remove it")
     if "systems" in data:
         return _systems_config(data, base, path)
     for name, f in _SECTIONS.items():
@@ -701,14 +857,7 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                          f"\"auto\"), or deterministic = false")
     if simulation.temperature is None:
         raise InputError("simulation.temperature: required key is missing")
-    schedule = _build(ScheduleConfig, data["schedule"], "schedule")
-    if schedule.snapshot_every > schedule.window_steps:
-        raise InputError(f"schedule.snapshot_every = {schedule.snapshot_every}: larger than "
-                         f"schedule.window_steps = {schedule.window_steps}, so a window would "
-                         f"have no loss snapshot")
-    if schedule.window_steps % schedule.snapshot_every:
-        raise InputError(f"schedule.window_steps = {schedule.window_steps}: must be a multiple "
-                         f"of schedule.snapshot_every = {schedule.snapshot_every}")
+    schedule = _schedule(data["schedule"])
     equilibration = _build(EquilibrationConfig, data.get("equilibration", {}), "equilibration")
     if equilibration.sample_every > equilibration.block_steps:
         raise InputError(f"equilibration.sample_every = {equilibration.sample_every}: larger "
@@ -888,6 +1037,175 @@ def _systems_config(data: dict, base: Path, path: str | None) -> FitConfig:
     return dataclasses.replace(
         first, structure=None, system=SystemConfig(), targets=[], systems=systems, path=path,
         simulation=dataclasses.replace(first.simulation, temperature=None, pressure=None))
+
+
+_CRYSTAL_REFUSED = {
+    "forcefield": "a crystal fit trains the model of [model] and [prior], not ForceField XML",
+    "structure": "each crystal system gives its [systems.crystal]",
+    "system": "the model's cutoffs are arguments of [model] and [prior]",
+    "targets": "each crystal system gives its own [[systems.targets]]",
+    "parameters": "[[parameters]] rules apply to tagged ForceField parameters",
+    "equilibration": "a crystal is equilibrated for crystal.equilibration_steps (in "
+                     "[systems.crystal]) before the first epoch",
+    "parallel": "the windows of a crystal fit run in this process",
+    "output": "no trajectory files are written for crystal systems",
+}
+"""Tables a fit of crystal systems does not take, and why (the message of its error)."""
+_CRYSTAL_SIMULATION = ("friction", "timestep", "seed")
+"""The ``[simulation]`` keys a fit of crystal systems uses (its dynamics run in torch)."""
+
+
+def _has_crystals(data: dict) -> bool:
+    """Whether a document's ``[[systems]]`` name a ``kind`` (only crystal systems do)."""
+    raw = data.get("systems")
+    return isinstance(raw, list) and any(isinstance(t, dict) and "kind" in t for t in raw)
+
+
+def _model_table(table, where: str, classes: dict, cls):
+    """``[model]`` or ``[prior]``: its own keys (``cls``), the rest the arguments of the
+    class of ``kind``, each checked against its signature and by building it once."""
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: must be a table ([{where}]), got {type(table).__name__}")
+    own = {f.name for f in dataclasses.fields(cls)} - {"arguments"}
+    kind = table.get("kind", dataclasses.fields(cls)[0].default)
+    if kind not in classes:
+        raise InputError(f"{where}.kind = {kind!r}: must be one of {', '.join(classes)}")
+    signature = inspect.signature(classes[kind])
+    names = [n for n in signature.parameters if n != "self"]
+    arguments = {k: v for k, v in table.items() if k not in own}
+    for key in arguments:
+        if key not in names:
+            raise _unknown(key, sorted(own) + names, f"{where}.{key}")
+    try:
+        classes[kind](**arguments)
+    except (TypeError, ValueError, InputError) as exc:
+        raise InputError(f"{where}: {classes[kind].__name__}({', '.join(arguments)}) refuses "
+                         f"these arguments: {exc}") from None
+    config = _build(cls, {k: v for k, v in table.items() if k in own} | {"arguments": {}},
+                    where)
+    if isinstance(config, ModelConfig):
+        try:
+            torch.device(config.device)
+        except RuntimeError:
+            raise InputError(f"{where}.device = {config.device!r}: not a torch device; use "
+                             "\"cpu\" or \"cuda\"") from None
+    return dataclasses.replace(config, arguments=arguments)
+
+
+def _crystal_entry(table, where: str) -> CrystalSystemConfig:
+    """One validated ``[[systems]]`` table of ``kind = "crystal"``."""
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: must be a table ([[systems]]), got {type(table).__name__}")
+    if table.get("kind") != "crystal":
+        given = (f".kind = {table['kind']!r}: must be \"crystal\" (a ForceField system has no "
+                 "kind)" if "kind" in table
+                 else ".kind: required key is missing (kind = \"crystal\")")
+        raise InputError(f"{where}{given}; a fit of crystal systems trains one ML model, so "
+                         "every system is a crystal (fit ForceField systems in a config of "
+                         "their own)")
+    known = [f.name for f in dataclasses.fields(CrystalSystemConfig)]
+    for key in table:
+        if key not in known:
+            raise _unknown(key, known, f"{where}.{key}")
+    for key, hint in (("name", 'a label for logs and plots, e.g. name = "diamond"'),
+                      ("temperature", "K, one per state point, e.g. temperature = [298.0]"),
+                      ("crystal", "[systems.crystal] with lattice_constant (nm)"),
+                      ("targets", "at least one [[systems.targets]] table")):
+        if key not in table:
+            raise InputError(f"{where}.{key}: required key is missing ({hint})")
+    name = table["name"]
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise InputError(f"{where}.name: expected a non-empty label without '/', got {name!r}")
+    temperatures = _numbers(table["temperature"], f"{where}.temperature", "K")
+    if len(set(temperatures)) != len(temperatures):
+        raise InputError(f"{where}.temperature: a temperature is listed twice; list each once")
+    crystal = _build(CrystalConfig, table["crystal"], f"{where}.crystal")
+    try:
+        element = app.Element.getBySymbol(crystal.element)
+    except KeyError:
+        raise InputError(f"{where}.crystal.element = {crystal.element!r}: not an element "
+                         "symbol (e.g. \"C\", \"Si\")") from None
+    if crystal.mass is None:
+        crystal = dataclasses.replace(crystal, mass=element.mass.value_in_unit(
+            element.mass.unit))
+    raw = table["targets"]
+    if not isinstance(raw, list) or not raw:
+        raise InputError(f"{where}.targets: give at least one [[systems.targets]] table")
+    targets = []
+    for k, entry in enumerate(raw):
+        t = _build(ElasticTargetConfig, entry, f"{where}.targets[{k}]")
+        if t.value is None:
+            if t.observable != "stress":
+                raise InputError(f"{where}.targets[{k}].value: a {t.observable} target needs "
+                                 "a value in GPa")
+            t = dataclasses.replace(t, value=0.0)
+        if t.scale == 0:
+            raise InputError(f"{where}.targets[{k}]: value = 0 and no tolerance; give "
+                             "tolerance (GPa), the error that costs weight")
+        if t.temperature is not None and not any(math.isclose(t.temperature, x)
+                                                 for x in temperatures):
+            raise InputError(f"{where}.targets[{k}].temperature = {t.temperature!r}: matches "
+                             f"none of the system's temperatures {temperatures}")
+        targets.append(t)
+    entry = CrystalSystemConfig(name, temperatures, crystal, targets)
+    for temperature in temperatures:
+        labels = [t.label for t in entry.targets_at(temperature)]
+        if not labels:
+            raise InputError(f"{where}: no target applies at {temperature:g} K; give it a "
+                             "[[systems.targets]] table or remove the temperature")
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise InputError(f"{where}.targets: duplicate target {twice[0]!r} at "
+                             f"{temperature:g} K; give each a distinct 'name'")
+    return entry
+
+
+def _crystal_config(data: dict, path: str | None) -> FitConfig:
+    """A config whose ``[[systems]]`` are crystals (:func:`config_from_dict` reads it)."""
+    for key, why in _CRYSTAL_REFUSED.items():
+        if key in data:
+            raise InputError(f"{key}: not used with crystal systems ({why}); remove it")
+    table = data.get("simulation", {})
+    for key in table if isinstance(table, dict) else ():
+        if key in ("temperature", "pressure"):
+            raise InputError(f"simulation.{key}: each crystal system lists its temperatures "
+                             "(temperature = [...] in its [[systems]] table; the box is fixed, "
+                             "so there is no pressure); remove it from [simulation]")
+        if key in {f.name for f in dataclasses.fields(SimulationConfig)} \
+                and key not in _CRYSTAL_SIMULATION:
+            raise InputError(f"simulation.{key}: crystal systems run in torch and take only "
+                             f"{', '.join(_CRYSTAL_SIMULATION)} from [simulation] (the device "
+                             "is model.device); remove it")
+    simulation = _build(SimulationConfig, table, "simulation")
+    for key in ("schedule", "model"):
+        if key not in data:
+            raise InputError(f"{key}: required table [{key}] is missing")
+    schedule = _schedule(data["schedule"])
+    if schedule.replicas != 1:
+        raise InputError("schedule.replicas: independent chains are not implemented for "
+                         "crystal systems; remove it (or set it to 1)")
+    raw = data["systems"]
+    crystals = [_crystal_entry(t, f"systems[{i}]") for i, t in enumerate(raw)]
+    names = [c.name for c in crystals]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise InputError(f"systems[{i}].name = {name!r}: another system has this name; "
+                             "give each a distinct name")
+    if not any(t.weight > 0 for c in crystals for t in c.targets):
+        raise InputError("systems: every target weight is 0, nothing to fit")
+    evaluation = _build(EvaluationConfig, data.get("evaluation", {}), "evaluation")
+    snapshots = evaluation.steps // evaluation.snapshot_every
+    if evaluation.steps and snapshots < 2 * evaluation.blocks:
+        raise InputError(f"evaluation.steps = {evaluation.steps}: {snapshots} snapshots (every "
+                         f"{evaluation.snapshot_every} steps) cannot fill {evaluation.blocks} "
+                         "blocks of 2; run more steps or use fewer blocks")
+    return FitConfig(
+        forcefield=ForceFieldConfig([]), structure=None, simulation=simulation,
+        schedule=schedule, failure=_build(FailureConfig, data.get("failure", {}), "failure"),
+        crystals=crystals, model=_model_table(data["model"], "model", MODELS, ModelConfig),
+        prior=(_model_table(data["prior"], "prior", PRIORS, PriorConfig) if "prior" in data
+               else None),
+        evaluation=evaluation, path=path)
 
 
 def load_config(path: str | os.PathLike) -> FitConfig:

@@ -176,13 +176,16 @@ _CHECKPOINT_ENTRIES = ("version", "epoch", "sites", "scaled", "optimizer", "reco
 """The entries :meth:`Trainer._checkpoint` writes."""
 
 
-def _read_checkpoint(path: str | os.PathLike) -> dict:
+def _read_checkpoint(path: str | os.PathLike, entries: Sequence[str] = _CHECKPOINT_ENTRIES
+                     ) -> dict:
     """A ``checkpoint.pt`` written by :class:`Trainer`, checked for its format.
 
     Parameters
     ----------
     path : path
         The checkpoint file.
+    entries : sequence of str
+        The entries it must hold (those the trainer of the fit writes).
 
     Returns
     -------
@@ -208,7 +211,7 @@ def _read_checkpoint(path: str | os.PathLike) -> dict:
                          "or was not written by `openmm-reversible fit`: restore it or start a "
                          "new fit") from None
     missing = ([] if not isinstance(checkpoint, dict) else
-               [k for k in _CHECKPOINT_ENTRIES if k not in checkpoint])
+               [k for k in entries if k not in checkpoint])
     if not isinstance(checkpoint, dict) or "version" in missing:
         raise InputError(f"{path}: not a checkpoint of `openmm-reversible fit` (no format "
                          "version); pass the output directory of a fit")
@@ -1012,6 +1015,14 @@ class Trainer:
         Where the windows run; by default the one ``config.parallel`` asks for
         (:func:`~openmm_reversible.parallel.open_engine`), opened at the first epoch and
         closed when :meth:`run` returns. An engine given here is left open.
+
+    Notes
+    -----
+    :meth:`run` and :meth:`run_epoch` (epochs, retries, optimiser step, checkpoint, log and
+    plot) are shared with the trainer of crystal systems,
+    :class:`~openmm_reversible.crystal.CrystalTrainer`, which overrides the hooks they call
+    (``_attempt``, ``_equilibrate``, ``_parameter_state``, ``_constrain_parameters``,
+    ``_checkpoint``, ``_save``, ``panels``, ``_result``, ...).
     """
 
     def __init__(self, config: FitConfig, output: str | os.PathLike, resume: bool = False,
@@ -1021,17 +1032,11 @@ class Trainer:
         self._owns_engine = engine is None
         self.output = Path(output)
         self.progress = progress
-        checkpoint_path = self.output / CHECKPOINT
-        checkpoint = None
-        if resume:
-            if not checkpoint_path.is_file():
-                raise InputError(f"--resume: no checkpoint in {self.output}; run without "
-                                 f"--resume to start a new fit")
-            checkpoint = _read_checkpoint(checkpoint_path)
-            self._check_checkpoint(checkpoint)
-        elif checkpoint_path.exists():
-            raise InputError(f"{self.output} already holds a fit ({CHECKPOINT}); pass --resume "
-                             f"to continue it or choose another --output directory")
+        if config.crystals:
+            raise InputError("the config's systems are crystals (kind = \"crystal\"): train it "
+                             "with openmm_reversible.crystal.CrystalTrainer (the fit command "
+                             "does)")
+        checkpoint = self._open_checkpoint(resume)
 
         self.legs = [self._leg(point) for point in config.state_points()]
         first = self.legs[0]
@@ -1084,6 +1089,31 @@ class Trainer:
         return bool(self.config.systems)
 
     # -- setup and checkpoints ------------------------------------------------------------------
+
+    CHECKPOINT_ENTRIES: tuple[str, ...] = _CHECKPOINT_ENTRIES
+    """The entries :meth:`_checkpoint` writes (a trainer of other legs writes others)."""
+
+    def _open_checkpoint(self, resume: bool) -> dict | None:
+        """The checkpoint to resume from (checked against the config), or None for a new fit.
+
+        Raises
+        ------
+        InputError
+            ``resume`` without a checkpoint, a checkpoint of another config, or a new fit
+            into a directory that already holds one.
+        """
+        path = self.output / CHECKPOINT
+        if resume:
+            if not path.is_file():
+                raise InputError(f"--resume: no checkpoint in {self.output}; run without "
+                                 f"--resume to start a new fit")
+            checkpoint = _read_checkpoint(path, self.CHECKPOINT_ENTRIES)
+            self._check_checkpoint(checkpoint)
+            return checkpoint
+        if path.exists():
+            raise InputError(f"{self.output} already holds a fit ({CHECKPOINT}); pass --resume "
+                             f"to continue it or choose another --output directory")
+        return None
 
     @staticmethod
     def _leg(point: StatePoint) -> Leg:
@@ -1182,9 +1212,13 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "records": self.records,
             "state": states if self._several else states[0],
-            "config": _comparable(to_dict(self.config)),
+            "config": self._saved_config(),
             **replicas,
         }
+
+    def _saved_config(self) -> dict:
+        """The config as the checkpoint stores it (:meth:`_check_checkpoint` compares it)."""
+        return _comparable(to_dict(self.config))
 
     # -- one epoch ------------------------------------------------------------------------------
 
@@ -1435,7 +1469,7 @@ class Trainer:
         failure = self.config.failure
         start = time.perf_counter()
         equilibration = self._equilibrate() if self.epoch == 0 else {}
-        good_scaled = self.parameters.scaled.detach().clone()
+        good_parameters = self._parameter_state()
         good_optimizer = copy.deepcopy(self.optimizer.state_dict())
         messages = []
         record = None
@@ -1448,8 +1482,7 @@ class Trainer:
                            f"{self._describe_parameters()}")
                 messages.append(message)
                 tqdm.write(message)
-                with torch.no_grad():
-                    self.parameters.scaled.copy_(good_scaled)
+                self._set_parameter_state(good_parameters)
                 lr = [g["lr"] for g in self.optimizer.param_groups]
                 self.optimizer.load_state_dict(copy.deepcopy(good_optimizer))
                 for group, rate in zip(self.optimizer.param_groups, lr, strict=True):
@@ -1463,22 +1496,39 @@ class Trainer:
         self.optimizer.step()
         for group in self.optimizer.param_groups:
             group["lr"] *= self.config.schedule.lr_decay
-        with torch.no_grad():
-            scaled = self.parameters.scaled
-            scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
-        self.regularization.project()
+        self._constrain_parameters()
         for leg, (state, *others) in zip(self.legs, record.pop("end_states"), strict=True):
             leg.state, leg.replica_states = state, others
         frames = record.pop("frames")
         if equilibration:
             record["equilibration"] = equilibration
-        record["parameters_after"] = self.parameters.values()
+        record["parameters_after"] = self._parameter_values()
         record["failures"] = messages
         record["timings"]["total_s"] = time.perf_counter() - start
         self.epoch += 1
         self.records.append(_jsonable(record))
         self._save(frames)
         return self.records[-1]
+
+    def _parameter_values(self) -> dict[str, float]:
+        """The trained values by name, for the records."""
+        return self.parameters.values()
+
+    def _parameter_state(self) -> torch.Tensor:
+        """A copy of the trained values, to restore after a failed attempt."""
+        return self.parameters.scaled.detach().clone()
+
+    def _set_parameter_state(self, state: torch.Tensor) -> None:
+        """Restore the values of :meth:`_parameter_state`."""
+        with torch.no_grad():
+            self.parameters.scaled.copy_(state)
+
+    def _constrain_parameters(self) -> None:
+        """After an optimiser step: positive parameters stay positive, bounds hold."""
+        with torch.no_grad():
+            scaled = self.parameters.scaled
+            scaled.copy_(torch.where(self._positive, scaled.clamp(min=MIN_SCALE), scaled))
+        self.regularization.project()
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -1547,6 +1597,10 @@ class Trainer:
                     bar.update(1)
         finally:
             self.close()
+        return self._result()
+
+    def _result(self) -> TrainResult:
+        """What :meth:`run` returns."""
         return TrainResult(records=self.records, parameters=self.parameters.values(),
                            files={"forcefield": [self.output / Path(f).name for f in
                                                  (self.parameters.files[i] for i in
@@ -1621,10 +1675,14 @@ class Panel:
     rdf: dict | None = None
 
 
-def _errors(records: list[dict], key: str) -> np.ndarray:
-    """The standard error of ``key`` in each record (NaN where none was estimated)."""
-    return np.array([np.nan if r.get("stderr", {}).get(key) is None else r["stderr"][key]
-                     for r in records], dtype=float)
+def _errors(records: list[dict], key: str, size: int | None = None) -> np.ndarray:
+    """The standard error of ``key`` in each record (NaN where none was estimated); with
+    ``size``, shape (records, size) for an observable of ``size`` components."""
+    values = [np.nan if r.get("stderr", {}).get(key) is None else r["stderr"][key]
+              for r in records]
+    if size is None:
+        return np.array(values, dtype=float)
+    return np.array([np.broadcast_to(np.asarray(v, dtype=float), (size,)) for v in values])
 
 
 def plot_training(records: list[dict], panels: Sequence[Panel], path: str | os.PathLike
@@ -1659,8 +1717,8 @@ def plot_training(records: list[dict], panels: Sequence[Panel], path: str | os.P
     for ax, panel in zip(axes[1:], panels, strict=False):
         t = panel.target
         values = [r["observables"].get(panel.key) for r in records]
-        errors = _errors(records, panel.key)
         if t.observable == "rdf":
+            errors = _errors(records, panel.key)
             setup = panel.rdf
             ax.plot(setup["r"], setup["target"].numpy(), "k-", lw=1.5, label="target")
             ax.plot(setup["r"], values[0], "C0--", lw=1, label=f"epoch {epochs[0]}")
@@ -1673,11 +1731,18 @@ def plot_training(records: list[dict], panels: Sequence[Panel], path: str | os.P
             ax.set_xlabel("r (nm)")
             ax.set_ylabel(f"g(r) {'–'.join(t.atoms)}")
         else:
-            ax.errorbar(epochs, np.asarray(values, dtype=float), yerr=errors, fmt="C0-o", ms=3,
-                        capsize=3, label="simulated ± stderr")
+            values = np.asarray(values, dtype=float)
+            columns = values.reshape(len(values), -1).T
+            spreads = np.broadcast_to(_errors(records, panel.key, columns.shape[0]).T,
+                                      columns.shape)
+            for k, (column, spread) in enumerate(zip(columns, spreads, strict=True)):
+                ax.errorbar(epochs, column, yerr=spread, fmt=f"C{k}-o", ms=3, capsize=3,
+                            label="simulated ± stderr" if len(columns) == 1 else
+                            f"component {k + 1}")
             ax.axhline(t.value, color="k", lw=1, label="target")
             ax.set_xlabel("epoch")
-            ax.set_ylabel(f"{t.observable} ({SCALAR_UNITS[t.observable]})")
+            units = getattr(t, "units", None) or SCALAR_UNITS[t.observable]
+            ax.set_ylabel(f"{t.observable} ({units})")
         ax.set_title(panel.key, fontsize=9)
         ax.legend(fontsize=7)
     for ax in axes[n:]:

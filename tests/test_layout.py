@@ -16,7 +16,7 @@ ROOMS = [
     ("exact",),
     ("observables", "reweighting", "losses", "priors", "target_files", "ml"),
     ("systems", "config", "sampler", "parallel"),
-    ("train", "train_elastic", "outputs", "export", "verify", "gradcheck", "validate",
+    ("train", "crystal", "outputs", "export", "verify", "gradcheck", "validate",
      "benchmarks"),
     ("commands", "cli"),
 ]

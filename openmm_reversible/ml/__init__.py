@@ -14,7 +14,8 @@
 - :mod:`.diamond`: diamond crystals for tests and training.
 
 Fitting a model to zero stress and target elastic constants through reversible windows (the
-diamond application) is the trainer's job: :mod:`openmm_reversible.train_elastic`.
+diamond application) is the trainer's job: a crystal system of the config,
+:mod:`openmm_reversible.crystal`.
 
 Example: a Stillinger–Weber prior plus a neural correction, ready for
 :class:`~openmm_reversible.integrators.ReversibleSimulation`::

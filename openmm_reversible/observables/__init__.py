@@ -26,7 +26,9 @@ transport (:mod:`.diffusion`)           :func:`mean_squared_displacement`,
 dielectric (:mod:`.dielectric`)         :func:`dipole_moment`, :func:`static_dielectric`
 solids (:mod:`.elastic`)                :func:`stress_tensor`, :func:`born_terms`,
                                         :func:`elastic_constants`,
-                                        :func:`relaxed_elastic_constants`
+                                        :func:`relaxed_elastic_constants`,
+                                        :func:`cubic_elastic_observables` (mean stress,
+                                        C11, C12, C44 of a window: the crystal targets)
 selections (:mod:`.selection`)          :func:`atom_indices`, :func:`pair_indices`,
                                         :func:`molecules`
 NPT response (:mod:`.thermodynamics`)   :func:`isothermal_compressibility`,
@@ -85,7 +87,13 @@ from .diffusion import (
     unwrap,
     yeh_hummer_correction,
 )
-from .elastic import born_terms, elastic_constants, relaxed_elastic_constants, stress_tensor
+from .elastic import (
+    born_terms,
+    cubic_elastic_observables,
+    elastic_constants,
+    relaxed_elastic_constants,
+    stress_tensor,
+)
 from .energy import energy_per_molecule, enthalpy_of_vaporization, frame_energies
 from .rdf import rdf
 from .selection import atom_indices, molecules, pair_indices
@@ -101,7 +109,8 @@ from .thermodynamics import (
 
 __all__ = [
     "Estimate", "atom_indices", "block_average", "block_slices", "born_terms",
-    "constraint_virial", "degrees_of_freedom", "density", "dipole_moment", "elastic_constants",
+    "constraint_virial", "cubic_elastic_observables", "degrees_of_freedom", "density",
+    "dipole_moment", "elastic_constants",
     "energy_per_molecule", "enthalpy", "enthalpy_of_vaporization", "frame_energies",
     "heat_capacity", "isothermal_compressibility", "kinetic_tensor",
     "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",

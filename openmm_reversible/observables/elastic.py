@@ -22,6 +22,11 @@ Isothermal elastic constants by the stress-fluctuation method (J. F. Lutsko, J. 
   internal relaxation of non-Bravais crystals such as diamond);
 - kinetic term: ``K = diag(2, 2, 2, 1, 1, 1)``, the ideal-gas contribution.
 
+For a cubic crystal (:func:`cubic_elastic_observables`, the diamond fit's targets) the mean
+stress and C11, C12, C44 come from one window's snapshots: :func:`cubic_elastic_frames` gives
+each frame's terms, :func:`cubic_elastic_from_frames` the averages over any run of frames (the
+whole window for the loss, blocks of it for standard errors).
+
 These are second derivatives of the free energy with respect to Lagrangian strain; at zero
 stress they equal the stress–strain coefficients that experiments report. All functions are
 differentiable in the frames and the potential's parameters (the Born term's parameter
@@ -34,6 +39,8 @@ from __future__ import annotations
 import torch
 from openmm import unit
 
+from ..errors import InputError
+from ..trajectory import Trajectory
 from ..units import KB
 from .density import kinetic_tensor, virial
 from .energy import Potential
@@ -231,3 +238,107 @@ def relaxed_elastic_constants(potential: Potential, positions: torch.Tensor, box
     volume = float(torch.abs(torch.linalg.det(box)))
     scale = GPA_PER_KJ_MOL_NM3 / volume
     return gradient[n:].detach() * scale, (h_ee - relaxation) * scale
+
+
+def virial_voigt(born_stress: torch.Tensor, velocities: torch.Tensor, masses: torch.Tensor,
+                 box: torch.Tensor) -> torch.Tensor:
+    """Virial stress of every frame in Voigt order, kinetic part included.
+
+    Parameters
+    ----------
+    born_stress : torch.Tensor, shape (n_frames, 6), GPa
+        Configurational stress of :func:`born_terms`.
+    velocities : torch.Tensor, shape (n_frames, N, 3), nm/ps
+    masses : torch.Tensor, shape (N,), amu
+    box : torch.Tensor, shape (3, 3), nm
+
+    Returns
+    -------
+    torch.Tensor, shape (n_frames, 6), GPa
+        ``σ^B − Σ m v ⊗ v / V`` (tension positive), components xx, yy, zz, yz, xz, xy.
+    """
+    kinetic = kinetic_tensor(velocities, masses) / torch.linalg.det(box).abs() \
+        * GPA_PER_KJ_MOL_NM3
+    return born_stress - torch.stack([kinetic[:, a, b] for a, b in VOIGT], 1)
+
+
+def cubic_constants(c: torch.Tensor) -> dict[str, torch.Tensor]:
+    """C11, C12, C44 (0-dim, GPa) of a (6, 6) elastic matrix, each the mean of its three
+    cubic-symmetry-equivalent entries."""
+    return {"C11": torch.diagonal(c)[:3].mean(), "C12": (c[0, 1] + c[0, 2] + c[1, 2]) / 3.0,
+            "C44": torch.diagonal(c)[3:].mean()}
+
+
+CUBIC_OBSERVABLES = ("stress", "C11", "C12", "C44")
+"""What :func:`cubic_elastic_observables` returns: the mean Voigt stress (6,) and the cubic
+constants, GPa."""
+
+
+def cubic_elastic_frames(trajectory: Trajectory, potential: Potential
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-frame terms of the cubic elastic observables (differentiable).
+
+    Parameters
+    ----------
+    trajectory : Trajectory
+        Canonical-ensemble snapshots in one fixed periodic box (positions, velocities and
+        masses are used).
+    potential : callable
+        ``potential(positions (N, 3) nm, box (3, 3) nm) -> energy`` kJ/mol, twice
+        differentiable.
+
+    Returns
+    -------
+    born_stress : torch.Tensor, shape (n_frames, 6), GPa
+    born : torch.Tensor, shape (n_frames, 6, 6), GPa
+    stress : torch.Tensor, shape (n_frames, 6), GPa
+        Virial stress with its kinetic part (:func:`virial_voigt`).
+    """
+    box = trajectory.box
+    if box is None or box.shape != (3, 3):
+        raise InputError(f"stress and elastic constants need one fixed periodic box (3, 3); "
+                         f"the trajectory has box="
+                         f"{None if box is None else tuple(box.shape)}")
+    born_stress, born = born_terms(potential, trajectory.positions, box)
+    return born_stress, born, virial_voigt(born_stress, trajectory.velocities,
+                                           trajectory.masses, box)
+
+
+def cubic_elastic_from_frames(born_stress: torch.Tensor, born: torch.Tensor,
+                              stress: torch.Tensor, n_atoms: int, box: torch.Tensor,
+                              temperature: float) -> dict[str, torch.Tensor]:
+    """Mean stress and cubic constants over frames (any run of the frames of
+    :func:`cubic_elastic_frames`), GPa: ``stress`` (6,) and ``C11``, ``C12``, ``C44``.
+
+    The shear stresses of a cubic crystal average to zero by symmetry: their fluctuations are
+    taken about zero, not about the frames' short (biased) mean
+    (:func:`stress_fluctuation`'s ``mean``)."""
+    centre = torch.cat([born_stress.mean(0)[:3], born_stress.new_zeros(3)])
+    c = stress_fluctuation(born_stress, born, n_atoms, box, temperature, mean=centre)
+    return {"stress": stress.mean(0), **cubic_constants(c)}
+
+
+def cubic_elastic_observables(trajectory: Trajectory, potential: Potential
+                              ) -> dict[str, torch.Tensor]:
+    """Mean stress and cubic elastic constants of a window's snapshots (differentiable).
+
+    Parameters
+    ----------
+    trajectory : Trajectory
+        As for :func:`cubic_elastic_frames`.
+    potential : callable
+        ``potential(positions (N, 3) nm, box (3, 3) nm) -> energy`` kJ/mol, twice
+        differentiable.
+
+    Returns
+    -------
+    dict of str to torch.Tensor
+        ``stress``: shape (6,), GPa, the Voigt components (xx, yy, zz, yz, xz, xy) of the
+        snapshot-averaged virial stress, kinetic part included (tension positive);
+        ``C11``, ``C12``, ``C44``: 0-dim, GPa, stress-fluctuation elastic constants, each the
+        mean of its three cubic-symmetry-equivalent entries of the 6×6 matrix. They depend on
+        the potential's parameters directly (Born term: a third derivative of the energy) and
+        through the frames.
+    """
+    return cubic_elastic_from_frames(*cubic_elastic_frames(trajectory, potential),
+                                     trajectory.n_atoms, trajectory.box, trajectory.temperature)
