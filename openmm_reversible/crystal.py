@@ -415,7 +415,9 @@ class CrystalTrainer(Trainer):
                                   "temperature_K": t["temperature_K"], "step": end.step}
                 for leg, t, end in zip(self.legs, totals, ends, strict=True)},
         }
-        record.update(end_states=ends, frames=[[] for _ in self.legs], timings=timings)
+        # Per leg, its chains' end states (a crystal leg has one chain: no replicas).
+        record.update(end_states=[[end] for end in ends], frames=[[] for _ in self.legs],
+                      timings=timings)
         return record
 
     def _fresh_neighbor_lists(self) -> None:
