@@ -502,3 +502,17 @@ def test_charmm36_residue_charges_conserve_charge_and_gradient(tmp_path, charmm_
         i = atom_index(topology, residue, atom)
         assert system[i] == original[i] != 0, (residue, atom)
     check_gradients_against_openmm(ps, positions)
+
+
+def test_charmm36_tag_errors_name_the_line(tmp_path, charmm_peptide):
+    """Messages about a tag give the file and line of its element, deep in a large file too
+    (the LEU template sits past 500 lines of atom types and other templates)."""
+    path = charmm36_for(tmp_path, ('<Residue name="LEU">',
+                                   '<Residue name="LEU" parameterize="CB">'))
+    text = path.read_text()
+    line = text[:text.index('<Residue name="LEU" parameterize')].count("\n") + 1
+    assert line > 500
+    with pytest.raises(InputError) as info:
+        ParameterSet.from_forcefield(path, charmm_peptide[0])
+    assert str(info.value).startswith(f"charmm36_peptide.xml:{line}: parameterize names 'CB' "
+                                      "on <Residue name=\"LEU\">")
