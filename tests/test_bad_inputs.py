@@ -400,6 +400,40 @@ CASES: list[Case] = [
          "[systems.structure]\nwater_box = 12", f'[systems.structure]\npdb = '
          f'"{_leucine(d / "leu.pdb")}"')), "--output", str(o)],
      ("error: small 300 K: ", "leu.pdb: residue 0 (LEU) matches no residue template of")),
+    ("fit-systems-missing-name",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=('name = "small"\n', "")),
+                      "--output", str(o)],
+     ("systems[1].name: required key is missing (a label for logs and plots",)),
+    ("fit-systems-name-with-slash",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         'name = "small"', 'name = "sm/all"')), "--output", str(o)],
+     ("systems[1].name: expected a non-empty label without '/', got 'sm/all'",)),
+    ("fit-systems-duplicate-name",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         'name = "small"', 'name = "liquid"')), "--output", str(o)],
+     ("systems[1].name = 'liquid': another system has this name; give each a distinct name",)),
+    ("fit-systems-temperature-not-numbers",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "temperature = [300.0]", 'temperature = ["hot"]')), "--output", str(o)],
+     ("systems[1].temperature: expected a list of numbers (K), got ['hot']",)),
+    ("fit-systems-state-point-twice",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "temperature = [280.0, 300.0]", "temperature = [300.0, 300.0]")), "--output", str(o)],
+     ("systems[0]: a state point is listed twice in temperature/pressure",)),
+    ("fit-systems-zero-pressure",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "temperature = [280.0, 300.0]", "temperature = [280.0, 300.0]\npressure = [0.0]")),
+         "--output", str(o)],
+     ("systems[0].pressure = [0.0]: each entry must be a finite number > 0 (bar)",)),
+    ("fit-systems-density-without-pressure",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "value = 44.0", 'value = 44.0\n[[systems.targets]]\nobservable = "density"\n'
+         "value = 1.0")), "--output", str(o)],
+     ("systems[0].targets[2]: a density target needs NPT sampling; set systems[0].pressure",)),
+    ("fit-systems-temperature-in-simulation",
+     lambda d, o, w: ["fit", _systems_config(d / "c.toml", replace=(
+         "[simulation]\n", "[simulation]\ntemperature = 300.0\n")), "--output", str(o)],
+     ("simulation.temperature: with [[systems]], each system lists its state points",)),
     ("fit-zero-epochs",
      lambda d, o, w: ["fit", _config(d / "c.toml"), "--epochs", "0", "--output", str(o)],
      ("--epochs must be >= 1",)),

@@ -77,3 +77,45 @@ def test_tip4p_ew_example_window_runs(monkeypatch):
     assert np.isfinite(result.loss)
     assert bool(torch.isfinite(result.gradient).all()) and bool((result.gradient != 0).all())
     assert result.info["reconstruction_error"] < 1e-8
+
+
+def test_water_temperatures_example_parses_and_one_tiny_epoch_runs(monkeypatch, tmp_path):
+    """examples/water/water_temperatures.toml: water at 278.15-338.15 K, NPT at 1 bar, density
+    and ΔHvap at each temperature and the Soper 2013 O-O RDF at 298.15 K; every target value
+    is the one targets/temperatures.json gives with its source. One epoch of a few steps runs
+    over all four state points and gives one loss over all nine targets (the full fit is not
+    run here)."""
+    import json
+
+    from openmm_reversible.train import fit
+
+    monkeypatch.chdir(EXAMPLES.parent)
+    config = load_config(os.path.join("examples", "water", "water_temperatures.toml"))
+    sources = json.loads((EXAMPLES / "water" / "targets" / "temperatures.json").read_text())
+    points = config.state_points()
+    assert [p.temperature for p in points] == [278.15, 298.15, 318.15, 338.15]
+    assert all(p.pressure == 1.0 for p in points)
+    for point in points:
+        targets = {t.observable: t for t in point.config.targets}
+        for observable in ("density", "enthalpy_of_vaporization"):
+            assert targets[observable].value == \
+                sources[observable]["values"][f"{point.temperature:.2f}"], (point.label,
+                                                                             observable)
+        assert ("rdf" in targets) == (point.temperature == 298.15)
+    for observable in ("density", "enthalpy_of_vaporization", "rdf"):
+        assert "source" in sources[observable]
+    (rdf_target,) = [t for t in points[1].config.targets if t.observable == "rdf"]
+    r, g = rdf_target.rdf_data()
+    assert r[-1] == pytest.approx(1.005) and 2.4 < g.max() < 2.6  # Soper's first O-O peak
+
+    tiny = dataclasses.replace(
+        config, schedule=dataclasses.replace(config.schedule, epochs=1, equilibration_steps=20,
+                                             bulk_steps=20, windows=1, window_steps=2,
+                                             snapshot_every=1),
+        equilibration=dataclasses.replace(config.equilibration, max_steps=0),
+        simulation=dataclasses.replace(config.simulation, platform="CPU"))
+    (record,) = fit(tiny, tmp_path / "out", progress=False).records
+    assert len(record["terms"]) == 9
+    assert record["loss"] == pytest.approx(sum(record["terms"].values()), rel=1e-12)
+    assert np.isfinite(record["loss"]) and record["gradient_norm"] > 0
+    assert set(record["state_points"]) == {p.label for p in points}

@@ -11,6 +11,7 @@ Reference platform (double precision).
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -405,3 +406,113 @@ def test_a_number_marked_under_two_keys_is_refused(tmp_path, peptide):
         ParameterSet.select(path, peptide.topology, [("Residue/Atom", "protein-CT", "charge")])
     assert "is marked as 'Residue/ALA/CB/charge' (parameterize) and as " \
         "'Atom/charge/protein-CT' (select); keep one" in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# charmm36: the same keys and constraint on a zwitterionic peptide with terminal patches
+# --------------------------------------------------------------------------------------------
+
+CHARMM36 = Path(os.path.dirname(app.__file__)) / "data" / "charmm36.xml"
+CHARMM_RESIDUES = ("ALA", "ASN", "LEU")
+
+
+def charmm36_for(tmp_path: Path, *replacements: tuple[str, str]) -> Path:
+    """A copy of OpenMM's charmm36.xml with its <Residues> cut to ALA, ASN and LEU (the rest of
+    the file, atom types, patches and every force, verbatim) and each (old, new) replaced once.
+    The cut keeps the peptide's System the same and spares the ~1000 other templates, which
+    make every ForceField load of the whole file take seconds."""
+    text = CHARMM36.read_text()
+    start, end = text.index("  <Residues>\n"), text.index("  </Residues>\n")
+    names = "|".join(CHARMM_RESIDUES)
+    kept = re.findall(rf'    <Residue name="(?:{names})">.*?</Residue>\n',
+                      text[start:end], re.S)
+    assert len(kept) == len(CHARMM_RESIDUES)
+    text = text[:start] + "  <Residues>\n" + "".join(kept) + text[end:]
+    for old, new in replacements:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    path = tmp_path / "charmm36_peptide.xml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def charmm_peptide(tmp_path_factory):
+    """Zwitterionic ALA-ASN-LEU (villin residues 17-19, heavy atoms; LEU's OXT where the next
+    residue's N was), hydrogens added by Modeller for charmm36: the NTER and CTER patches
+    apply to ALA and LEU. Returns (topology, positions nm)."""
+    pdb = app.PDBFile(str(Path(os.path.dirname(app.__file__)) / "data" / "test.pdb"))
+    source = list(pdb.topology.residues())
+    xyz = pdb.positions.value_in_unit(unit.nanometer)
+    topology, positions = app.Topology(), []
+    chain = topology.addChain()
+    for residue in source[17:20]:
+        new = topology.addResidue(residue.name, chain)
+        for atom in residue.atoms():
+            if atom.element != app.element.hydrogen:
+                topology.addAtom(atom.name, atom.element, new)
+                positions.append(xyz[atom.index])
+    (n_next,) = [a for a in source[20].atoms() if a.name == "N"]
+    topology.addAtom("OXT", app.element.oxygen, new)
+    positions.append(xyz[n_next.index])
+    topology.createStandardBonds()
+    modeller = app.Modeller(topology, positions * unit.nanometer)
+    modeller.addHydrogens(app.ForceField(str(charmm36_for(tmp_path_factory.mktemp("c36")))))
+    return modeller.topology, np.asarray(modeller.positions.value_in_unit(unit.nanometer))
+
+
+def test_charmm36_residue_charges_conserve_charge_and_gradient(tmp_path, charmm_peptide):
+    """charmm36 keeps charges on <Residue> atoms too: Residue/ASN/CB/charge trainable with
+    ASN's net charge conserved, LEU's CB tied to it (LEU carries the CTER patch), ALA's CB
+    (under the NTER patch) trainable on its own. Moving them moves exactly those atoms and
+    ASN's compensating ones, each residue keeps its net charge where conserved, the patched
+    terminal atoms keep theirs, and dE/dq agrees with finite differences of OpenMM energies."""
+    topology, positions = charmm_peptide
+    path = charmm36_for(
+        tmp_path,
+        ('<Residue name="ASN">', '<Residue name="ASN" parameterize="CB/charge" '
+                                 'conserve_charge="true">'),
+        ('<Residue name="LEU">', '<Residue name="LEU" parameter_eval="CB/charge='
+                                 "PARM['Residue/ASN/CB/charge']\">"),
+        ('<Residue name="ALA">', '<Residue name="ALA" parameterize="CB/charge">'))
+    ps = ParameterSet.from_forcefield(path, topology)
+    assert ps.trainable_keys == ["Residue/ALA/CB/charge", "Residue/ASN/CB/charge"]
+    assert ps.values()["Residue/ASN/CB/charge"] == ps.values()["Residue/LEU/CB/charge"] == -0.18
+    asn = [a for a in topology.atoms() if a.residue.name == "ASN"]
+    assert len(ps.names) == 3 + len(asn) - 1  # ASN's other atoms compensate
+    original = charges(ps.system)
+    start = net_charges(original, topology)
+    assert start == pytest.approx({"ALA": 1.0, "ASN": 0.0, "LEU": -1.0}, abs=1e-9)
+
+    potential = TorchPotential(ps.system, parameters=ps)
+    ps.set_values({"Residue/ASN/CB/charge": -0.25, "Residue/ALA/CB/charge": -0.22})
+    system = charges(ps.create_system())
+    np.testing.assert_array_equal(twin_charges(ps, potential), system)
+    got = net_charges(system, topology)
+    assert got["ASN"] == pytest.approx(start["ASN"], abs=NET_CHARGE_TOL)
+    assert got["LEU"] == pytest.approx(start["LEU"] - 0.07, abs=NET_CHARGE_TOL)
+    assert got["ALA"] == pytest.approx(start["ALA"] + 0.05, abs=NET_CHARGE_TOL)
+    for residue, atom, q in (("ASN", "CB", -0.25), ("LEU", "CB", -0.25), ("ALA", "CB", -0.22)):
+        assert system[atom_index(topology, residue, atom)] == pytest.approx(q, abs=1e-15)
+    moved = {(a.residue.name, a.name) for a in topology.atoms() if system[a.index] !=
+             original[a.index]}
+    assert moved == {("ASN", a.name) for a in asn} | {("LEU", "CB"), ("ALA", "CB")}
+    # The NTER patch's ammonium and the CTER patch's carboxylate keep their charges.
+    for residue, atom in (("ALA", "N"), ("ALA", "H2"), ("LEU", "OXT"), ("LEU", "C")):
+        i = atom_index(topology, residue, atom)
+        assert system[i] == original[i] != 0, (residue, atom)
+    check_gradients_against_openmm(ps, positions)
+
+
+def test_charmm36_tag_errors_name_the_line(tmp_path, charmm_peptide):
+    """Messages about a tag give the file and line of its element, deep in a large file too
+    (the LEU template sits past 500 lines of atom types and other templates)."""
+    path = charmm36_for(tmp_path, ('<Residue name="LEU">',
+                                   '<Residue name="LEU" parameterize="CB">'))
+    text = path.read_text()
+    line = text[:text.index('<Residue name="LEU" parameterize')].count("\n") + 1
+    assert line > 500
+    with pytest.raises(InputError) as info:
+        ParameterSet.from_forcefield(path, charmm_peptide[0])
+    assert str(info.value).startswith(f"charmm36_peptide.xml:{line}: parameterize names 'CB' "
+                                      "on <Residue name=\"LEU\">")
