@@ -106,7 +106,7 @@ def test_water_temperatures_example_parses_and_one_tiny_epoch_runs(monkeypatch, 
         assert "source" in sources[observable]
     (rdf_target,) = [t for t in points[1].config.targets if t.observable == "rdf"]
     r, g = rdf_target.rdf_data()
-    assert r[-1] == pytest.approx(1.005) and 2.4 < g.max() < 2.6  # Soper's first O-O peak
+    assert r[-1] == pytest.approx(2.439) and 2.4 < g.max() < 2.6  # Soper's first O-O peak
 
     tiny = dataclasses.replace(
         config, schedule=dataclasses.replace(config.schedule, epochs=1, equilibration_steps=20,
