@@ -931,6 +931,25 @@ def _renamed(exc: InputError, where: str, targets: list[int], state: str) -> Inp
     return InputError(message)
 
 
+def _system_head(table: dict, fields_of: type, where: str, name_hint: str,
+                 temperature_hint: str, content: tuple[str, str]) -> tuple[str, list[float]]:
+    """The keys every ``[[systems]]`` table shares: no unknown key (the fields of
+    ``fields_of``), ``name``, ``temperature`` (K), ``targets`` and the system's ``content``
+    key (``(key, hint)``) present; returns the name and the temperatures."""
+    known = [f.name for f in dataclasses.fields(fields_of)]
+    for key in table:
+        if key not in known:
+            raise _unknown(key, known, f"{where}.{key}")
+    for key, hint in (("name", name_hint), ("temperature", temperature_hint), content,
+                      ("targets", "at least one [[systems.targets]] table")):
+        if key not in table:
+            raise InputError(f"{where}.{key}: required key is missing ({hint})")
+    name = table["name"]
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise InputError(f"{where}.name: expected a non-empty label without '/', got {name!r}")
+    return name, _numbers(table["temperature"], f"{where}.temperature", "K")
+
+
 def _system_entry(table, shared: dict, base: Path, where: str
                   ) -> tuple[FitSystemConfig, FitConfig]:
     """One validated ``[[systems]]`` table, and the config of its first state point: each
@@ -938,21 +957,10 @@ def _system_entry(table, shared: dict, base: Path, where: str
     errors named inside the table."""
     if not isinstance(table, dict):
         raise InputError(f"{where}: must be a table ([[systems]]), got {type(table).__name__}")
-    known = [f.name for f in dataclasses.fields(FitSystemConfig)]
-    for key in table:
-        if key not in known:
-            raise _unknown(key, known, f"{where}.{key}")
-    for key, hint in (("name", 'a label for logs and plots, e.g. name = "liquid"'),
-                      ("temperature", "K, one per state point, e.g. temperature = [278.15, "
-                                      "298.15]"),
-                      ("structure", "[systems.structure] with pdb or water_box"),
-                      ("targets", "at least one [[systems.targets]] table")):
-        if key not in table:
-            raise InputError(f"{where}.{key}: required key is missing ({hint})")
-    name = table["name"]
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise InputError(f"{where}.name: expected a non-empty label without '/', got {name!r}")
-    temperatures = _numbers(table["temperature"], f"{where}.temperature", "K")
+    name, temperatures = _system_head(
+        table, FitSystemConfig, where, 'a label for logs and plots, e.g. name = "liquid"',
+        "K, one per state point, e.g. temperature = [278.15, 298.15]",
+        ("structure", "[systems.structure] with pdb or water_box"))
     pressures = None
     if "pressure" in table:
         pressures = _numbers(table["pressure"], f"{where}.pressure", "bar")
@@ -1103,20 +1111,10 @@ def _crystal_entry(table, where: str) -> CrystalSystemConfig:
         raise InputError(f"{where}{given}; a fit of crystal systems trains one ML model, so "
                          "every system is a crystal (fit ForceField systems in a config of "
                          "their own)")
-    known = [f.name for f in dataclasses.fields(CrystalSystemConfig)]
-    for key in table:
-        if key not in known:
-            raise _unknown(key, known, f"{where}.{key}")
-    for key, hint in (("name", 'a label for logs and plots, e.g. name = "diamond"'),
-                      ("temperature", "K, one per state point, e.g. temperature = [298.0]"),
-                      ("crystal", "[systems.crystal] with lattice_constant (nm)"),
-                      ("targets", "at least one [[systems.targets]] table")):
-        if key not in table:
-            raise InputError(f"{where}.{key}: required key is missing ({hint})")
-    name = table["name"]
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise InputError(f"{where}.name: expected a non-empty label without '/', got {name!r}")
-    temperatures = _numbers(table["temperature"], f"{where}.temperature", "K")
+    name, temperatures = _system_head(
+        table, CrystalSystemConfig, where, 'a label for logs and plots, e.g. name = "diamond"',
+        "K, one per state point, e.g. temperature = [298.0]",
+        ("crystal", "[systems.crystal] with lattice_constant (nm)"))
     if len(set(temperatures)) != len(temperatures):
         raise InputError(f"{where}.temperature: a temperature is listed twice; list each once")
     crystal = _build(CrystalConfig, table["crystal"], f"{where}.crystal")
