@@ -140,7 +140,8 @@ def needs_charges(observable: str) -> bool:
 
 
 def ensemble_average(observable: str, frames: EnsembleFrames, energies: torch.Tensor,
-                     charges: torch.Tensor | None = None) -> torch.Tensor:
+                     charges: torch.Tensor | None = None,
+                     reference_energies: torch.Tensor | None = None) -> torch.Tensor:
     """One ensemble observable on sampled frames, differentiable in ``energies`` (and
     ``charges``).
 
@@ -155,6 +156,9 @@ def ensemble_average(observable: str, frames: EnsembleFrames, energies: torch.Te
         the fluctuation gradient of every average.
     charges : torch.Tensor, shape (N,), e, optional
         Particle charges (``dielectric`` only), differentiable in the parameters.
+    reference_energies : torch.Tensor, shape (S,), kJ/mol, optional
+        Potential energies under the parameters that sampled the frames, to reweight to
+        nearby parameters; default ``energies`` detached (frames of the current parameters).
 
     Returns
     -------
@@ -168,23 +172,28 @@ def ensemble_average(observable: str, frames: EnsembleFrames, energies: torch.Te
         raise InputError(f"{observable} is an NPT average: sample with a barostat (give the "
                          f"state point a pressure)")
     vol = volumes(frames.boxes)
-    h = energies if frames.pressure is None else enthalpy(energies, vol, frames.pressure)
+
+    def with_pv(u):
+        return u if u is None or frames.pressure is None else enthalpy(u, vol, frames.pressure)
+
+    h, ref = with_pv(energies), with_pv(reference_energies)
     temperature = frames.temperature
     if observable == "density":
-        weights = boltzmann_log_weights(h, temperature).exp()
+        weights = boltzmann_log_weights(h, temperature, ref).exp()
         return weights @ density(frames.masses, frames.boxes).to(weights.dtype)
     if observable == "compressibility":
-        return isothermal_compressibility(vol, h, temperature)
+        return isothermal_compressibility(vol, h, temperature, ref)
     if observable == "thermal_expansion":
-        return thermal_expansion(vol, h, temperature)
+        return thermal_expansion(vol, h, temperature, ref)
     if observable == "heat_capacity":
         n_mol = len(frames.molecules)
-        return heat_capacity(h, temperature, n_mol) + frames.n_dof * KB * J_PER_KJ / (2 * n_mol)
+        return (heat_capacity(h, temperature, n_mol, ref)
+                + frames.n_dof * KB * J_PER_KJ / (2 * n_mol))
     if charges is None:
         raise InputError("the dielectric constant needs the particle charges")
     return static_dielectric(frames.positions, charges, frames.boxes, temperature,
                              molecules=frames.molecules, epsilon_rf=frames.epsilon_rf,
-                             energies=h)
+                             energies=h, reference_energies=ref)
 
 
 def particle_charges(potential) -> torch.Tensor:
