@@ -23,7 +23,8 @@ you mean 'epochs'?``), so a bad config fails before anything is simulated or wri
 
 Relative paths are resolved against the directory of the config file. Units are OpenMM's MD
 units (nm, ps, K, kJ/mol) except where a key says otherwise (pressure in bar, density in
-g/cm³, diffusion coefficient in nm²/ps).
+g/cm³, diffusion coefficient in nm²/ps, viscosity in Pa·s, κ_T in 1/bar, α in 1/K, C_p in
+J/(mol K): :data:`SCALAR_UNITS`).
 """
 
 from __future__ import annotations
