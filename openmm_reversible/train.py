@@ -753,7 +753,6 @@ def ensemble_terms(model: WindowModel, frames: Sequence[SampledState], n_blocks:
         total, report["terms"] = objective.ensemble_loss.evaluate(values)
         return total
 
-    parameters.scaled.grad = None
     if any(t.weight > 0 for t in targets):
         total, (gradient,) = through_energies(loss, model.potential, sampled.positions,
                                               sampled.boxes, [parameters.scaled])

@@ -162,3 +162,29 @@ def test_refusals(water):
     # NVT frames: the dielectric constant still works (H = U).
     with torch.no_grad():
         assert float(ensemble_average("dielectric", nvt, u, particle_charges(potential))) > 1
+
+
+def test_dielectric_target_in_a_fit(tmp_path):
+    """A dielectric target of a water box (NVT, reaction field) is an ensemble target of the
+    fit: averaged over OpenMM's frames with its standard error, a loss term, and a gradient
+    in the oxygen charge (its explicit part and the ensemble's change)."""
+    from pathlib import Path
+
+    from openmm_reversible.config import config_from_dict
+    from openmm_reversible.train import fit
+
+    xml = Path(__file__).resolve().parent.parent / "examples" / "water" / "water_flexible.xml"
+    data = {"forcefield": {"files": [str(xml)]}, "structure": {"water_box": 30},
+            "system": {"cutoff": 0.45},
+            "simulation": {"temperature": 300.0, "platform": "Reference", "timestep": 0.0005},
+            "schedule": {"epochs": 1, "equilibration_steps": 200, "bulk_steps": 400,
+                         "ensemble_every": 10, "window_steps": 10, "snapshot_every": 5},
+            "output": {"trajectory": "none"},
+            "targets": [{"observable": "dielectric", "value": 78.4, "tolerance": 10.0}]}
+    (record,) = fit(config_from_dict(data, tmp_path), tmp_path / "out", progress=False).records
+    value = record["observables"]["dielectric"]
+    assert 1 < value < 1000 and record["stderr"]["dielectric"] > 0
+    assert record["terms"]["dielectric"] == pytest.approx(((value - 78.4) / 10.0) ** 2,
+                                                          rel=1e-12)
+    assert record["timings"]["windows"] == []  # no window target: OpenMM frames only
+    assert abs(record["gradient"]["Atom/charge/tip3p-O"]) > 0
