@@ -106,13 +106,7 @@ def fluctuation_gradient(observable: Callable[[torch.Tensor, torch.Tensor | None
     gradients : list of torch.Tensor
         ∇_θ⟨ℓ⟩ = ⟨∂ℓ/∂θ⟩ - β(⟨ℓ ∂U/∂θ⟩ - ⟨ℓ⟩⟨∂U/∂θ⟩), one per parameter, same shapes.
     """
-    positions = check_frames(positions).detach()
-    box = check_box(box, positions.shape[0], positions)
-    box = None if box is None else box.detach()
-    parameters = list(parameters)
-    if not parameters or not all(p.requires_grad for p in parameters):
-        raise InputError("parameters must be a non-empty sequence of tensors with "
-                         "requires_grad=True")
+    positions, box, parameters = _fixed_frames(positions, box, parameters)
     beta = inverse_temperature(temperature)
     values, d_values, d_energies = [], [], []
     for s in range(positions.shape[0]):
@@ -172,13 +166,7 @@ def through_energies(function: Callable[[torch.Tensor], torch.Tensor], potential
     gradients : list of torch.Tensor
         ``df/dθ``, one per parameter, same shapes.
     """
-    positions = check_frames(positions).detach()
-    box = check_box(box, positions.shape[0], positions)
-    box = None if box is None else box.detach()
-    parameters = list(parameters)
-    if not parameters or not all(p.requires_grad for p in parameters):
-        raise InputError("parameters must be a non-empty sequence of tensors with "
-                         "requires_grad=True")
+    positions, box, parameters = _fixed_frames(positions, box, parameters)
     values, d_energies = [], []
     for s in range(positions.shape[0]):
         energy = potential(positions[s], box_of_frame(box, s))
@@ -198,6 +186,19 @@ def through_energies(function: Callable[[torch.Tensor], torch.Tensor], potential
         du = torch.stack([g[k] for g in d_energies])
         gradients.append(direct + torch.tensordot(d_value, du, dims=1))
     return value.detach().reshape(()), gradients
+
+
+def _fixed_frames(positions, box, parameters):
+    """Frames and boxes checked and detached (constants), and the parameters checked to be
+    leaves that require grad."""
+    positions = check_frames(positions).detach()
+    box = check_box(box, positions.shape[0], positions)
+    box = None if box is None else box.detach()
+    parameters = list(parameters)
+    if not parameters or not all(p.requires_grad for p in parameters):
+        raise InputError("parameters must be a non-empty sequence of tensors with "
+                         "requires_grad=True")
+    return positions, box, parameters
 
 
 def _grads(output: torch.Tensor, parameters: list[torch.Tensor]) -> list[torch.Tensor]:
