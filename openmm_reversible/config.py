@@ -29,7 +29,8 @@ you mean 'epochs'?``), so a bad config fails before anything is simulated or wri
 
 Relative paths are resolved against the directory of the config file. Units are OpenMM's MD
 units (nm, ps, K, kJ/mol) except where a key says otherwise (pressure in bar, density in
-g/cm³, diffusion coefficient in nm²/ps).
+g/cm³, diffusion coefficient in nm²/ps, viscosity in Pa·s, κ_T in 1/bar, α in 1/K, C_p in
+J/(mol K): :data:`SCALAR_UNITS`).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from .integrators.noise import counter_seed
 from .losses import KINDS
 from .methods import CONSTRAINTS, NONBONDED_METHODS
 from .ml import BehlerParrinello, SchNet, StillingerWeber
+from .observables.ensemble import NPT_OBSERVABLES
 from .priors import ParameterRule
 from .target_files import R_UNITS, RdfGrid, rdf_bins, read_rdf
 
@@ -70,13 +72,20 @@ GPU platforms are not accepted: their repeatability has not been checked."""
 OPTIMIZERS = ("adam", "sgd")
 FAILURE_ACTIONS = ("renoise", "shrink_lr", "stop")
 TRAJECTORY_FORMATS = ("dcd", "xtc", "none")
-OBSERVABLES = ("rdf", "enthalpy_of_vaporization", "density", "pressure", "diffusion")
+OBSERVABLES = ("rdf", "enthalpy_of_vaporization", "density", "pressure", "diffusion",
+               "dielectric", "thermal_expansion", "compressibility", "heat_capacity")
 SCALAR_UNITS = {"enthalpy_of_vaporization": "kJ/mol", "density": "g/cm^3", "pressure": "bar",
-                "diffusion": "nm^2/ps"}
+                "diffusion": "nm^2/ps", "dielectric": "1", "thermal_expansion": "1/K",
+                "compressibility": "1/bar", "heat_capacity": "J/(mol K)"}
 """Units of the ``value`` of each scalar target."""
 DEFAULT_TOLERANCES = {"enthalpy_of_vaporization": 1.0, "density": 0.01, "pressure": 100.0,
-                      "diffusion": 1e-4}
-"""Error of a scalar target that costs ``weight`` (loss term ``weight·(error/tolerance)²``)."""
+                      "diffusion": 1e-4, "dielectric": 2.0, "thermal_expansion": 1e-5,
+                      "compressibility": 2e-6, "heat_capacity": 2.0}
+"""Error of a scalar target that costs ``weight`` (loss term ``weight·(error/tolerance)²``);
+for water at 298 K a few per cent of the value (ε 78, α 2.6e-4 /K, κ_T 4.5e-5 /bar, C_p 75
+J/(mol K), D 2.3e-3 nm²/ps)."""
+POSITIVE_TARGETS = ("density", "diffusion", "compressibility", "heat_capacity")
+"""Scalar targets whose value must be > 0."""
 
 
 def _positive(value) -> str | None:
@@ -297,6 +306,14 @@ class TargetConfig:
     gas_energy: float | None = _spec(None, doc="enthalpy_of_vaporization: potential energy "
                                                "of one isolated molecule, kJ/mol (default: "
                                                "k_B T/2 per internal harmonic mode)")
+    viscosity: float | None = _spec(None, _positive,
+                                    "diffusion: shear viscosity of the model at this state "
+                                    "point, Pa·s; adds the Yeh–Hummer finite-size correction "
+                                    "k_B T ξ/(6πηL) (cubic box) to D. Without it D is that of "
+                                    "the periodic box")
+    lag_range: list[float] = _spec([], doc="diffusion: [first, last] lag time of the MSD "
+                                           "slope fit, ps, within a window (default: every "
+                                           "lag but 0); skip the ballistic first lags")
     temperature: float | None = _spec(None, _positive,
                                       "[[systems.targets]] only: K of the state points this "
                                       "target applies to (default: every state point)")
@@ -734,6 +751,13 @@ def _resolve_forcefield(name: str, base: Path, where: str) -> str:
 
 def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | None
                   ) -> TargetConfig:
+    if t.observable != "diffusion":
+        for key in ("viscosity", "lag_range"):
+            if getattr(t, key):
+                raise InputError(f"{where}.{key}: only diffusion targets take {key!r}")
+    elif t.lag_range and (len(t.lag_range) != 2 or not 0 <= t.lag_range[0] < t.lag_range[1]):
+        raise InputError(f"{where}.lag_range = {t.lag_range}: give [first, last] lag times in "
+                         f"ps with 0 <= first < last, e.g. lag_range = [0.5, 2.0]")
     if t.observable == "rdf":
         if len(t.atoms) != 2:
             raise InputError(f"{where}.atoms: an rdf target needs two atom names, e.g. "
@@ -768,11 +792,14 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
     if t.value is None:
         raise InputError(f"{where}.value: a {t.observable} target needs a value in "
                          f"{SCALAR_UNITS[t.observable]}")
-    if t.observable == "density" and pressure is None:
-        raise InputError(f"{where}: a density target needs NPT sampling; set "
-                         f"simulation.pressure (bar)")
-    if t.observable in ("density", "diffusion") and t.value <= 0:
+    if t.observable in NPT_OBSERVABLES and pressure is None:
+        raise InputError(f"{where}: a {t.observable} target needs NPT sampling; set "
+                         f"simulation.pressure (bar): it is an average over box fluctuations")
+    if t.observable in POSITIVE_TARGETS and t.value <= 0:
         raise InputError(f"{where}.value = {t.value}: must be > 0")
+    if t.observable == "dielectric" and t.value < 1:
+        raise InputError(f"{where}.value = {t.value}: a static dielectric constant is >= 1 "
+                         f"(water: 78.4 at 298 K)")
     if t.observable == "enthalpy_of_vaporization" and not t.value > 0:
         raise InputError(f"{where}.value = {t.value}: an enthalpy of vaporization is the energy "
                          "taken up by vaporising, > 0 in kJ/mol (water: 44.0 at 298 K); check "
@@ -791,6 +818,30 @@ def _schedule(table) -> ScheduleConfig:
         raise InputError(f"schedule.window_steps = {schedule.window_steps}: must be a multiple "
                          f"of schedule.snapshot_every = {schedule.snapshot_every}")
     return schedule
+
+def _check_target_schedule(t: TargetConfig, schedule: ScheduleConfig,
+                            simulation: SimulationConfig, system: SystemConfig, where: str
+                            ) -> None:
+    """The checks of a target that need the schedule and the system: a diffusion target's
+    lags within a window, a dielectric target's periodic electrostatics."""
+    if t.observable == "diffusion":
+        snapshots = schedule.window_steps // schedule.snapshot_every
+        # Snapshots every snapshot_every steps up to the window's end: the longest lag is one
+        # snapshot interval short of the window.
+        longest = (snapshots - 1) * schedule.snapshot_every * simulation.timestep
+        if snapshots < 3:
+            raise InputError(f"{where}: a diffusion target fits the slope of the MSD over a "
+                             f"window's snapshots, but a window has {snapshots}; make "
+                             f"schedule.window_steps at least 3 × schedule.snapshot_every")
+        if t.lag_range and t.lag_range[1] > longest * (1 + 1e-9):
+            raise InputError(f"{where}.lag_range = {t.lag_range}: the last lag must be within "
+                             f"a window's snapshots, at most {longest:g} ps here; lower it or "
+                             f"lengthen the windows (schedule.window_steps)")
+    if t.observable == "dielectric" and system.nonbonded_method in ("NoCutoff",
+                                                                  "CutoffNonPeriodic"):
+        raise InputError(f"{where}: the dielectric estimator is that of a periodic box, but "
+                         f"system.nonbonded_method is {system.nonbonded_method}; use PME, "
+                         f"Ewald or ReactionField")
 
 
 def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
@@ -874,6 +925,7 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                              simulation.pressure)
                for i, t in enumerate(raw_targets)]
     for i, t in enumerate(targets):
+        _check_target_schedule(t, schedule, simulation, system, f"targets[{i}]")
         for key in ("temperature", "pressure"):
             if getattr(t, key) is not None:
                 raise InputError(f"targets[{i}].{key}: only [[systems.targets]] select state "

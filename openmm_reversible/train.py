@@ -85,7 +85,6 @@ from pathlib import Path
 import numpy as np
 import openmm
 import torch
-from openmm import unit
 from tqdm.auto import tqdm
 
 from .config import SCALAR_UNITS, FitConfig, StatePoint, to_dict, with_defaults
@@ -97,8 +96,22 @@ from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimula
 from .integrators.noise import counter_seed
 from .losses import Loss, Target
 from .observables.blocking import block_average, block_slices
-from .observables.density import density, pressure
+from .observables.density import pressure
+from .observables.diffusion import (
+    M2_PER_S_PER_NM2_PER_PS,
+    mean_squared_displacement,
+    self_diffusion_coefficient,
+    time_between_frames,
+    yeh_hummer_correction,
+)
 from .observables.energy import energy_per_molecule, enthalpy_of_vaporization
+from .observables.ensemble import (
+    ENSEMBLE_OBSERVABLES,
+    EnsembleFrames,
+    ensemble_average,
+    needs_charges,
+    particle_charges,
+)
 from .observables.rdf import rdf
 from .observables.selection import molecules, pair_indices
 from .outputs import (
@@ -113,7 +126,7 @@ from .parallel import Engine, PieceFailed, PieceProgress, by_worker, open_engine
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .priors import Regularization
-from .reweighting import fluctuation_gradient
+from .reweighting import through_energies
 from .sampler import (
     SampledState,
     Sampler,
@@ -320,11 +333,6 @@ def harmonic_gas_energy(topology, temperature: float, rigid: bool,
     return 0.5 * modes * KB * temperature
 
 
-ENSEMBLE_OBSERVABLES = ("density",)
-"""Observables averaged over OpenMM's NPT frames, with the fluctuation gradient
-(:func:`ensemble_terms`), instead of through the reversible windows."""
-
-
 class Objective:
     """Weighted sum of the config's target terms, as a ``loss_fn(trajectory, potential)``.
 
@@ -334,9 +342,17 @@ class Objective:
       ``loss = "l1"``, ``weight · mean_r |g(r) - g_target(r)|``;
     - scalar targets (``enthalpy_of_vaporization``, ``pressure``): ``weight · ((x - value) /
       tolerance)²`` with x averaged over the window's snapshots;
-    - ensemble targets (``density``, :data:`ENSEMBLE_OBSERVABLES`): the same scalar term, but
-      not in the windows (their box is fixed): x is averaged over the OpenMM NPT frames of the
-      epoch's bulk sampling and its gradient is the fluctuation estimator
+    - ``diffusion``: the same scalar term, x the self-diffusion coefficient (nm²/ps) from the
+      slope of the molecules' mean squared displacement over the window's snapshots (every
+      snapshot a time origin, lags in the target's ``lag_range``), plus the Yeh–Hummer
+      finite-size correction when the target gives the model's ``viscosity``: a
+      time-dependent observable, differentiated through the reversible window;
+    - ensemble targets (``density``, ``compressibility``, ``thermal_expansion``,
+      ``heat_capacity``, ``dielectric``: :data:`ENSEMBLE_OBSERVABLES`): the same scalar term,
+      but not in the windows (their box is fixed, and a fluctuation needs more frames than a
+      window has): x is the estimator of
+      :func:`~openmm_reversible.observables.ensemble.ensemble_average` over the OpenMM frames
+      of the epoch's bulk sampling and its gradient the fluctuation estimator
       (:func:`ensemble_terms`); they are in :attr:`ensemble_targets`, not :attr:`targets`.
 
     After each call, :attr:`last_terms` holds each weighted term and :attr:`last_observables`
@@ -363,10 +379,6 @@ class Objective:
                     "target": torch.as_tensor(grid.g, dtype=DTYPE), "r_range": grid.r_range,
                     "n_bins": len(grid.r), "sigma": t.bandwidth or grid.width,
                     "note": grid.note}
-            elif t.observable == "diffusion":
-                raise InputError(f"targets: {t.observable} cannot be fitted through the "
-                                 f"reversible windows (short windows); give it weight = 0 to "
-                                 f"report it, or check it with 'openmm-reversible validate'")
         self.gas_energy = {t.label: (t.gas_energy if t.gas_energy is not None else
                                      harmonic_gas_energy(topology, config.simulation.temperature,
                                                          rigid, system))
@@ -377,6 +389,11 @@ class Objective:
             for t in self.ensemble_targets]) if self.ensemble_targets else None
         self.last_terms: dict[str, float] = {}
         self.last_observables: dict[str, object] = {}
+
+    @property
+    def molecule_groups(self) -> list:
+        """Atom indices of each molecule (virtual sites joined to theirs)."""
+        return self._molecules
 
     @property
     def rdf_notes(self) -> dict[str, str]:
@@ -401,10 +418,20 @@ class Objective:
                                          len(self._molecules))
             return enthalpy_of_vaporization(liquid, self.gas_energy[target.label],
                                             traj.temperature)
-        if target.observable == "density":
-            return density(traj.masses, traj.box)
+        if target.observable == "diffusion":
+            return self._diffusion(target, traj)
         return pressure(potential, traj.positions, traj.velocities, traj.box, traj.masses,
                         molecules=self._molecules).mean()
+
+    def _diffusion(self, target, traj: Trajectory) -> torch.Tensor:
+        """Self-diffusion coefficient of the molecules over the window's snapshots, nm²/ps."""
+        interval = time_between_frames(traj.steps, traj.timestep)
+        lags, msd = mean_squared_displacement(traj.positions, traj.masses, self._molecules,
+                                              interval)
+        d = self_diffusion_coefficient(lags, msd, tuple(target.lag_range) or None)
+        if target.viscosity is not None:
+            d = yeh_hummer_correction(d, traj.temperature, target.viscosity, traj.box)
+        return d / M2_PER_S_PER_NM2_PER_PS
 
     def _target(self, target) -> Target:
         """The config target as a :class:`~openmm_reversible.losses.Target` on (traj, potential).
@@ -679,67 +706,90 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
                                           model.potential))
 
 
+def ensemble_frames(model: WindowModel, frames: Sequence[SampledState]) -> EnsembleFrames:
+    """OpenMM's sampled frames of a state point with what its ensemble estimators need."""
+    config = model.config
+    return EnsembleFrames.from_system(
+        model.parameters.system, np.stack([f.positions for f in frames]),
+        np.stack([f.box for f in frames]), config.simulation.temperature,
+        config.simulation.pressure, model.objective.molecule_groups,
+        config.system.nonbonded_method, config.system.reaction_field_dielectric)
+
+
 def ensemble_terms(model: WindowModel, frames: Sequence[SampledState], n_blocks: int = 5
                    ) -> WindowResult:
-    """The ensemble targets of a state point on OpenMM's NPT frames, with their gradient.
+    """The ensemble targets of a state point on OpenMM's frames, with their gradient.
 
-    Each observable is averaged over the frames, ⟨ρ⟩; its parameter gradient is the
-    fluctuation estimator d⟨ρ⟩/dθ = −β(⟨ρ ∂U/∂θ⟩ − ⟨ρ⟩⟨∂U/∂θ⟩)
-    (:func:`~openmm_reversible.reweighting.fluctuation_gradient`: ρ depends on θ only through
-    the ensemble, and the pV term of the NPT weight does not depend on θ), chained through
-    the loss term of :attr:`Objective.ensemble_loss`.
+    Each target's estimator (:func:`~openmm_reversible.observables.ensemble.ensemble_average`:
+    ⟨ρ⟩, κ_T, α, C_p or ε) is a function of Boltzmann-reweighted averages over the frames and
+    of the frames' energies under the current parameters; the loss of
+    :attr:`Objective.ensemble_loss` over them is differentiated by
+    :func:`~openmm_reversible.reweighting.through_energies`, which gives every average its
+    fluctuation derivative d⟨A⟩/dθ = ⟨∂A/∂θ⟩ − β(⟨A ∂U/∂θ⟩ − ⟨A⟩⟨∂U/∂θ⟩) (the pV term of the
+    NPT weight does not depend on θ; ∂A/∂θ is the charges' part of the dipole moment), chained
+    through the estimators and the loss.
 
     Parameters
     ----------
     model : WindowModel
         With its parameters at the values the frames were sampled with.
     frames : sequence of SampledState
-        Frames of the NPT sampling (positions nm, box nm), in time order.
+        Frames of the sampling (positions nm, box nm), in time order; NPT for the
+        box-fluctuation targets.
     n_blocks : int
-        Blocks of the standard error (:func:`block_average`; fewer with fewer frames).
+        Blocks of the standard error: each estimator on each of ``n_blocks`` contiguous blocks
+        of the frames (:func:`pooled_stderr`; fewer blocks with fewer frames).
 
     Returns
     -------
     WindowResult
         ``loss``, ``gradient`` (d loss / d scaled parameters), ``terms``, ``observables``;
-        ``blocks`` holds each observable's block means (for :func:`pooled_stderr`).
+        ``blocks`` holds each observable's block estimates.
     """
     objective, parameters = model.objective, model.parameters
-    positions = torch.as_tensor(np.stack([f.positions for f in frames]), dtype=DTYPE)
-    boxes = torch.as_tensor(np.stack([f.box for f in frames]), dtype=DTYPE)
-    system = model.parameters.system
-    masses = torch.tensor([system.getParticleMass(i).value_in_unit(unit.dalton)
-                           for i in range(system.getNumParticles())], dtype=DTYPE)
-    temperature = model.config.simulation.temperature
-    values, blocks = {}, {}
+    sampled = ensemble_frames(model, frames)
+    targets = objective.ensemble_targets
     t0 = time.perf_counter()
-    for t in objective.ensemble_targets:
-        per_frame = density(masses, boxes).numpy()
-        if t.weight == 0:  # reported only: no energies needed
-            values[t.label] = torch.tensor(per_frame.mean(), dtype=DTYPE)
-        else:
-            mean, (grad,) = fluctuation_gradient(lambda x, box: density(masses, box),
-                                                 model.potential, positions, boxes,
-                                                 temperature, [parameters.scaled])
-            # A tensor whose value is ⟨ρ⟩ and whose gradient is the estimator's, for the loss.
-            linear = (parameters.scaled * grad).sum()
-            values[t.label] = mean + linear - linear.detach()
-        n = min(n_blocks, len(per_frame))
-        blocks[t.label] = [float(per_frame[b].mean()) for b in
-                           ([slice(0, len(per_frame))] if n < 2
-                            else block_slices(len(per_frame), n))]
-    parameters.scaled.grad = None
-    total, report = objective.ensemble_loss.evaluate(values)
-    if total.requires_grad:
-        total.backward()
-    gradient = (torch.zeros_like(parameters.scaled) if parameters.scaled.grad is None
-                else parameters.scaled.grad.detach().clone())
-    return WindowResult(float(total.detach()), gradient,
-                        {k: r.contribution for k, r in report.items()},
-                        {k: float(r.value) for k, r in report.items()},
+    charges = (particle_charges(model.potential)
+               if any(needs_charges(t.observable) for t in targets) else None)
+    report: dict = {}
+
+    def loss(energies: torch.Tensor) -> torch.Tensor:
+        report["energies"] = energies.detach()
+        values = {t.label: ensemble_average(t.observable, sampled, energies, charges)
+                  for t in targets}
+        total, report["terms"] = objective.ensemble_loss.evaluate(values)
+        return total
+
+    if any(t.weight > 0 for t in targets):
+        total, (gradient,) = through_energies(loss, model.potential, sampled.positions,
+                                              sampled.boxes, [parameters.scaled])
+    else:  # reported only: the energies' values, no gradient
+        with torch.no_grad():
+            energies = torch.stack([model.potential(x, box) for x, box in
+                                    zip(sampled.positions, sampled.boxes, strict=True)])
+            total, gradient = loss(energies), torch.zeros_like(parameters.scaled)
+    terms, energies = report["terms"], report["energies"]
+    # Each estimator on each block (a fluctuation needs two frames a block at least); the
+    # whole as the one block with fewer frames (no standard error then).
+    n = min(n_blocks, sampled.n_frames // 2)
+    blocks = {t.label: [float(terms[t.label].value)] for t in targets}
+    if n >= 2:
+        q = None if charges is None else charges.detach()
+        with torch.no_grad():
+            for t in targets:
+                blocks[t.label] = [float(ensemble_average(t.observable, sampled.part(b),
+                                                          energies[b], q))
+                                   for b in block_slices(sampled.n_frames, n)]
+    return WindowResult(float(total.detach()), gradient.detach().clone(),
+                        {k: r.contribution for k, r in terms.items()},
+                        {k: float(r.value) for k, r in terms.items()},
                         {"forward_s": time.perf_counter() - t0, "backward_s": 0.0,
                          "reconstruction_error": 0.0}, blocks)
 
+
+TIME_DEPENDENT = ("diffusion",)
+"""Window observables of the whole window's dynamics (one block per window)."""
 
 BLOCKS_PER_WINDOW = 5
 """Contiguous blocks of a window's snapshots on which each observable is evaluated for its
@@ -763,16 +813,19 @@ def block_observables(objective: Objective, traj: Trajectory, potential,
     -------
     dict of str to list
         For each target label, one value per block (a float, or g(r) as a list), in the
-        observable's units; numbers for reports, not differentiable.
+        observable's units; numbers for reports, not differentiable. A time-dependent
+        observable (``diffusion``: its lags span the window) has one value per window, the
+        whole window's.
     """
     n = min(n_blocks, traj.n_frames)
-    parts = [slice(0, traj.n_frames)] if n < 2 else block_slices(traj.n_frames, n)
+    whole = [slice(0, traj.n_frames)]
+    parts = whole if n < 2 else block_slices(traj.n_frames, n)
     values: dict[str, list] = {t.label: [] for t in objective.targets}
-    for part in parts:
-        frames = dataclasses.replace(traj, positions=traj.positions[part].detach(),
-                                     velocities=traj.velocities[part].detach(),
-                                     steps=traj.steps[part])
-        for t in objective.targets:
+    for t in objective.targets:
+        for part in whole if t.observable in TIME_DEPENDENT else parts:
+            frames = dataclasses.replace(traj, positions=traj.positions[part].detach(),
+                                         velocities=traj.velocities[part].detach(),
+                                         steps=traj.steps[part])
             value = objective.observable(t, frames, potential).detach()
             values[t.label].append(value.tolist() if value.ndim else float(value))
     return values
@@ -1075,6 +1128,11 @@ class Trainer:
     def state(self) -> SampledState:
         """The state the first leg's next epoch starts from."""
         return self.legs[0].state
+
+    @property
+    def molecule_groups(self) -> list:
+        """Atom indices of each molecule (virtual sites joined to theirs)."""
+        return self._molecules
 
     @property
     def rdf_notes(self) -> dict[str, str]:

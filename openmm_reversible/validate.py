@@ -12,8 +12,12 @@ Two checks, neither with torch in the simulation loop:
 2. **Observables.** A short OpenMM simulation of the trained model (flexible or ``--rigid``,
    reaction field or ``--pme``, NVT or NPT with ``--pressure``) reports each target's
    observable next to its target — density, ΔH_vap, RDF (mdtraj), pressure (molecular virial
-   by a finite volume change) — plus the self-diffusion coefficient from the molecules' mean
-   squared displacement, each with its standard error by block averaging
+   by a finite volume change), the NPT response functions κ_T, α and C_p and the static
+   dielectric constant (the fit's estimators,
+   :func:`~openmm_reversible.observables.ensemble.ensemble_average`, on the run's frames), the
+   self-diffusion coefficient (Yeh–Hummer corrected when the target gives a viscosity) —
+   plus the self-diffusion coefficient from the molecules' mean squared displacement always,
+   each with its standard error by block averaging
    (:mod:`openmm_reversible.observables.blocking`), as a table (:func:`format_table`),
    ``validation.json`` and ``validation.png`` (:func:`save_report`); observables without a
    target are reported as such, never drawn as a match.
@@ -41,6 +45,8 @@ from .errors import InputError, structure_errors
 from .files import atomic_write_all, text_writer
 from .observables.blocking import block_average, block_slices
 from .observables.density import G_CM3_PER_AMU_NM3
+from .observables.diffusion import M2_PER_S_PER_NM2_PER_PS, yeh_hummer_correction
+from .observables.ensemble import ENSEMBLE_OBSERVABLES, EnsembleFrames, ensemble_average
 from .observables.selection import molecules
 from .parameters import ParameterSet
 from .potential import TorchPotential
@@ -279,10 +285,18 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
     def diffusion(part):
         return diffusion_coefficient(part, groups, masses)
 
+    def response(name):
+        def estimate(part):
+            return float(ensemble_average(name, _ensemble_frames(config, system, groups, part),
+                                          torch.as_tensor(part.energies, dtype=DTYPE),
+                                          _charges(system) if name == "dielectric" else None))
+        return lambda: (estimate(frames), float(per_block(estimate)))
+
     scalars = {"density": lambda: (float(np.mean(densities)), float(stderr(densities))),
                "pressure": lambda: (float(np.mean(frames.pressures)),
                                     float(stderr(frames.pressures))),
-               "diffusion": lambda: (diffusion(frames), float(per_block(diffusion)))}
+               "diffusion": lambda: (diffusion(frames), float(per_block(diffusion))),
+               **{name: response(name) for name in ENSEMBLE_OBSERVABLES if name != "density"}}
     rows = []
     for t in config.targets:
         row = {"name": t.label, "observable": t.observable, "target": t.value,
@@ -308,6 +322,12 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
             row["value"] = float(gas - np.mean(frames.energies) / len(groups)
                                  + KB * config.simulation.temperature)
             row["stderr"] = float(stderr(frames.energies)) / len(groups)
+        elif t.observable == "diffusion" and t.viscosity is not None:
+            def corrected(part, eta=t.viscosity):
+                d = diffusion(part) * M2_PER_S_PER_NM2_PER_PS
+                return float(yeh_hummer_correction(d, config.simulation.temperature, eta,
+                                                   part.boxes)) / M2_PER_S_PER_NM2_PER_PS
+            row["value"], row["stderr"] = corrected(frames), float(per_block(corrected))
         else:
             row["value"], row["stderr"] = scalars[t.observable]()
         if t.observable != "rdf":
@@ -320,6 +340,25 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
             rows.append({"name": name, "observable": name, "value": value, "stderr": error,
                          "target": None, "error": None, "unit": SCALAR_UNITS[name]})
     return rows
+
+
+def _ensemble_frames(config: FitConfig, system: openmm.System, groups: list[np.ndarray],
+                     frames: Frames) -> EnsembleFrames:
+    """The run's frames as the fit's ensemble estimators take them."""
+    sim = config.simulation
+    return EnsembleFrames.from_system(system, frames.positions, frames.boxes, sim.temperature,
+                                      sim.pressure, groups, config.system.nonbonded_method,
+                                      config.system.reaction_field_dielectric)
+
+
+def _charges(system: openmm.System) -> torch.Tensor:
+    """Particle charges of the System's NonbondedForce, e."""
+    for force in system.getForces():
+        if isinstance(force, openmm.NonbondedForce):
+            return torch.tensor([force.getParticleParameters(i)[0].value_in_unit(
+                unit.elementary_charge) for i in range(force.getNumParticles())], dtype=DTYPE)
+    raise InputError("a dielectric target needs charges on a NonbondedForce, but the System "
+                     "has none; remove the dielectric target")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -460,6 +499,8 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
                                          **create_system_kwargs(run_config)).system,
             run_config)
     pressure = sim_cfg.pressure if pressure is None else pressure
+    run_config = dataclasses.replace(run_config, simulation=dataclasses.replace(
+        run_config.simulation, pressure=pressure))
     frames = simulate(system, topology, positions, run_config, steps, equilibration, every,
                       pressure, platform or sim_cfg.platform, seed, progress)
     rows = observables(run_config, topology, system, frames, rigid=system_cfg.rigid_water,

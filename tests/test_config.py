@@ -393,3 +393,64 @@ def test_structure_density_scales_the_box_with_rigid_molecules(base):
         assert np.linalg.norm(scaled[i] - scaled[j]) == pytest.approx(
             np.linalg.norm(plain[i] - plain[j]), abs=1e-12)
     assert np.abs(scaled - plain).max() > 0.01
+
+
+def test_response_dielectric_and_diffusion_targets(base):
+    """The ensemble targets (κ_T, α, C_p, ε) and diffusion read with their units and default
+    tolerances; their own keys (viscosity, lag_range) are kept."""
+    data, where = base
+    data["targets"] += [
+        {"observable": "compressibility", "value": 4.5e-5},
+        {"observable": "thermal_expansion", "value": 2.6e-4, "tolerance": 2e-5},
+        {"observable": "heat_capacity", "value": 75.3},
+        {"observable": "dielectric", "value": 78.4, "weight": 0.5},
+        {"observable": "diffusion", "value": 2.3e-3, "viscosity": 0.89e-3,
+         "lag_range": [0.005, 0.015]}]
+    config = config_from_dict(data, where)
+    by_label = {t.label: t for t in config.targets}
+    assert by_label["compressibility"].scale == 2e-6
+    assert by_label["thermal_expansion"].scale == 2e-5
+    assert by_label["heat_capacity"].scale == 2.0
+    assert by_label["dielectric"].scale == 2.0 and by_label["dielectric"].weight == 0.5
+    diffusion = by_label["diffusion"]
+    assert diffusion.viscosity == 0.89e-3 and diffusion.lag_range == [0.005, 0.015]
+
+
+@pytest.mark.parametrize("target, change, message", [
+    ({"observable": "compressibility", "value": 4.5e-5}, {"pressure": None},
+     "targets[2]: a compressibility target needs NPT sampling; set simulation.pressure (bar)"),
+    ({"observable": "heat_capacity", "value": 75.3}, {"pressure": None},
+     "targets[2]: a heat_capacity target needs NPT sampling"),
+    ({"observable": "heat_capacity", "value": -1.0}, {}, "targets[2].value = -1.0: must be > 0"),
+    ({"observable": "dielectric", "value": 0.5}, {},
+     "targets[2].value = 0.5: a static dielectric constant is >= 1"),
+    ({"observable": "dielectric", "value": 78.0}, {"nonbonded_method": "NoCutoff"},
+     "targets[2]: the dielectric estimator is that of a periodic box, but "
+     "system.nonbonded_method is NoCutoff; use PME, Ewald or ReactionField"),
+    ({"observable": "density", "value": 1.0, "viscosity": 1e-3}, {},
+     "targets[2].viscosity: only diffusion targets take 'viscosity'"),
+    ({"observable": "rdf", "atoms": ["O", "O"], "file": "rdf.dat", "name": "g",
+      "lag_range": [0.0, 0.01]}, {}, "targets[2].lag_range: only diffusion targets take"),
+    ({"observable": "diffusion", "value": 2e-3, "viscosity": -1.0}, {},
+     "targets[2].viscosity = -1.0: must be > 0"),
+    ({"observable": "diffusion", "value": 2e-3, "lag_range": [0.01, 0.005]}, {},
+     "targets[2].lag_range = [0.01, 0.005]: give [first, last] lag times in ps"),
+    ({"observable": "diffusion", "value": 2e-3, "lag_range": [0.005, 0.02]}, {},
+     "targets[2].lag_range = [0.005, 0.02]: the last lag must be within a window's "
+     "snapshots, at most 0.015 ps here"),
+    ({"observable": "diffusion", "value": 2e-3}, {"snapshot_every": 10},
+     "targets[2]: a diffusion target fits the slope of the MSD over a window's snapshots, "
+     "but a window has 2"),
+])
+def test_bad_new_targets(base, target, change, message):
+    data, where = base
+    data = copy.deepcopy(data)
+    data["targets"].append(target)
+    if "pressure" in change:
+        del data["simulation"]["pressure"]
+    if "nonbonded_method" in change:
+        data["system"]["nonbonded_method"] = change["nonbonded_method"]
+        del data["simulation"]["pressure"]
+    if "snapshot_every" in change:
+        data["schedule"]["snapshot_every"] = change["snapshot_every"]
+    assert message in _error(data, where)

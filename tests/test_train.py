@@ -647,6 +647,128 @@ def test_density_gradient_by_fluctuation_against_finite_differences(argon, tmp_p
     assert gradient[0] < 0 < gradient[1]  # larger atoms: less dense; more cohesion: denser
 
 
+DIFFUSION_TARGET = """[[systems.targets]]
+observable = "diffusion"
+value = 2.0e-3
+lag_range = [0.02, 0.06]
+viscosity = 2.0e-4
+"""
+RESPONSE_TARGETS = """[[systems.targets]]
+observable = "compressibility"
+value = 2.0e-4
+tolerance = 1e-4
+[[systems.targets]]
+observable = "thermal_expansion"
+value = 3.0e-3
+tolerance = 1e-3
+[[systems.targets]]
+observable = "heat_capacity"
+value = 40.0
+tolerance = 5.0
+"""
+
+
+def _window_start(model, steps: int = 400):
+    """An OpenMM state of the model after ``steps`` steps from its minimised start."""
+    from openmm_reversible.sampler import Sampler
+
+    sampler = Sampler.from_config(model.config, model.parameters.create_system(),
+                                  model.positions, model.topology)
+    sampler.minimize()
+    sampler.set_velocities(3)
+    (state,) = sampler.step(steps, {steps})
+    return state
+
+
+def test_diffusion_target_gradient_through_the_reversible_window(argon):
+    """A diffusion target is fitted through the windows: its reversible gradient equals
+    central finite differences of the window's loss (same start state and noise), and the
+    Yeh–Hummer term adds k_B T ξ / (6π η L) to the box's D."""
+    from openmm_reversible.config import config_from_dict
+    from openmm_reversible.train import WindowPiece, compute_window, window_model
+
+    path, _ = argon
+    (path / "diffusion.xml").write_text(XML.format(sigma=SIGMA, epsilon=EPSILON))
+    target = {"observable": "diffusion", "value": 2.0e-3, "tolerance": 1e-4,
+              "lag_range": [0.04, 0.08], "viscosity": 2.0e-4}
+    data = {"forcefield": {"files": ["diffusion.xml"]}, "structure": {"pdb": "argon.pdb"},
+            "system": {"nonbonded_method": "CutoffPeriodic", "cutoff": 0.7},
+            "simulation": {"temperature": TEMPERATURE, "friction": 5.0, "timestep": 0.004,
+                           "platform": "Reference", "seed": 11},
+            "schedule": {"epochs": 1, "window_steps": 25, "snapshot_every": 5},
+            "targets": [target]}
+    model = window_model(config_from_dict(data, path))
+    start = model.parameters.scaled.detach().clone()
+    state = _window_start(model, 200)
+
+    def window(scaled):
+        return compute_window(model, WindowPiece(1, 0, 1, scaled, state, 5, "out"))
+
+    result = window(start)
+    d = result.observables["diffusion"]
+    assert 1e-4 < d < 1e-1  # nm^2/ps, a fluid
+    assert result.loss == pytest.approx(((d - 2.0e-3) / 1e-4) ** 2, rel=1e-12)
+    assert result.blocks["diffusion"] == [pytest.approx(d, rel=1e-12)]  # one per window
+    h = 1e-6
+    for k in range(len(start)):
+        up, down = start.clone(), start.clone()
+        up[k] += h
+        down[k] -= h
+        fd = (window(up).loss - window(down).loss) / (2 * h)
+        assert float(result.gradient[k]) == pytest.approx(fd, rel=1e-5), k
+    assert abs(float(result.gradient[0])) > 0
+    # Without the viscosity, D is that of the periodic box.
+    data["targets"] = [{k: v for k, v in target.items() if k != "viscosity"}]
+    plain = compute_window(window_model(config_from_dict(data, path)),
+                           WindowPiece(1, 0, 1, start, state, 5, "out"))
+    edge = float(np.linalg.det(state.box)) ** (1 / 3) * 1e-9  # m
+    correction = 1.380649e-23 * TEMPERATURE * 2.837297 / (6 * math.pi * 2.0e-4 * edge) * 1e6
+    assert d - plain.observables["diffusion"] == pytest.approx(correction, rel=1e-6)
+
+
+def test_response_and_diffusion_targets_in_a_fit_and_its_validation(argon, tmp_path, capsys):
+    """κ_T, α and C_p (ensemble targets on the NPT frames) and D (through the windows) in one
+    fit: each a loss term with its observable and standard error in the log, the CSV and the
+    plot; `validate` reports each against its target with a standard error."""
+    from openmm_reversible.cli import main
+
+    _npt_config(argon, max_steps=0)  # writes loose.pdb and npt.xml
+    toml = argon[0] / "response.toml"
+    toml.write_text(NPT_CONFIG.format(xml="npt.xml", max_steps=2000, bulk_steps=200,
+                                      targets=RESPONSE_TARGETS + DIFFUSION_TARGET)
+                    .replace("window_steps = 10", "window_steps = 20"))
+    config = load_config(toml)
+    out = tmp_path / "fit"
+    (record,) = fit(config, out, progress=False).records
+    prefix = "argon 120 K 400 bar/"
+    names = ("compressibility", "thermal_expansion", "heat_capacity", "diffusion")
+    assert set(record["terms"]) == {prefix + n for n in names}
+    # 1/bar, 1/K, J/(mol K), nm^2/ps: plausible for dense argon over a short sampling
+    for name, (low, high) in zip(names, ((1e-6, 1e-2), (-0.1, 0.1), (10.0, 200.0),
+                                         (1e-4, 0.1)), strict=True):
+        value = record["observables"][prefix + name]
+        assert low < value < high, (name, value)
+        stderr = record["stderr"][prefix + name]
+        assert stderr is not None and stderr > 0 if name != "diffusion" else stderr is None
+    assert record["loss"] == pytest.approx(sum(record["terms"].values()), rel=1e-12)
+    assert record["gradient_norm"] > 0
+    header = (out / "state_data.csv").read_text().splitlines()[0]
+    assert "compressibility (1/bar)" in header and "heat_capacity (J/(mol K))" in header
+    assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    xml = str(next(out.glob("*.xml")))
+    assert main(["validate", xml, "--config", config.path, "--steps", "2000",
+                 "--equilibration", "500", "--every", "20", "--platform", "Reference",
+                 "--output", str(tmp_path / "validation"), "--no-progress"]) == 0
+    report = json.loads((tmp_path / "validation" / "validation.json").read_text())
+    (point,) = report["state_points"]
+    rows = {r["name"]: r for r in point["observables"]}
+    for name in names:
+        row = rows[name]
+        assert row["target"] is not None and math.isfinite(row["value"]), name
+        assert row["stderr"] > 0 and row["error"] == pytest.approx(row["value"] - row["target"])
+    assert "compressibility" in capsys.readouterr().out
+
+
 def test_validation_across_state_points(argon, tmp_path, capsys):
     """`validate` on a config with [[systems]]: a round trip and a table (values ± standard
     error) per state point, one report and one plot of each property against temperature."""

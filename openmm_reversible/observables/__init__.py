@@ -35,6 +35,9 @@ NPT response (:mod:`.thermodynamics`)   :func:`isothermal_compressibility`,
                                         :func:`thermal_expansion`, :func:`heat_capacity`,
                                         :func:`enthalpy` (NPT fluctuations, differentiable
                                         by reweighting), :func:`uncertainty`
+ensemble targets (:mod:`.ensemble`)     :func:`ensemble_average` (density, κ_T, α, C_p, ε
+                                        of sampled frames as functions of their energies,
+                                        for the fluctuation gradient), :class:`EnsembleFrames`
 uncertainty (:mod:`.blocking`)          :func:`block_average`, :func:`block_slices`,
                                         :func:`statistical_inefficiency` (NumPy, for reports:
                                         standard errors of correlated series)
@@ -95,6 +98,7 @@ from .elastic import (
     stress_tensor,
 )
 from .energy import energy_per_molecule, enthalpy_of_vaporization, frame_energies
+from .ensemble import EnsembleFrames, ensemble_average
 from .rdf import rdf
 from .selection import atom_indices, molecules, pair_indices
 from .temperature import degrees_of_freedom, temperature
@@ -108,10 +112,10 @@ from .thermodynamics import (
 )
 
 __all__ = [
-    "Estimate", "atom_indices", "block_average", "block_slices", "born_terms",
+    "EnsembleFrames", "Estimate", "atom_indices", "block_average", "block_slices", "born_terms",
     "constraint_virial", "cubic_elastic_observables", "degrees_of_freedom", "density",
-    "dipole_moment", "elastic_constants",
-    "energy_per_molecule", "enthalpy", "enthalpy_of_vaporization", "frame_energies",
+    "dipole_moment", "elastic_constants", "energy_per_molecule", "ensemble_average", "enthalpy",
+    "enthalpy_of_vaporization", "frame_energies",
     "heat_capacity", "isothermal_compressibility", "kinetic_tensor",
     "mean_squared_displacement", "molecules", "pair_indices", "pressure", "pressure_tensor",
     "rdf", "relaxed_elastic_constants", "self_diffusion_coefficient", "static_dielectric",

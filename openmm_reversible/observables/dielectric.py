@@ -14,6 +14,14 @@ same g gives
 which tends to 1 + g as ε_RF → ∞. M is computed from molecules made whole (each atom at the
 minimum image of its molecule's first atom), which for neutral molecules is the sum of the
 molecular dipoles and equals mdtraj's ``dipole_moments``.
+
+Gradient. ε is a function of the ensemble averages ⟨M⟩, ⟨M·M⟩ and ⟨V⟩. Their parameter
+derivatives have two parts: the explicit one (M depends on trainable charges, ⟨∂A/∂θ⟩) and the
+change of the ensemble, −β(⟨A ∂U/∂θ⟩ − ⟨A⟩⟨∂U/∂θ⟩). Given the frames' energies
+(``energies``), :func:`static_dielectric` takes the averages with Boltzmann weights
+``softmax(-β(U - U_ref))`` (:func:`~.thermodynamics.boltzmann_log_weights`, ``U_ref = U``
+detached: the plain mean), so that autograd through ``energies`` adds the second part;
+without them only the explicit part is differentiated.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import torch
 from ..errors import InputError
 from ..units import KB, ONE_4PI_EPS0
 from .frames import MoleculeLayout, check_box, check_frames, volumes
+from .thermodynamics import boltzmann_log_weights
 
 
 def dipole_moment(positions: torch.Tensor, charges: torch.Tensor, box=None,
@@ -61,7 +70,8 @@ def dipole_moment(positions: torch.Tensor, charges: torch.Tensor, box=None,
 
 def static_dielectric(positions: torch.Tensor, charges: torch.Tensor, box,
                       temperature: float, molecules: Sequence[Sequence[int]] | None = None,
-                      epsilon_rf: float = math.inf) -> torch.Tensor:
+                      epsilon_rf: float = math.inf, energies: torch.Tensor | None = None,
+                      reference_energies: torch.Tensor | None = None) -> torch.Tensor:
     """Static dielectric constant from box-dipole fluctuations (dimensionless, 0-dim).
 
     Parameters
@@ -76,12 +86,19 @@ def static_dielectric(positions: torch.Tensor, charges: torch.Tensor, box,
     epsilon_rf : float, default inf
         Dielectric constant of the reaction-field continuum; ``inf`` for PME/Ewald
         (tin-foil boundary).
+    energies : torch.Tensor, shape (n_frames,), kJ/mol, optional
+        Energy of each frame under the current parameters (the potential energy, or in NPT
+        the enthalpy U + PV), differentiable: the averages are then Boltzmann-reweighted, and
+        the gradient holds the ensemble's change −β cov(·, ∂U/∂θ) besides the explicit one.
+    reference_energies : torch.Tensor, shape (n_frames,), kJ/mol, optional
+        The same under the sampling parameters (reweighting to nearby parameters); default
+        ``energies`` detached (frames of the current parameters).
 
     Returns
     -------
     torch.Tensor, 0-dim
-        Differentiable in positions, charges and box. Needs many frames to converge
-        (nanoseconds for water).
+        Differentiable in positions, charges, box and ``energies``. Needs many frames to
+        converge (nanoseconds for water).
     """
     positions = check_frames(positions)
     if positions.shape[0] < 2:
@@ -92,9 +109,20 @@ def static_dielectric(positions: torch.Tensor, charges: torch.Tensor, box,
         raise InputError(f"epsilon_rf must be >= 1 (or inf for PME), got {epsilon_rf!r}")
     box = check_box(box, positions.shape[0], positions, required=True)
     moments = dipole_moment(positions, charges, box, molecules)
-    fluctuation = ((moments - moments.mean(0)) ** 2).sum(-1).mean()
-    g = 4 * math.pi * ONE_4PI_EPS0 * fluctuation / (
-        3 * volumes(box).mean() * KB * float(temperature))
+    n_frames = positions.shape[0]
+    if energies is None:
+        weights = moments.new_full((n_frames,), 1.0 / n_frames)
+    else:
+        if tuple(energies.shape) != (n_frames,):
+            raise InputError(f"energies must have one value per frame ({n_frames},), got "
+                             f"{tuple(energies.shape)}")
+        weights = boltzmann_log_weights(energies, temperature, reference_energies).exp()
+        weights = weights.to(moments.dtype)
+    mean = weights @ moments
+    fluctuation = weights @ ((moments - mean) ** 2).sum(-1)
+    volume = volumes(box)
+    volume = weights @ volume if volume.ndim else volume
+    g = 4 * math.pi * ONE_4PI_EPS0 * fluctuation / (3 * volume * KB * float(temperature))
     if math.isinf(epsilon_rf):
         return 1 + g
     a = 2 * epsilon_rf + 1
