@@ -36,6 +36,7 @@ of the generator and law sources, and numba caches their machine code beside the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -52,7 +53,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from . import lawmath
+from . import lawmath, special
 
 N_CHUNKS = 16
 """Fixed number of summation chunks (independent of the thread count: determinism)."""
@@ -146,21 +147,43 @@ class ChainLaw:
 # ------------------------------------------------------------------------------- generation
 
 
+@functools.cache
+def _sympy_classes() -> tuple:
+    """The symbolic function ``erfcx`` and a printer that writes it as :func:`.special.erfcx`
+    (made on first use: sympy is imported only to generate kernels)."""
+    import sympy
+    from sympy.printing.pycode import PythonCodePrinter
+
+    class Erfcx(sympy.Function):
+        """``exp(z²) erfc(z)``; only printed, never differentiated (the laws are
+        differentiated with ``erfc`` before it is rewritten)."""
+
+    class Printer(PythonCodePrinter):
+        def _print_Erfcx(self, expr) -> str:
+            return f"erfcx({self._print(expr.args[0])})"
+
+    return Erfcx, Printer
+
+
 def _cse_lines(exprs, indent: str, inverse: tuple | None = None) -> str:
     """Python assignments ``x_k = ...; o_m = ...`` computing ``exprs`` with common
     subexpressions shared (the printer emits ``math.*`` calls and inline conditionals).
     ``inverse = (r, ir)`` writes negative powers of ``r`` as powers of ``ir = 1/r`` (one
     division per pair instead of one per power)."""
     import sympy
-    from sympy.printing.pycode import PythonCodePrinter
 
+    erfcx, printer_class = _sympy_classes()
     exprs = list(exprs)
     if inverse is not None:
         r, ir = inverse
         exprs = [sympy.sympify(e).replace(
             lambda e: e.is_Pow and e.base == r and e.exp.is_negative,
             lambda e: ir ** (-e.exp)) for e in exprs]
-    printer = PythonCodePrinter({"fully_qualified_modules": True})
+    # erfc(z) = exp(-z²) erfcx(z): the exponential is shared with the derivatives and
+    # erfcx is a table lookup (special.erfcx) instead of a library erfc call
+    exprs = [sympy.sympify(e).replace(sympy.erfc, lambda z: sympy.exp(-z**2) * erfcx(z))
+             for e in exprs]
+    printer = printer_class({"fully_qualified_modules": True})
     replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("t_"))
     lines = [f"{indent}{name} = {printer.doprint(value)}" for name, value in replacements]
     lines += [f"{indent}o{k} = {printer.doprint(value)}" for k, value in enumerate(reduced)]
@@ -178,6 +201,8 @@ import math
 
 import numba
 import numpy as np
+
+from openmm_reversible.potential.special import erfcx  # noqa: F401 (used by some laws)
 
 '''
 
@@ -434,8 +459,8 @@ def _cache_key(spec: PairLaw | ChainLaw) -> str:
     shape = (type(spec).__name__, spec.name, spec.n_params, spec.n_consts,
              getattr(spec, "width", 2))
     digest.update(f"{_VERSION} {importlib.metadata.version('sympy')} {shape}".encode())
-    modules = {inspect.getmodule(fn) for fn in (_pair_source, lawmath.dot, spec.law,
-                                                *spec.sources)} - {None}
+    modules = {inspect.getmodule(fn) for fn in (_pair_source, lawmath.dot, special.erfcx,
+                                                spec.law, *spec.sources)} - {None}
     for module in sorted(modules, key=lambda m: m.__name__):
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()[:20]
