@@ -62,7 +62,7 @@ PARALLEL_MIN_ITEMS = 50_000
 """Items (pairs, bonds) from which the threaded kernels are used: below it, starting threads
 costs more than it saves. Results do not depend on the choice."""
 
-_VERSION = "4"
+_VERSION = "5"
 """Bump when the generated code changes shape (part of the cache key)."""
 
 
@@ -245,7 +245,7 @@ _XYZ = "xyz"
 
 
 def _pair_loop(k: int, n_consts: int, outputs: tuple[str, str], inputs: tuple[str, ...],
-               row_loads: list[str]) -> tuple[str, str]:
+               row_loads: list[str], branch: bool) -> tuple[str, str]:
     """Generated source of a pair kernel up to its law, and the lines that close a chunk.
 
     Fixed chunks as in :func:`_chunked_loop`; in each, the pairs in list order, with the first
@@ -254,8 +254,9 @@ def _pair_loop(k: int, n_consts: int, outputs: tuple[str, str], inputs: tuple[st
     list is sorted by ``i``, so a row is loaded and written once per run of pairs instead of
     once per pair (any order gives the same sums, pair by pair). Arrays are read flat with
     unsigned indices (no negative-index wraparound per access). A pair beyond the cutoff is
-    evaluated and weighted by ``keep = 0`` instead of branched over: the laws are finite
-    there, and a branch taken at random costs more than the arithmetic."""
+    skipped when ``branch``; otherwise it is evaluated and weighted by ``keep = 0`` (the laws
+    are finite there): for a cheap law a branch taken at random costs more than the
+    arithmetic it saves. Both give the same bits (``keep = 1`` multiplies exactly)."""
     ind = " " * 12
     gx, gp = outputs
     row_sums = " = ".join([f"fa{a}" for a in _XYZ] + [f"pa{m}" for m in range(k)]) + " = 0.0"
@@ -272,6 +273,8 @@ def _pair_loop(k: int, n_consts: int, outputs: tuple[str, str], inputs: tuple[st
     flat = "\n".join(f"    {name}f = {name}.reshape(-1)" for name in ("x", "P", *inputs))
     views = "\n".join(f"        {name}c = {name}[chunk].reshape(-1)" for name in outputs)
     locals_ = " = ".join(["xa0", "xa1", "xa2"] + [line.split(" = ")[0] for line in row_loads])
+    select = (f"{ind}if r2 >= cutoff2:\n{ind}    continue\n{ind}keep = 1.0" if branch
+              else f"{ind}keep = 1.0 if r2 < cutoff2 else 0.0")
     source = f"""    n = i.shape[0]
     periodic = codes.shape[0] > 0
     imagesf = images.reshape(-1)
@@ -316,7 +319,7 @@ def _pair_loop(k: int, n_consts: int, outputs: tuple[str, str], inputs: tuple[st
                 dz = rz
 {minimum_image}
                 r2 = dx * dx + dy * dy + dz * dz
-            keep = 1.0 if r2 < cutoff2 else 0.0
+{select}
             r = math.sqrt(r2)
             ir = 1.0 / r
 """
@@ -343,7 +346,11 @@ def _pair_source(spec: PairLaw) -> str:
 
     ind = " " * 12
     params = [f"a{m} = Pf[{k} * ia + {m}]" for m in range(k)]
-    loop, at_end = _pair_loop(k, spec.n_consts, ("g", "gp"), (), params)
+    # The forward pass of a law of pure arithmetic is cheaper without the cutoff branch; a law
+    # calling functions (exp, erfcx, ...) and every backward pass are cheaper with it
+    # (measured on the 2661-atom water box).
+    calls = bool(u.atoms(sympy.Function))
+    loop, at_end = _pair_loop(k, spec.n_consts, ("g", "gp"), (), params, branch=calls)
     forward_scatter = "\n".join(
         [f"{ind}acc += o0 * keep", f"{ind}f = o1 * ir * keep"]
         + [f"{ind}gc[3 * ib + {m}] += f * d{_XYZ[m]}" for m in range(3)]
@@ -359,7 +366,8 @@ def _pair_source(spec: PairLaw) -> str:
         loads = params + [f"va{_XYZ[m]} = vxf[3 * ia + {m}]" for m in range(3)]
         if with_vp:
             loads += [f"v{m} = vpf[{k} * ia + {m}]" for m in range(k)]
-        loop, at_end = _pair_loop(k, spec.n_consts, ("hx", "hp"), ("vx", "vp"), loads)
+        loop, at_end = _pair_loop(k, spec.n_consts, ("hx", "hp"), ("vx", "vp"), loads,
+                                  branch=True)
         lines = [f"{ind}w{_XYZ[m]} = vxf[3 * ib + {m}] - va{_XYZ[m]}" for m in range(3)]
         lines += [f"{ind}nw = (dx * wx + dy * wy + dz * wz) * ir",
                   f"{ind}f = o0 * ir * keep", f"{ind}q = (o1 * keep - f) * nw * ir"]
