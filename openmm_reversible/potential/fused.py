@@ -36,6 +36,7 @@ of the generator and law sources, and numba caches their machine code beside the
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -52,7 +53,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from . import lawmath
+from . import lawmath, special
 
 N_CHUNKS = 16
 """Fixed number of summation chunks (independent of the thread count: determinism)."""
@@ -61,7 +62,7 @@ PARALLEL_MIN_ITEMS = 50_000
 """Items (pairs, bonds) from which the threaded kernels are used: below it, starting threads
 costs more than it saves. Results do not depend on the choice."""
 
-_VERSION = "3"
+_VERSION = "5"
 """Bump when the generated code changes shape (part of the cache key)."""
 
 
@@ -146,21 +147,43 @@ class ChainLaw:
 # ------------------------------------------------------------------------------- generation
 
 
+@functools.cache
+def _sympy_classes() -> tuple:
+    """The symbolic function ``erfcx`` and a printer that writes it as :func:`.special.erfcx`
+    (made on first use: sympy is imported only to generate kernels)."""
+    import sympy
+    from sympy.printing.pycode import PythonCodePrinter
+
+    class Erfcx(sympy.Function):
+        """``exp(z²) erfc(z)``; only printed, never differentiated (the laws are
+        differentiated with ``erfc`` before it is rewritten)."""
+
+    class Printer(PythonCodePrinter):
+        def _print_Erfcx(self, expr) -> str:
+            return f"erfcx({self._print(expr.args[0])})"
+
+    return Erfcx, Printer
+
+
 def _cse_lines(exprs, indent: str, inverse: tuple | None = None) -> str:
     """Python assignments ``x_k = ...; o_m = ...`` computing ``exprs`` with common
     subexpressions shared (the printer emits ``math.*`` calls and inline conditionals).
     ``inverse = (r, ir)`` writes negative powers of ``r`` as powers of ``ir = 1/r`` (one
     division per pair instead of one per power)."""
     import sympy
-    from sympy.printing.pycode import PythonCodePrinter
 
+    erfcx, printer_class = _sympy_classes()
     exprs = list(exprs)
     if inverse is not None:
         r, ir = inverse
         exprs = [sympy.sympify(e).replace(
             lambda e: e.is_Pow and e.base == r and e.exp.is_negative,
             lambda e: ir ** (-e.exp)) for e in exprs]
-    printer = PythonCodePrinter({"fully_qualified_modules": True})
+    # erfc(z) = exp(-z²) erfcx(z): the exponential is shared with the derivatives and
+    # erfcx is a table lookup (special.erfcx) instead of a library erfc call
+    exprs = [sympy.sympify(e).replace(sympy.erfc, lambda z: sympy.exp(-z**2) * erfcx(z))
+             for e in exprs]
+    printer = printer_class({"fully_qualified_modules": True})
     replacements, reduced = sympy.cse(exprs, symbols=sympy.numbered_symbols("t_"))
     lines = [f"{indent}{name} = {printer.doprint(value)}" for name, value in replacements]
     lines += [f"{indent}o{k} = {printer.doprint(value)}" for k, value in enumerate(reduced)]
@@ -178,6 +201,8 @@ import math
 
 import numba
 import numpy as np
+
+from openmm_reversible.potential.special import erfcx  # noqa: F401 (used by some laws)
 
 '''
 
@@ -202,7 +227,7 @@ def _hoisted(n_consts: int) -> str:
                      + [f"    c{m} = consts[{m}]" for m in range(n_consts)])
 
 
-_PAIR_ARGS = "x, box, i, j, shifts, wraps, P, consts, cutoff2, suspect2, n_chunks"
+_PAIR_ARGS = "x, box, i, j, codes, images, P, consts, cutoff2, suspect2, n_chunks"
 _CHAIN_ARGS = "x, box, atoms, P, consts, periodic, n_chunks"
 
 
@@ -214,6 +239,93 @@ def _kernel(name: str, arguments: str, body: str) -> str:
 @numba.njit({flags}cache=True, error_model="numpy")
 def {name}{suffix}({arguments}):
 {body}""" for suffix, flags in (("", ""), ("_parallel", "parallel=True, ")))
+
+
+_XYZ = "xyz"
+
+
+def _pair_loop(k: int, n_consts: int, outputs: tuple[str, str], inputs: tuple[str, ...],
+               row_loads: list[str], branch: bool) -> tuple[str, str]:
+    """Generated source of a pair kernel up to its law, and the lines that close a chunk.
+
+    Fixed chunks as in :func:`_chunked_loop`; in each, the pairs in list order, with the first
+    particle's contributions summed in locals (``fa*``, ``pa*``) and added to its rows of the
+    chunk buffers ``outputs`` (positions, parameters) when the first index changes. The half
+    list is sorted by ``i``, so a row is loaded and written once per run of pairs instead of
+    once per pair (any order gives the same sums, pair by pair). Arrays are read flat with
+    unsigned indices (no negative-index wraparound per access). A pair beyond the cutoff is
+    skipped when ``branch``; otherwise it is evaluated and weighted by ``keep = 0`` (the laws
+    are finite there): for a cheap law a branch taken at random costs more than the
+    arithmetic it saves. Both give the same bits (``keep = 1`` multiplies exactly)."""
+    ind = " " * 12
+    gx, gp = outputs
+    row_sums = " = ".join([f"fa{a}" for a in _XYZ] + [f"pa{m}" for m in range(k)]) + " = 0.0"
+    flush = ([f"{gx}c[3 * ia + {m}] += fa{_XYZ[m]}" for m in range(3)]
+             + [f"{gp}c[{k} * ia + {m}] += pa{m}" for m in range(k)])
+    # The pair selection of neighbors.CutoffPairs, in the loop: the cached image of the pair
+    # (the positions are moved back by the atoms' wraps since the list build, see
+    # pair_energy); the full minimum image (OpenMM's order: c, b, a) where the cached image
+    # may not be the nearest; then the cutoff.
+    minimum_image = "\n".join(
+        f"{ind}    s = np.rint(d{_XYZ[axis]} / box{axis}{axis})\n"
+        + "\n".join(f"{ind}    d{_XYZ[m]} -= s * box{axis}{m}" for m in range(3))
+        for axis in (2, 1, 0))
+    flat = "\n".join(f"    {name}f = {name}.reshape(-1)" for name in ("x", "P", *inputs))
+    views = "\n".join(f"        {name}c = {name}[chunk].reshape(-1)" for name in outputs)
+    locals_ = " = ".join(["xa0", "xa1", "xa2"] + [line.split(" = ")[0] for line in row_loads])
+    select = (f"{ind}if r2 >= cutoff2:\n{ind}    continue\n{ind}keep = 1.0" if branch
+              else f"{ind}keep = 1.0 if r2 < cutoff2 else 0.0")
+    source = f"""    n = i.shape[0]
+    periodic = codes.shape[0] > 0
+    imagesf = images.reshape(-1)
+{flat}
+{_hoisted(n_consts)}
+    for chunk in numba.prange(n_chunks):
+        lo = chunk * n // n_chunks
+        hi = (chunk + 1) * n // n_chunks
+{views}
+        acc = 0.0
+        ia = np.uint64(0)
+        started = False
+        {row_sums}
+        {locals_} = 0.0
+        for tt in range(lo, hi):
+            t = np.uint64(tt)
+            it = np.uint64(i[t])
+            if not started or it != ia:
+                if started:
+{chr(10).join(f"{ind}        {line}" for line in flush)}
+                started = True
+                ia = it
+                {row_sums}
+{chr(10).join(f"{ind}    xa{m} = xf[3 * ia + {m}]" for m in range(3))}
+{chr(10).join(f"{ind}    {line}" for line in row_loads)}
+            ib = np.uint64(j[t])
+            rx = xf[3 * ib] - xa0
+            ry = xf[3 * ib + 1] - xa1
+            rz = xf[3 * ib + 2] - xa2
+            dx = rx
+            dy = ry
+            dz = rz
+            if periodic:
+                c = 3 * np.uint64(codes[t])
+                dx = rx - imagesf[c]
+                dy = ry - imagesf[c + 1]
+                dz = rz - imagesf[c + 2]
+            r2 = dx * dx + dy * dy + dz * dz
+            if r2 > suspect2:
+                dx = rx
+                dy = ry
+                dz = rz
+{minimum_image}
+                r2 = dx * dx + dy * dy + dz * dz
+{select}
+            r = math.sqrt(r2)
+            ir = 1.0 / r
+"""
+    source += "".join(f"{ind}b{m} = Pf[{k} * ib + {m}]\n" for m in range(k))
+    at_end = ("        if started:\n" + "".join(f"            {line}\n" for line in flush))
+    return source, at_end
 
 
 def _pair_source(spec: PairLaw) -> str:
@@ -233,78 +345,47 @@ def _pair_source(spec: PairLaw) -> str:
     u_pp = [sympy.diff(u_p[m], s) for m in range(2 * k) for s in p]
 
     ind = " " * 12
-    consts = _hoisted(spec.n_consts)
-    params = "\n".join([f"{ind}a{m} = P[ia, {m}]" for m in range(k)]
-                       + [f"{ind}b{m} = P[ib, {m}]" for m in range(k)])
-    # The pair selection of neighbors.CutoffPairs, in the loop: cached image shifts plus the
-    # atoms' wraps since the list build; the full minimum image (OpenMM's order: c, b, a)
-    # where the cached image may not be the nearest; then the cutoff.
-    minimum_image = "\n".join(
-        f"{ind}    s = np.rint(d{'xyz'[axis]} / box{axis}{axis})\n"
-        + "\n".join(f"{ind}    d{'xyz'[m]} -= s * box{axis}{m}" for m in range(3))
-        for axis in (2, 1, 0))
-    geometry = _chunked_loop("i.shape[0]", consts, "    periodic = shifts.shape[0] > 0\n") + f'''
-            ia = i[t]
-            ib = j[t]
-            rx = x[ib, 0] - x[ia, 0]
-            ry = x[ib, 1] - x[ia, 1]
-            rz = x[ib, 2] - x[ia, 2]
-            dx = rx
-            dy = ry
-            dz = rz
-            if periodic:
-                s0 = shifts[t, 0] + wraps[ib, 0] - wraps[ia, 0]
-                s1 = shifts[t, 1] + wraps[ib, 1] - wraps[ia, 1]
-                s2 = shifts[t, 2] + wraps[ib, 2] - wraps[ia, 2]
-                dx = rx - (s0 * box00 + s1 * box10 + s2 * box20)
-                dy = ry - (s0 * box01 + s1 * box11 + s2 * box21)
-                dz = rz - (s0 * box02 + s1 * box12 + s2 * box22)
-            r2 = dx * dx + dy * dy + dz * dz
-            if r2 > suspect2:
-                dx = rx
-                dy = ry
-                dz = rz
-{minimum_image}
-                r2 = dx * dx + dy * dy + dz * dz
-            if r2 >= cutoff2:
-                continue
-            r = math.sqrt(r2)
-            ir = 1.0 / r
-{params}
-'''
+    params = [f"a{m} = Pf[{k} * ia + {m}]" for m in range(k)]
+    # The forward pass of a law of pure arithmetic is cheaper without the cutoff branch; a law
+    # calling functions (exp, erfcx, ...) and every backward pass are cheaper with it
+    # (measured on the 2661-atom water box).
+    calls = bool(u.atoms(sympy.Function))
+    loop, at_end = _pair_loop(k, spec.n_consts, ("g", "gp"), (), params, branch=calls)
     forward_scatter = "\n".join(
-        [f"{ind}acc += o0", f"{ind}f = o1 * ir"]
-        + [f"{ind}g[chunk, ib, {m}] += f * d{'xyz'[m]}" for m in range(3)]
-        + [f"{ind}g[chunk, ia, {m}] -= f * d{'xyz'[m]}" for m in range(3)]
-        + [f"{ind}gp[chunk, ia, {m}] += o{2 + m}" for m in range(k)]
-        + [f"{ind}gp[chunk, ib, {m}] += o{2 + k + m}" for m in range(k)])
+        [f"{ind}acc += o0 * keep", f"{ind}f = o1 * ir * keep"]
+        + [f"{ind}gc[3 * ib + {m}] += f * d{_XYZ[m]}" for m in range(3)]
+        + [f"{ind}fa{_XYZ[m]} -= f * d{_XYZ[m]}" for m in range(3)]
+        + [f"{ind}pa{m} += o{2 + m} * keep" for m in range(k)]
+        + [f"{ind}gpc[{k} * ib + {m}] += o{2 + k + m} * keep" for m in range(k)])
     source = _HEADER.format(name=spec.name) + _kernel(
         "forward", f"{_PAIR_ARGS}, energy, g, gp",
-        f"{geometry}{_cse_lines([u, u_r, *u_p], ind, inverse)}\n{forward_scatter}\n"
+        f"{loop}{_cse_lines([u, u_r, *u_p], ind, inverse)}\n{forward_scatter}\n{at_end}"
         "        energy[chunk] = acc\n")
     for variant, with_vp in (("backward", False), ("backward_vp", True)):
         exprs = [u_r, u_rr, *u_rp] + (u_pp if with_vp else [])
-        lines = [f"{ind}wx = vx[ib, 0] - vx[ia, 0]", f"{ind}wy = vx[ib, 1] - vx[ia, 1]",
-                 f"{ind}wz = vx[ib, 2] - vx[ia, 2]",
-                 f"{ind}nw = (dx * wx + dy * wy + dz * wz) * ir",
-                 f"{ind}f = o0 * ir", f"{ind}q = (o1 - f) * nw * ir"]
+        loads = params + [f"va{_XYZ[m]} = vxf[3 * ia + {m}]" for m in range(3)]
         if with_vp:
-            lines += [f"{ind}v{m} = vp[ia, {m}]" for m in range(k)]
-            lines += [f"{ind}v{k + m} = vp[ib, {m}]" for m in range(k)]
+            loads += [f"v{m} = vpf[{k} * ia + {m}]" for m in range(k)]
+        loop, at_end = _pair_loop(k, spec.n_consts, ("hx", "hp"), ("vx", "vp"), loads,
+                                  branch=True)
+        lines = [f"{ind}w{_XYZ[m]} = vxf[3 * ib + {m}] - va{_XYZ[m]}" for m in range(3)]
+        lines += [f"{ind}nw = (dx * wx + dy * wy + dz * wz) * ir",
+                  f"{ind}f = o0 * ir * keep", f"{ind}q = (o1 * keep - f) * nw * ir"]
+        if with_vp:
+            lines += [f"{ind}v{k + m} = vpf[{k} * ib + {m}]" for m in range(k)]
             lines.append(f"{ind}q += (" + " + ".join(f"o{2 + m} * v{m}" for m in range(2 * k))
-                         + ") * ir")
-        lines += [f"{ind}hx[chunk, ib, {m}] += f * w{'xyz'[m]} + q * d{'xyz'[m]}"
+                         + ") * ir * keep")
+        lines += [f"{ind}hxc[3 * ib + {m}] += f * w{_XYZ[m]} + q * d{_XYZ[m]}"
                   for m in range(3)]
-        lines += [f"{ind}hx[chunk, ia, {m}] -= f * w{'xyz'[m]} + q * d{'xyz'[m]}"
-                  for m in range(3)]
+        lines += [f"{ind}fa{_XYZ[m]} -= f * w{_XYZ[m]} + q * d{_XYZ[m]}" for m in range(3)]
         for m in range(2 * k):
-            row, col = ("ia", m) if m < k else ("ib", m - k)
             term = f"o{2 + m} * nw"
             if with_vp:
                 base = 2 + 2 * k + 2 * k * m
                 term += " + " + " + ".join(f"o{base + s} * v{s}" for s in range(2 * k))
-            lines.append(f"{ind}hp[chunk, {row}, {col}] += {term}")
-        body = f"{geometry}{_cse_lines(exprs, ind, inverse)}\n" + "\n".join(lines) + "\n"
+            target = f"pa{m}" if m < k else f"hpc[{k} * ib + {m - k}]"
+            lines.append(f"{ind}{target} += ({term}) * keep")
+        body = f"{loop}{_cse_lines(exprs, ind, inverse)}\n" + "\n".join(lines) + f"\n{at_end}"
         source += _kernel(variant, f"{_PAIR_ARGS}, vx, vp, hx, hp", body)
     return source
 
@@ -386,8 +467,8 @@ def _cache_key(spec: PairLaw | ChainLaw) -> str:
     shape = (type(spec).__name__, spec.name, spec.n_params, spec.n_consts,
              getattr(spec, "width", 2))
     digest.update(f"{_VERSION} {importlib.metadata.version('sympy')} {shape}".encode())
-    modules = {inspect.getmodule(fn) for fn in (_pair_source, lawmath.dot, spec.law,
-                                                *spec.sources)} - {None}
+    modules = {inspect.getmodule(fn) for fn in (_pair_source, lawmath.dot, special.erfcx,
+                                                spec.law, *spec.sources)} - {None}
     for module in sorted(modules, key=lambda m: m.__name__):
         digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()[:20]
@@ -430,21 +511,26 @@ def _ordered_sum(chunks: np.ndarray) -> np.ndarray:
 class _Evaluation:
     """One fused evaluation: the kernels of a law and the fixed inputs of a call."""
 
-    def __init__(self, module: ModuleType, fixed: tuple, n_items: int, per_item: bool):
+    def __init__(self, module: ModuleType, fixed: tuple, n_items: int, per_item: bool,
+                 offset: np.ndarray | None = None):
         import numba
 
         self.fixed = fixed
         self.per_item = per_item  # chain laws: one parameter row per item, no chunk buffer
+        self.offset = offset  # subtracted from the positions (the pair kernels' wraps)
         threaded = n_items >= PARALLEL_MIN_ITEMS and numba.get_num_threads() > 1
         suffix = "_parallel" if threaded else ""
         self.kernels = {name: getattr(module, name + suffix)
                         for name in ("forward", "backward", "backward_vp")}
 
+    def _moved(self, x: np.ndarray) -> np.ndarray:
+        return x if self.offset is None else x - self.offset
+
     def forward(self, x: np.ndarray, params: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
         energy = np.zeros(N_CHUNKS)
         g = np.zeros((N_CHUNKS, *x.shape))
         gp = np.zeros(params.shape if self.per_item else (N_CHUNKS, *params.shape))
-        self.kernels["forward"](x, *self.fixed, N_CHUNKS, energy, g, gp)
+        self.kernels["forward"](self._moved(x), *self.fixed, N_CHUNKS, energy, g, gp)
         return (float(_ordered_sum(energy)), _ordered_sum(g),
                 gp if self.per_item else _ordered_sum(gp))
 
@@ -453,9 +539,10 @@ class _Evaluation:
         hx = np.zeros((N_CHUNKS, *x.shape))
         hp = np.zeros(params_shape if self.per_item else (N_CHUNKS, *params_shape))
         if vp is None:
-            self.kernels["backward"](x, *self.fixed, N_CHUNKS, vx, np.zeros((0, 0)), hx, hp)
+            self.kernels["backward"](self._moved(x), *self.fixed, N_CHUNKS, vx,
+                                     np.zeros((0, 0)), hx, hp)
         else:
-            self.kernels["backward_vp"](x, *self.fixed, N_CHUNKS, vx, vp, hx, hp)
+            self.kernels["backward_vp"](self._moved(x), *self.fixed, N_CHUNKS, vx, vp, hx, hp)
         return _ordered_sum(hx), hp if self.per_item else _ordered_sum(hp)
 
 
@@ -524,9 +611,75 @@ def _consts(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64).reshape(-1)
 
 
+@dataclass(frozen=True)
+class PairList:
+    """Pairs prepared for the pair kernels, once per neighbour-list build (:func:`pair_list`).
+
+    Attributes
+    ----------
+    i, j : numpy.ndarray of uint32, shape (n_pairs,)
+        Particle indices (sorted by ``i`` for speed; any order gives the same sums).
+    codes : numpy.ndarray of unsigned int, shape (n_pairs,) or (0,)
+        Per pair, the row of ``lattice`` holding its image shift; empty without shifts.
+    lattice : numpy.ndarray of float64, shape (n_images, 3)
+        The distinct integer image shifts ``n`` (the displacement is ``x[j] - x[i] - n @ box``).
+    """
+
+    i: np.ndarray
+    j: np.ndarray
+    codes: np.ndarray
+    lattice: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.i.shape[0])
+
+
+_DENSE_IMAGES = 4096
+"""Largest box of shift ranges coded arithmetically; beyond it the distinct shifts are
+found by sorting (atoms far apart in unwrapped coordinates)."""
+
+
+def pair_list(i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor | None) -> PairList:
+    """Prepare pairs ``(i, j)`` and their integer image shifts for :func:`pair_energy`.
+
+    The kernels read one small code per pair instead of three shift components: a shift is
+    the code's row of a table of the distinct shifts, whose image vectors ``n @ box`` are
+    formed once per evaluation.
+
+    Parameters
+    ----------
+    i, j : torch.Tensor of int, shape (n_pairs,)
+    shifts : torch.Tensor, shape (n_pairs, 3), or None
+        Integer image shifts (any integer or float dtype).
+
+    Returns
+    -------
+    PairList
+    """
+    ii = _np(i).astype(np.uint32)
+    jj = _np(j).astype(np.uint32)
+    if shifts is None:
+        return PairList(ii, jj, np.zeros(0, dtype=np.uint8), np.zeros((0, 3)))
+    n = np.rint(_np(shifts).astype(np.float64)).astype(np.int64).reshape(-1, 3)
+    if not n.shape[0]:
+        return PairList(ii, jj, np.zeros(0, dtype=np.uint8), np.zeros((0, 3)))
+    low = n.min(0)
+    span = n.max(0) - low + 1
+    if int(np.prod(span)) <= _DENSE_IMAGES:
+        # mixed-radix code of the shift within its range: no sort
+        codes = ((n[:, 0] - low[0]) * span[1] + (n[:, 1] - low[1])) * span[2] + n[:, 2] - low[2]
+        grid = np.indices(tuple(span)).reshape(3, -1).T + low
+        lattice = grid.astype(np.float64)
+    else:
+        lattice, codes = np.unique(n, axis=0, return_inverse=True)
+        lattice = lattice.astype(np.float64)
+    dtype = next(t for t in (np.uint8, np.uint16, np.uint32)
+                 if lattice.shape[0] <= np.iinfo(t).max + 1)
+    return PairList(ii, jj, codes.reshape(-1).astype(dtype), lattice)
+
+
 def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None,
-                i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor | None,
-                params: torch.Tensor, consts=(), cutoff: float | None = None,
+                pairs: PairList, params: torch.Tensor, consts=(), cutoff: float | None = None,
                 wraps: torch.Tensor | None = None, suspect: float = math.inf) -> torch.Tensor:
     """``Σ u(r_ij; params[i], params[j])`` over pairs, by the fused pair kernel.
 
@@ -535,10 +688,9 @@ def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None
     spec : PairLaw
     positions : torch.Tensor, shape (n_atoms, 3), nm, float64, CPU
     box : torch.Tensor, shape (3, 3), nm, or None
-        Needed with ``shifts``; not differentiated.
-    i, j : torch.Tensor of int64, shape (n_pairs,)
-    shifts : torch.Tensor, shape (n_pairs, 3), or None
-        Integer image shifts ``n`` (any integer or float dtype): the displacement is
+        Needed with image shifts; not differentiated.
+    pairs : PairList
+        From :func:`pair_list`; with image shifts, the displacement of a pair is
         ``x[j] - x[i] - n @ box``.
     params : torch.Tensor, shape (n_particles, n_params)
         Per-particle parameter rows; differentiable.
@@ -547,9 +699,10 @@ def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None
     cutoff : float, nm, optional
         Pairs at or beyond it contribute nothing.
     wraps : torch.Tensor, shape (n_atoms, 3), optional
-        Whole box vectors each atom moved by since ``shifts`` were computed: the shift of a
-        pair is ``shifts + wraps[j] - wraps[i]`` (see
-        :meth:`~openmm_reversible.geometry.CutoffPairs.candidates`).
+        Whole box vectors each atom moved by since the shifts were computed: the shift of a
+        pair is ``n + wraps[j] - wraps[i]`` (see
+        :meth:`~openmm_reversible.geometry.CutoffPairs.candidates`). The kernels move each
+        atom back by its wraps instead (the same displacement up to round-off).
     suspect : float, nm²
         Squared distance above which the full minimum image replaces the shifted one.
 
@@ -558,13 +711,14 @@ def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None
     torch.Tensor, 0-dim, kJ/mol
         Differentiable twice w.r.t. ``positions`` and ``params``.
     """
-    periodic = shifts is not None
-    fixed = (_as_box(box), _np(i), _np(j),
-             _np(shifts) if periodic else np.zeros((0, 3)),
-             _np(wraps) if periodic and wraps is not None else np.zeros(positions.shape),
-             _np(params), _consts(consts), np.inf if cutoff is None else float(cutoff) ** 2,
-             float(suspect))
-    evaluation = _Evaluation(_module(spec), fixed, i.shape[0], per_item=False)
+    box_np = _as_box(box)
+    offset = None
+    if wraps is not None and bool(wraps.any()):
+        offset = _np(wraps.to(torch.float64)) @ box_np
+    fixed = (box_np, pairs.i, pairs.j, pairs.codes,
+             np.ascontiguousarray(pairs.lattice @ box_np), _np(params), _consts(consts),
+             np.inf if cutoff is None else float(cutoff) ** 2, float(suspect))
+    evaluation = _Evaluation(_module(spec), fixed, len(pairs), per_item=False, offset=offset)
     return _FusedEnergy.apply(evaluation, positions, params)
 
 

@@ -573,21 +573,18 @@ class NonbondedTerm(Term):
         cache = self._fused_candidates
         if cache is None or cache[0] is not listed or not torch.equal(cache[1], has_lj):
             lj = torch.nonzero(has_lj[i] & has_lj[j]).squeeze(1)
-            compact = shifts  # small integers: int8 when they fit (less memory traffic)
-            if shifts is not None and (not shifts.numel() or float(shifts.abs().max()) < 127):
-                compact = shifts.to(torch.int8)
-            cache = (listed, has_lj, (i.int(), j.int(), compact),
-                     (i[lj].int(), j[lj].int(), None if shifts is None else compact[lj]))
+            cache = (listed, has_lj, fused.pair_list(i, j, shifts),
+                     fused.pair_list(i[lj], j[lj], None if shifts is None else shifts[lj]))
             self._fused_candidates = cache
         switched = self.switch_distance is not None
         coulomb_law, lj_law = fused_pair_laws(self.method, switched)
         coulomb_consts = {"NoCutoff": (), "CutoffNonPeriodic": (self.krf, self.crf),
                           "CutoffPeriodic": (self.krf, self.crf)}.get(self.method, (self.alpha,))
         cutoff = self.cutoff if self.uses_cutoff else None
-        energy = fused.pair_energy(coulomb_law, positions, box, *cache[2], q[:, None],
+        energy = fused.pair_energy(coulomb_law, positions, box, cache[2], q[:, None],
                                    coulomb_consts, cutoff, wraps, suspect)
         return energy + fused.pair_energy(
-            lj_law, positions, box, *cache[3], torch.stack([s, safe_sqrt(e)], 1),
+            lj_law, positions, box, cache[3], torch.stack([s, safe_sqrt(e)], 1),
             (self.switch_distance, self.cutoff) if switched else (), cutoff, wraps, suspect)
 
     def _exception_distances(self, pairs: torch.Tensor, positions: torch.Tensor,
