@@ -96,15 +96,17 @@ def smeared_histogram(values: torch.Tensor, edges: torch.Tensor, sigma: float) -
     counts = values.new_zeros(n_bins)
     if sigma == 0:
         return counts.index_add(0, home.clamp(0, n_bins - 1), torch.ones_like(values))
-    offsets = torch.arange(-reach, reach + 1, device=values.device)
-    bins = home[:, None] + offsets
-    valid = (bins >= 0) & (bins < n_bins)
-    bins = bins.clamp(0, n_bins - 1)
+    # Each value's Gaussian CDF at the 2 reach + 2 edges around its home bin, once per edge:
+    # the upper edge of one bin is the lower edge of the next. For a valid bin both edges are
+    # inside ``edges``, so the clamp changes only entries that are masked out.
+    offsets = torch.arange(-reach, reach + 2, device=values.device)
+    around = home[:, None] + offsets
     scale = 1.0 / (sigma * math.sqrt(2.0))
-    upper = torch.erf((edges[bins + 1] - values[:, None]) * scale)
-    lower = torch.erf((edges[bins] - values[:, None]) * scale)
-    weights = torch.where(valid, 0.5 * (upper - lower), torch.zeros_like(upper))
-    return counts.index_add(0, bins.reshape(-1), weights.reshape(-1))
+    cdf = torch.erf((edges[around.clamp(0, n_bins)] - values[:, None]) * scale)
+    bins = around[:, :-1]
+    valid = (bins >= 0) & (bins < n_bins)
+    weights = torch.where(valid, 0.5 * (cdf[:, 1:] - cdf[:, :-1]), torch.zeros_like(cdf[:, 1:]))
+    return counts.index_add(0, bins.clamp(0, n_bins - 1).reshape(-1), weights.reshape(-1))
 
 
 def rdf(positions: torch.Tensor, box, pairs=None, r_range=(0.0, 1.0),
