@@ -10,8 +10,10 @@ method's promise is a ratio close to 1, where BPTT grows with the steps. The box
 TIP3P by default; ``--rigid-water`` makes its molecules rigid (constrained dynamics and their
 inverse) and ``--model tip4pew`` gives it a massless virtual site a molecule.
 
-Measured (2-core CPU shared with other jobs, 1 torch thread unless set otherwise): see
-docs/design.md, "Speed facts".
+Measured (2-core CPU shared with other jobs; 32 waters, 0.45 nm, 100 and 1000 steps, 5
+snapshots): rigid TIP3P, reversible growth above the baseline 36.1 MiB (100 steps) and
+36.8 MiB (1000), ratio 1.001, BPTT 67.2 MiB at 100 steps; rigid TIP4P-Ew, 36.9 and 37.8 MiB,
+ratio 1.001, BPTT 88.7 MiB at 100 steps.
 
 One measurement alone is :func:`measure` (call it in a fresh process).
 """
