@@ -1122,7 +1122,10 @@ class ParameterSet(nn.Module):
         if self._bindings is None:
             baseline = _terms(self.system)
             base_tables = {i: _free_tables(t) for i, t in baseline.items()}
-            distances = _constraint_distances(self.system)
+            # From a System rebuilt at the start values, not self.system, which a caller may
+            # have edited (e.g. its constraint distances) after it was built.
+            distances = _constraint_distances(self._create_system(self.texts(
+                {s.key: s.start for s in self.sites}, strip_markup=True)))
             bindings = []
             for index, site in enumerate(self.sites):
                 bindings += self._map_site(index, site, baseline, base_tables, distances)

@@ -139,7 +139,9 @@ class Constraints:
     def _layout(self, inv_masses: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Cluster tables for :meth:`solve` (cached for the last ``inv_masses`` tensor):
         constraint index per slot (C, K), the mass coupling of each slot pair (C, K, K), the
-        identity on padded slots and each constraint's flat slot (m,)."""
+        identity on padded slots, each constraint's flat slot (m,), the slots' validity and
+        whether the table is ``arange(m)`` in rows (every cluster of the same size and in
+        constraint order, as rigid water: then the gathers are reshapes)."""
         if self._layout_key is inv_masses:
             return self._layout_cache
         clusters = self.clusters
@@ -158,9 +160,11 @@ class Constraints:
         padding = torch.where(mask, torch.zeros((), dtype=dtype), eye.expand_as(coupling))
         slot = torch.empty(len(self), dtype=torch.long)
         slot[clusters[valid]] = torch.nonzero(valid.reshape(-1))[:, 0]
+        ordered = bool(valid.all()) and torch.equal(clusters.reshape(-1),
+                                                     torch.arange(len(self)))
         self._layout_key = inv_masses
         self._layout_cache = (index, coupling, padding, slot.to(inv_masses.device),
-                              valid.to(dtype).to(inv_masses.device))
+                              valid.to(dtype).to(inv_masses.device), ordered)
         return self._layout_cache
 
     def solve(self, left: torch.Tensor, right: torch.Tensor, inv_masses: torch.Tensor,
@@ -170,11 +174,17 @@ class Constraints:
 
         ``bonds``, when given, is ``(self.bonds(left), self.bonds(right))`` already computed.
         """
-        index, coupling, padding, slot, valid = self._layout(inv_masses)
+        index, coupling, padding, slot, valid, ordered = self._layout(inv_masses)
         if bonds is None:
             bonds = (self.bonds(left), None if right is left else self.bonds(right))
+        same = bonds[1] is None or bonds[1] is bonds[0]
+        if ordered:
+            r_left = bonds[0].reshape(*index.shape, 3)
+            r_right = r_left if same else bonds[1].reshape(*index.shape, 3)
+            matrix = coupling * (r_left @ r_right.transpose(1, 2))
+            return torch.linalg.solve(matrix, rhs.reshape(*index.shape, 1)).reshape(-1)
         r_left = bonds[0][index]
-        r_right = r_left if bonds[1] is None or bonds[1] is bonds[0] else bonds[1][index]
+        r_right = r_left if same else bonds[1][index]
         matrix = coupling * (r_left @ r_right.transpose(1, 2)) + padding
         y = torch.linalg.solve(matrix, (rhs[index] * valid)[..., None])
         return y.reshape(-1)[slot]
