@@ -138,18 +138,21 @@ kinetic_loss = FrameLoss(lambda traj, potential: traj.kinetic_energy() / traj.n_
 """Mean kinetic energy of the snapshots per atom, kJ/mol."""
 
 
-def rdf_loss(topology: app.Topology, box: torch.Tensor | None) -> FrameLoss:
+def rdf_loss(topology: app.Topology, box: torch.Tensor | None,
+             system: openmm.System | None = None) -> FrameLoss:
     """``∫ (g(r) - 1)² dr`` (nm) of the oxygen–oxygen RDF, or of all atoms without oxygens.
 
     The per-frame quantity is the g(r) of each snapshot; with a fixed box their mean is the
-    g(r) of the window.
+    g(r) of the window. With the OpenMM ``system`` "all atoms" leaves out its virtual sites
+    (massless, placed from their parents: not atoms of the liquid's structure).
     """
     from .observables.rdf import rdf
     from .observables.selection import atom_indices
 
     if box is None:
         raise InputError("--loss rdf needs a periodic box: give a PDB with a CRYST1 record")
-    atoms = [a.index for a in topology.atoms()]
+    atoms = [a.index for a in topology.atoms()
+             if system is None or not system.isVirtualSite(a.index)]
     oxygens = atom_indices(topology, element="O") if any(
         a.element is not None and a.element.symbol == "O" for a in topology.atoms()) else atoms
     half_box = 0.5 * float(box_widths(box).min())
@@ -495,7 +498,7 @@ def check_forcefield_gradients(forcefield: str | Sequence[str], pdb: str, steps:
     constrained = Constraints.from_system(parameters.system)
     positions, velocities = constrained.constrain_state(positions, velocities, potential.masses)
     loss_fn = {"energy": energy_loss, "kinetic": kinetic_loss}.get(loss) \
-        or rdf_loss(structure.topology, box)
+        or rdf_loss(structure.topology, box, parameters.system)
     sim = ReversibleSimulation(potential, integrator, steps, snapshot_every, loss_fn,
                                constraints=constrained)
     return check_gradients(sim, positions, velocities, box, parameters.trainable_keys,

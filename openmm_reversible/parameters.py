@@ -853,6 +853,23 @@ def _terms(system: openmm.System) -> dict[int, Term]:
     return terms
 
 
+def _constraint_distances(system: openmm.System) -> np.ndarray:
+    """Distance of every constraint of ``system``, nm, in constraint order."""
+    return np.array([system.getConstraintParameters(k)[2].value_in_unit(openmm.unit.nanometer)
+                     for k in range(system.getNumConstraints())], dtype=np.float64)
+
+
+def _constraint_error(site: Site, n_changed: int) -> InputError:
+    verb = "parameterize names" if site.trainable else "parameter_eval sets"
+    return InputError(
+        f"{verb} {site.attribute!r} on {site.element}, but with this System's constraints "
+        f"(rigid water or constraints=HBonds) OpenMM turns it into {n_changed} constraint "
+        "distance(s): the dynamics hold those fixed and give it no gradient. Train it in a "
+        "flexible model (rigidWater=False, constraints=None; config: system.rigid_water = "
+        f"false, system.constraints = \"none\"), or remove {site.attribute!r} from "
+        "parameterize")
+
+
 def _free_tables(term: Term) -> dict[str, np.ndarray]:
     """Base arrays of the tables that mapping may bind (derived tables excluded)."""
     return {name: table.base.detach().cpu().numpy() for name, table in term.tables.items()
@@ -1109,14 +1126,19 @@ class ParameterSet(nn.Module):
         if self._bindings is None:
             baseline = _terms(self.system)
             base_tables = {i: _free_tables(t) for i, t in baseline.items()}
+            # From a System rebuilt at the start values, not self.system, which a caller may
+            # have edited (e.g. its constraint distances) after it was built.
+            distances = _constraint_distances(self._create_system(self.texts(
+                {s.key: s.start for s in self.sites}, strip_markup=True)))
             bindings = []
             for index, site in enumerate(self.sites):
-                bindings += self._map_site(index, site, baseline, base_tables)
+                bindings += self._map_site(index, site, baseline, base_tables, distances)
             self._bindings = bindings
         return self._bindings
 
     def _map_site(self, index: int, site: Site, baseline: dict[int, Term],
-                  base_tables: dict[int, dict[str, np.ndarray]]) -> list[Binding]:
+                  base_tables: dict[int, dict[str, np.ndarray]], distances: np.ndarray
+                  ) -> list[Binding]:
         value = site.start
         moved = value * _PERTURBATION if value != 0 else _PERTURBATION - 1.0
         try:
@@ -1128,6 +1150,14 @@ class ParameterSet(nn.Module):
             raise InputError(f"{site.key}: OpenMM cannot build the System with {site.attribute}"
                              f"={moved!r} on {site.element} ({exc}); this attribute cannot be "
                              "a continuous parameter") from None
+        moved_distances = _constraint_distances(system)
+        if moved_distances.shape != distances.shape:
+            raise InputError(f"{site.key}: perturbing it changed the number of constraints of "
+                             f"the System ({distances.size} -> {moved_distances.size}); it "
+                             "cannot be a parameter")
+        changed = int(np.count_nonzero(moved_distances != distances))
+        if changed:
+            raise _constraint_error(site, changed)
         perturbed = _terms(system)
         found = []
         for force_index, tables in base_tables.items():
@@ -1165,9 +1195,15 @@ class ParameterSet(nn.Module):
                                          items[chosen], scales[chosen]))
         if not found:
             verb = "parameterize names" if site.trainable else "parameter_eval sets"
+            constrained = ""
+            if distances.size and site.key.startswith(("Bond/", "Angle/")):
+                constrained = (f" (this System has {distances.size} constraints: OpenMM leaves "
+                               "the bonds and angles it constrains out of the bonded forces, "
+                               "so their parameters do not enter it; train them in a flexible "
+                               "model, rigidWater=False, constraints=None)")
             raise InputError(
                 f"{verb} {site.attribute!r} on {site.element} but no {site.usage} in this "
-                "System; remove the tag, or build a topology that contains it")
+                f"System{constrained}; remove the tag, or build a topology that contains it")
         return found
 
     def bind(self, potential: TorchPotential) -> None:

@@ -301,10 +301,15 @@ def atoms_named(topology, name: str) -> np.ndarray:
     return np.asarray(found, dtype=np.int64)
 
 
-def rdf_pairs(topology, atoms: list[str]) -> np.ndarray:
-    """Intermolecular atom pairs for an RDF between two atom names (or element symbols)."""
+def rdf_pairs(topology, atoms: list[str], system: openmm.System | None = None) -> np.ndarray:
+    """Intermolecular atom pairs for an RDF between two atom names (or element symbols).
+
+    A virtual site (TIP4P-Ew's M: no element, no mass) enters only when named. With the
+    OpenMM ``system`` the molecules include their sites (:func:`molecules`), so a named
+    site's pairs with its own molecule are excluded as well.
+    """
     return pair_indices(atoms_named(topology, atoms[0]), atoms_named(topology, atoms[1]),
-                        exclude=molecules(topology))
+                        exclude=molecules(topology, system))
 
 
 def harmonic_gas_energy(topology, temperature: float, rigid: bool,
@@ -375,7 +380,7 @@ class Objective:
             if t.observable == "rdf":
                 grid = t.rdf_grid()
                 self.rdf_setup[t.label] = {
-                    "pairs": rdf_pairs(topology, t.atoms), "r": grid.r,
+                    "pairs": rdf_pairs(topology, t.atoms, system), "r": grid.r,
                     "target": torch.as_tensor(grid.g, dtype=DTYPE), "r_range": grid.r_range,
                     "n_bins": len(grid.r), "sigma": t.bandwidth or grid.width,
                     "note": grid.note}

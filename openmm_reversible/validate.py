@@ -303,7 +303,7 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
                "unit": SCALAR_UNITS.get(t.observable, "")}
         if t.observable == "rdf":
             grid = t.rdf_grid()
-            pairs = rdf_pairs(topology, t.atoms)
+            pairs = rdf_pairs(topology, t.atoms, system)
 
             def g_of(part, grid=grid, pairs=pairs):
                 traj = mdtraj.Trajectory(part.positions, mdtraj.Topology.from_openmm(topology))

@@ -52,6 +52,32 @@ def dipeptide():
     return parameters.system, potential, constraints, x
 
 
+def water_cluster(forcefield: str, model: str, oxygen: str, n_waters: int = 4):
+    """``n_waters`` rigid waters of ``forcefield`` in vacuum (no cutoff): the molecules nearest
+    the first of a Modeller box of ``model`` geometry, σ and ε of the ``oxygen`` type trainable.
+    Returns the potential, its constraints and positions on them to round-off (sites placed).
+    Small enough for backpropagation through 1000 steps in a test."""
+    ff = app.ForceField(forcefield)
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(ff, model=model, numAdded=30, neutralize=False)
+    x = np.asarray(modeller.getPositions().value_in_unit(unit.nanometer))
+    residues = list(modeller.topology.residues())
+    oxygens = x[[next(iter(r.atoms())).index for r in residues]]
+    nearest = set(np.argsort(np.linalg.norm(oxygens - oxygens[0], axis=1))[:n_waters].tolist())
+    modeller.delete([r for k, r in enumerate(residues) if k not in nearest])
+    modeller.topology.setPeriodicBoxVectors(None)
+    parameters = ParameterSet.select(
+        forcefield, modeller.topology, [("NonbondedForce/Atom", oxygen, ("sigma", "epsilon"))],
+        nonbondedMethod=app.NoCutoff, rigidWater=True, removeCMMotion=False)
+    potential = TorchPotential(parameters.system, parameters=parameters)
+    constraints = Constraints.from_system(parameters.system)
+    x = positions_tensor(modeller.getPositions())
+    x, _ = constraints.constrain_state(x, torch.zeros_like(x), potential.masses)
+    if potential.virtual_sites is not None:
+        x = potential.virtual_sites(x)
+    return potential, constraints, x
+
+
 def without_settle(system: openmm.System) -> openmm.System:
     """The same System with one O-H distance of every water longer by 1e-7 nm, so that OpenMM
     constrains it with CCMA (converged to its tolerance) instead of SETTLE."""
@@ -258,6 +284,26 @@ def test_rigid_water_reconstructs_100_steps_back_without_resync(water30):
     assert bool(torch.isfinite(x0.grad).all())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("forcefield, model, oxygen", [
+    ("tip3p.xml", "tip3p", "tip3p-O"),
+    ("opc3.xml", "tip3p", "opc3-O"),
+    ("tip4pew.xml", "tip4pew", "tip4pew-O"),
+])
+def test_rigid_water_cluster_reversible_matches_bptt_over_1000_steps(forcefield, model, oxygen):
+    """The contract's full length: 1000 constrained steps (2 ps) of four rigid TIP3P, OPC3 or
+    TIP4P-Ew molecules in vacuum, ten loss snapshots; reversible = BPTT to 1e-8 relative for
+    σ, ε, x₀ and v₀, with the reverse pass resynchronised only at the snapshots."""
+    potential, constraints, x = water_cluster(forcefield, model, oxygen)
+    integ = LangevinMiddleIntegrator(0.002, 1.0, 300.0, seed=4)
+    v0 = torch.where(potential.masses[:, None] > 0, integ.noise(0, potential.masses), 0.0)
+    err, info = compare_with_bptt(potential, integ, x, v0, kinetic_and_energy_loss, 1000, 100,
+                                  constraints=constraints)
+    assert err < TOL
+    assert info["n_resyncs"] == 10
+    assert info["reconstruction_error"] < 1e-10
+
+
 # -- the API ---------------------------------------------------------------------------------
 
 
@@ -279,6 +325,40 @@ def test_constraints_are_required_matched_and_satisfied(water30):
         Constraints([[0, 1]], [0.1, 0.2], 3)
     with pytest.raises(InputError, match="outside 0..2"):
         Constraints([[0, 3]], [0.1], 3)
+
+
+def test_parameters_that_openmm_makes_constraint_distances_are_refused():
+    """A tagged O-H length or H-O-H angle of rigid water, or the length of an HBonds bond, is
+    a constraint distance in the System: refused when the potential is built, saying why and
+    what to do. A force constant of a constrained bond (absent from the System) is named as
+    such; the same tags in a flexible System train."""
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(app.ForceField("tip3p.xml"), model="tip3p", numAdded=5,
+                        neutralize=False)
+    kwargs = dict(nonbondedMethod=app.NoCutoff, constraints=None, removeCMMotion=False)
+    fix = r"Train it in a flexible model \(rigidWater=False, constraints=None"
+    cases = [(("HarmonicBondForce/Bond", "OW.HW", ("length",)), "15 constraint distance"),
+             (("HarmonicAngleForce/Angle", "HW.OW.HW", ("angle",)), "5 constraint distance"),
+             (("HarmonicBondForce/Bond", "OW.HW", ("k",)),
+              "this System has 15 constraints: OpenMM leaves the bonds and angles it "
+              "constrains out of the bonded forces")]
+    for selection, why in cases:
+        with pytest.raises(InputError, match=why) as info:
+            parameters = ParameterSet.select("tip3p.xml", modeller.topology, [selection],
+                                             rigidWater=True, **kwargs)
+            TorchPotential(parameters.system, parameters=parameters)
+        assert "rigidWater=False, constraints=None" in str(info.value)
+        flexible = ParameterSet.select("tip3p.xml", modeller.topology, [selection],
+                                       rigidWater=False, **kwargs)
+        assert TorchPotential(flexible.system, parameters=flexible).n_constraints == 0
+    peptide = alanine_dipeptide(constraints=app.HBonds, removeCMMotion=False)
+    with pytest.raises(InputError, match=r"'length' on <Bond type1=\"protein-CX\" "
+                       r"type2=\"protein-H1\">, but with this System's constraints.*" + fix):
+        parameters = ParameterSet.select(
+            "amber14/protein.ff14SB.xml", peptide.topology,
+            [("HarmonicBondForce/Bond", "protein-CX.protein-H1", ("length",))],
+            nonbondedMethod=app.NoCutoff, constraints=app.HBonds)
+        TorchPotential(parameters.system, parameters=parameters)
 
 
 @pytest.mark.slow

@@ -141,3 +141,27 @@ def test_rigid_tip4pew_agrees_with_central_finite_differences(tip4pew):
                 scaled[k] -= sign * h
         fd = (values[0] - values[1]) / (2 * h)
         assert grads[0][k].item() == pytest.approx(fd, rel=1e-5)
+
+
+def test_benchmark_boxes_rigid_and_four_site():
+    """``benchmark memory --rigid-water --model tip4pew`` builds a rigid TIP4P-Ew box: sites
+    placed and still, massive particles on the constraints with tangent velocities; its
+    in-process measurement runs; an unknown model is named with the choices."""
+    from openmm_reversible.benchmarks import memory
+    from openmm_reversible.benchmarks.water import water
+    from openmm_reversible.errors import InputError
+
+    box = water(16, cutoff=0.35, rigid=True, model="tip4pew")
+    masses = box.potential.masses
+    assert int((masses == 0).sum()) == 16 and len(box.constraints) == 48
+    torch.testing.assert_close(box.positions, box.potential.virtual_sites(box.positions),
+                               rtol=0, atol=1e-15)
+    assert bool((box.velocities[masses == 0] == 0).all())
+    assert box.constraints.residual(box.positions) < 1e-14
+    tangent = box.constraints.gradient_dot(box.positions, box.velocities)
+    assert float(tangent.abs().max()) < 1e-12
+    result = memory.measure("reversible", steps=4, waters=16, snapshot_every=2, cutoff=0.35,
+                            seed=0, model="tip4pew", rigid_water=True)
+    assert result["peak_mib"] >= result["baseline_mib"] > 0
+    with pytest.raises(InputError, match="--model tip5p: choose tip3p or tip4pew"):
+        water(16, cutoff=0.35, model="tip5p")

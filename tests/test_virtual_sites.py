@@ -148,3 +148,49 @@ def test_reversible_windows_integrate_and_exact_mode_refuses_virtual_sites():
                              masses=torch.ones(system.getNumParticles(), dtype=torch.float64))
     with pytest.raises(UnsupportedForceError, match="exact mode does not support virtual"):
         DeterministicForces(pot)
+
+
+def test_rdf_pairs_of_four_site_water_leave_out_the_sites_unless_named():
+    """The fit's and validate's RDF pairs of TIP4P-Ew: "O"/"H" (names or elements) never
+    select the massless M; naming "M" does, and with the System its own molecule's O-M pair
+    (0.0125 nm apart) is excluded, which the topology's bonds alone do not see."""
+    from openmm_reversible.train import rdf_pairs
+
+    ff, topology, x, box = water_box("tip4pew.xml", "tip4pew", n_waters=20)
+    system = ff.createSystem(topology, nonbondedMethod=app.CutoffPeriodic,
+                             nonbondedCutoff=CUTOFF * unit.nanometer, rigidWater=True)
+    sites = {i for i in range(system.getNumParticles()) if system.isVirtualSite(i)}
+    assert len(sites) == 20
+    for atoms, n_pairs in ((["O", "O"], 190), (["O", "H"], 20 * 40 - 40)):
+        pairs = rdf_pairs(topology, atoms, system)
+        assert len(pairs) == n_pairs
+        assert not sites & set(pairs.ravel().tolist())
+    with_sites = rdf_pairs(topology, ["O", "M"], system)
+    assert len(with_sites) == 20 * 20 - 20 and sites <= set(with_sites.ravel().tolist())
+    closest = np.linalg.norm(x[with_sites[:, 0]] - x[with_sites[:, 1]], axis=1).min()
+    assert closest > 0.2
+    assert len(rdf_pairs(topology, ["O", "M"])) == 20 * 20  # without the System: O-M kept
+
+
+def test_gradcheck_rdf_of_all_atoms_leaves_out_virtual_sites():
+    """gradcheck's RDF loss falls back to all atoms when there is no oxygen; with the System
+    that means the particles with mass (here TIP4P-Ew with its O renamed to neon)."""
+    from types import SimpleNamespace
+
+    from openmm_reversible.gradcheck import RDF_R_MAX, rdf_loss
+    from openmm_reversible.observables.rdf import rdf
+
+    ff, topology, x, box = water_box("tip4pew.xml", "tip4pew", n_waters=20)
+    system = ff.createSystem(topology, nonbondedMethod=app.CutoffPeriodic,
+                             nonbondedCutoff=CUTOFF * unit.nanometer, rigidWater=True)
+    for atom in topology.atoms():
+        if atom.element is not None and atom.element.symbol == "O":
+            atom.element = app.element.neon
+    frame = SimpleNamespace(positions=torch.as_tensor(x)[None], box=torch.as_tensor(box))
+    massive = [i for i in range(system.getNumParticles()) if not system.isVirtualSite(i)]
+    expected = rdf(frame.positions, frame.box, selections=(massive, massive),
+                   r_range=(0.2, min(RDF_R_MAX, 0.5 * box[0, 0])), bin_width=0.02)[1]
+    got = rdf_loss(topology, frame.box, system).per_frame(frame, None)[0]
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with_sites = rdf_loss(topology, frame.box).per_frame(frame, None)[0]
+    assert float((with_sites - expected).abs().max()) > 1e-3

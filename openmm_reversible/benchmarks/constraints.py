@@ -10,7 +10,10 @@ slows both alike. Reports both costs, the ratio ``constrained_over_unconstrained
 
 Measured (216 waters, 0.9 nm, 1 torch thread, 2-core CPU shared with other jobs): reverse step
 0.0834 s constrained against 0.0796 s unconstrained, 1.05×; forward 1.02×. On 64 waters
-(0.6 nm) the fixed cost of the projections shows: 1.6–1.7× (16 ms against 9.5 ms).
+(0.6 nm) the fixed cost of the projections shows: 1.50–1.61× over three runs alternated
+with the code before the projections reused their bond vectors and the reverse pass its
+noise, which read 1.70–1.75× (one pair: 13.7 ms against 8.7 ms now, 15.7 ms against 9.0 ms
+before).
 """
 
 from __future__ import annotations

@@ -32,6 +32,11 @@ TIMESTEP = 0.001  # ps
 NONBONDED_METHODS = {"RF": app.CutoffPeriodic, "PME": app.PME}
 """Electrostatics of the benchmark boxes: ``--nonbonded`` name -> OpenMM method."""
 
+WATER_MODELS = {"tip3p": ("tip3p.xml", "tip3p-O"), "tip4pew": ("tip4pew.xml", "tip4pew-O")}
+"""Water models of the benchmark boxes: ``--model`` name -> (OpenMM's bundled force field,
+the oxygen type whose σ and ε are trained). TIP4P-Ew has a massless virtual site (M) a
+molecule."""
+
 
 @dataclass
 class WaterBox:
@@ -75,7 +80,7 @@ def rigid_water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0) -> Wate
 
 
 def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool = False,
-          nonbonded: str = "RF") -> WaterBox:
+          nonbonded: str = "RF", model: str = "tip3p") -> WaterBox:
     """Build the water box.
 
     Parameters
@@ -88,9 +93,13 @@ def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool =
         Noise stream and initial velocities (Maxwell-Boltzmann at 295.15 K).
     rigid : bool
         Rigid molecules (three distance constraints each, :class:`Constraints`; the minimised
-        positions are put on the constraints to round-off) or flexible bonds and angles.
+        positions are put on the constraints to round-off and the velocities made tangent to
+        them) or flexible bonds and angles.
     nonbonded : {"RF", "PME"}
         Electrostatics (:data:`NONBONDED_METHODS`).
+    model : {"tip3p", "tip4pew"}
+        Water model (:data:`WATER_MODELS`); the virtual sites of TIP4P-Ew are placed from
+        their parents and have zero velocity.
 
     The pre-equilibrated box is a rigid-water configuration; its flexible-water energy is relaxed by
     OpenMM's energy minimiser before the velocities are drawn, so the dynamics start near
@@ -103,24 +112,28 @@ def water(n_waters: int = 216, cutoff: float = 0.9, seed: int = 0, rigid: bool =
     check_at_least(1, waters=n_waters)
     check_positive(cutoff=cutoff)
     check_nonbonded(nonbonded)
-    box = water_box(n_waters, forcefield=("tip3p.xml",), nonbonded=nonbonded, cutoff=cutoff,
-                    rigid=rigid, removeCMMotion=False)
+    check_model(model)
+    forcefield, oxygen = WATER_MODELS[model]
+    box = water_box(n_waters, forcefield=(forcefield,), nonbonded=nonbonded, cutoff=cutoff,
+                    rigid=rigid, model=model, removeCMMotion=False)
     check_cutoff(box.box, cutoff)
     parameters = ParameterSet.select(
-        "tip3p.xml", box.topology, select=[("NonbondedForce/Atom", "tip3p-O",
-                                              ("sigma", "epsilon"))],
+        forcefield, box.topology, select=[("NonbondedForce/Atom", oxygen,
+                                             ("sigma", "epsilon"))],
         nonbondedMethod=NONBONDED_METHODS[nonbonded], nonbondedCutoff=cutoff * unit.nanometer,
         constraints=None, rigidWater=rigid, removeCMMotion=False)
     potential = TorchPotential(parameters.system, parameters=parameters)
     integrator = LangevinMiddleIntegrator(TIMESTEP, FRICTION, TEMPERATURE, seed)
     positions = _minimized(parameters.system, box.positions)
+    masses = potential.masses
+    velocities = torch.where(masses[:, None] > 0, integrator.noise(0, masses), 0.0)
     constraints = None
     if rigid:
         constraints = Constraints.from_system(parameters.system)
-        positions = constraints.project_positions(positions, positions,
-                                                  1.0 / potential.masses)[0]
-    return WaterBox(potential=potential, positions=positions,
-                    velocities=integrator.noise(0, potential.masses),
+        positions, velocities = constraints.constrain_state(positions, velocities, masses)
+    if potential.virtual_sites is not None and potential.virtual_sites.n_sites:
+        positions = potential.virtual_sites(positions)
+    return WaterBox(potential=potential, positions=positions, velocities=velocities,
                     box=box_tensor(box.box), integrator=integrator, constraints=constraints,
                     system=parameters.system, topology=box.topology)
 
@@ -129,6 +142,12 @@ def check_nonbonded(nonbonded: str) -> None:
     """Raise :class:`InputError` unless ``nonbonded`` names a benchmark electrostatics."""
     if nonbonded not in NONBONDED_METHODS:
         raise InputError(f"--nonbonded {nonbonded}: choose {' or '.join(NONBONDED_METHODS)}")
+
+
+def check_model(model: str) -> None:
+    """Raise :class:`InputError` unless ``model`` names a benchmark water model."""
+    if model not in WATER_MODELS:
+        raise InputError(f"--model {model}: choose {' or '.join(WATER_MODELS)}")
 
 
 def openmm_step_ms(system: openmm.System, positions, box, steps: int = 200) -> float:

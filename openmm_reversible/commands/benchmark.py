@@ -54,7 +54,9 @@ OPTIONS = {
                "snapshots": (int, "loss snapshots per run, the same for every length: the "
                                   "loss's own graph over its snapshots grows with their "
                                   "number, not with the steps between them"),
-               "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed")},
+               "cutoff": (float, "nm"), "seed": (int, "noise and velocity seed"),
+               "model": (str, "water model: tip3p, or tip4pew (a virtual site a molecule)"),
+               "rigid_water": (bool, "rigid molecules (constrained dynamics)")},
     "forces": {"box_size": (float, "edge of the water box, nm (3.0: 2661 atoms)"),
                "cutoff": (float, "nm"), "repeats": (int, "timed repeats (median)"),
                "nonbonded": (str, "electrostatics: RF (reaction field) or PME")},

@@ -38,6 +38,7 @@ from .langevin import LangevinMiddleIntegrator
 
 _EPS = torch.finfo(DTYPE).eps
 _MAX_PASSES = 50
+_NOISE_CACHE = 4  # steps
 
 
 class ConstrainedLangevin:
@@ -58,6 +59,10 @@ class ConstrainedLangevin:
         dt, c = integrator.timestep, integrator.c
         self.alpha = -0.5 * dt * (1.0 + 1.0 / c)
         self.beta = 0.5 * (1.0 - 1.0 / c)
+        # The reverse pass needs the noise of each step twice (undoing its drift and, one step
+        # later, its kick's fixed point): the last few are kept, keyed by everything they
+        # depend on.
+        self._noise_cache: dict[tuple, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"ConstrainedLangevin({self.integ!r}, {self.constraints!r})"
@@ -66,7 +71,13 @@ class ConstrainedLangevin:
         """``s·ξ_step`` (nm/ps), zeros without friction."""
         if self.integ.s == 0.0:
             return torch.zeros_like(like)
-        return self.integ.s * self.integ.noise(step, self.masses)
+        key = (self.integ.seed, self.integ.kT, self.integ.s, step)
+        noise = self._noise_cache.get(key)
+        if noise is None:
+            if len(self._noise_cache) >= _NOISE_CACHE:
+                del self._noise_cache[next(iter(self._noise_cache))]
+            noise = self._noise_cache[key] = self.integ.s * self.integ.noise(step, self.masses)
+        return noise
 
     # -- forward ----------------------------------------------------------------------------
 
@@ -102,9 +113,10 @@ class ConstrainedLangevin:
         """``(μ, ν)`` of a step that started at ``x`` and produced velocities ``v``: from the
         velocity constraint ``G(x)·(v + ν/Δt - s·ξ) = 0``."""
         c = self.constraints
-        dt = self.integ.timestep
-        mu = -dt * c.solve(x, x, self.inv_masses, c.gradient_dot(x, v - noise))
-        return mu, c.displacement(x, mu, self.inv_masses)
+        r = c.bonds(x)
+        mu = -self.integ.timestep * c.solve(x, x, self.inv_masses,
+                                            c.gradient_dot(x, v - noise, r), bonds=(r, r))
+        return mu, c.displacement(x, mu, self.inv_masses, r)
 
     def _origin(self, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The step's start ``x_n + α·v_n + Δt·s·ξ/(2c)`` before the ``β·ν`` correction."""

@@ -68,6 +68,9 @@ class Constraints:
             raise InputError("every constrained distance must be > 0 nm")
         self.pairs, self.distances, self.n_particles = pairs, distances, int(n_particles)
         self.clusters = _clusters(pairs, n_particles)
+        # Atom a and atom b of every constraint, and both, per device (index_select wants the
+        # index on the data's device).
+        self._indices: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._layout_key: torch.Tensor | None = None
         self._layout_cache: tuple[torch.Tensor, ...] = ()
 
@@ -91,9 +94,19 @@ class Constraints:
 
     # -- geometry ---------------------------------------------------------------------------
 
+    def _ends(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Atoms a (m,), atoms b (m,) and both (2m,) of the constraints on ``device``."""
+        ends = self._indices.get(device)
+        if ends is None:
+            first = self.pairs[:, 0].contiguous().to(device)
+            second = self.pairs[:, 1].contiguous().to(device)
+            ends = self._indices[device] = (first, second, torch.cat([first, second]))
+        return ends
+
     def bonds(self, x: torch.Tensor) -> torch.Tensor:
         """``r_k = x_a - x_b`` for every constraint, shape (m, 3), nm."""
-        return x[self.pairs[:, 0]] - x[self.pairs[:, 1]]
+        first, second, _ = self._ends(x.device)
+        return x.index_select(0, first) - x.index_select(0, second)
 
     def residual(self, x: torch.Tensor) -> float:
         """Largest relative violation ``| |r_k| - d_k | / d_k`` at ``x`` (dimensionless)."""
@@ -103,22 +116,32 @@ class Constraints:
 
     def _scatter(self, along: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Per-particle sum of ``+along_k`` on atom a and ``-along_k`` on atom b, (N, 3)."""
-        out = torch.zeros_like(like)
-        return out.index_add(0, self.pairs[:, 0], along).index_add(0, self.pairs[:, 1], -along)
+        _, _, both = self._ends(like.device)
+        return torch.zeros_like(like).index_add(0, both, torch.cat([along, -along]))
 
     def displacement(self, x: torch.Tensor, multipliers: torch.Tensor,
-                     inv_masses: torch.Tensor) -> torch.Tensor:
-        """``M⁻¹G(x)ᵀμ``: per-particle displacement of the multipliers, shape (N, 3)."""
-        return self._scatter(multipliers[:, None] * self.bonds(x), x) * inv_masses[:, None]
+                     inv_masses: torch.Tensor, bonds: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """``M⁻¹G(x)ᵀμ``: per-particle displacement of the multipliers, shape (N, 3).
 
-    def gradient_dot(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """``G(x)·w`` for a per-particle vector ``w``, shape (m,)."""
-        return (self.bonds(x) * (w[self.pairs[:, 0]] - w[self.pairs[:, 1]])).sum(-1)
+        ``bonds``, when given, is ``self.bonds(x)`` already computed (the fixed points reuse
+        it across their passes)."""
+        r = self.bonds(x) if bonds is None else bonds
+        return self._scatter(multipliers[:, None] * r, x) * inv_masses[:, None]
+
+    def gradient_dot(self, x: torch.Tensor, w: torch.Tensor, bonds: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """``G(x)·w`` for a per-particle vector ``w``, shape (m,) (``bonds``: as in
+        :meth:`displacement`)."""
+        r = self.bonds(x) if bonds is None else bonds
+        return (r * self.bonds(w)).sum(-1)
 
     def _layout(self, inv_masses: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Cluster tables for :meth:`solve` (cached for the last ``inv_masses`` tensor):
         constraint index per slot (C, K), the mass coupling of each slot pair (C, K, K), the
-        identity on padded slots and each constraint's flat slot (m,)."""
+        identity on padded slots, each constraint's flat slot (m,), the slots' validity and
+        whether the table is ``arange(m)`` in rows (every cluster of the same size and in
+        constraint order, as rigid water: then the gathers are reshapes)."""
         if self._layout_key is inv_masses:
             return self._layout_cache
         clusters = self.clusters
@@ -137,17 +160,31 @@ class Constraints:
         padding = torch.where(mask, torch.zeros((), dtype=dtype), eye.expand_as(coupling))
         slot = torch.empty(len(self), dtype=torch.long)
         slot[clusters[valid]] = torch.nonzero(valid.reshape(-1))[:, 0]
+        ordered = bool(valid.all()) and torch.equal(clusters.reshape(-1),
+                                                     torch.arange(len(self)))
         self._layout_key = inv_masses
         self._layout_cache = (index, coupling, padding, slot.to(inv_masses.device),
-                              valid.to(dtype).to(inv_masses.device))
+                              valid.to(dtype).to(inv_masses.device), ordered)
         return self._layout_cache
 
     def solve(self, left: torch.Tensor, right: torch.Tensor, inv_masses: torch.Tensor,
-              rhs: torch.Tensor) -> torch.Tensor:
-        """Solve ``G(left)M⁻¹G(right)ᵀ·y = rhs`` cluster by cluster, shape (m,)."""
-        index, coupling, padding, slot, valid = self._layout(inv_masses)
-        r_left = self.bonds(left)[index]
-        r_right = r_left if right is left else self.bonds(right)[index]
+              rhs: torch.Tensor, bonds: tuple[torch.Tensor, torch.Tensor] | None = None
+              ) -> torch.Tensor:
+        """Solve ``G(left)M⁻¹G(right)ᵀ·y = rhs`` cluster by cluster, shape (m,).
+
+        ``bonds``, when given, is ``(self.bonds(left), self.bonds(right))`` already computed.
+        """
+        index, coupling, padding, slot, valid, ordered = self._layout(inv_masses)
+        if bonds is None:
+            bonds = (self.bonds(left), None if right is left else self.bonds(right))
+        same = bonds[1] is None or bonds[1] is bonds[0]
+        if ordered:
+            r_left = bonds[0].reshape(*index.shape, 3)
+            r_right = r_left if same else bonds[1].reshape(*index.shape, 3)
+            matrix = coupling * (r_left @ r_right.transpose(1, 2))
+            return torch.linalg.solve(matrix, rhs.reshape(*index.shape, 1)).reshape(-1)
+        r_left = bonds[0][index]
+        r_right = r_left if same else bonds[1][index]
         matrix = coupling * (r_left @ r_right.transpose(1, 2)) + padding
         y = torch.linalg.solve(matrix, (rhs[index] * valid)[..., None])
         return y.reshape(-1)[slot]
@@ -189,8 +226,9 @@ class Constraints:
         gradients at ``x`` (nm/ps; explicit, differentiable by autograd)."""
         if not len(self):
             return q
-        lam = self.solve(x, x, inv_masses, self.gradient_dot(x, q))
-        return q - self.displacement(x, lam, inv_masses)
+        r = self.bonds(x)
+        lam = self.solve(x, x, inv_masses, self.gradient_dot(x, q, r), bonds=(r, r))
+        return q - self.displacement(x, lam, inv_masses, r)
 
     def position_multipliers(self, u: torch.Tensor, reference: torch.Tensor,
                              inv_masses: torch.Tensor, initial: torch.Tensor | None = None
@@ -216,9 +254,10 @@ class Constraints:
                 initial: torch.Tensor | None) -> torch.Tensor:
         mu = u.new_zeros(len(self)) if initial is None else initial
         d2 = self.distances**2
+        r_reference = self.bonds(reference)
         previous = float("inf")
         for _ in range(_MAX_ITERATIONS):
-            x = u - self.displacement(reference, mu, inv_masses)
+            x = u - self.displacement(reference, mu, inv_masses, r_reference)
             r = self.bonds(x)
             g = 0.5 * ((r * r).sum(-1) - d2)
             residual = float((g.detach().abs() / d2).max())
@@ -227,7 +266,7 @@ class Constraints:
             previous = residual
             if converged:
                 return mu
-            mu = mu + self.solve(x, reference, inv_masses, g)
+            mu = mu + self.solve(x, reference, inv_masses, g, bonds=(r, r_reference))
         raise RuntimeError(
             f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
             f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
@@ -315,12 +354,13 @@ class _PositionProjection(torch.autograd.Function):
         with torch.no_grad():
             # ρ = λ - G(x)ᵀ (G(ref) M⁻¹ G(x)ᵀ)⁻¹ G(ref) M⁻¹ λ
             scaled = grad_x * inv_masses[:, None]
-            y = c.solve(reference, x, inv_masses, c.gradient_dot(reference, scaled))
-            rho = grad_x - c._scatter(y[:, None] * c.bonds(x), x)
+            r_reference, r = c.bonds(reference), c.bonds(x)
+            y = c.solve(reference, x, inv_masses, c.gradient_dot(reference, scaled, r_reference),
+                        bonds=(r_reference, r))
+            rho = grad_x - c._scatter(y[:, None] * r, x)
             # x̄_ref = -∇_ref [μ · G(ref) M⁻¹ ρ]: ∓μ_k (σ_a - σ_b) on atoms a, b, σ = M⁻¹ρ.
             sigma = rho * inv_masses[:, None]
-            grad_ref = -c._scatter(mu[:, None] * (sigma[c.pairs[:, 0]] - sigma[c.pairs[:, 1]]),
-                                   x)
+            grad_ref = -c._scatter(mu[:, None] * c.bonds(sigma), x)
         return rho, grad_ref, None, None, None
 
 
