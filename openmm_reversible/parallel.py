@@ -293,13 +293,6 @@ def by_worker(ran: Mapping[int, Ran]) -> dict[str, dict]:
     return summary
 
 
-def describe_workers(summary: Mapping[str, dict]) -> str:
-    """One line of :func:`by_worker` for a progress bar:
-    ``127.0.0.1:40123: 1, 3 (4.2 s); 127.0.0.1:40777: 2 (2.0 s)``."""
-    return "; ".join(f"{where.removeprefix('tcp://')}: {', '.join(map(str, e['pieces']))} "
-                     f"({e['seconds']:.1f} s)" for where, e in summary.items())
-
-
 def describe_progress(running: Mapping[str, str], finished: Iterable[Ran]) -> str:
     """What each worker runs now and how much it has finished, for a progress bar:
     ``127.0.0.1:40123: window 4, 2 done (3.5 s); 127.0.0.1:40777: idle, 1 done (0.3 s)``.

@@ -36,7 +36,6 @@ from openmm_reversible.parallel import (
     by_worker,
     code_hash,
     describe_progress,
-    describe_workers,
     open_engine,
 )
 from openmm_reversible.sampler import SimulationExploded
@@ -112,13 +111,12 @@ def test_gradient_and_parameters_identical_on_1_and_2_workers(argon, in_process,
             assert work["seconds"] == pytest.approx(sum(w["seconds"] for w in windows))
 
 
-def test_progress_line_says_which_pieces_each_worker_ran_and_how_long():
+def test_log_says_which_pieces_each_worker_ran_and_how_long():
     ran = {2: Ran(None, "tcp://127.0.0.1:40123", 1.5), 0: Ran(None, "tcp://127.0.0.1:40123", 2.0),
            1: Ran(None, "tcp://127.0.0.1:40777", 0.3)}
     summary = by_worker(ran)
     assert summary == {"tcp://127.0.0.1:40123": {"pieces": [1, 3], "seconds": 3.5},
                        "tcp://127.0.0.1:40777": {"pieces": [2], "seconds": 0.3}}
-    assert describe_workers(summary) == "127.0.0.1:40123: 1, 3 (3.5 s); 127.0.0.1:40777: 2 (0.3 s)"
 
 
 A, B, C = "tcp://127.0.0.1:40123", "tcp://127.0.0.1:40777", "tcp://127.0.0.1:40999"
