@@ -983,6 +983,17 @@ def _renamed(exc: InputError, where: str, targets: list[int], state: str) -> Inp
     return InputError(message)
 
 
+def _check_systems(systems) -> None:
+    """What the ``[[systems]]`` list must hold as a whole: distinct names, a weighted target."""
+    names = [s.name for s in systems]
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise InputError(f"systems[{i}].name = {name!r}: another system has this name; "
+                             "give each a distinct name")
+    if not any(t.weight > 0 for s in systems for t in s.targets):
+        raise InputError("systems: every target weight is 0, nothing to fit")
+
+
 def _system_head(table: dict, fields_of: type, where: str, name_hint: str,
                  temperature_hint: str, content: tuple[str, str]) -> tuple[str, list[float]]:
     """The keys every ``[[systems]]`` table shares: no unknown key (the fields of
@@ -1085,13 +1096,7 @@ def _systems_config(data: dict, base: Path, path: str | None) -> FitConfig:
     entries = [_system_entry(table, shared, base, f"systems[{i}]")
                for i, table in enumerate(raw)]
     systems = [entry for entry, _ in entries]
-    names = [s.name for s in systems]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise InputError(f"systems[{i}].name = {name!r}: another system has this name; "
-                             "give each a distinct name")
-    if not any(t.weight > 0 for s in systems for t in s.targets):
-        raise InputError("systems: every target weight is 0, nothing to fit")
+    _check_systems(systems)
     # The shared tables were validated with every state point; keep them, without one.
     first = entries[0][1]
     return dataclasses.replace(
@@ -1236,13 +1241,7 @@ def _crystal_config(data: dict, path: str | None) -> FitConfig:
                          "crystal systems; remove it (or set it to 1)")
     raw = data["systems"]
     crystals = [_crystal_entry(t, f"systems[{i}]") for i, t in enumerate(raw)]
-    names = [c.name for c in crystals]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise InputError(f"systems[{i}].name = {name!r}: another system has this name; "
-                             "give each a distinct name")
-    if not any(t.weight > 0 for c in crystals for t in c.targets):
-        raise InputError("systems: every target weight is 0, nothing to fit")
+    _check_systems(crystals)
     evaluation = _build(EvaluationConfig, data.get("evaluation", {}), "evaluation")
     snapshots = evaluation.steps // evaluation.snapshot_every
     if evaluation.steps and snapshots < 2 * evaluation.blocks:
