@@ -90,7 +90,7 @@ def test_gas_energy_gradient_against_finite_differences_of_openmm_runs(tmp_path)
     xml = tmp_path / "protein.ff14SB.xml"
     xml.write_text(text.replace(old, '<Residue name="ALA" parameterize="CB/charge">'))
     peptide = alanine_dipeptide()
-    temperature, n_frames, every = 300.0, 1500, 40
+    temperature, n_frames, every = 300.0, 1000, 20
     gas = GasPhase([str(xml)], peptide.topology, peptide.positions, {}, None, temperature,
                    10.0, 0.0005, platform="CPU")
     assert gas.parameters.trainable_keys == ["Residue/ALA/CB/charge"]
@@ -101,7 +101,7 @@ def test_gas_energy_gradient_against_finite_differences_of_openmm_runs(tmp_path)
         with torch.no_grad():
             gas.parameters.scaled.fill_(1.0 + sign * h)
         sides.append(_openmm_mean_energy(gas.parameters.create_system(), peptide.positions,
-                                         temperature, 4 * n_frames, every, seed=11))
+                                         temperature, 2 * n_frames, every, seed=11))
     fd = (sides[0][0] - sides[1][0]) / (2 * h)
     fd_err = np.hypot(sides[0][1], sides[1][1]) / (2 * h)
     blocks = [gas.sample(torch.ones(1), n_frames // 5, every, seed=20 + k).gradient[0]
@@ -109,6 +109,7 @@ def test_gas_energy_gradient_against_finite_differences_of_openmm_runs(tmp_path)
     grad_err = float(np.std(blocks, ddof=1) / np.sqrt(5))
     grad = float(estimate.gradient[0])
     assert abs(fd) > 3 * fd_err, (fd, fd_err)  # a gradient that is measured, not noise
+    print(f"gradient {grad:.2f} ± {grad_err:.2f}, finite differences {fd:.2f} ± {fd_err:.2f}")
     assert abs(grad - fd) < 3 * np.hypot(fd_err, grad_err), (grad, grad_err, fd, fd_err)
 
 
