@@ -798,6 +798,9 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
         raise InputError(f"{where}.gas_energy: only enthalpy_of_vaporization targets take it")
     if t.gas is not None and t.observable != "enthalpy_of_vaporization":
         raise InputError(f"{where}.gas: only enthalpy_of_vaporization targets take it")
+    for key in ("gas_frames", "gas_every"):
+        if t.gas is None and getattr(t, key) != _default(TargetConfig.__dataclass_fields__[key]):
+            raise InputError(f"{where}.{key}: only a target with gas = \"simulate\" takes it")
     if t.gas is not None and t.gas_energy is not None:
         raise InputError(f"{where}.gas: gas = \"simulate\" samples the gas energy; remove "
                          "gas_energy, or gas to use the given value")

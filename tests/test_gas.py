@@ -222,6 +222,7 @@ def test_gas_key_errors_name_the_key(tmp_path):
              r"targets\[0\]\.gas: .*remove gas_energy"),
             ('gas = "simulate"', 'gas = "harmonic"', r"targets\[0\]\.gas.*must be one of simulate"),
             ('observable = "enthalpy_of_vaporization"', 'observable = "pressure"',
-             r"targets\[0\]\.gas: only enthalpy_of_vaporization targets take it")):
+             r"targets\[0\]\.gas: only enthalpy_of_vaporization targets take it"),
+            ('gas = "simulate"\n', '', r"targets\[0\]\.gas_frames: only a target with gas")):
         with pytest.raises(InputError, match=message):
             load_config(_fit_files(tmp_path, good.replace(old, new)))
