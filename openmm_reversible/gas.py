@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import openmm
 import torch
 from openmm import app
 
@@ -63,14 +64,18 @@ class GasEstimate:
     frames: int
 
 
-def first_molecule(topology: app.Topology, positions: np.ndarray
-                   ) -> tuple[app.Topology, np.ndarray]:
+def first_molecule(topology: app.Topology, positions: np.ndarray,
+                   system: openmm.System | None = None) -> tuple[app.Topology, np.ndarray]:
     """The first molecule (bond-connected atoms) of a topology alone, without a box.
 
     Parameters
     ----------
     topology : openmm.app.Topology
     positions : numpy.ndarray, shape (N, 3), nm
+    system : openmm.System, optional
+        The topology's System: its virtual sites and constrained pairs join their molecules
+        (TIP4P's M has no bond in the topology), as in
+        :func:`~openmm_reversible.observables.selection.molecules`.
 
     Returns
     -------
@@ -78,7 +83,7 @@ def first_molecule(topology: app.Topology, positions: np.ndarray
         Its atoms, residues and bonds, no periodic box.
     positions : numpy.ndarray, shape (n, 3), nm
     """
-    keep = {int(i) for i in molecules(topology)[0]}
+    keep = {int(i) for i in molecules(topology, system)[0]}
     modeller = app.Modeller(topology, np.asarray(positions, dtype=float))
     modeller.delete([a for a in topology.atoms() if a.index not in keep])
     gas = modeller.getTopology()

@@ -1526,7 +1526,8 @@ class Trainer:
                 phase = self._gas_phases.get((k, t.label))
                 if phase is None:
                     model = leg.model
-                    topology, positions = first_molecule(model.topology, model.positions)
+                    topology, positions = first_molecule(model.topology, model.positions,
+                                                         model.parameters.system)
                     phase = GasPhase(leg.point.config.forcefield.files, topology, positions,
                                      model.parameters.create_system_kwargs,
                                      model.parameters.trainable_keys, sim.temperature,

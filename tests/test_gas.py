@@ -40,6 +40,19 @@ def test_first_molecule_is_one_water_without_a_box():
     assert [a.element.symbol for a in topology.atoms()] == ["O", "H", "H"]
 
 
+def test_first_molecule_keeps_its_virtual_site_with_the_system():
+    """TIP4P-Ew's M has no bond in the topology: the System joins it to its water."""
+    forcefield = app.ForceField("tip4pew.xml")
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(forcefield, model="tip4pew", numAdded=5, neutralize=False)
+    positions = np.asarray(modeller.getPositions().value_in_unit(unit.nanometer))
+    system = forcefield.createSystem(modeller.topology)
+    topology, xyz = first_molecule(modeller.topology, positions, system)
+    assert [a.name for a in topology.atoms()] == ["O", "H1", "H2", "M"]
+    np.testing.assert_array_equal(xyz, positions[:4])
+    forcefield.createSystem(topology)  # the molecule alone matches its template
+
+
 def test_flexible_tip3p_gas_energy_is_equipartition():
     """Harmonic bonds and angle, no intramolecular nonbonded pair: ⟨U⟩ = 3 · k_B T / 2."""
     topology, positions = _one_water()
