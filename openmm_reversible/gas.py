@@ -30,7 +30,7 @@ from .observables.selection import molecules
 from .parameters import ParameterSet
 from .potential import TorchPotential
 from .reweighting import reweighted_average, through_energies
-from .sampler import Sampler
+from .sampler import SampledState, Sampler
 from .units import DTYPE
 
 GAS_BLOCKS = 5
@@ -113,14 +113,17 @@ class GasPhase:
     timestep : float, ps
     platform : str
         OpenMM platform name or ``"auto"``.
-
-    The molecule is minimised and given velocities at ``temperature``; every random number
-    of the sampling comes from the seed of each :meth:`sample`.
+    start : SampledState, optional
+        Where the molecule continues from (:attr:`state` of an earlier GasPhase, e.g. from a
+        checkpoint); without it the molecule is minimised and given velocities at
+        ``temperature``. Every random number of the sampling comes from the seed of each
+        :meth:`sample`.
     """
 
     def __init__(self, forcefield_files, topology: app.Topology, positions: np.ndarray,
                  create_system_kwargs: dict, trainable_keys, temperature: float,
-                 friction: float, timestep: float, platform: str = "auto"):
+                 friction: float, timestep: float, platform: str = "auto",
+                 start: SampledState | None = None):
         kwargs = {k: v for k, v in create_system_kwargs.items()
                   if k not in ("nonbondedCutoff", "ewaldErrorTolerance", "switchDistance",
                                "useDispersionCorrection")}
@@ -138,8 +141,16 @@ class GasPhase:
         self.sampler = Sampler(self.parameters.system, positions, None, temperature, friction,
                                timestep, platform=platform, seed=1,
                                max_temperature=MAX_TEMPERATURE_FACTOR * temperature)
-        self.sampler.minimize()
-        self.sampler.set_velocities(1)
+        if start is None:
+            self.sampler.minimize()
+            self.sampler.set_velocities(1)
+        else:
+            self.sampler.restart(start, 1)
+
+    @property
+    def state(self) -> SampledState:
+        """Where the next :meth:`sample` continues from (nm, nm/ps, no box)."""
+        return self.sampler.state()
 
     def sample(self, scaled: torch.Tensor, n_frames: int, every: int, seed: int
                ) -> GasEstimate:

@@ -1134,6 +1134,7 @@ class Trainer:
                              "does)")
         checkpoint = self._open_checkpoint(resume)
         self._gas_phases: dict[tuple[int, str], GasPhase] = {}
+        self._gas_starts: dict[tuple[int, str], SampledState] = {}
 
         self.legs = [self._leg(point) for point in config.state_points()]
         first = self.legs[0]
@@ -1297,16 +1298,23 @@ class Trainer:
         for leg, s, own in zip(self.legs, states, others, strict=True):
             leg.state = _state_from(s)
             leg.replica_states = [_state_from(r) for r in own]
+        # The simulated gas molecules continue where they were (absent before they existed).
+        self._gas_starts = {(int(k), label): _state_from(entry)
+                            for (k, label), entry in checkpoint.get("gas_states", [])}
 
     def _checkpoint(self) -> dict:
         """The checkpoint's entries; ``state`` is one state (a dict) for a config without
         ``[[systems]]``, else a list with one per state point; ``replica_states``, with
         ``schedule.replicas`` > 1, holds the end states of replicas 2, 3, ... of each state
-        point (a list per state point)."""
+        point (a list per state point); ``gas_states``, with ``gas = "simulate"`` targets,
+        ``((state point, label), state)`` of each simulated gas molecule."""
         states = [_state_entry(leg.state) for leg in self.legs]
         replicas = ({"replica_states": [[_state_entry(r) for r in leg.replica_states]
                                         for leg in self.legs]}
                     if self.config.schedule.replicas > 1 else {})
+        if self._gas_phases:
+            replicas["gas_states"] = [(key, _state_entry(phase.state))
+                                      for key, phase in self._gas_phases.items()]
         return {
             "version": CHECKPOINT_VERSION, "epoch": self.epoch,
             "sites": self.parameters.names,
@@ -1531,7 +1539,8 @@ class Trainer:
                     phase = GasPhase(leg.point.config.forcefield.files, topology, positions,
                                      model.parameters.create_system_kwargs,
                                      model.parameters.trainable_keys, sim.temperature,
-                                     sim.friction, sim.timestep, sim.platform)
+                                     sim.friction, sim.timestep, sim.platform,
+                                     self._gas_starts.get((k, t.label)))
                     self._gas_phases[(k, t.label)] = phase
                 found[t.label] = estimate = phase.sample(
                     scaled, t.gas_frames, t.gas_every,

@@ -3,6 +3,7 @@ fluctuation gradient, and a liquid + gas fit."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from openmm_reversible.errors import InputError
 from openmm_reversible.gas import GasPhase, first_molecule
 from openmm_reversible.observables.blocking import block_average
 from openmm_reversible.systems import alanine_dipeptide
-from openmm_reversible.train import Trainer
+from openmm_reversible.train import Trainer, fit
 from openmm_reversible.units import KB
 
 AMBER_PROTEIN = Path(os.path.dirname(app.__file__)) / "data" / "amber14" / "protein.ff14SB.xml"
@@ -239,3 +240,17 @@ def test_gas_key_errors_name_the_key(tmp_path):
             ('gas = "simulate"\n', '', r"targets\[0\]\.gas_frames: only a target with gas")):
         with pytest.raises(InputError, match=message):
             load_config(_fit_files(tmp_path, good.replace(old, new)))
+
+
+def test_fit_with_a_simulated_gas_resumes_exactly(tmp_path):
+    """The gas molecule's state is in the checkpoint: 1 + 1 resumed epochs = 2 epochs."""
+    config = load_config(_fit_files(tmp_path, CONFIG.format(xml="water.xml").replace(
+        "gas_frames = 200", "gas_frames = 50")))
+    config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, epochs=2))
+    straight = fit(config, tmp_path / "straight", progress=False)
+    fit(dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, epochs=1)),
+        tmp_path / "split", progress=False)
+    resumed = fit(config, tmp_path / "split", resume=True, progress=False)
+    assert [r["gas"] for r in resumed.records] == [r["gas"] for r in straight.records]
+    assert [r["gradient"] for r in resumed.records] == [r["gradient"] for r in straight.records]
+    assert straight.records[0]["gas"] != straight.records[1]["gas"]
