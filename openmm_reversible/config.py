@@ -306,6 +306,13 @@ class TargetConfig:
     gas_energy: float | None = _spec(None, doc="enthalpy_of_vaporization: potential energy "
                                                "of one isolated molecule, kJ/mol (default: "
                                                "k_B T/2 per internal harmonic mode)")
+    gas: str | None = _spec(None, _one_of("simulate"),
+                            "enthalpy_of_vaporization: \"simulate\" samples the structure's "
+                            "first molecule alone in vacuum each epoch (plain OpenMM, NoCutoff, "
+                            "NVT at the state point) for ⟨E_gas⟩ and its fluctuation gradient, "
+                            "instead of gas_energy or the harmonic estimate")
+    gas_frames: int = _spec(1000, _positive, "gas = \"simulate\": frames averaged per epoch")
+    gas_every: int = _spec(20, _positive, "gas = \"simulate\": OpenMM steps between frames")
     viscosity: float | None = _spec(None, _positive,
                                     "diffusion: shear viscosity of the model at this state "
                                     "point, Pa·s; adds the Yeh–Hummer finite-size correction "
@@ -764,7 +771,7 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
                              f"atoms = ['O', 'H'], got {t.atoms}")
         if t.file is None:
             raise InputError(f"{where}.file: an rdf target needs a file with columns r (nm), g")
-        for key in ("value", "tolerance", "gas_energy"):
+        for key in ("value", "tolerance", "gas_energy", "gas"):
             if getattr(t, key) is not None:
                 raise InputError(f"{where}.{key}: an rdf target takes its target from 'file'; "
                                  f"remove {key!r}")
@@ -789,6 +796,14 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
         raise InputError(f"{where}.atoms: only rdf targets take 'atoms'")
     if t.gas_energy is not None and t.observable != "enthalpy_of_vaporization":
         raise InputError(f"{where}.gas_energy: only enthalpy_of_vaporization targets take it")
+    if t.gas is not None and t.observable != "enthalpy_of_vaporization":
+        raise InputError(f"{where}.gas: only enthalpy_of_vaporization targets take it")
+    for key in ("gas_frames", "gas_every"):
+        if t.gas is None and getattr(t, key) != _default(TargetConfig.__dataclass_fields__[key]):
+            raise InputError(f"{where}.{key}: only a target with gas = \"simulate\" takes it")
+    if t.gas is not None and t.gas_energy is not None:
+        raise InputError(f"{where}.gas: gas = \"simulate\" samples the gas energy; remove "
+                         "gas_energy, or gas to use the given value")
     if t.value is None:
         raise InputError(f"{where}.value: a {t.observable} target needs a value in "
                          f"{SCALAR_UNITS[t.observable]}")

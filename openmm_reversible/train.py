@@ -91,6 +91,7 @@ from .config import SCALAR_UNITS, FitConfig, StatePoint, to_dict, with_defaults
 from .errors import InputError, structure_errors
 from .export import xml_writes
 from .files import atomic_write_all, text_writer
+from .gas import GasEstimate, GasPhase, first_molecule
 from .geometry import box_widths
 from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimulation
 from .integrators.noise import counter_seed
@@ -401,6 +402,30 @@ class Objective:
         return self._molecules
 
     @property
+    def simulated_gas(self) -> list:
+        """The ΔHvap targets whose gas phase is simulated (``gas = "simulate"``)."""
+        return [t for t in self.targets
+                if t.observable == "enthalpy_of_vaporization" and t.gas == "simulate"]
+
+    def set_gas_energies(self, energies: dict[str, float]) -> None:
+        """Set the simulated ⟨E_gas⟩ (kJ/mol) of ``gas = "simulate"`` targets, by label."""
+        for label, value in energies.items():
+            self.gas_energy[label] = float(value)
+
+    def gas_sensitivities(self) -> dict[str, float]:
+        """d(last loss)/d⟨E_gas⟩ of each simulated gas energy, by label (the loss's units per
+        kJ/mol): ΔHvap is ⟨E_gas⟩ plus terms without it, so this is the derivative of its term
+        at the last ΔHvap (:attr:`last_observables`)."""
+        found = {}
+        for target in self.loss.targets if self.loss is not None else ():
+            if target.name in {t.label for t in self.simulated_gas}:
+                x = torch.tensor(self.last_observables[target.name], dtype=DTYPE,
+                                 requires_grad=True)
+                (d,) = torch.autograd.grad(target.weight * target.discrepancy(x), [x])
+                found[target.name] = float(d)
+        return found
+
+    @property
     def rdf_notes(self) -> dict[str, str]:
         """For each rdf target, the range of its file used and how (its bins, interpolation)."""
         return {label: s["note"] for label, s in self.rdf_setup.items()}
@@ -602,6 +627,8 @@ class WindowPiece:
     state_point : int
         Which (system, state point) of the config (its position in
         :meth:`~openmm_reversible.config.FitConfig.state_points`) the window simulates.
+    gas : tuple of (str, float)
+        The epoch's simulated ⟨E_gas⟩ (kJ/mol) of each ``gas = "simulate"`` target, by label.
     """
 
     epoch: int
@@ -613,6 +640,7 @@ class WindowPiece:
     output: str
     replica: int = 0
     state_point: int = 0
+    gas: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -634,6 +662,8 @@ class WindowResult:
     blocks : dict of str to list
         Each observable on contiguous blocks of the window's snapshots
         (:func:`block_observables`), for its standard error.
+    gas_sensitivity : dict of str to float
+        d(loss / windows)/d⟨E_gas⟩ of each ``gas = "simulate"`` target, by label.
     """
 
     loss: float
@@ -642,6 +672,7 @@ class WindowResult:
     observables: dict
     info: dict
     blocks: dict = field(default_factory=dict)
+    gas_sensitivity: dict = field(default_factory=dict)
 
 
 def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
@@ -661,6 +692,7 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
     with torch.no_grad():
         parameters.scaled.copy_(piece.scaled)
     parameters.scaled.grad = None
+    model.objective.set_gas_energies(dict(piece.gas))
     integrator = LangevinMiddleIntegrator(sim_cfg.timestep, sim_cfg.friction,
                                           sim_cfg.temperature, seed=piece.seed)
     simulation = ReversibleSimulation(
@@ -708,7 +740,9 @@ def compute_window(model: WindowModel, piece: WindowPiece) -> WindowResult:
     terms, observables = dict(model.objective.last_terms), dict(model.objective.last_observables)
     return WindowResult(float(loss.detach()), grad.detach().clone(), terms, observables, info,
                         block_observables(model.objective, simulation.trajectory,
-                                          model.potential))
+                                          model.potential),
+                        {label: d / piece.windows
+                         for label, d in model.objective.gas_sensitivities().items()})
 
 
 def ensemble_frames(model: WindowModel, frames: Sequence[SampledState]) -> EnsembleFrames:
@@ -992,6 +1026,10 @@ def _replica_of(legs: Sequence[Leg], piece: ReplicaPiece) -> SampledReplica:
 
 
 
+GAS_STREAM = 7
+"""Seed stream of the simulated gas phases (after the epoch and attempt)."""
+
+
 @dataclass
 class Leg:
     """One (system, state point) of a fit: its model, its OpenMM sampler, and the state its
@@ -1095,6 +1133,8 @@ class Trainer:
                              "with openmm_reversible.crystal.CrystalTrainer (the fit command "
                              "does)")
         checkpoint = self._open_checkpoint(resume)
+        self._gas_phases: dict[tuple[int, str], GasPhase] = {}
+        self._gas_starts: dict[tuple[int, str], SampledState] = {}
 
         self.legs = [self._leg(point) for point in config.state_points()]
         first = self.legs[0]
@@ -1258,16 +1298,23 @@ class Trainer:
         for leg, s, own in zip(self.legs, states, others, strict=True):
             leg.state = _state_from(s)
             leg.replica_states = [_state_from(r) for r in own]
+        # The simulated gas molecules continue where they were (absent before they existed).
+        self._gas_starts = {(int(k), label): _state_from(entry)
+                            for (k, label), entry in checkpoint.get("gas_states", [])}
 
     def _checkpoint(self) -> dict:
         """The checkpoint's entries; ``state`` is one state (a dict) for a config without
         ``[[systems]]``, else a list with one per state point; ``replica_states``, with
         ``schedule.replicas`` > 1, holds the end states of replicas 2, 3, ... of each state
-        point (a list per state point)."""
+        point (a list per state point); ``gas_states``, with ``gas = "simulate"`` targets,
+        ``((state point, label), state)`` of each simulated gas molecule."""
         states = [_state_entry(leg.state) for leg in self.legs]
         replicas = ({"replica_states": [[_state_entry(r) for r in leg.replica_states]
                                         for leg in self.legs]}
                     if self.config.schedule.replicas > 1 else {})
+        if self._gas_phases:
+            replicas["gas_states"] = [(key, _state_entry(phase.state))
+                                      for key, phase in self._gas_phases.items()]
         return {
             "version": CHECKPOINT_VERSION, "epoch": self.epoch,
             "sites": self.parameters.names,
@@ -1349,11 +1396,16 @@ class Trainer:
         for key in ("push_s", "equilibrate_s", "bulk_s"):
             timings[key] = sum(replica.timings[key] for replica in sampled)
         timings.update(forward_s=0.0, backward_s=0.0)
+        t = time.perf_counter()
+        gas = self._sample_gas(scaled, epoch, attempt)
+        timings["gas_s"] = time.perf_counter() - t
+        gas_values = [tuple((label, e.energy) for label, e in g.items()) for g in gas]
         count = sched.windows * sched.replicas
         pieces = [WindowPiece(epoch, w, count, scaled, start,
                               self._replica_seed(self.legs[piece.state_point], epoch, attempt,
                                                  piece.index, w + 1),
-                              str(self.output), piece.index, piece.state_point)
+                              str(self.output), piece.index, piece.state_point,
+                              gas_values[piece.state_point])
                   for piece, replica in zip(replicas, sampled, strict=True)
                   if self.legs[piece.state_point].model.objective.targets
                   for w, start in enumerate(replica.starts)]
@@ -1375,6 +1427,9 @@ class Trainer:
             totals = legs[piece.state_point]
             # The piece order fixes the summation order: the same sums with any layout.
             grad = grad + result.gradient
+            for label, sensitivity in result.gas_sensitivity.items():
+                # The gas phase's part of the ΔHvap term: d loss/d⟨E_gas⟩ · d⟨E_gas⟩/dθ.
+                grad = grad + sensitivity * gas[piece.state_point][label].gradient
             totals["loss"] += result.loss / piece.windows
             replica_losses[piece.replica] += result.loss / sched.windows
             for name, value in result.terms.items():
@@ -1434,6 +1489,11 @@ class Trainer:
             "reconstruction_error": max(t["reconstruction_error"] for t in legs),
             "rdf_bins": self.rdf_notes,
         }
+        if any(gas):
+            record["gas"] = {leg.point.key(label): {"energy": e.energy, "stderr": e.stderr,
+                                                    "frames": e.frames}
+                             for leg, g in zip(self.legs, gas, strict=True)
+                             for label, e in g.items()}
         if self._several:
             record["state_points"] = {
                 leg.point.label: {"system": leg.point.system,
@@ -1459,6 +1519,37 @@ class Trainer:
         record.update(end_states=ends,
                       frames=[replica.frames for replica in first], timings=timings)
         return record
+
+    def _sample_gas(self, scaled: torch.Tensor, epoch: int, attempt: int
+                    ) -> list[dict[str, GasEstimate]]:
+        """Each leg's simulated gas phases (``gas = "simulate"`` targets) sampled by OpenMM at
+        the scaled values ``scaled``: per leg, by target label, ⟨E_gas⟩ with its standard
+        error and gradient. Each gas molecule continues from its last sampling; it is built
+        (:func:`~openmm_reversible.gas.first_molecule` of the leg's structure) on first use."""
+        estimates = []
+        for k, leg in enumerate(self.legs):
+            found = {}
+            sim = leg.point.config.simulation
+            for t in leg.model.objective.simulated_gas:
+                phase = self._gas_phases.get((k, t.label))
+                if phase is None:
+                    model = leg.model
+                    topology, positions = first_molecule(model.topology, model.positions,
+                                                         model.parameters.system)
+                    phase = GasPhase(leg.point.config.forcefield.files, topology, positions,
+                                     model.parameters.create_system_kwargs,
+                                     model.parameters.trainable_keys, sim.temperature,
+                                     sim.friction, sim.timestep, sim.platform,
+                                     self._gas_starts.get((k, t.label)))
+                    self._gas_phases[(k, t.label)] = phase
+                found[t.label] = estimate = phase.sample(
+                    scaled, t.gas_frames, t.gas_every,
+                    self._seed(leg, epoch, attempt, GAS_STREAM))
+                tqdm.write(f"epoch {epoch}{self._of(k)}: {t.label} gas energy "
+                           f"{estimate.energy:.3f} ± {estimate.stderr:.3f} kJ/mol "
+                           f"({estimate.frames} frames)")
+            estimates.append(found)
+        return estimates
 
     def _label(self, state_point: int) -> dict:
         """``{"state_point": label}`` for the timings of a config with ``[[systems]]``."""

@@ -15,7 +15,7 @@ ROOMS = [
     ("integrators",),
     ("exact",),
     ("observables", "reweighting", "losses", "priors", "target_files", "ml"),
-    ("systems", "config", "sampler", "parallel"),
+    ("systems", "config", "sampler", "parallel", "gas"),
     ("train", "crystal", "outputs", "export", "verify", "gradcheck", "validate",
      "benchmarks"),
     ("commands", "cli"),
