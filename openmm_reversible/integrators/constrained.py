@@ -108,15 +108,13 @@ class ConstrainedLangevin:
 
     # -- inverse ----------------------------------------------------------------------------
 
-    def _drift_multipliers(self, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(μ, ν)`` of a step that started at ``x`` and produced velocities ``v``: from the
-        velocity constraint ``G(x)·(v + ν/Δt - s·ξ) = 0``."""
+    def _drift_multipliers(self, bonds: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """``μ`` of a step that started at ``x`` and produced velocities ``v``, from the
+        velocity constraint ``G(x)·(v + ν/Δt - s·ξ) = 0``; ``bonds`` and ``rate`` are the bond
+        vectors of ``x`` and of ``v - s·ξ``."""
         c = self.constraints
-        r = c.bonds(x)
-        mu = -self.integ.timestep * c.solve(x, x, self.inv_masses,
-                                            c.gradient_dot(x, v - noise, r), bonds=(r, r))
-        return mu, c.displacement(x, mu, self.inv_masses, r)
+        return -self.integ.timestep * c.solve(bonds, bonds, self.inv_masses,
+                                              (bonds * rate).sum(-1), bonds=(bonds, bonds))
 
     def _origin(self, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The step's start ``x_n + α·v_n + Δt·s·ξ/(2c)`` before the ``β·ν`` correction."""
@@ -125,6 +123,9 @@ class ConstrainedLangevin:
     def reverse_drift(self, positions: torch.Tensor, velocities: torch.Tensor, step: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Undo the drift, noise, friction and position constraint of step ``step``.
+
+        The fixed point on ``x = y + β·ν(x)`` runs on the bond vectors alone
+        (:meth:`~.constraints.Constraints.couple`); the positions are formed once at the end.
 
         Returns
         -------
@@ -135,25 +136,31 @@ class ConstrainedLangevin:
         multipliers : torch.Tensor, shape (m,)
             ``μ`` of the step's position projection.
         """
+        c, inv_masses = self.constraints, self.inv_masses
         noise = self._noise(step, positions)
         y = self._origin(positions, velocities, noise)
-        x, mu, nu = y, None, torch.zeros_like(y)
+        r_y, rate = c.bonds(y), c.bonds(velocities - noise)
+        r = r_y
         for _ in range(_MAX_PASSES):
-            mu, nu = self._drift_multipliers(x, velocities, noise)
-            x_next = y + self.beta * nu
-            done = _settled(x_next, x) or self.beta == 0.0
-            x = x_next
-            if done:
+            mu = self._drift_multipliers(r, rate)
+            r_next = r_y + self.beta * c.couple(mu, r, inv_masses)
+            if self.beta == 0.0 or _settled(r_next, r):
                 break
+            r = r_next
         else:
             raise _no_convergence("drift")
+        nu = c.displacement(y, mu, inv_masses, r)
         kicked = (velocities + nu / self.integ.timestep - noise) / self.integ.c
-        return x, kicked, mu
+        return y + self.beta * nu, kicked, mu
 
     def reverse_kick(self, positions: torch.Tensor, kicked: torch.Tensor, accel: torch.Tensor,
                      step: int, initial_velocities: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Velocities of state ``step`` (the state at ``positions``) from ``v'``.
+
+        The nested fixed point (module docs) runs on bond vectors alone, Newton's method
+        included (:meth:`~.constraints.Constraints.newton_on_bonds`); positions and velocities
+        are formed once from the converged multipliers.
 
         Parameters
         ----------
@@ -180,29 +187,37 @@ class ConstrainedLangevin:
             What :meth:`reverse_drift` of step ``step`` returns, found on the way (None with
             ``initial_velocities``).
         """
-        c, dt = self.constraints, self.integ.timestep
+        c, dt, inv_masses = self.constraints, self.integ.timestep, self.inv_masses
         base = kicked - dt * accel
         if initial_velocities is not None:
             q = initial_velocities + dt * accel
-            q = kicked + q - c.project_velocities(positions, q, self.inv_masses)
+            q = kicked + q - c.project_velocities(positions, q, inv_masses)
             return q - dt * accel, q, None
         noise = self._noise(step, positions)
         y = self._origin(positions, base, noise)
-        nu = torch.zeros_like(y)
-        mu_p = None
+        # Bond vectors of the reference (state ``step``), of y and of base - s·ξ; ν = 0 first.
+        r_x, r_y, r_base = c.bonds(positions), c.bonds(y), c.bonds(base - noise)
+        r_nu = torch.zeros_like(r_y)
+        nu_of = mu_p = None  # (μ, bonds) whose displacement is ν
         for _ in range(_MAX_PASSES):
-            z = y + self.beta * nu
-            previous, mu_p = c.project_positions(z, positions, self.inv_masses, initial=mu_p)
-            v = base + (previous - z) / self.alpha
-            mu, nu_next = self._drift_multipliers(previous, v, noise)
-            done = _settled(self.beta * nu_next, self.beta * nu) or self.beta == 0.0
-            nu = nu_next
+            r_z = r_y + self.beta * r_nu
+            mu_p, r_previous = c.newton_on_bonds(r_z, r_x, inv_masses, initial=mu_p)
+            rate = r_base + (r_previous - r_z) / self.alpha        # bonds of v - s·ξ
+            mu = self._drift_multipliers(r_previous, rate)
+            r_nu_next = c.couple(mu, r_previous, inv_masses)
+            done = self.beta == 0.0 or _settled(self.beta * r_nu_next, self.beta * r_nu)
             if done:
                 break
+            nu_of, r_nu = (mu, r_previous), r_nu_next
         else:
             raise _no_convergence("kick")
+        z = y if nu_of is None else y + self.beta * c.displacement(y, nu_of[0], inv_masses,
+                                                                  nu_of[1])
+        shift = c.displacement(y, mu_p, inv_masses, r_x)
+        v = base - shift / self.alpha
+        nu = c.displacement(y, mu, inv_masses, r_previous)
         kicked_previous = (v + nu / dt - noise) / self.integ.c
-        return v, v + dt * accel, (previous, kicked_previous, mu)
+        return v, v + dt * accel, (z - shift, kicked_previous, mu)
 
 
 def _settled(new: torch.Tensor, old: torch.Tensor) -> bool:

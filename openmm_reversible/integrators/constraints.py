@@ -189,6 +189,23 @@ class Constraints:
         y = torch.linalg.solve(matrix, (rhs[index] * valid)[..., None])
         return y.reshape(-1)[slot]
 
+    def couple(self, multipliers: torch.Tensor, bonds: torch.Tensor, inv_masses: torch.Tensor
+               ) -> torch.Tensor:
+        """Bond vectors of the displacement ``M⁻¹G(x)ᵀμ``, shape (m, 3).
+
+        ``bonds`` is ``self.bonds(x)``. Bond vectors are linear in the positions, so
+        ``self.bonds(y - self.displacement(x, μ, inv_masses))`` equals
+        ``self.bonds(y) - self.couple(μ, self.bonds(x), inv_masses)``: one dense product per
+        cluster (the mass coupling of its constraints) with no gather or scatter over the
+        particles, which lets the fixed points of a constrained step iterate on bond vectors
+        alone (nm times the multipliers' unit)."""
+        index, coupling, _, slot, valid, ordered = self._layout(inv_masses)
+        along = multipliers[:, None] * bonds
+        if ordered:
+            return (coupling @ along.reshape(*index.shape, 3)).reshape(-1, 3)
+        moved = coupling @ (along[index] * valid[..., None])
+        return moved.reshape(-1, 3)[slot]
+
     def force_multipliers(self, x: torch.Tensor, v: torch.Tensor, forces: torch.Tensor,
                           inv_masses: torch.Tensor) -> torch.Tensor:
         """Multipliers ``λ`` of the instantaneous constraint forces ``f = G(x)ᵀλ`` (kJ/mol/nm²).
@@ -252,21 +269,44 @@ class Constraints:
 
     def _newton(self, u: torch.Tensor, reference: torch.Tensor, inv_masses: torch.Tensor,
                 initial: torch.Tensor | None) -> torch.Tensor:
-        mu = u.new_zeros(len(self)) if initial is None else initial
+        return self.newton_on_bonds(self.bonds(u), self.bonds(reference), inv_masses,
+                                    initial)[0]
+
+    def newton_on_bonds(self, unconstrained: torch.Tensor, reference: torch.Tensor,
+                        inv_masses: torch.Tensor, initial: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multipliers ``μ`` of ``Π(u; x)`` by Newton's method, to round-off, from bond vectors.
+
+        Parameters
+        ----------
+        unconstrained : torch.Tensor, shape (m, 3), nm
+            ``self.bonds(u)``.
+        reference : torch.Tensor, shape (m, 3), nm
+            ``self.bonds(x)``, the reference positions' bond vectors.
+        inv_masses : torch.Tensor, shape (N,), 1/amu
+        initial : torch.Tensor, shape (m,), optional
+            Starting multipliers (default zeros).
+
+        Returns
+        -------
+        multipliers : torch.Tensor, shape (m,)
+            ``μ`` (no graph).
+        bonds : torch.Tensor, shape (m, 3), nm
+            Bond vectors of ``Π(u; x) = u - M⁻¹G(x)ᵀμ`` (:meth:`couple`).
+        """
+        mu = unconstrained.new_zeros(len(self)) if initial is None else initial
         d2 = self.distances**2
-        r_reference = self.bonds(reference)
         previous = float("inf")
         for _ in range(_MAX_ITERATIONS):
-            x = u - self.displacement(reference, mu, inv_masses, r_reference)
-            r = self.bonds(x)
+            r = unconstrained - self.couple(mu, reference, inv_masses)
             g = 0.5 * ((r * r).sum(-1) - d2)
             residual = float((g.detach().abs() / d2).max())
             converged = residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL
                                                       and residual > 0.5 * previous)
             previous = residual
             if converged:
-                return mu
-            mu = mu + self.solve(x, reference, inv_masses, g, bonds=(r, r_reference))
+                return mu, r
+            mu = mu + self.solve(unconstrained, reference, inv_masses, g, bonds=(r, reference))
         raise RuntimeError(
             f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
             f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
