@@ -294,19 +294,20 @@ class Constraints:
         bonds : torch.Tensor, shape (m, 3), nm
             Bond vectors of ``Π(u; x) = u - M⁻¹G(x)ᵀμ`` (:meth:`couple`).
         """
-        mu = unconstrained.new_zeros(len(self)) if initial is None else initial
-        d2 = self.distances**2
+        mu, d2 = initial, self.distances**2   # None: zeros, whose displacement is skipped
         previous = float("inf")
         for _ in range(_MAX_ITERATIONS):
-            r = unconstrained - self.couple(mu, reference, inv_masses)
+            r = (unconstrained if mu is None
+                 else unconstrained - self.couple(mu, reference, inv_masses))
             g = 0.5 * ((r * r).sum(-1) - d2)
             residual = float((g.detach().abs() / d2).max())
             converged = residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL
                                                       and residual > 0.5 * previous)
             previous = residual
             if converged:
-                return mu, r
-            mu = mu + self.solve(unconstrained, reference, inv_masses, g, bonds=(r, reference))
+                return (g.new_zeros(len(self)) if mu is None else mu), r
+            step = self.solve(unconstrained, reference, inv_masses, g, bonds=(r, reference))
+            mu = step if mu is None else mu + step
         raise RuntimeError(
             f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
             f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
@@ -380,22 +381,23 @@ class _PositionProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, reference, inv_masses, constraints: Constraints, initial):
         with torch.no_grad():
-            mu = constraints._newton(u, reference, inv_masses, initial)
-            x = u - constraints.displacement(reference, mu, inv_masses)
+            r_reference = constraints.bonds(reference)
+            mu, r = constraints.newton_on_bonds(constraints.bonds(u), r_reference, inv_masses,
+                                                initial)
+            x = u - constraints.displacement(reference, mu, inv_masses, r_reference)
         ctx.constraints = constraints
-        ctx.save_for_backward(x, reference, inv_masses, mu)
+        ctx.save_for_backward(x, inv_masses, mu, r_reference, r)
         ctx.mark_non_differentiable(mu)
         return x, mu
 
     @staticmethod
     def backward(ctx, grad_x, grad_mu):
-        x, reference, inv_masses, mu = ctx.saved_tensors
+        x, inv_masses, mu, r_reference, r = ctx.saved_tensors
         c = ctx.constraints
         with torch.no_grad():
             # ρ = λ - G(x)ᵀ (G(ref) M⁻¹ G(x)ᵀ)⁻¹ G(ref) M⁻¹ λ
             scaled = grad_x * inv_masses[:, None]
-            r_reference, r = c.bonds(reference), c.bonds(x)
-            y = c.solve(reference, x, inv_masses, c.gradient_dot(reference, scaled, r_reference),
+            y = c.solve(r_reference, r, inv_masses, c.gradient_dot(x, scaled, r_reference),
                         bonds=(r_reference, r))
             rho = grad_x - c._scatter(y[:, None] * r, x)
             # x̄_ref = -∇_ref [μ · G(ref) M⁻¹ ρ]: ∓μ_k (σ_a - σ_b) on atoms a, b, σ = M⁻¹ρ.
