@@ -17,6 +17,9 @@ SETTLE solves the same equations as converged SHAKE for a rigid triangle, so one
 serves rigid water and bond constraints alike. The constraints are grouped into clusters
 (connected components of the graph of constrained atoms: a water, a CH₃ group); each Newton or
 projection step is one batched dense solve over the clusters, padded to the largest one.
+Newton's method iterates on bond vectors only (:meth:`Constraints.couple`: the bonds of a
+displacement ``M⁻¹G(x)ᵀμ`` are one dense product per cluster), so its passes neither gather nor
+scatter over the particles; the positions are formed once, from the converged ``μ``.
 """
 
 from __future__ import annotations
