@@ -22,10 +22,10 @@ step ``n - 1``, so undoing *its* drift must land on the constraint surface. Writ
 produced by a step) the dropped component is taken from the stored initial velocities.
 
 **Adjoint.** Everything after the kick, ``(x, q = v + Δt·a) → (x_n, v_n)``, is a short
-differentiable function (:meth:`ConstrainedLangevin.after_kick`: explicit velocity projection,
-implicit position projection); its vector-Jacobian product gives ``(λx_direct, λq)``, then
-``λv_{n-1} = λq`` and ``λx_{n-1} = λx_direct + (∂a/∂x)ᵀ(Δt·λq)`` exactly as without constraints
-(:func:`~.adjoint.adjoint_kick`).
+differentiable function (:meth:`ConstrainedLangevin.after_kick`: velocity projection with a
+closed-form VJP, implicit position projection); its vector-Jacobian product gives
+``(λx_direct, λq)``, then ``λv_{n-1} = λq`` and ``λx_{n-1} = λx_direct + (∂a/∂x)ᵀ(Δt·λq)``
+exactly as without constraints (:func:`~.adjoint.adjoint_kick`).
 """
 
 from __future__ import annotations
@@ -87,11 +87,13 @@ class ConstrainedLangevin:
         """State ``step`` from the positions ``x`` and the kicked velocity ``q = v + Δt·a``.
 
         Returns positions (nm), velocities (nm/ps) and the position multipliers ``μ``.
-        Differentiable in ``x`` and ``q``: by the implicit-function theorem, or by autograd
-        through a Newton step at the solution with ``autograd=True``.
+        Differentiable in ``x`` and ``q``: by the closed-form VJP of the velocity projection
+        and the implicit-function theorem for the position projection, or with
+        ``autograd=True`` by autograd through both (a Newton step at the solution for the
+        second; the ground truth of the checks).
         """
         c, half = self.constraints, 0.5 * self.integ.timestep
-        kicked = c.project_velocities(x, q, self.inv_masses)
+        kicked = c.project_velocities(x, q, self.inv_masses, autograd=autograd)
         w = self.integ.c * kicked + self._noise(step, x)
         u = x + half * kicked + half * w
         x_new, mu = c.project_positions(u, x, self.inv_masses, autograd=autograd,

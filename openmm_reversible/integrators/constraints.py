@@ -240,15 +240,26 @@ class Constraints:
 
     # -- projections ------------------------------------------------------------------------
 
-    def project_velocities(self, x: torch.Tensor, q: torch.Tensor, inv_masses: torch.Tensor
-                           ) -> torch.Tensor:
+    def project_velocities(self, x: torch.Tensor, q: torch.Tensor, inv_masses: torch.Tensor,
+                           autograd: bool = True) -> torch.Tensor:
         """``P_x q``: remove the mass-weighted components of ``q`` along the constraint
-        gradients at ``x`` (nm/ps; explicit, differentiable by autograd)."""
+        gradients at ``x`` (nm/ps).
+
+        Differentiable in ``x`` and ``q``: by autograd through the explicit formula (default),
+        or with ``autograd=False`` by its closed-form vector-Jacobian product (module docs), one
+        short backward with no graph recorded."""
         if not len(self):
             return q
+        if not autograd and torch.is_grad_enabled() and (x.requires_grad or q.requires_grad):
+            return _VelocityProjection.apply(x, q, inv_masses, self)
+        return self._velocity_projection(x, q, inv_masses)[0]
+
+    def _velocity_projection(self, x: torch.Tensor, q: torch.Tensor, inv_masses: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``P_x q``, its multipliers ``λ = (GM⁻¹Gᵀ)⁻¹Gq`` and the bond vectors of ``x``."""
         r = self.bonds(x)
         lam = self.solve(x, x, inv_masses, self.gradient_dot(x, q, r), bonds=(r, r))
-        return q - self.displacement(x, lam, inv_masses, r)
+        return q - self.displacement(x, lam, inv_masses, r), lam, r
 
     def position_multipliers(self, u: torch.Tensor, reference: torch.Tensor,
                              inv_masses: torch.Tensor, initial: torch.Tensor | None = None
@@ -407,6 +418,33 @@ class _PositionProjection(torch.autograd.Function):
             sigma = rho * inv_masses[:, None]
             grad_ref = -c._scatter(mu[:, None] * c.bonds(sigma), x)
         return rho, grad_ref, None, None, None
+
+
+class _VelocityProjection(torch.autograd.Function):
+    """``P_x q`` with its closed-form vector-Jacobian product. For a cotangent ``ω``, with
+    ``λ = (GM⁻¹Gᵀ)⁻¹Gq``, ``η = (GM⁻¹Gᵀ)⁻¹GM⁻¹ω`` and ``p = P_x q``: ``q̄ = ω - Gᵀη`` and
+    ``x̄ = -Σ_k ∇_x r_k·(λ_k r_k(M⁻¹q̄) + η_k r_k(p))``, ``r_k(w) = w_a - w_b`` (bond vectors of
+    a per-particle vector; ``∇_x`` puts ``+`` on atom a and ``-`` on atom b)."""
+
+    @staticmethod
+    def forward(ctx, x, q, inv_masses, constraints: Constraints):
+        with torch.no_grad():
+            p, lam, r = constraints._velocity_projection(x, q, inv_masses)
+        ctx.constraints = constraints
+        ctx.save_for_backward(inv_masses, p, lam, r)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        inv_masses, p, lam, r = ctx.saved_tensors
+        c = ctx.constraints
+        with torch.no_grad():
+            eta = c.solve(r, r, inv_masses, (r * c.bonds(grad_p * inv_masses[:, None])).sum(-1),
+                          bonds=(r, r))
+            grad_q = grad_p - c._scatter(eta[:, None] * r, grad_p)
+            grad_x = -c._scatter(lam[:, None] * c.bonds(grad_q * inv_masses[:, None])
+                                 + eta[:, None] * c.bonds(p), grad_p)
+        return grad_x, grad_q, None, None
 
 
 def _clusters(pairs: torch.Tensor, n_particles: int) -> torch.Tensor:
