@@ -38,6 +38,8 @@ from .langevin import LangevinMiddleIntegrator
 
 _EPS = torch.finfo(DTYPE).eps
 _MAX_PASSES = 50
+# Extra passes of the kick's fixed point for the Newton steps of its projection.
+_NEWTON_PASSES = 50
 _NOISE_CACHE = 4  # steps
 
 
@@ -201,18 +203,28 @@ class ConstrainedLangevin:
         r_x, r_y, r_base = c.bonds(positions), c.bonds(y), c.bonds(base - noise)
         r_nu = torch.zeros_like(r_y)
         nu_of = mu_p = None  # (μ, bonds) whose displacement is ν
-        for _ in range(_MAX_PASSES):
+        residual = float("inf")
+        # One Newton step of the projection per pass of the fixed point, which ends once
+        # Newton has converged (no update) and ν has settled.
+        for _ in range(_MAX_PASSES + _NEWTON_PASSES):
             r_z = r_y + self.beta * r_nu
-            mu_p, r_previous = c.newton_on_bonds(r_z, r_x, inv_masses, initial=mu_p)
+            r_previous = r_z if mu_p is None else r_z - c.couple(mu_p, r_x, inv_masses)
+            mu_p, residual, projected = c.newton_update(r_previous, r_x, inv_masses, mu_p,
+                                                        residual)
+            if not projected:
+                r_previous = r_z - c.couple(mu_p, r_x, inv_masses)
             rate = r_base + (r_previous - r_z) / self.alpha        # bonds of v - s·ξ
             mu = self._drift_multipliers(r_previous, rate)
             r_nu_next = c.couple(mu, r_previous, inv_masses)
-            done = self.beta == 0.0 or _settled(self.beta * r_nu_next, self.beta * r_nu)
+            done = projected and (self.beta == 0.0
+                                  or _settled(self.beta * r_nu_next, self.beta * r_nu))
             if done:
                 break
             nu_of, r_nu = (mu, r_previous), r_nu_next
         else:
             raise _no_convergence("kick")
+        if mu_p is None:
+            mu_p = torch.zeros_like(mu)
         z = y if nu_of is None else y + self.beta * c.displacement(y, nu_of[0], inv_masses,
                                                                   nu_of[1])
         shift = c.displacement(y, mu_p, inv_masses, r_x)

@@ -308,24 +308,55 @@ class Constraints:
         bonds : torch.Tensor, shape (m, 3), nm
             Bond vectors of ``Π(u; x) = u - M⁻¹G(x)ᵀμ`` (:meth:`couple`).
         """
-        mu, d2 = initial, self.distances**2   # None: zeros, whose displacement is skipped
-        previous = float("inf")
+        mu, previous = initial, float("inf")  # None: zeros, whose displacement is skipped
         for _ in range(_MAX_ITERATIONS):
             r = (unconstrained if mu is None
                  else unconstrained - self.couple(mu, reference, inv_masses))
-            g = 0.5 * ((r * r).sum(-1) - d2)
-            residual = float((g.detach().abs() / d2).max())
-            converged = residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL
-                                                      and residual > 0.5 * previous)
-            previous = residual
+            mu, previous, converged = self.newton_update(r, reference, inv_masses, mu, previous)
             if converged:
-                return (g.new_zeros(len(self)) if mu is None else mu), r
-            step = self.solve(unconstrained, reference, inv_masses, g, bonds=(r, reference))
-            mu = step if mu is None else mu + step
-        raise RuntimeError(
+                return (r.new_zeros(len(self)) if mu is None else mu), r
+        raise self._no_convergence(previous)
+
+    def newton_update(self, bonds: torch.Tensor, reference: torch.Tensor,
+                      inv_masses: torch.Tensor, multipliers: torch.Tensor | None,
+                      previous: float) -> tuple[torch.Tensor | None, float, bool]:
+        """One step of Newton's method for ``Π(u; x)`` (:meth:`newton_on_bonds`).
+
+        Parameters
+        ----------
+        bonds : torch.Tensor, shape (m, 3), nm
+            Bond vectors of ``u - M⁻¹G(x)ᵀμ`` at the current ``μ``.
+        reference : torch.Tensor, shape (m, 3), nm
+            Bond vectors of ``x``.
+        inv_masses : torch.Tensor, shape (N,), 1/amu
+        multipliers : torch.Tensor, shape (m,), or None
+            The current ``μ`` (None: zeros).
+        previous : float
+            Largest relative residual of the step before (``inf`` at the first).
+
+        Returns
+        -------
+        multipliers : torch.Tensor or None
+            ``μ`` updated, unchanged when converged.
+        residual : float
+            Largest relative residual ``|g_k|/d_k²`` at ``bonds``.
+        converged : bool
+            Whether the residual is at round-off (then ``μ`` was not updated).
+        """
+        d2 = self.distances**2
+        g = 0.5 * ((bonds * bonds).sum(-1) - d2)
+        residual = float((g.detach().abs() / d2).max())
+        if residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL and residual > 0.5 * previous):
+            return multipliers, residual, True
+        step = self.solve(bonds, reference, inv_masses, g, bonds=(bonds, reference))
+        return (step if multipliers is None else multipliers + step), residual, False
+
+    @staticmethod
+    def _no_convergence(residual: float) -> RuntimeError:
+        return RuntimeError(
             f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
-            f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
-            "large for the constrained geometry: reduce the timestep")
+            f"(largest relative residual {residual:.3g}); the step is too large for the "
+            "constrained geometry: reduce the timestep")
 
     def constrain_state(self, positions: torch.Tensor, velocities: torch.Tensor,
                         masses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
