@@ -14,7 +14,7 @@ Measured (216 waters, 0.9 nm, 1 torch thread, 2-core CPU shared with other jobs)
 vectors (Newton's method one step per pass of the kick's fixed point) and the velocity
 projection's closed-form VJP, three rounds alternated in one process with the code before
 read 1.42, 1.48 and 1.38× at 64 waters against 1.55, 1.55 (and one unusable pair) before,
-and 1.18, 1.10, 1.03× at 216 waters against 1.23, 1.12 before, on a CPU loaded about 3× (so
+and 1.18, 1.10, 1.03× at 216 waters against 1.23, 1.12, 1.04 before, on a CPU loaded 3× (so
 the times are about twice the idle ones: 26.6 ms against 18.7 ms at 64 waters). Idle, before
 the change: 14.4 ms against 9.1 ms, 1.58×.
 """
