@@ -10,10 +10,14 @@ slows both alike. Reports both costs, the ratio ``constrained_over_unconstrained
 
 Measured (216 waters, 0.9 nm, 1 torch thread, 2-core CPU shared with other jobs): reverse step
 0.0834 s constrained against 0.0796 s unconstrained, 1.05×; forward 1.02×. On 64 waters
-(0.6 nm) the fixed cost of the projections shows: 1.50–1.61× over three runs alternated
-with the code before the projections reused their bond vectors and the reverse pass its
-noise, which read 1.70–1.75× (one pair: 13.7 ms against 8.7 ms now, 15.7 ms against 9.0 ms
-before).
+(0.6 nm) the fixed cost of the projections shows. With the fixed points iterating on bond
+vectors (Newton's method one step per pass of the kick's fixed point) and the velocity
+projection's closed-form VJP, three rounds alternated in one process with the code before
+read 1.42, 1.48 and 1.38× at 64 waters against 1.55, 1.55 (and one unusable pair) before
+(four more rounds at 64 waters: 1.42–1.46× against 1.58–1.67×),
+and 1.18, 1.10, 1.03× at 216 waters against 1.23, 1.12, 1.04 before, on a CPU loaded 3× (so
+the times are about twice the idle ones: 26.6 ms against 18.7 ms at 64 waters). Idle, before
+the change: 14.4 ms against 9.1 ms, 1.58×.
 """
 
 from __future__ import annotations

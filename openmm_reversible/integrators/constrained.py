@@ -22,10 +22,10 @@ step ``n - 1``, so undoing *its* drift must land on the constraint surface. Writ
 produced by a step) the dropped component is taken from the stored initial velocities.
 
 **Adjoint.** Everything after the kick, ``(x, q = v + Δt·a) → (x_n, v_n)``, is a short
-differentiable function (:meth:`ConstrainedLangevin.after_kick`: explicit velocity projection,
-implicit position projection); its vector-Jacobian product gives ``(λx_direct, λq)``, then
-``λv_{n-1} = λq`` and ``λx_{n-1} = λx_direct + (∂a/∂x)ᵀ(Δt·λq)`` exactly as without constraints
-(:func:`~.adjoint.adjoint_kick`).
+differentiable function (:meth:`ConstrainedLangevin.after_kick`: velocity projection with a
+closed-form VJP, implicit position projection); its vector-Jacobian product gives
+``(λx_direct, λq)``, then ``λv_{n-1} = λq`` and ``λx_{n-1} = λx_direct + (∂a/∂x)ᵀ(Δt·λq)``
+exactly as without constraints (:func:`~.adjoint.adjoint_kick`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from .langevin import LangevinMiddleIntegrator
 
 _EPS = torch.finfo(DTYPE).eps
 _MAX_PASSES = 50
+# Extra passes of the kick's fixed point for the Newton steps of its projection.
+_NEWTON_PASSES = 50
 _NOISE_CACHE = 4  # steps
 
 
@@ -87,11 +89,13 @@ class ConstrainedLangevin:
         """State ``step`` from the positions ``x`` and the kicked velocity ``q = v + Δt·a``.
 
         Returns positions (nm), velocities (nm/ps) and the position multipliers ``μ``.
-        Differentiable in ``x`` and ``q``: by the implicit-function theorem, or by autograd
-        through a Newton step at the solution with ``autograd=True``.
+        Differentiable in ``x`` and ``q``: by the closed-form VJP of the velocity projection
+        and the implicit-function theorem for the position projection, or with
+        ``autograd=True`` by autograd through both (a Newton step at the solution for the
+        second; the ground truth of the checks).
         """
         c, half = self.constraints, 0.5 * self.integ.timestep
-        kicked = c.project_velocities(x, q, self.inv_masses)
+        kicked = c.project_velocities(x, q, self.inv_masses, autograd=autograd)
         w = self.integ.c * kicked + self._noise(step, x)
         u = x + half * kicked + half * w
         x_new, mu = c.project_positions(u, x, self.inv_masses, autograd=autograd,
@@ -108,15 +112,13 @@ class ConstrainedLangevin:
 
     # -- inverse ----------------------------------------------------------------------------
 
-    def _drift_multipliers(self, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(μ, ν)`` of a step that started at ``x`` and produced velocities ``v``: from the
-        velocity constraint ``G(x)·(v + ν/Δt - s·ξ) = 0``."""
+    def _drift_multipliers(self, bonds: torch.Tensor, rate: torch.Tensor) -> torch.Tensor:
+        """``μ`` of a step that started at ``x`` and produced velocities ``v``, from the
+        velocity constraint ``G(x)·(v + ν/Δt - s·ξ) = 0``; ``bonds`` and ``rate`` are the bond
+        vectors of ``x`` and of ``v - s·ξ``."""
         c = self.constraints
-        r = c.bonds(x)
-        mu = -self.integ.timestep * c.solve(x, x, self.inv_masses,
-                                            c.gradient_dot(x, v - noise, r), bonds=(r, r))
-        return mu, c.displacement(x, mu, self.inv_masses, r)
+        return -self.integ.timestep * c.solve(bonds, bonds, self.inv_masses,
+                                              (bonds * rate).sum(-1), bonds=(bonds, bonds))
 
     def _origin(self, x: torch.Tensor, v: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The step's start ``x_n + α·v_n + Δt·s·ξ/(2c)`` before the ``β·ν`` correction."""
@@ -125,6 +127,9 @@ class ConstrainedLangevin:
     def reverse_drift(self, positions: torch.Tensor, velocities: torch.Tensor, step: int
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Undo the drift, noise, friction and position constraint of step ``step``.
+
+        The fixed point on ``x = y + β·ν(x)`` runs on the bond vectors alone
+        (:meth:`~.constraints.Constraints.couple`); the positions are formed once at the end.
 
         Returns
         -------
@@ -135,25 +140,31 @@ class ConstrainedLangevin:
         multipliers : torch.Tensor, shape (m,)
             ``μ`` of the step's position projection.
         """
+        c, inv_masses = self.constraints, self.inv_masses
         noise = self._noise(step, positions)
         y = self._origin(positions, velocities, noise)
-        x, mu, nu = y, None, torch.zeros_like(y)
+        r_y, rate = c.bonds(y), c.bonds(velocities - noise)
+        r = r_y
         for _ in range(_MAX_PASSES):
-            mu, nu = self._drift_multipliers(x, velocities, noise)
-            x_next = y + self.beta * nu
-            done = _settled(x_next, x) or self.beta == 0.0
-            x = x_next
-            if done:
+            mu = self._drift_multipliers(r, rate)
+            r_next = r_y + self.beta * c.couple(mu, r, inv_masses)
+            if self.beta == 0.0 or _settled(r_next, r):
                 break
+            r = r_next
         else:
             raise _no_convergence("drift")
+        nu = c.displacement(y, mu, inv_masses, r)
         kicked = (velocities + nu / self.integ.timestep - noise) / self.integ.c
-        return x, kicked, mu
+        return y + self.beta * nu, kicked, mu
 
     def reverse_kick(self, positions: torch.Tensor, kicked: torch.Tensor, accel: torch.Tensor,
                      step: int, initial_velocities: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Velocities of state ``step`` (the state at ``positions``) from ``v'``.
+
+        The nested fixed point (module docs) runs on bond vectors alone, Newton's method
+        included (:meth:`~.constraints.Constraints.newton_on_bonds`); positions and velocities
+        are formed once from the converged multipliers.
 
         Parameters
         ----------
@@ -180,29 +191,47 @@ class ConstrainedLangevin:
             What :meth:`reverse_drift` of step ``step`` returns, found on the way (None with
             ``initial_velocities``).
         """
-        c, dt = self.constraints, self.integ.timestep
+        c, dt, inv_masses = self.constraints, self.integ.timestep, self.inv_masses
         base = kicked - dt * accel
         if initial_velocities is not None:
             q = initial_velocities + dt * accel
-            q = kicked + q - c.project_velocities(positions, q, self.inv_masses)
+            q = kicked + q - c.project_velocities(positions, q, inv_masses)
             return q - dt * accel, q, None
         noise = self._noise(step, positions)
         y = self._origin(positions, base, noise)
-        nu = torch.zeros_like(y)
-        mu_p = None
-        for _ in range(_MAX_PASSES):
-            z = y + self.beta * nu
-            previous, mu_p = c.project_positions(z, positions, self.inv_masses, initial=mu_p)
-            v = base + (previous - z) / self.alpha
-            mu, nu_next = self._drift_multipliers(previous, v, noise)
-            done = _settled(self.beta * nu_next, self.beta * nu) or self.beta == 0.0
-            nu = nu_next
+        # Bond vectors of the reference (state ``step``), of y and of base - s·ξ; ν = 0 first.
+        r_x, r_y, r_base = c.bonds(positions), c.bonds(y), c.bonds(base - noise)
+        r_nu = torch.zeros_like(r_y)
+        nu_of = mu_p = None  # (μ, bonds) whose displacement is ν
+        residual = float("inf")
+        # One Newton step of the projection per pass of the fixed point, which ends once
+        # Newton has converged (no update) and ν has settled.
+        for _ in range(_MAX_PASSES + _NEWTON_PASSES):
+            r_z = r_y + self.beta * r_nu
+            r_previous = r_z if mu_p is None else r_z - c.couple(mu_p, r_x, inv_masses)
+            mu_p, residual, projected = c.newton_update(r_previous, r_x, inv_masses, mu_p,
+                                                        residual)
+            if not projected:
+                r_previous = r_z - c.couple(mu_p, r_x, inv_masses)
+            rate = r_base + (r_previous - r_z) / self.alpha        # bonds of v - s·ξ
+            mu = self._drift_multipliers(r_previous, rate)
+            r_nu_next = c.couple(mu, r_previous, inv_masses)
+            done = projected and (self.beta == 0.0
+                                  or _settled(self.beta * r_nu_next, self.beta * r_nu))
             if done:
                 break
+            nu_of, r_nu = (mu, r_previous), r_nu_next
         else:
             raise _no_convergence("kick")
+        if mu_p is None:
+            mu_p = torch.zeros_like(mu)
+        z = y if nu_of is None else y + self.beta * c.displacement(y, nu_of[0], inv_masses,
+                                                                  nu_of[1])
+        shift = c.displacement(y, mu_p, inv_masses, r_x)
+        v = base - shift / self.alpha
+        nu = c.displacement(y, mu, inv_masses, r_previous)
         kicked_previous = (v + nu / dt - noise) / self.integ.c
-        return v, v + dt * accel, (previous, kicked_previous, mu)
+        return v, v + dt * accel, (z - shift, kicked_previous, mu)
 
 
 def _settled(new: torch.Tensor, old: torch.Tensor) -> bool:

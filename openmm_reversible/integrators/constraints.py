@@ -17,6 +17,9 @@ SETTLE solves the same equations as converged SHAKE for a rigid triangle, so one
 serves rigid water and bond constraints alike. The constraints are grouped into clusters
 (connected components of the graph of constrained atoms: a water, a CH₃ group); each Newton or
 projection step is one batched dense solve over the clusters, padded to the largest one.
+Newton's method iterates on bond vectors only (:meth:`Constraints.couple`: the bonds of a
+displacement ``M⁻¹G(x)ᵀμ`` are one dense product per cluster), so its passes neither gather nor
+scatter over the particles; the positions are formed once, from the converged ``μ``.
 """
 
 from __future__ import annotations
@@ -189,6 +192,23 @@ class Constraints:
         y = torch.linalg.solve(matrix, (rhs[index] * valid)[..., None])
         return y.reshape(-1)[slot]
 
+    def couple(self, multipliers: torch.Tensor, bonds: torch.Tensor, inv_masses: torch.Tensor
+               ) -> torch.Tensor:
+        """Bond vectors of the displacement ``M⁻¹G(x)ᵀμ``, shape (m, 3).
+
+        ``bonds`` is ``self.bonds(x)``. Bond vectors are linear in the positions, so
+        ``self.bonds(y - self.displacement(x, μ, inv_masses))`` equals
+        ``self.bonds(y) - self.couple(μ, self.bonds(x), inv_masses)``: one dense product per
+        cluster (the mass coupling of its constraints) with no gather or scatter over the
+        particles, which lets the fixed points of a constrained step iterate on bond vectors
+        alone (nm times the multipliers' unit)."""
+        index, coupling, _, slot, valid, ordered = self._layout(inv_masses)
+        along = multipliers[:, None] * bonds
+        if ordered:
+            return (coupling @ along.reshape(*index.shape, 3)).reshape(-1, 3)
+        moved = coupling @ (along[index] * valid[..., None])
+        return moved.reshape(-1, 3)[slot]
+
     def force_multipliers(self, x: torch.Tensor, v: torch.Tensor, forces: torch.Tensor,
                           inv_masses: torch.Tensor) -> torch.Tensor:
         """Multipliers ``λ`` of the instantaneous constraint forces ``f = G(x)ᵀλ`` (kJ/mol/nm²).
@@ -220,15 +240,26 @@ class Constraints:
 
     # -- projections ------------------------------------------------------------------------
 
-    def project_velocities(self, x: torch.Tensor, q: torch.Tensor, inv_masses: torch.Tensor
-                           ) -> torch.Tensor:
+    def project_velocities(self, x: torch.Tensor, q: torch.Tensor, inv_masses: torch.Tensor,
+                           autograd: bool = True) -> torch.Tensor:
         """``P_x q``: remove the mass-weighted components of ``q`` along the constraint
-        gradients at ``x`` (nm/ps; explicit, differentiable by autograd)."""
+        gradients at ``x`` (nm/ps).
+
+        Differentiable in ``x`` and ``q``: by autograd through the explicit formula (default),
+        or with ``autograd=False`` by its closed-form vector-Jacobian product (module docs), one
+        short backward with no graph recorded."""
         if not len(self):
             return q
+        if not autograd and torch.is_grad_enabled() and (x.requires_grad or q.requires_grad):
+            return _VelocityProjection.apply(x, q, inv_masses, self)
+        return self._velocity_projection(x, q, inv_masses)[0]
+
+    def _velocity_projection(self, x: torch.Tensor, q: torch.Tensor, inv_masses: torch.Tensor
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``P_x q``, its multipliers ``λ = (GM⁻¹Gᵀ)⁻¹Gq`` and the bond vectors of ``x``."""
         r = self.bonds(x)
         lam = self.solve(x, x, inv_masses, self.gradient_dot(x, q, r), bonds=(r, r))
-        return q - self.displacement(x, lam, inv_masses, r)
+        return q - self.displacement(x, lam, inv_masses, r), lam, r
 
     def position_multipliers(self, u: torch.Tensor, reference: torch.Tensor,
                              inv_masses: torch.Tensor, initial: torch.Tensor | None = None
@@ -252,25 +283,80 @@ class Constraints:
 
     def _newton(self, u: torch.Tensor, reference: torch.Tensor, inv_masses: torch.Tensor,
                 initial: torch.Tensor | None) -> torch.Tensor:
-        mu = u.new_zeros(len(self)) if initial is None else initial
-        d2 = self.distances**2
-        r_reference = self.bonds(reference)
-        previous = float("inf")
+        return self.newton_on_bonds(self.bonds(u), self.bonds(reference), inv_masses,
+                                    initial)[0]
+
+    def newton_on_bonds(self, unconstrained: torch.Tensor, reference: torch.Tensor,
+                        inv_masses: torch.Tensor, initial: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Multipliers ``μ`` of ``Π(u; x)`` by Newton's method, to round-off, from bond vectors.
+
+        Parameters
+        ----------
+        unconstrained : torch.Tensor, shape (m, 3), nm
+            ``self.bonds(u)``.
+        reference : torch.Tensor, shape (m, 3), nm
+            ``self.bonds(x)``, the reference positions' bond vectors.
+        inv_masses : torch.Tensor, shape (N,), 1/amu
+        initial : torch.Tensor, shape (m,), optional
+            Starting multipliers (default zeros).
+
+        Returns
+        -------
+        multipliers : torch.Tensor, shape (m,)
+            ``μ`` (no graph).
+        bonds : torch.Tensor, shape (m, 3), nm
+            Bond vectors of ``Π(u; x) = u - M⁻¹G(x)ᵀμ`` (:meth:`couple`).
+        """
+        mu, previous = initial, float("inf")  # None: zeros, whose displacement is skipped
         for _ in range(_MAX_ITERATIONS):
-            x = u - self.displacement(reference, mu, inv_masses, r_reference)
-            r = self.bonds(x)
-            g = 0.5 * ((r * r).sum(-1) - d2)
-            residual = float((g.detach().abs() / d2).max())
-            converged = residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL
-                                                      and residual > 0.5 * previous)
-            previous = residual
+            r = (unconstrained if mu is None
+                 else unconstrained - self.couple(mu, reference, inv_masses))
+            mu, previous, converged = self.newton_update(r, reference, inv_masses, mu, previous)
             if converged:
-                return mu
-            mu = mu + self.solve(x, reference, inv_masses, g, bonds=(r, r_reference))
-        raise RuntimeError(
+                return (r.new_zeros(len(self)) if mu is None else mu), r
+        raise self._no_convergence(previous)
+
+    def newton_update(self, bonds: torch.Tensor, reference: torch.Tensor,
+                      inv_masses: torch.Tensor, multipliers: torch.Tensor | None,
+                      previous: float) -> tuple[torch.Tensor | None, float, bool]:
+        """One step of Newton's method for ``Π(u; x)`` (:meth:`newton_on_bonds`).
+
+        Parameters
+        ----------
+        bonds : torch.Tensor, shape (m, 3), nm
+            Bond vectors of ``u - M⁻¹G(x)ᵀμ`` at the current ``μ``.
+        reference : torch.Tensor, shape (m, 3), nm
+            Bond vectors of ``x``.
+        inv_masses : torch.Tensor, shape (N,), 1/amu
+        multipliers : torch.Tensor, shape (m,), or None
+            The current ``μ`` (None: zeros).
+        previous : float
+            Largest relative residual of the step before (``inf`` at the first).
+
+        Returns
+        -------
+        multipliers : torch.Tensor or None
+            ``μ`` updated, unchanged when converged.
+        residual : float
+            Largest relative residual ``|g_k|/d_k²`` at ``bonds``.
+        converged : bool
+            Whether the residual is at round-off (then ``μ`` was not updated).
+        """
+        d2 = self.distances**2
+        g = 0.5 * ((bonds * bonds).sum(-1) - d2)
+        residual = float((g.detach().abs() / d2).max())
+        if residual <= _RESIDUAL_TOL or (residual <= _FLOOR_TOL and residual > 0.5 * previous):
+            return multipliers, residual, True
+        step = self.solve(bonds, reference, inv_masses, g, bonds=(bonds, reference))
+        return (step if multipliers is None else multipliers + step), residual, False
+
+    @staticmethod
+    def _no_convergence(residual: float) -> RuntimeError:
+        return RuntimeError(
             f"the position constraints did not converge in {_MAX_ITERATIONS} Newton steps "
-            f"(largest relative residual {float((g.abs() / d2).max()):.3g}); the step is too "
-            "large for the constrained geometry: reduce the timestep")
+            f"(largest relative residual {residual:.3g}); the step is too large for the "
+            "constrained geometry: reduce the timestep")
 
     def constrain_state(self, positions: torch.Tensor, velocities: torch.Tensor,
                         masses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,28 +426,56 @@ class _PositionProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, reference, inv_masses, constraints: Constraints, initial):
         with torch.no_grad():
-            mu = constraints._newton(u, reference, inv_masses, initial)
-            x = u - constraints.displacement(reference, mu, inv_masses)
+            r_reference = constraints.bonds(reference)
+            mu, r = constraints.newton_on_bonds(constraints.bonds(u), r_reference, inv_masses,
+                                                initial)
+            x = u - constraints.displacement(reference, mu, inv_masses, r_reference)
         ctx.constraints = constraints
-        ctx.save_for_backward(x, reference, inv_masses, mu)
+        ctx.save_for_backward(x, inv_masses, mu, r_reference, r)
         ctx.mark_non_differentiable(mu)
         return x, mu
 
     @staticmethod
     def backward(ctx, grad_x, grad_mu):
-        x, reference, inv_masses, mu = ctx.saved_tensors
+        x, inv_masses, mu, r_reference, r = ctx.saved_tensors
         c = ctx.constraints
         with torch.no_grad():
             # ρ = λ - G(x)ᵀ (G(ref) M⁻¹ G(x)ᵀ)⁻¹ G(ref) M⁻¹ λ
             scaled = grad_x * inv_masses[:, None]
-            r_reference, r = c.bonds(reference), c.bonds(x)
-            y = c.solve(reference, x, inv_masses, c.gradient_dot(reference, scaled, r_reference),
+            y = c.solve(r_reference, r, inv_masses, c.gradient_dot(x, scaled, r_reference),
                         bonds=(r_reference, r))
             rho = grad_x - c._scatter(y[:, None] * r, x)
             # x̄_ref = -∇_ref [μ · G(ref) M⁻¹ ρ]: ∓μ_k (σ_a - σ_b) on atoms a, b, σ = M⁻¹ρ.
             sigma = rho * inv_masses[:, None]
             grad_ref = -c._scatter(mu[:, None] * c.bonds(sigma), x)
         return rho, grad_ref, None, None, None
+
+
+class _VelocityProjection(torch.autograd.Function):
+    """``P_x q`` with its closed-form vector-Jacobian product. For a cotangent ``ω``, with
+    ``λ = (GM⁻¹Gᵀ)⁻¹Gq``, ``η = (GM⁻¹Gᵀ)⁻¹GM⁻¹ω`` and ``p = P_x q``: ``q̄ = ω - Gᵀη`` and
+    ``x̄ = -Σ_k ∇_x r_k·(λ_k r_k(M⁻¹q̄) + η_k r_k(p))``, ``r_k(w) = w_a - w_b`` (bond vectors of
+    a per-particle vector; ``∇_x`` puts ``+`` on atom a and ``-`` on atom b)."""
+
+    @staticmethod
+    def forward(ctx, x, q, inv_masses, constraints: Constraints):
+        with torch.no_grad():
+            p, lam, r = constraints._velocity_projection(x, q, inv_masses)
+        ctx.constraints = constraints
+        ctx.save_for_backward(inv_masses, p, lam, r)
+        return p
+
+    @staticmethod
+    def backward(ctx, grad_p):
+        inv_masses, p, lam, r = ctx.saved_tensors
+        c = ctx.constraints
+        with torch.no_grad():
+            eta = c.solve(r, r, inv_masses, (r * c.bonds(grad_p * inv_masses[:, None])).sum(-1),
+                          bonds=(r, r))
+            grad_q = grad_p - c._scatter(eta[:, None] * r, grad_p)
+            grad_x = -c._scatter(lam[:, None] * c.bonds(grad_q * inv_masses[:, None])
+                                 + eta[:, None] * c.bonds(p), grad_p)
+        return grad_x, grad_q, None, None
 
 
 def _clusters(pairs: torch.Tensor, n_particles: int) -> torch.Tensor:
