@@ -163,20 +163,20 @@ class CutoffPairs:
         listed = self.neighbors.pairs(positions, box)
         if self._cache is None or self._cache[0] is not listed:
             i, j = listed
-            excluded = self.excluded_keys.to(i.device)
-            if excluded.numel():
-                # Sorted keys: a binary search finds each pair's would-be slot.
-                key = i * self.n_particles + j
-                slot = torch.searchsorted(excluded, key).clamp(max=excluded.numel() - 1)
-                keep = excluded[slot] != key
-                i, j = i[keep], j[keep]
-            x = shifts = None
-            if box is not None:
-                with torch.no_grad():
-                    x = positions.detach().clone()
-                    raw = x[j] - x[i]
-                    shifts = image_shifts(raw, minimum_image(raw, box), box)
-            self._cache = (listed, i, j, x, shifts)
+            x = positions.detach().to("cpu", torch.float64).numpy()
+            b = np.zeros((3, 3)) if box is None else box.detach().to("cpu", torch.float64).numpy()
+            keep, shifts = _kept_pairs_and_shifts(
+                i.cpu().numpy(), j.cpu().numpy(), self.n_particles,
+                self.excluded_keys.cpu().numpy(), x, b, box is not None)
+            keep = torch.from_numpy(keep).to(i.device)
+            i, j = i[keep], j[keep]
+            x_ref = None
+            if box is None:
+                shifts = None
+            else:
+                x_ref = positions.detach().clone()
+                shifts = torch.from_numpy(shifts).to(positions.device, positions.dtype)
+            self._cache = (listed, i, j, x_ref, shifts)
         return self._cache[1:]
 
     def candidates(self, positions: torch.Tensor, box: torch.Tensor | None) -> tuple:
@@ -229,6 +229,62 @@ class CutoffPairs:
 
 
 # ------------------------------------------------------------------------------- cell list
+
+
+@numba.njit(cache=True)
+def _first_after(members: np.ndarray, lo: int, hi: int, i: int) -> int:  # pragma: no cover
+    """First position in ``members[lo:hi]`` (increasing) whose atom is above ``i``."""
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if members[mid] <= i:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@numba.njit(cache=True)
+def _scan_cells(i: int, geometry: tuple, out: np.ndarray, m: int, write: bool
+                ) -> int:  # pragma: no cover (compiled)
+    """Scan the cells within reach of atom ``i`` for its partners ``j > i``.
+
+    With ``write``, each ``j`` within the radius (through the image of the scanned cell) is
+    stored at ``out[m]`` onwards and the next free position returned; without, ``m`` plus
+    the number of atoms ``j > i`` in those cells (the bound of what writing stores).
+    """
+    u, reach, n_cells, periodic, start, members, xw, box, rad2 = geometry
+    for da in range(-reach[0], reach[0] + 1):
+        ca = int(u[i, 0]) + da
+        if not periodic and (ca < 0 or ca >= n_cells[0]):
+            continue
+        for db in range(-reach[1], reach[1] + 1):
+            cb = int(u[i, 1]) + db
+            if not periodic and (cb < 0 or cb >= n_cells[1]):
+                continue
+            for dc in range(-reach[2], reach[2] + 1):
+                cc = int(u[i, 2]) + dc
+                if not periodic and (cc < 0 or cc >= n_cells[2]):
+                    continue
+                k = ((ca % n_cells[0]) * n_cells[1] + cb % n_cells[1]) * n_cells[2] \
+                    + cc % n_cells[2]
+                first, hi = _first_after(members, start[k], start[k + 1], i), start[k + 1]
+                if not write:
+                    m += hi - first
+                    continue
+                # the cell's image: (ca, cb, cc) is (ca mod n, ...) moved by whole boxes
+                sa, sb, sc = ca // n_cells[0], cb // n_cells[1], cc // n_cells[2]
+                ox = xw[i, 0] - sa * box[0, 0] - sb * box[1, 0] - sc * box[2, 0]
+                oy = xw[i, 1] - sa * box[0, 1] - sb * box[1, 1] - sc * box[2, 1]
+                oz = xw[i, 2] - sa * box[0, 2] - sb * box[1, 2] - sc * box[2, 2]
+                for s in range(first, hi):
+                    j = members[s]
+                    dx = xw[j, 0] - ox
+                    dy = xw[j, 1] - oy
+                    dz = xw[j, 2] - oz
+                    if dx * dx + dy * dy + dz * dz < rad2:
+                        out[m] = j
+                        m += 1
+    return m
 
 
 @numba.njit(cache=True, parallel=True)
@@ -307,63 +363,18 @@ def _cell_list_pairs(x: np.ndarray, box: np.ndarray, periodic: bool, radius: flo
         members[fill[cell[t]]] = t
         fill[cell[t]] += 1
     # Upper bound of each atom's partners j > i: the later atoms of the cells it scans.
+    geometry = (u, reach, n_cells, periodic, start, members, xw, box, rad2)
     bound = np.zeros(n + 1, dtype=np.int64)
     for i in numba.prange(n):
-        count = 0
-        for da in range(-reach[0], reach[0] + 1):
-            ca = int(u[i, 0]) + da
-            if not periodic and (ca < 0 or ca >= n_cells[0]):
-                continue
-            for db in range(-reach[1], reach[1] + 1):
-                cb = int(u[i, 1]) + db
-                if not periodic and (cb < 0 or cb >= n_cells[1]):
-                    continue
-                for dc in range(-reach[2], reach[2] + 1):
-                    cc = int(u[i, 2]) + dc
-                    if not periodic and (cc < 0 or cc >= n_cells[2]):
-                        continue
-                    k = ((ca % n_cells[0]) * n_cells[1] + cb % n_cells[1]) * n_cells[2] \
-                        + cc % n_cells[2]
-                    lo, hi = start[k], start[k + 1]
-                    count += hi - lo - np.searchsorted(members[lo:hi], i, side="right")
-        bound[i + 1] = count
+        bound[i + 1] = _scan_cells(i, geometry, bound, 0, False)
     for i in range(n):
         bound[i + 1] += bound[i]
     buffer = np.empty(bound[n], dtype=np.int64)
     found = np.zeros(n + 1, dtype=np.int64)
     for i in numba.prange(n):
-        m = bound[i]
-        for da in range(-reach[0], reach[0] + 1):
-            ca = int(u[i, 0]) + da
-            if not periodic and (ca < 0 or ca >= n_cells[0]):
-                continue
-            sa = (ca // n_cells[0]) if periodic else 0
-            for db in range(-reach[1], reach[1] + 1):
-                cb = int(u[i, 1]) + db
-                if not periodic and (cb < 0 or cb >= n_cells[1]):
-                    continue
-                sb = (cb // n_cells[1]) if periodic else 0
-                for dc in range(-reach[2], reach[2] + 1):
-                    cc = int(u[i, 2]) + dc
-                    if not periodic and (cc < 0 or cc >= n_cells[2]):
-                        continue
-                    sc = (cc // n_cells[2]) if periodic else 0
-                    k = ((ca % n_cells[0]) * n_cells[1] + cb % n_cells[1]) * n_cells[2] \
-                        + cc % n_cells[2]
-                    ox = xw[i, 0] - sa * box[0, 0] - sb * box[1, 0] - sc * box[2, 0]
-                    oy = xw[i, 1] - sa * box[0, 1] - sb * box[1, 1] - sc * box[2, 1]
-                    oz = xw[i, 2] - sa * box[0, 2] - sb * box[1, 2] - sc * box[2, 2]
-                    for s in range(start[k], start[k + 1]):
-                        j = members[s]
-                        if j <= i:
-                            continue
-                        dx = xw[j, 0] - ox
-                        dy = xw[j, 1] - oy
-                        dz = xw[j, 2] - oz
-                        if dx * dx + dy * dy + dz * dz < rad2:
-                            buffer[m] = j
-                            m += 1
-        row = np.sort(buffer[bound[i]:m])
+        m = _scan_cells(i, geometry, buffer, bound[i], True)
+        row = buffer[bound[i]:m]
+        row.sort()
         kept = 0
         for s in range(row.shape[0]):
             if s == 0 or row[s] != row[s - 1]:
@@ -379,3 +390,38 @@ def _cell_list_pairs(x: np.ndarray, box: np.ndarray, periodic: bool, radius: flo
             pi[found[i] + s] = i
             pj[found[i] + s] = buffer[bound[i] + s]
     return pi, pj
+
+
+@numba.njit(cache=True)
+def _kept_pairs_and_shifts(i: np.ndarray, j: np.ndarray, n_particles: int, excluded: np.ndarray,
+                           x: np.ndarray, box: np.ndarray, periodic: bool
+                           ) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover (compiled)
+    """The positions of the listed pairs that are not excluded, and their image shifts.
+
+    ``(i, j)`` are sorted by ``i * n_particles + j`` as the excluded keys are, so one merge
+    pass finds the excluded ones. The shift ``n`` of a kept pair is that of
+    :func:`minimum_image` on ``x[j] - x[i]`` (its roundings on c, then b, then a), as
+    floats; shape (n_kept, 3), or (0, 3) without ``periodic``.
+    """
+    keep = np.empty(i.shape[0], dtype=np.int64)
+    kept = 0
+    e = 0
+    for t in range(i.shape[0]):
+        key = i[t] * n_particles + j[t]
+        while e < excluded.shape[0] and excluded[e] < key:
+            e += 1
+        if e == excluded.shape[0] or excluded[e] != key:
+            keep[kept] = t
+            kept += 1
+    keep = keep[:kept]
+    shifts = np.zeros((kept if periodic else 0, 3))
+    if periodic:
+        for t in range(kept):
+            a, b = i[keep[t]], j[keep[t]]
+            dx, dy, dz = x[b, 0] - x[a, 0], x[b, 1] - x[a, 1], x[b, 2] - x[a, 2]
+            nc = np.rint(dz / box[2, 2])
+            dx, dy, dz = dx - nc * box[2, 0], dy - nc * box[2, 1], dz - nc * box[2, 2]
+            nb = np.rint(dy / box[1, 1])
+            dx = dx - nb * box[1, 0]
+            shifts[t, 0], shifts[t, 1], shifts[t, 2] = np.rint(dx / box[0, 0]), nb, nc
+    return keep, shifts

@@ -7,7 +7,7 @@ import pytest
 import torch
 import vesin
 
-from openmm_reversible.geometry import NeighborList
+from openmm_reversible.geometry import CutoffPairs, NeighborList, image_shifts, minimum_image
 
 
 def _reference_pairs(x: np.ndarray, box: np.ndarray | None, radius: float) -> np.ndarray:
@@ -83,3 +83,25 @@ def test_cell_list_does_not_depend_on_the_thread_count():
         numba.set_num_threads(threads)
     for i, j in results[1:]:
         assert torch.equal(i, results[0][0]) and torch.equal(j, results[0][1])
+
+
+@pytest.mark.parametrize("name", sorted(BOXES))
+def test_cutoff_candidates_equal_the_reference(name):
+    # the previous candidates: exclusions by binary search, shifts from the minimum image
+    box, n_molecules, radius = BOXES[name]
+    x = torch.from_numpy(_water_like(n_molecules, box, np.random.default_rng(13)))
+    b = torch.from_numpy(box)
+    n = x.shape[0]
+    water = torch.arange(0, n, 3)
+    excluded = torch.sort(torch.cat([water * n + water + 1, water * n + water + 2,
+                                     (water + 1) * n + water + 2])).values
+    pairs = CutoffPairs(radius - 0.1, 0.1, n, excluded)
+    i, j, shifts, wraps, _ = pairs.candidates(x, b)
+    ref = torch.from_numpy(_reference_pairs(x.numpy(), box, radius))
+    key = ref[:, 0] * n + ref[:, 1]
+    ref = ref[~torch.isin(key, excluded)]
+    raw = x[ref[:, 1]] - x[ref[:, 0]]
+    assert ref.shape[0] < key.shape[0]
+    assert torch.equal(torch.stack([i, j], 1), ref)
+    assert torch.equal(shifts, image_shifts(raw, minimum_image(raw, b), b))
+    assert not bool(wraps.any())
