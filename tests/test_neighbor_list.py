@@ -105,3 +105,30 @@ def test_cutoff_candidates_equal_the_reference(name):
     assert torch.equal(torch.stack([i, j], 1), ref)
     assert torch.equal(shifts, image_shifts(raw, minimum_image(raw, b), b))
     assert not bool(wraps.any())
+
+
+def _reference_codes(shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Image codes and lattice as the previous pair_list made them (NumPy, dense case)."""
+    n = np.rint(shifts).astype(np.int64)
+    low, span = n.min(0), n.max(0) - n.min(0) + 1
+    codes = ((n[:, 0] - low[0]) * span[1] + (n[:, 1] - low[1])) * span[2] + n[:, 2] - low[2]
+    return codes, (np.indices(tuple(span)).reshape(3, -1).T + low).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", sorted(BOXES))
+def test_fused_pair_list_codes_equal_the_reference(name):
+    from openmm_reversible.potential import fused
+
+    box, n_molecules, radius = BOXES[name]
+    # unwrapped positions drifted by whole boxes: shifts beyond -1..1
+    x = _water_like(n_molecules, box, np.random.default_rng(17))
+    x += np.random.default_rng(19).integers(-2, 3, (x.shape[0], 1)) * box[0]
+    pairs = CutoffPairs(radius - 0.1, 0.1, x.shape[0], torch.zeros(0, dtype=torch.long))
+    i, j, shifts, _, _ = pairs.candidates(torch.from_numpy(x), torch.from_numpy(box))
+    listed = fused.pair_list(i, j, shifts)
+    codes, lattice = _reference_codes(shifts.numpy())
+    assert lattice.shape[0] > 27
+    np.testing.assert_array_equal(listed.codes.astype(np.int64), codes)
+    np.testing.assert_array_equal(listed.lattice, lattice)
+    np.testing.assert_array_equal(listed.lattice[listed.codes.astype(np.int64)], shifts.numpy())
+    assert listed.codes.dtype == (np.uint8 if lattice.shape[0] <= 256 else np.uint16)
