@@ -6,7 +6,8 @@ That is what makes forward and reverse dynamics see identical interactions: a re
 when some atom moved more than ``skin / 2`` since the last build) can only add or remove pairs
 that contribute exactly zero.
 
-Candidate pairs come from vesin's O(N) cell list (any box shape). Displacements are recomputed
+Candidate pairs come from a compiled O(N) cell list (any box shape) that emits the half list
+sorted by ``(i, j)`` directly. Displacements are recomputed
 in torch at every evaluation with the minimum-image convention for OpenMM's reduced triclinic
 boxes, so they are differentiable w.r.t. positions and box vectors and unaffected by wrapping.
 """
