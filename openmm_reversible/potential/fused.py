@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+import numba
 import numpy as np
 import torch
 
@@ -660,22 +661,51 @@ def pair_list(i: torch.Tensor, j: torch.Tensor, shifts: torch.Tensor | None) -> 
     jj = _np(j).astype(np.uint32)
     if shifts is None:
         return PairList(ii, jj, np.zeros(0, dtype=np.uint8), np.zeros((0, 3)))
-    n = np.rint(_np(shifts).astype(np.float64)).astype(np.int64).reshape(-1, 3)
-    if not n.shape[0]:
+    shifts = _np(shifts).astype(np.float64, copy=False).reshape(-1, 3)
+    if not shifts.shape[0]:
         return PairList(ii, jj, np.zeros(0, dtype=np.uint8), np.zeros((0, 3)))
-    low = n.min(0)
-    span = n.max(0) - low + 1
+    low, high = _shift_range(shifts)
+    span = high - low + 1
     if int(np.prod(span)) <= _DENSE_IMAGES:
         # mixed-radix code of the shift within its range: no sort
-        codes = ((n[:, 0] - low[0]) * span[1] + (n[:, 1] - low[1])) * span[2] + n[:, 2] - low[2]
-        grid = np.indices(tuple(span)).reshape(3, -1).T + low
-        lattice = grid.astype(np.float64)
+        lattice = (np.indices(tuple(span)).reshape(3, -1).T + low).astype(np.float64)
+        codes = np.empty(shifts.shape[0], dtype=_code_dtype(lattice.shape[0]))
+        _dense_codes(shifts, low, span, codes)
     else:
-        lattice, codes = np.unique(n, axis=0, return_inverse=True)
+        lattice, codes = np.unique(np.rint(shifts).astype(np.int64), axis=0,
+                                   return_inverse=True)
         lattice = lattice.astype(np.float64)
-    dtype = next(t for t in (np.uint8, np.uint16, np.uint32)
-                 if lattice.shape[0] <= np.iinfo(t).max + 1)
-    return PairList(ii, jj, codes.reshape(-1).astype(dtype), lattice)
+        codes = codes.reshape(-1).astype(_code_dtype(lattice.shape[0]))
+    return PairList(ii, jj, codes, lattice)
+
+
+def _code_dtype(n_images: int) -> type:
+    """The smallest unsigned integer type that numbers ``n_images`` images."""
+    return next(t for t in (np.uint8, np.uint16, np.uint32) if n_images <= np.iinfo(t).max + 1)
+
+
+@numba.njit(cache=True)
+def _shift_range(shifts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """Per axis, the smallest and the largest integer shift (rounded), int64 (3,) each."""
+    low = np.full(3, np.iinfo(np.int64).max)
+    high = np.full(3, np.iinfo(np.int64).min)
+    for t in range(shifts.shape[0]):
+        for a in range(3):
+            v = np.int64(np.rint(shifts[t, a]))
+            low[a] = min(low[a], v)
+            high[a] = max(high[a], v)
+    return low, high
+
+
+@numba.njit(cache=True)
+def _dense_codes(shifts: np.ndarray, low: np.ndarray, span: np.ndarray,
+                 codes: np.ndarray) -> None:  # pragma: no cover (compiled)
+    """``codes[t]``: the row of shift ``t`` in the lattice ``np.indices(span) + low``."""
+    for t in range(shifts.shape[0]):
+        c = np.int64(0)
+        for a in range(3):
+            c = c * span[a] + np.int64(np.rint(shifts[t, a])) - low[a]
+        codes[t] = c
 
 
 def pair_energy(spec: PairLaw, positions: torch.Tensor, box: torch.Tensor | None,
