@@ -70,10 +70,6 @@ _VERSION = "5"
 # ------------------------------------------------------------------------------- availability
 
 
-def _numba_missing() -> bool:
-    return importlib.util.find_spec("numba") is None
-
-
 def unavailable_reason(positions: torch.Tensor, box: torch.Tensor | None) -> str | None:
     """Why the fused kernels cannot evaluate at these inputs, or ``None`` if they can.
 
@@ -82,8 +78,6 @@ def unavailable_reason(positions: torch.Tensor, box: torch.Tensor | None) -> str
     positions : torch.Tensor, shape (n_atoms, 3), nm
     box : torch.Tensor, shape (3, 3), nm, or None
     """
-    if _numba_missing():
-        return "numba is not installed (pip install numba)"
     if positions.device.type != "cpu":
         return f"positions are on {positions.device.type}; the fused kernels run on the CPU only"
     if positions.dtype != torch.float64:
@@ -514,8 +508,6 @@ class _Evaluation:
 
     def __init__(self, module: ModuleType, fixed: tuple, n_items: int, per_item: bool,
                  offset: np.ndarray | None = None):
-        import numba
-
         self.fixed = fixed
         self.per_item = per_item  # chain laws: one parameter row per item, no chunk buffer
         self.offset = offset  # subtracted from the positions (the pair kernels' wraps)
