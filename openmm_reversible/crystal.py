@@ -285,13 +285,7 @@ class CrystalTrainer(Trainer):
         self.trainable = [p for g in groups for p in g["params"]]
         optimizer_cls = torch.optim.Adam if sched.optimizer == "adam" else torch.optim.SGD
         self.optimizer = optimizer_cls(groups)
-        if checkpoint is None:
-            self.epoch = 0
-            self.records: list[dict] = []
-            for leg in self.legs:
-                leg.state = self._initial_crystal_state(leg)
-        else:
-            self._load_checkpoint(checkpoint)
+        self._begin(checkpoint)
 
     def _crystal_leg(self, point: StatePoint) -> CrystalLeg:
         positions, box, masses = crystal_structure(point)
@@ -300,7 +294,7 @@ class CrystalTrainer(Trainer):
                           torch.as_tensor(box, dtype=DTYPE, device=self.device), masses,
                           ElasticObjective(point.config.crystals[0].targets))
 
-    def _initial_crystal_state(self, leg: CrystalLeg) -> CrystalState:
+    def _initial_state(self, leg: CrystalLeg) -> CrystalState:
         """The perfect lattice, velocities at twice the temperature from the leg's seed: started
         from its energy minimum, a crystal shares kinetic energy equally with potential energy
         (equipartition of a harmonic solid), so it settles near T within a few vibrations

@@ -1161,6 +1161,10 @@ class Trainer:
             [s.attribute in POSITIVE_ATTRIBUTES and s.start > 0
              for s in self.parameters.sites if s.trainable], dtype=torch.bool)
 
+        self._begin(checkpoint)
+
+    def _begin(self, checkpoint: dict | None) -> None:
+        """Epoch 0 with every leg at its initial state, or where ``checkpoint`` left off."""
         if checkpoint is None:
             self.epoch = 0
             self.records: list[dict] = []
