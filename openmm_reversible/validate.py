@@ -104,7 +104,13 @@ def round_trip(config: FitConfig, trained_files: list[str], topology: app.Topolo
     original.set_values({k: v for k, v in trained.values().items()
                          if k in original.trainable_keys})
     configure_system(original.system, config)
-    twin = TorchPotential(original.system, parameters=original)
+    if original.system.getNumConstraints():
+        # A constrained validation run (rigid water) of a model trained flexibly: its tagged
+        # bond lengths are constraint distances here and cannot be bound as parameters; the
+        # twin reads the trained values from the System the original files build with them.
+        twin = TorchPotential(configure_system(original.create_system(), config))
+    else:
+        twin = TorchPotential(original.system, parameters=original)
 
     integrator = openmm.VerletIntegrator(0.001)
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("Reference"))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from openmm import app
 
 import openmm_reversible.validate as validate_lib
 from openmm_reversible.commands import validate as validate_cli
@@ -207,3 +208,27 @@ def test_untargeted_observables_are_not_drawn_as_a_match(trained, tmp_path, monk
     title = fig._suptitle.get_text()
     assert title.startswith("no target: ") and "density 0.76 ± 0.01 g/cm^3" in title
     assert (tmp_path / "v.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rigid_validation_of_a_model_with_trained_bond_lengths(tmp_path):
+    """A flexibly trained model whose bond length and angle were tagged validates rigid: the
+    trained geometry becomes the constraint distances, and the round trip compares the twin
+    of the original files with the trained values against the written file."""
+    paper = Path(__file__).resolve().parent.parent / "examples" / "paper" / "forcefields"
+    text = CONFIG.replace(str(EXAMPLE / "water_flexible.xml"), str(paper / "lj.xml"))
+    (tmp_path / "fit.toml").write_text(text)
+    config = load_config(tmp_path / "fit.toml")
+    topology, _ = build_structure(config)
+    ps = ParameterSet.from_forcefield(config.forcefield.files, topology,
+                                      **create_system_kwargs(config))
+    ps.set_values({"Bond/length/OW.HW": 0.0980, "Atom/sigma/tip3p-O": 0.3201})
+    (xml,) = write_xml(ps, tmp_path)
+    report = validate([str(xml)], config, steps=50, equilibration=10, every=25, rigid=True,
+                      nonbonded="PME", pressure=1.0, progress=False)
+    assert report["settings"]["rigid"]
+    assert report["round_trip"]["ok"], report["round_trip"]
+    assert report["round_trip"]["energy_rel_error"] < 1e-9
+    rigid = app.ForceField(str(xml)).createSystem(topology, rigidWater=True)
+    distances = {round(rigid.getConstraintParameters(k)[2]._value, 12)
+                 for k in range(rigid.getNumConstraints())}
+    assert 0.0980 in distances
