@@ -218,3 +218,24 @@ def test_gradient_noise_benchmark_writes_its_record_and_figure(tmp_path, capsys)
                                / np.array(record["reversible"]["std"]), rtol=1e-12)
     with pytest.raises(InputError, match="runs must be >= 2"):
         measure(runs=1)
+
+
+def test_validation_config_spans_the_papers_temperatures():
+    """examples/paper/validation.toml: five state points between 270 and 360 K at 1 bar, rigid
+    PME; density and ΔHvap at each, D at 298.15 K; where a temperature is also one of
+    examples/water's, the experimental value is the same as its sourced targets file's."""
+    config = load_config(PAPER / "validation.toml")
+    points = config.state_points()
+    temperatures = [p.temperature for p in points]
+    assert len(temperatures) >= 5 and 270 <= min(temperatures) and max(temperatures) <= 360
+    sourced = json.loads((PAPER.parent / "water" / "targets" / "temperatures.json").read_text())
+    for point in points:
+        assert point.pressure == 1.0
+        assert point.config.system.rigid_water and point.config.system.nonbonded_method == "PME"
+        targets = {t.observable: t.value for t in point.config.targets}
+        assert {"density", "enthalpy_of_vaporization"} <= set(targets)
+        assert ("diffusion" in targets) == (point.temperature == 298.15)
+        for name in ("density", "enthalpy_of_vaporization"):
+            value = sourced[name]["values"].get(f"{point.temperature:.2f}")
+            if value is not None:
+                assert targets[name] == value
