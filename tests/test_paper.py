@@ -115,7 +115,7 @@ def test_reduced_config_differs_only_where_it_says():
     changed = {k for k in full if full[k] != reduced[k]}
     assert changed == {"path", "structure.water_box", "simulation.fused", "schedule.epochs",
                        "schedule.equilibration_steps", "schedule.windows",
-                       "schedule.learning_rate", "schedule.lr_decay"}
+                       "schedule.learning_rate"}
     # 300 waters at 0.997 g/cm³: the cutoff and the RDFs' range stay below half the box.
     edge = (reduced["structure.water_box"] * 18.015 / 0.997 / 602.214) ** (1 / 3)  # nm
     assert edge / 2 > 1.03 > max(t.r_max for t in reduced_config.targets[:2])
