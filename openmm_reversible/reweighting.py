@@ -266,7 +266,8 @@ def start_reweighting_gradient(values: torch.Tensor, potential: Potential,
         (units of L per unit of the parameter).
     stderr : list of torch.Tensor
         Standard error of each entry, ``β std_w(products) / sqrt(n)`` (ddof 1; it neglects
-        the error of the two means, of relative order 1/n).
+        the error of the two means, of relative order 1/n). NaN for two windows, whose two
+        products are always equal.
     """
     values = torch.as_tensor(values).detach().reshape(-1)
     if values.shape[0] < 2 or values.shape[0] != starts.shape[0]:
@@ -280,7 +281,8 @@ def start_reweighting_gradient(values: torch.Tensor, potential: Potential,
         weights = deviation.to(du.dtype).reshape(-1, *([1] * (du.ndim - 1)))
         products = -beta * weights * (du - du.mean(0))
         gradients.append(products.mean(0))
-        stderr.append(products.std(0) / values.shape[0] ** 0.5)
+        stderr.append(products.std(0) / values.shape[0] ** 0.5 if values.shape[0] > 2
+                      else torch.full_like(products[0], float("nan")))
     return values.mean(), gradients, stderr
 
 
