@@ -70,3 +70,43 @@ def test_start_reweighting_gradient_needs_one_value_per_start():
     with pytest.raises(InputError, match=r"one entry per start \(3\)"):
         start_reweighting_gradient(torch.ones(2), harmonic(theta), starts, None, TEMPERATURE,
                                    [theta])
+
+
+def test_o2_diffusion_benchmark_writes_both_fits(tmp_path, capsys):
+    """``benchmark o2-diffusion`` at a tiny size: both chains' records are finite and complete,
+    their first epoch (same parameters and seeds) saw the same windows, so the same D and the
+    same reweighting gradient, and each chain moved its parameters."""
+    code = main(["benchmark", "o2-diffusion", "--n-o2", "2", "--box-size", "1.4", "--cutoff",
+                 "0.6", "--epochs", "2", "--windows", "3", "--window-steps", "10",
+                 "--snapshot-every", "2", "--equilibration-steps", "50", "--bulk-steps", "20",
+                 "--output", str(tmp_path), "--json", "--no-progress"])
+    assert code == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record == json.loads((tmp_path / "o2_diffusion.json").read_text())
+    assert (tmp_path / "o2_diffusion.png").stat().st_size > 0
+    assert record["parameters"] == ["Atom/sigma/o2-O", "Atom/epsilon/o2-O"]
+    common = {"values", "D", "loss", "msd_exponent", "reweighting_gradient",
+              "reweighting_gradient_stderr", "final_values"}
+    assert set(record["reweighting"]) == common
+    assert set(record["reversible"]) == common | {"reversible_gradient",
+                                                  "reversible_gradient_stderr",
+                                                  "reversible_gradient_windows"}
+    for name in ("reversible", "reweighting"):
+        chain = record[name]
+        for key in common:
+            assert np.isfinite(np.asarray(chain[key], dtype=float)).all(), (name, key)
+        assert np.asarray(chain["D"]).shape == (2, 3)
+        assert np.asarray(chain["reweighting_gradient"]).shape == (2, 2)
+        assert chain["values"][0] == pytest.approx([0.3297, 0.438])
+        assert chain["final_values"] != chain["values"][0]
+    reversible, reweighting = record["reversible"], record["reweighting"]
+    assert np.isfinite(reversible["reversible_gradient_windows"]).all()
+    assert reversible["D"][0] == reweighting["D"][0]
+    assert reversible["reweighting_gradient"][0] == reweighting["reweighting_gradient"][0]
+
+
+def test_o2_diffusion_benchmark_needs_three_windows():
+    from openmm_reversible.benchmarks.o2_diffusion import measure
+
+    with pytest.raises(InputError, match="--windows must be >= 3, got 2"):
+        measure(windows=2)
