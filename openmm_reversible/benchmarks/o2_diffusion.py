@@ -289,16 +289,19 @@ def plot(record: dict, path: str | Path) -> None:
 
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     epochs = np.arange(record["epochs"])
+    colours = {"reversible": "C0", "reweighting": "C1"}
     for offset, name in zip((-0.08, 0.08), CHAINS, strict=True):
         chain = record[name]
         d = np.asarray(chain["D"]) * 1e9
         axes[0, 0].errorbar(epochs + offset, d.mean(1), d.std(1, ddof=1) / np.sqrt(d.shape[1]),
-                            fmt="o-", capsize=3, label=f"{name} fit")
+                            fmt="o-", capsize=3, color=colours[name], label=f"{name} fit")
         values = np.vstack([chain["values"], chain["final_values"]])
         for j, ax in enumerate(axes[0, 1:]):
-            ax.plot(np.arange(len(values)), values[:, j], "o-", label=f"{name} fit")
+            ax.plot(np.arange(len(values)), values[:, j], "o-", color=colours[name],
+                    label=f"{name} fit")
         exponent = np.asarray(chain["msd_exponent"])
-        axes[1, 2].plot(epochs + offset, exponent.mean(1), "o-", label=f"{name} fit")
+        axes[1, 2].plot(epochs + offset, exponent.mean(1), "o-", color=colours[name],
+                        label=f"{name} fit")
     axes[0, 0].axhline(record["target_m2_per_s"] * 1e9, color="k", lw=1, label="target")
     axes[0, 0].set(xlabel="epoch", ylabel="D(O$_2$) / 10$^{-9}$ m$^2$/s",
                    title="D of each epoch's windows (mean ± s.e.)")
@@ -306,16 +309,18 @@ def plot(record: dict, path: str | Path) -> None:
                                    strict=True):
         ax.set(xlabel="epoch", ylabel=f"{name.split('/')[1]}, {unit_name}", title=name)
     reversible = record["reversible"]
-    series = [("reversible (reversible fit)", reversible["reversible_gradient"],
+    series = [("reversible (reversible fit)", "C0", reversible["reversible_gradient"],
                reversible["reversible_gradient_stderr"]),
-              ("reweighting, same windows", reversible["reweighting_gradient"],
-               reversible["reweighting_gradient_stderr"]),
-              ("reweighting (reweighting fit)", record["reweighting"]["reweighting_gradient"],
+              ("reweighting on the reversible fit's windows", "C2",
+               reversible["reweighting_gradient"], reversible["reweighting_gradient_stderr"]),
+              ("reweighting (reweighting fit)", "C1",
+               record["reweighting"]["reweighting_gradient"],
                record["reweighting"]["reweighting_gradient_stderr"])]
     for j, ax in enumerate(axes[1, :2]):
-        for offset, (label, gradient, stderr) in zip((-0.12, 0.0, 0.12), series, strict=True):
+        for offset, (label, colour, gradient, stderr) in zip((-0.12, 0.0, 0.12), series,
+                                                             strict=True):
             ax.errorbar(epochs + offset, np.asarray(gradient)[:, j], np.asarray(stderr)[:, j],
-                        fmt="o", capsize=3, label=label)
+                        fmt="o", capsize=3, color=colour, label=label)
         ax.axhline(0.0, color="0.7", lw=0.8)
         ax.set(xlabel="epoch", ylabel="d loss / d (value / start)",
                title=f"gradient of {record['parameters'][j].split('/')[1]} (± s.e.)")
