@@ -97,7 +97,7 @@ def o2_in_water(n_o2: int = 8, box_size: float = 1.9) -> tuple[app.Topology, np.
         Number of O₂ molecules, 1 to 8 (the centres of the box's eight octants; each molecule
         along x, at its bond length 0.12074 nm).
     box_size : float, nm
-        Edge of the cubic box (1.9 nm: 8 O₂ and 211 waters).
+        Edge of the cubic box (1.9 nm: 8 O₂ and 152 waters, 472 atoms).
 
     Returns
     -------
