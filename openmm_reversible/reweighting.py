@@ -6,10 +6,10 @@ derivative of an ensemble average of a per-frame observable ℓ (which may itsel
     ∇_θ⟨ℓ⟩ = ⟨∂ℓ/∂θ⟩ - β (⟨ℓ ∂U/∂θ⟩ - ⟨ℓ⟩⟨∂U/∂θ⟩),      β = 1 / (k_B T).
 
 It needs no differentiation through the dynamics, only energies of stored frames, but it holds
-only for equilibrium averages (not for dynamical observables such as diffusion) and its
-statistical noise grows with the size of the system.
+only for equilibrium averages (for a dynamical observable such as diffusion it misses how the
+parameters change the dynamics) and its statistical noise grows with the size of the system.
 
-Three routes are provided:
+Four routes are provided:
 
 - :func:`fluctuation_gradient` evaluates the formula term by term (one parameter gradient of U
   and of ℓ per frame), the textbook baseline;
@@ -24,7 +24,11 @@ Three routes are provided:
   fluctuation estimator built on reweighted averages, a function of several of them, or a
   loss of those) without keeping one autograd graph per frame: it takes ``∂f/∂U_s`` from
   autograd on the energies as a leaf, then chains it through each frame's ``∂U_s/∂θ``, one
-  frame at a time (memory of one energy graph, as :func:`fluctuation_gradient`).
+  frame at a time (memory of one energy graph, as :func:`fluctuation_gradient`);
+- :func:`start_reweighting_gradient` is the reweighting gradient of an observable of whole
+  trajectories (such as a window's diffusion coefficient): each trajectory weighted by the
+  Boltzmann factor of its start configuration, the dynamics held fixed. It is the baseline
+  that reversible gradients of dynamical observables are compared with.
 """
 
 from __future__ import annotations
@@ -166,13 +170,9 @@ def through_energies(function: Callable[[torch.Tensor], torch.Tensor], potential
     gradients : list of torch.Tensor
         ``df/dθ``, one per parameter, same shapes.
     """
-    positions, box, parameters = _fixed_frames(positions, box, parameters)
-    values, d_energies = [], []
-    for s in range(positions.shape[0]):
-        energy = potential(positions[s], box_of_frame(box, s))
-        d_energies.append(_grads(energy, parameters))
-        values.append(energy.detach().reshape(()))
-    energies = torch.stack(values).requires_grad_(True)
+    energies, d_energies = frame_energy_gradients(potential, positions, box, parameters)
+    parameters = list(parameters)
+    energies = energies.requires_grad_(True)
     value = function(energies)
     if value.numel() != 1:
         raise InputError(f"function must return one number, got shape {tuple(value.shape)}")
@@ -183,9 +183,107 @@ def through_energies(function: Callable[[torch.Tensor], torch.Tensor], potential
     gradients = []
     for k, p in enumerate(parameters):
         direct = torch.zeros_like(p) if grads[k + 1] is None else grads[k + 1]
-        du = torch.stack([g[k] for g in d_energies])
-        gradients.append(direct + torch.tensordot(d_value, du, dims=1))
+        gradients.append(direct + torch.tensordot(d_value, d_energies[k], dims=1))
     return value.detach().reshape(()), gradients
+
+
+def frame_energy_gradients(potential: Potential, positions: torch.Tensor, box,
+                           parameters: Sequence[torch.Tensor]
+                           ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Potential energy of each fixed frame and its parameter gradient, one frame at a time.
+
+    Parameters
+    ----------
+    potential : callable
+        ``potential(positions (N, 3), box) -> energy`` kJ/mol, depending on ``parameters``.
+    positions : torch.Tensor, shape (n_frames, n_atoms, 3), nm
+        Frames (treated as constants).
+    box : torch.Tensor, shape (3, 3) or (n_frames, 3, 3), nm, or None
+    parameters : sequence of torch.Tensor
+        Leaves with ``requires_grad=True``.
+
+    Returns
+    -------
+    energies : torch.Tensor, shape (n_frames,), kJ/mol
+        Detached.
+    gradients : list of torch.Tensor
+        ``∂U_s/∂θ`` of each parameter, shape ``(n_frames, *parameter.shape)``, kJ/mol per unit
+        of the parameter (zeros where the energy does not depend on it).
+    """
+    positions, box, parameters = _fixed_frames(positions, box, parameters)
+    energies, d_energies = [], []
+    for s in range(positions.shape[0]):
+        energy = potential(positions[s], box_of_frame(box, s))
+        d_energies.append(_grads(energy, parameters))
+        energies.append(energy.detach().reshape(()))
+    return torch.stack(energies), [torch.stack([g[k] for g in d_energies])
+                                   for k in range(len(parameters))]
+
+
+def start_reweighting_gradient(values: torch.Tensor, potential: Potential,
+                               starts: torch.Tensor, box, temperature: float,
+                               parameters: Sequence[torch.Tensor]
+                               ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Reweighting gradient of a trajectory observable through its start configurations.
+
+    Window ``w`` starts at ``x_w``, drawn from ``exp(-β U_θ(x)) / Z`` (Maxwell–Boltzmann
+    velocities and the integrator's noise do not depend on θ), and yields one number ``L_w``
+    of its whole trajectory (e.g. the loss of its diffusion coefficient). Weighting the starts
+    by their Boltzmann factor and keeping the dynamics fixed gives
+
+        d⟨L⟩/dθ |_dynamics fixed = -β cov_w(L_w, ∂U/∂θ(x_w)),
+
+    the ensemble-reweighting gradient (a fluctuation formula with ``∂L/∂θ = 0``). It ignores
+    how θ changes the trajectory that follows each start, which is what a gradient through the
+    dynamics (the reversible window's) supplies: the full derivative is the sum of the two,
+    ``⟨∂L_w/∂θ |_{x_w fixed}⟩ - β cov_w(L_w, ∂U/∂θ(x_w))``.
+
+    Why the start and not every frame of the window: the start is the only point of the path
+    whose distribution is a Boltzmann weight of θ; the later frames are distributed as the
+    dynamics carries them from it, so weighting them by their own energies would be the weight
+    of no distribution of the path (and for an average of per-frame observables, the frame-wise
+    fluctuation formula of :func:`fluctuation_gradient` is the one to use instead).
+
+    Parameters
+    ----------
+    values : torch.Tensor, shape (n_windows,)
+        ``L_w`` of each window (treated as constants).
+    potential : callable
+        ``potential(positions (N, 3), box) -> energy`` kJ/mol, depending on ``parameters``.
+    starts : torch.Tensor, shape (n_windows, n_atoms, 3), nm
+        Start positions of the windows, sampled with the current parameters.
+    box : torch.Tensor, shape (3, 3) or (n_windows, 3, 3), nm, or None
+    temperature : float, K
+    parameters : sequence of torch.Tensor
+        Leaves with ``requires_grad=True``.
+
+    Returns
+    -------
+    mean : torch.Tensor, 0-dim
+        ``⟨L⟩`` over the windows.
+    gradients : list of torch.Tensor
+        ``-β (1/n) Σ_w (L_w - ⟨L⟩)(∂U/∂θ(x_w) - ⟨∂U/∂θ⟩)``, one per parameter, same shapes
+        (units of L per unit of the parameter).
+    stderr : list of torch.Tensor
+        Standard error of each entry, ``β std_w(products) / sqrt(n)`` (ddof 1; it neglects
+        the error of the two means, of relative order 1/n). NaN for two windows, whose two
+        products are always equal.
+    """
+    values = torch.as_tensor(values).detach().reshape(-1)
+    if values.shape[0] < 2 or values.shape[0] != starts.shape[0]:
+        raise InputError(f"values {tuple(values.shape)} need one entry per start "
+                         f"({starts.shape[0]}), and at least two windows for a covariance")
+    beta = inverse_temperature(temperature)
+    _, d_energies = frame_energy_gradients(potential, starts, box, parameters)
+    deviation = values - values.mean()
+    gradients, stderr = [], []
+    for du in d_energies:
+        weights = deviation.to(du.dtype).reshape(-1, *([1] * (du.ndim - 1)))
+        products = -beta * weights * (du - du.mean(0))
+        gradients.append(products.mean(0))
+        stderr.append(products.std(0) / values.shape[0] ** 0.5 if values.shape[0] > 2
+                      else torch.full_like(products[0], float("nan")))
+    return values.mean(), gradients, stderr
 
 
 def _fixed_frames(positions, box, parameters):

@@ -39,6 +39,12 @@ def openmm_data_file(name: str) -> str:
     return os.path.join(os.path.dirname(app.__file__), "data", name)
 
 
+O2_FORCEFIELD = os.path.join(os.path.dirname(__file__), "data", "o2.xml")
+"""ForceField XML of molecular oxygen for use with OpenMM's ``tip3p.xml`` (residue ``OXY``, type
+``o2-O``: σ 0.3297 nm, ε 0.438 kJ/mol, no charge, bond 0.12074 nm; σ and ε tagged
+``parameterize``)."""
+
+
 def _box_array(topology: app.Topology) -> np.ndarray | None:
     vectors = topology.getPeriodicBoxVectors()
     if vectors is None:
@@ -80,6 +86,46 @@ def water_box(n_waters: int | None = 216,
         modeller.addSolvent(ff, model=model, boxSize=openmm.Vec3(box_size, box_size, box_size))
     return _create(ff, modeller.topology, modeller.positions, nonbonded, cutoff,
                    rigidWater=rigid, **create_system_kwargs)
+
+
+def o2_in_water(n_o2: int = 8, box_size: float = 1.9) -> tuple[app.Topology, np.ndarray]:
+    """O₂ molecules on a grid of a cubic box, the rest filled with TIP3P water by Modeller.
+
+    Parameters
+    ----------
+    n_o2 : int
+        Number of O₂ molecules, 1 to 8 (the centres of the box's eight octants; each molecule
+        along x, at its bond length 0.12074 nm).
+    box_size : float, nm
+        Edge of the cubic box (1.9 nm: 8 O₂ and 152 waters, 472 atoms).
+
+    Returns
+    -------
+    topology : openmm.app.Topology
+        Residues ``OXY`` (atoms ``O1``, ``O2``) first, then ``HOH``; periodic box set.
+    positions : ndarray, shape (n_atoms, 3), nm
+
+    Build the System from :data:`O2_FORCEFIELD` and ``tip3p.xml`` (e.g. with
+    :meth:`~openmm_reversible.parameters.ParameterSet.from_forcefield`).
+    """
+    if not 1 <= int(n_o2) <= 8:
+        raise ValueError(f"n_o2 must be between 1 and 8 (one per octant of the box), got {n_o2}")
+    half_bond = 0.12074 / 2
+    topology = app.Topology()
+    chain = topology.addChain()
+    centres = (np.argwhere(np.ones((2, 2, 2))) + 0.5) * box_size / 2
+    xyz = []
+    for centre in centres[:int(n_o2)]:
+        residue = topology.addResidue("OXY", chain)
+        first = topology.addAtom("O1", app.element.oxygen, residue)
+        second = topology.addAtom("O2", app.element.oxygen, residue)
+        topology.addBond(first, second)
+        xyz += [centre - [half_bond, 0, 0], centre + [half_bond, 0, 0]]
+    modeller = app.Modeller(topology, xyz * unit.nanometer)
+    modeller.addSolvent(app.ForceField("tip3p.xml", O2_FORCEFIELD), model="tip3p",
+                        boxSize=openmm.Vec3(box_size, box_size, box_size) * unit.nanometer)
+    return (modeller.topology,
+            np.asarray(modeller.positions.value_in_unit(unit.nanometer), dtype=float))
 
 
 def villin(nonbonded: str = "PME", cutoff: float = 1.0, **create_system_kwargs

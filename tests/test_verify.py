@@ -1,7 +1,6 @@
 """`openmm-reversible verify`: the twin against OpenMM on real systems, and the exit codes."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import openmm
@@ -9,7 +8,7 @@ import pytest
 from openmm import app, unit
 
 from openmm_reversible.cli import main
-from openmm_reversible.systems import openmm_data_file, villin, water_box
+from openmm_reversible.systems import O2_FORCEFIELD, openmm_data_file, villin, water_box
 from openmm_reversible.verify import verify
 
 
@@ -123,8 +122,8 @@ def test_villin_charmm36_pme_cmap_urey_bradley_nbfix():
 
 
 def o2_in_water(n_o2: int = 6, box_size: float = 2.2):
-    """A box of O2 molecules in flexible TIP3P water (tutorials/data/o2.xml), reaction field."""
-    files = ["tip3p.xml", str(Path(__file__).parent.parent / "tutorials" / "data" / "o2.xml")]
+    """A box of O2 molecules in flexible TIP3P water (O2_FORCEFIELD), reaction field."""
+    files = ["tip3p.xml", O2_FORCEFIELD]
     ff = app.ForceField(*files)
     top, positions = app.Topology(), []
     chain = top.addChain()

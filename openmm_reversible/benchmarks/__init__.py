@@ -10,6 +10,8 @@
   speed-up, overhead per piece, identical results;
 - :func:`.gradient_noise.measure`: reversible against reweighting gradients of an RDF loss on
   the same windows, their spread over independent runs (JSON and figure);
+- :func:`.o2_diffusion.measure`: σ and ε of O₂ in water fitted to a diffusion coefficient by
+  reversible and by reweighting gradients, from the same start and schedule (JSON and figure);
 - :func:`.exact.measure`: bitwise round trip of the water box in fixed point:
   information-buffer size, bits per degree of freedom and step, and cost relative to the float
   mode.

@@ -13,7 +13,7 @@ import json
 from . import OK, defaults
 
 HELP = ("run a benchmark (forces, gradient, memory, constraints, parallel, epoch, "
-        "gradient-noise, exact)")
+        "gradient-noise, o2-diffusion, exact)")
 
 BENCHMARKS = {
     "gradient": ("openmm_reversible.benchmarks.gradient", "measure",
@@ -35,6 +35,10 @@ BENCHMARKS = {
     "gradient-noise": ("openmm_reversible.benchmarks.gradient_noise", "measure",
                        "Reversible against reweighting gradients of an RDF loss on the same "
                        "windows, and their spread over independent runs (JSON and figure)"),
+    "o2-diffusion": ("openmm_reversible.benchmarks.o2_diffusion", "measure",
+                     "Sigma and epsilon of O2 in water fitted to D = 2.0e-9 m^2/s by reversible "
+                     "and by reweighting gradients from the same start and schedule (JSON and "
+                     "figure)"),
     "exact": ("openmm_reversible.benchmarks.exact", "measure",
               "Bitwise round trip of the water box in fixed point: buffer size, bits per step, "
               "cost vs float"),
@@ -88,6 +92,19 @@ OPTIONS = {
                        "cutoff": (float, "nm"), "seed": (int, "seed of the first run"),
                        "output": (str, "directory for gradient_noise.json and .png "
                                        "(default: none)")},
+    "o2-diffusion": {"n_o2": (int, "O2 molecules (1 to 8)"),
+                     "box_size": (float, "edge of the cubic box, nm"),
+                     "cutoff": (float, "nm"), "epochs": (int, "optimiser steps of each fit"),
+                     "windows": (int, "reversible windows per epoch (>= 3)"),
+                     "window_steps": (int, "steps of each window (1 fs)"),
+                     "snapshot_every": (int, "steps between the window's snapshots"),
+                     "equilibration_steps": (int, "OpenMM steps before the first epoch"),
+                     "bulk_steps": (int, "OpenMM steps before each window"),
+                     "learning_rate": (float, "Adam step on the scaled parameters"),
+                     "fit_start": (float, "MSD slope fitted from this fraction of the window"),
+                     "seed": (int, "seed of OpenMM and of the windows' noise"),
+                     "output": (str, "directory for o2_diffusion.json and .png "
+                                     "(default: none)")},
     "exact": {"waters": (int, "water molecules"),
               "steps": (int, "steps forward, then as many back"),
               "timing_steps": (int, "steps of the float and exact round trips timed for the "
