@@ -58,10 +58,10 @@ def state_values(sampler: Sampler) -> dict[str, float]:
     return values
 
 
-def state_data_columns(targets: Sequence[TargetConfig], state_points: bool = False
-                       ) -> list[str]:
+def state_data_columns(targets: Sequence[TargetConfig], state_points: bool = False,
+                       extra: Sequence[str] = ()) -> list[str]:
     """Column names of ``state_data.csv``: StateDataReporter's, then the fit's (with
-    ``state_points``, a ``State point`` column after ``Epoch``)."""
+    ``state_points``, a ``State point`` column after ``Epoch``), then ``extra``."""
     columns = ["Epoch", *(["State point"] if state_points else []), "Step", "Time (ps)",
                "Potential Energy (kJ/mole)",
                "Kinetic Energy (kJ/mole)", "Total Energy (kJ/mole)", "Temperature (K)",
@@ -69,23 +69,25 @@ def state_data_columns(targets: Sequence[TargetConfig], state_points: bool = Fal
     columns += [f"Loss {t.label}" for t in targets if t.weight > 0]
     columns += [f"{t.label} ({SCALAR_UNITS[t.observable]})" for t in targets
                 if t.observable != "rdf"]
-    return columns
+    return columns + list(extra)
 
 
 def state_data_csv(records: Sequence[dict], targets: Sequence[TargetConfig],
-                   state_points: bool = False) -> str:
+                   state_points: bool = False, extra: Sequence[str] = ()) -> str:
     """The epoch records as StateDataReporter-style CSV text (header line starts with ``#``).
 
     Each record needs ``epoch``, ``loss``, ``terms``, ``observables`` and ``state`` (the
     StateDataReporter-named values of :func:`state_values`), and ``state_point`` (its label)
-    with ``state_points``: one row per epoch and state point. Values are written at full
+    with ``state_points``: one row per epoch and state point. The ``extra`` columns take their
+    values from a record's ``columns`` (a dict by column name). Values are written at full
     precision (``repr``); a missing value (a non-periodic box, a target of another state
-    point) is an empty field.
+    point, a loss of a system without targets) is an empty field.
     """
-    columns = state_data_columns(targets, state_points)
+    columns = state_data_columns(targets, state_points, extra)
     lines = ["#" + ",".join(f'"{c}"' for c in columns)]
     for record in records:
-        values = {"Epoch": record["epoch"], "Loss": record["loss"], **record["state"]}
+        values = {"Epoch": record["epoch"], "Loss": record["loss"], **record["state"],
+                  **record.get("columns", {})}
         if state_points:
             values["State point"] = record["state_point"]
         for t in targets:
