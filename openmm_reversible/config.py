@@ -1228,16 +1228,16 @@ def _systems_config(data: dict, base: Path, path: str | None) -> FitConfig:
                              f"points ({key} = [...] in its [[systems]] table); remove it "
                              "from [simulation]")
     shared = {k: v for k, v in data.items() if k != "systems"}
-    is_gas = [isinstance(t, dict) and t.get("kind") == "gas" for i, t in enumerate(raw)]
+    is_gas = [isinstance(t, dict) and t.get("kind") == "gas" for t in raw]
     names = [t.get("name") if isinstance(t, dict) else None for t in raw]
     liquids = [n for n, gas in zip(names, is_gas, strict=True) if not gas]
-    gases = {entry.name: entry for entry in
-             (_gas_entry(t, liquids, base, f"systems[{i}]")
-              for i, (t, gas) in enumerate(zip(raw, is_gas, strict=True)) if gas)}
-    if not liquids:
+    if all(is_gas):
         raise InputError("systems: every system is of kind = \"gas\"; a gas system gives "
                          "⟨E_gas⟩ to the enthalpy_of_vaporization target of a liquid system "
                          "(gas = \"<its name>\"): add the liquid's [[systems]] table")
+    gases = {entry.name: entry for entry in
+             (_gas_entry(t, liquids, base, f"systems[{i}]")
+              for i, (t, gas) in enumerate(zip(raw, is_gas, strict=True)) if gas)}
     entries = [_system_entry(table, shared, base, f"systems[{i}]", gases, names)
                for i, (table, gas) in enumerate(zip(raw, is_gas, strict=True)) if not gas]
     systems = [entry for entry, _ in entries]
@@ -1326,12 +1326,19 @@ _CRYSTAL_SIMULATION = ("friction", "timestep", "seed")
 """The ``[simulation]`` keys a fit of crystal systems uses (its dynamics run in torch)."""
 
 
+SYSTEM_KINDS = ("crystal", "gas")
+"""The ``kind`` of a ``[[systems]]`` table; a ForceField liquid, box or solution has none."""
+
+
 def _has_crystals(data: dict) -> bool:
-    """Whether a document's ``[[systems]]`` name a ``kind`` other than ``"gas"`` (a ForceField
-    liquid has none, a gas molecule ``"gas"``; only crystal systems have another)."""
+    """Whether a document's ``[[systems]]`` hold a crystal (each ``kind`` checked)."""
     raw = data.get("systems")
-    return isinstance(raw, list) and any(isinstance(t, dict) and t.get("kind", "gas") != "gas"
-                                         for t in raw)
+    tables = [t for t in raw if isinstance(t, dict)] if isinstance(raw, list) else []
+    for i, t in enumerate(tables):
+        if "kind" in t and t["kind"] not in SYSTEM_KINDS:
+            raise InputError(f"systems[{i}].kind = {t['kind']!r}: must be \"crystal\" or "
+                             "\"gas\" (a ForceField liquid, box or solution has no kind)")
+    return any(t.get("kind") == "crystal" for t in tables)
 
 
 def _model_table(table, where: str, classes: dict, cls):
