@@ -869,13 +869,8 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
         raise InputError(f"{where}.gas_energy: only enthalpy_of_vaporization targets take it")
     if t.gas is not None and t.observable != "enthalpy_of_vaporization":
         raise InputError(f"{where}.gas: only enthalpy_of_vaporization targets take it")
-    for key in ("gas_frames", "gas_every"):
-        if t.gas != "simulate" and \
-                getattr(t, key) != _default(TargetConfig.__dataclass_fields__[key]):
-            own = ("" if t.gas is None else f"; the gas system {t.gas!r} samples frames "
-                   "(frames) every so many steps (every): set them in its [[systems]] table")
-            raise InputError(f"{where}.{key}: only a target with gas = \"simulate\" takes "
-                             f"it{own}")
+    for key in _gas_sampling(t) if t.gas is None else ():  # a gas system's: _check_gas
+        raise InputError(f"{where}.{key}: only a target with gas = \"simulate\" takes it")
     if t.gas is not None and t.gas_energy is not None:
         raise InputError(f"{where}.gas: gas = {json.dumps(t.gas)} samples the gas energy; "
                          "remove gas_energy, or gas to use the given value")
@@ -934,6 +929,12 @@ def _check_target_schedule(t: TargetConfig, schedule: ScheduleConfig,
                          f"Ewald or ReactionField")
 
 
+def _gas_sampling(t: TargetConfig) -> list[str]:
+    """The ``gas = "simulate"`` sampling keys (``gas_frames``, ``gas_every``) a target sets."""
+    return [key for key in ("gas_frames", "gas_every")
+            if getattr(t, key) != _default(TargetConfig.__dataclass_fields__[key])]
+
+
 def _check_gas(t: TargetConfig, temperature: float,
                gases: dict[str, GasSystemConfig] | None, systems: Sequence[str], where: str
                ) -> None:
@@ -955,6 +956,10 @@ def _check_gas(t: TargetConfig, temperature: float,
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise InputError(f"{where}.gas = {t.gas!r}: no system has this name; must be one of "
                          f"simulate, {', '.join(gases) or '(no gas system)'}{hint}")
+    for key in _gas_sampling(t):
+        raise InputError(f"{where}.{key}: only a target with gas = \"simulate\" takes it; the "
+                         f"gas system {t.gas!r} samples frames (frames) every so many steps "
+                         "(every): set them in its [[systems]] table")
     temperatures = gases[t.gas].temperature
     if not any(math.isclose(temperature, x) for x in temperatures):
         raise InputError(f"{where}.gas = {t.gas!r}: the gas system has no state point at "
