@@ -21,6 +21,11 @@ A config file has one table per concern::
                    C12, C44 in [[systems.targets]]), fitted with the machine-learning model
                    of [model] and [prior] instead of a ForceField; [evaluation] is a long
                    plain run of the trained model after the last epoch
+    [[systems]] kind = "gas": one molecule in vacuum (NoCutoff, no box, NVT), name,
+                   temperature = [...], frames, every and [systems.structure] with pdb (a
+                   single molecule) or molecule_of (a liquid system's first molecule); a
+                   liquid's enthalpy_of_vaporization target takes its ⟨E_gas⟩ with
+                   gas = "<its name>"
 
 Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
 value (a negative time step, a cutoff larger than half the box, a missing target file) raises

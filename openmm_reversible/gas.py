@@ -3,7 +3,8 @@
 ΔH_vap = ⟨E_gas⟩ − ⟨E_liquid⟩/N + RT needs the mean potential energy of one molecule in vacuum.
 For a rigid molecule it is 0 and for a purely harmonic one k_B T/2 per internal mode, but a
 molecule with torsions, intramolecular 1-4 pairs or other anharmonic terms has to be sampled.
-:class:`GasPhase` builds the liquid's first molecule alone (same force-field files and tagged
+:class:`GasPhase` builds the liquid's first molecule alone (``gas = "simulate"``), or the
+molecule of a ``[[systems]]`` table of ``kind = "gas"`` (same force-field files and tagged
 sites, ``NoCutoff``, no box), samples it with OpenMM (Langevin-middle NVT at the state
 point's temperature) and evaluates each frame with its torch twin, whose sites are the
 liquid's (same keys and start values, so the same scaled variables). Its
