@@ -1054,12 +1054,16 @@ class GasPoint:
     seed : int
         Its seed stream; an epoch's sampling takes ``(seed, epoch, attempt)``.
     phase : GasPhase
+    state : SampledState
+        Where the next epoch's sampling starts (every attempt of it: a failed attempt leaves
+        the molecule where it failed).
     """
 
     system: GasSystemConfig
     temperature: float
     seed: int
     phase: GasPhase
+    state: SampledState
 
     @property
     def label(self) -> str:
@@ -1237,6 +1241,10 @@ class Trainer:
 
     # -- setup and checkpoints ------------------------------------------------------------------
 
+    gas_points: Sequence[GasPoint] = ()
+    """Each state point of the config's gas systems (``[[systems]]`` of ``kind = "gas"``),
+    systems in order, then their temperatures."""
+
     CHECKPOINT_ENTRIES: tuple[str, ...] = _CHECKPOINT_ENTRIES
     """The entries :meth:`_checkpoint` writes (a trainer of other legs writes others)."""
 
@@ -1308,7 +1316,8 @@ class Trainer:
                              "molecules; a gas system is one molecule: give a PDB file of one, "
                              "or structure.molecule_of = \"<liquid system>\" for the first "
                              "molecule of a liquid")
-        return GasPoint(gas, temperature, _stream(sim.seed, GAS_STREAM, index), phase)
+        return GasPoint(gas, temperature, _stream(sim.seed, GAS_STREAM, index), phase,
+                        phase.state)
 
     @staticmethod
     def _initial_state(leg: Leg) -> SampledState:
@@ -1390,7 +1399,7 @@ class Trainer:
             if point.label not in saved:
                 raise InputError(f"{path} holds no state of the gas system's {point.label}; "
                                  "pass the config the fit used, or start a new fit")
-            point.phase.sampler.restart(_state_from(saved[point.label]), 1)
+            point.state = _state_from(saved[point.label])
 
     def _checkpoint(self) -> dict:
         """The checkpoint's entries; ``state`` is one state (a dict) for a config without
@@ -1408,7 +1417,7 @@ class Trainer:
             replicas["gas_states"] = [(key, _state_entry(phase.state))
                                       for key, phase in self._gas_phases.items()]
         if self.gas_points:
-            replicas["gas_system_states"] = [(point.label, _state_entry(point.phase.state))
+            replicas["gas_system_states"] = [(point.label, _state_entry(point.state))
                                              for point in self.gas_points]
         return {
             "version": CHECKPOINT_VERSION, "epoch": self.epoch,
@@ -1618,6 +1627,8 @@ class Trainer:
         ends = [[] for _ in self.legs]  # per leg, its replicas' end states in replica order
         for piece, replica in zip(replicas, sampled, strict=True):
             ends[piece.state_point].append(replica.end)
+        if self.gas_points:
+            record["gas_end_states"] = [point.phase.state for point in self.gas_points]
         record.update(end_states=ends,
                       frames=[replica.frames for replica in first], timings=timings)
         return record
@@ -1633,6 +1644,7 @@ class Trainer:
         use."""
         systems = []
         for point in self.gas_points:
+            point.phase.sampler.restart(point.state, 1)  # sample() reseeds it
             systems.append(estimate := point.phase.sample(
                 scaled, point.system.frames, point.system.every,
                 _stream(point.seed, epoch, attempt)))
@@ -1772,6 +1784,8 @@ class Trainer:
         self._constrain_parameters()
         for leg, (state, *others) in zip(self.legs, record.pop("end_states"), strict=True):
             leg.state, leg.replica_states = state, others
+        for point, state in zip(self.gas_points, record.pop("gas_end_states", []), strict=True):
+            point.state = state
         frames = record.pop("frames")
         if equilibration:
             record["equilibration"] = equilibration
