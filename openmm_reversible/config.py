@@ -1343,12 +1343,12 @@ SYSTEM_KINDS = ("crystal", "gas")
 def _has_crystals(data: dict) -> bool:
     """Whether a document's ``[[systems]]`` hold a crystal (each ``kind`` checked)."""
     raw = data.get("systems")
-    tables = [t for t in raw if isinstance(t, dict)] if isinstance(raw, list) else []
+    tables = raw if isinstance(raw, list) else []
     for i, t in enumerate(tables):
-        if "kind" in t and t["kind"] not in SYSTEM_KINDS:
+        if isinstance(t, dict) and "kind" in t and t["kind"] not in SYSTEM_KINDS:
             raise InputError(f"systems[{i}].kind = {t['kind']!r}: must be \"crystal\" or "
                              "\"gas\" (a ForceField liquid, box or solution has no kind)")
-    return any(t.get("kind") == "crystal" for t in tables)
+    return any(isinstance(t, dict) and t.get("kind") == "crystal" for t in tables)
 
 
 def _model_table(table, where: str, classes: dict, cls):
