@@ -5,8 +5,9 @@ Beside ``log.jsonl`` (everything, one JSON object per epoch) a fit writes
 - ``state_data.csv``: one row per epoch in the layout of OpenMM's ``StateDataReporter``
   (``#"Epoch","Step","Time (ps)","Potential Energy (kJ/mole)",...``): the OpenMM state the epoch
   ended in, then the loss, each loss term and each scalar observable (RDF curves stay in the
-  log), and columns a fit adds (a gas system's ⟨E_gas⟩ and its standard error). Rewritten whole, atomically, from the epoch records after every epoch, so it always
-  matches the checkpoint: a resumed fit continues it without gaps or repeated rows.
+  log), and columns a fit adds (a gas system's ⟨E_gas⟩ and its standard error). Rewritten
+  whole, atomically, from the epoch records after every epoch, so it always matches the
+  checkpoint: a resumed fit continues it without gaps or repeated rows.
 - ``trajectory/epoch_NNNN.dcd`` (or ``.xtc``): frames of the epoch's OpenMM sampling, unwrapped
   positions and the box, with ``trajectory/topology.pdb`` to read them with mdtraj
   (``mdtraj.load("epoch_0001.dcd", top="topology.pdb")``), VMD or PyMOL. Each file is written
