@@ -21,6 +21,11 @@ A config file has one table per concern::
                    C12, C44 in [[systems.targets]]), fitted with the machine-learning model
                    of [model] and [prior] instead of a ForceField; [evaluation] is a long
                    plain run of the trained model after the last epoch
+    [[systems]] kind = "gas": one molecule in vacuum (NoCutoff, no box, NVT), name,
+                   temperature = [...], frames, every and [systems.structure] with pdb (a
+                   single molecule) or molecule_of (a liquid system's first molecule); a
+                   liquid's enthalpy_of_vaporization target takes its ⟨E_gas⟩ with
+                   gas = "<its name>"
 
 Every key is checked: an unknown or misspelled key, a value of the wrong type or an impossible
 value (a negative time step, a cutoff larger than half the box, a missing target file) raises
@@ -38,11 +43,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import json
 import math
 import os
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,11 +313,13 @@ class TargetConfig:
     gas_energy: float | None = _spec(None, doc="enthalpy_of_vaporization: potential energy "
                                                "of one isolated molecule, kJ/mol (default: "
                                                "k_B T/2 per internal harmonic mode)")
-    gas: str | None = _spec(None, _one_of("simulate"),
-                            "enthalpy_of_vaporization: \"simulate\" samples the structure's "
-                            "first molecule alone in vacuum each epoch (plain OpenMM, NoCutoff, "
-                            "NVT at the state point) for ⟨E_gas⟩ and its fluctuation gradient, "
-                            "instead of gas_energy or the harmonic estimate")
+    gas: str | None = _spec(None, doc="enthalpy_of_vaporization: \"simulate\" samples the "
+                                      "structure's first molecule alone in vacuum each epoch "
+                                      "(plain OpenMM, NoCutoff, NVT at the state point) for "
+                                      "⟨E_gas⟩ and its fluctuation gradient, instead of "
+                                      "gas_energy or the harmonic estimate; or the name of a "
+                                      "[[systems]] table of kind = \"gas\", which gives them at "
+                                      "the same temperature")
     gas_frames: int = _spec(1000, _positive, "gas = \"simulate\": frames averaged per epoch")
     gas_every: int = _spec(20, _positive, "gas = \"simulate\": OpenMM steps between frames")
     viscosity: float | None = _spec(None, _positive,
@@ -498,6 +507,70 @@ class FitSystemConfig:
                 if _selects(t, temperature, pressure)]
 
 
+GAS_REFUSED = {
+    "pressure": "a gas system is one molecule in vacuum, without a box, so NVT only: no "
+                "pressure and no barostat; remove it",
+    "barostat_interval": "a gas system is one molecule in vacuum, without a box, so NVT only: "
+                         "no barostat; remove it",
+    "targets": "a gas system has no targets of its own: a liquid's enthalpy_of_vaporization "
+               "target names it (gas = \"<this system's name>\"); remove them",
+    "system.cutoff": "the gas molecule is simulated with NoCutoff (no box, every pair); "
+                     "remove it",
+    "system.ewald_error_tolerance": "the gas molecule is simulated with NoCutoff (no box, no "
+                                    "Ewald sum); remove it",
+    "system.reaction_field_dielectric": "the gas molecule is simulated with NoCutoff (no "
+                                        "reaction field); remove it",
+    "system.nonbonded_method": "the gas molecule is simulated with NoCutoff (no box); remove "
+                               "it or set it to \"NoCutoff\"",
+}
+"""Keys a ``[[systems]]`` table of ``kind = "gas"`` refuses, and why (the text of the error)."""
+
+
+@dataclass(frozen=True)
+class GasStructureConfig:
+    """``[systems.structure]`` of a gas system: exactly one of its keys."""
+
+    pdb: str | None = _spec(None, doc="PDB file of a single molecule")
+    molecule_of: str | None = _spec(None, doc="name of a liquid [[systems]] table: the first "
+                                              "molecule of its structure, with its "
+                                              "[systems.system] settings")
+
+    @property
+    def source(self) -> str:
+        """What the molecule comes from, for messages."""
+        return self.pdb if self.pdb is not None else f"the first molecule of {self.molecule_of}"
+
+
+@dataclass(frozen=True)
+class GasSystemConfig:
+    """One ``[[systems]]`` table of ``kind = "gas"``: one molecule alone, sampled by plain
+    OpenMM (NoCutoff, no box, Langevin-middle NVT with ``[simulation]``'s friction, time
+    step and platform) at each of its temperatures, each epoch, for the ⟨E_gas⟩ of the
+    ``enthalpy_of_vaporization`` targets that name it (``gas = "<name>"``), and its gradient
+    (:class:`~openmm_reversible.gas.GasPhase`). It has no targets of its own.
+
+    ``system`` is None with ``structure.molecule_of``: the molecule keeps that liquid's
+    ``[systems.system]`` settings (rigid water, constraints).
+    """
+
+    name: str
+    temperature: list[float]
+    structure: GasStructureConfig
+    system: SystemConfig | None = None
+    frames: int = _spec(1000, _positive, "frames averaged per epoch and state point")
+    every: int = _spec(20, _positive, "OpenMM steps between frames")
+    kind: str = "gas"
+
+    def state_points(self) -> list[tuple[float, None]]:
+        """``(temperature K, None)`` of each state point (no box: no pressure)."""
+        return [(t, None) for t in self.temperature]
+
+    @property
+    def targets(self) -> list:
+        """None: a gas system gives ⟨E_gas⟩ to the targets of others."""
+        return []
+
+
 def _selects(target: TargetConfig, temperature: float, pressure: float | None) -> bool:
     """Whether a target's ``temperature``/``pressure`` selectors match a state point."""
     return ((target.temperature is None or math.isclose(target.temperature, temperature))
@@ -566,6 +639,9 @@ class FitConfig:
     """Priors, bounds and frozen parameters (``[[parameters]]`` tables, :mod:`.priors`)."""
     systems: list[FitSystemConfig] = field(default_factory=list)
     """``[[systems]]`` tables: several structures and state points in one loss."""
+    gases: list[GasSystemConfig] = field(default_factory=list)
+    """``[[systems]]`` tables of ``kind = "gas"``: molecules in vacuum whose ⟨E_gas⟩ the ΔHvap
+    targets of ``systems`` name; not state points of their own (:meth:`state_points`)."""
     crystals: list[CrystalSystemConfig] = field(default_factory=list)
     """``[[systems]]`` tables of ``kind = "crystal"`` (a config has these or ``systems``);
     ``forcefield.files`` is then empty: the fit trains ``model`` and ``prior``."""
@@ -612,7 +688,7 @@ draws a random one for 0)."""
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(FitConfig) if f.name != "path"}
-_FROM_SYSTEMS = ("crystals",)
+_FROM_SYSTEMS = ("crystals", "gases")
 """FitConfig fields filled from ``[[systems]]`` tables, not tables of their own."""
 _CRYSTAL_ONLY = ("model", "prior", "evaluation")
 """Tables only a fit of crystal systems takes."""
@@ -798,12 +874,11 @@ def _check_target(t: TargetConfig, base: Path, where: str, pressure: float | Non
         raise InputError(f"{where}.gas_energy: only enthalpy_of_vaporization targets take it")
     if t.gas is not None and t.observable != "enthalpy_of_vaporization":
         raise InputError(f"{where}.gas: only enthalpy_of_vaporization targets take it")
-    for key in ("gas_frames", "gas_every"):
-        if t.gas is None and getattr(t, key) != _default(TargetConfig.__dataclass_fields__[key]):
-            raise InputError(f"{where}.{key}: only a target with gas = \"simulate\" takes it")
+    for key in _gas_sampling(t) if t.gas is None else ():  # a gas system's: _check_gas
+        raise InputError(f"{where}.{key}: only a target with gas = \"simulate\" takes it")
     if t.gas is not None and t.gas_energy is not None:
-        raise InputError(f"{where}.gas: gas = \"simulate\" samples the gas energy; remove "
-                         "gas_energy, or gas to use the given value")
+        raise InputError(f"{where}.gas: gas = {json.dumps(t.gas)} samples the gas energy; "
+                         "remove gas_energy, or gas to use the given value")
     if t.value is None:
         raise InputError(f"{where}.value: a {t.observable} target needs a value in "
                          f"{SCALAR_UNITS[t.observable]}")
@@ -859,6 +934,45 @@ def _check_target_schedule(t: TargetConfig, schedule: ScheduleConfig,
                          f"Ewald or ReactionField")
 
 
+def _gas_sampling(t: TargetConfig) -> list[str]:
+    """The ``gas = "simulate"`` sampling keys (``gas_frames``, ``gas_every``) a target sets."""
+    return [key for key in ("gas_frames", "gas_every")
+            if getattr(t, key) != _default(TargetConfig.__dataclass_fields__[key])]
+
+
+def _check_gas(t: TargetConfig, temperature: float,
+               gases: dict[str, GasSystemConfig] | None, systems: Sequence[str], where: str
+               ) -> None:
+    """A ΔHvap target's ``gas``: ``"simulate"``, or a gas system (of ``gases``, by name) with
+    a state point at ``temperature`` (K); ``systems`` names every system of the config."""
+    if t.gas is None or t.gas == "simulate":
+        return
+    if gases is None:
+        raise InputError(f"{where}.gas = {t.gas!r}: must be one of simulate, or the name of a "
+                         "[[systems]] table of kind = \"gas\" (this config has no "
+                         "[[systems]])")
+    if t.gas not in gases:
+        if t.gas in systems:
+            raise InputError(f"{where}.gas = {t.gas!r}: that system is not of kind = \"gas\"; "
+                             "name a gas system ([[systems]] with kind = \"gas\", e.g. "
+                             f"structure.molecule_of = {json.dumps(t.gas)}) or use gas = "
+                             "\"simulate\"")
+        close = difflib.get_close_matches(t.gas, list(gases), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise InputError(f"{where}.gas = {t.gas!r}: no system has this name; must be one of "
+                         f"simulate, {', '.join(gases) or '(no gas system)'}{hint}")
+    for key in _gas_sampling(t):
+        raise InputError(f"{where}.{key}: only a target with gas = \"simulate\" takes it; the "
+                         f"gas system {t.gas!r} samples frames (frames) every so many steps "
+                         "(every): set them in its [[systems]] table")
+    temperatures = gases[t.gas].temperature
+    if not any(math.isclose(temperature, x) for x in temperatures):
+        raise InputError(f"{where}.gas = {t.gas!r}: the gas system has no state point at "
+                         f"{temperature:g} K (its temperatures: "
+                         f"{', '.join(f'{x:g}' for x in temperatures)}); add {temperature:g} "
+                         "to its temperature list")
+
+
 def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                      path: str | None = None) -> FitConfig:
     """Validate a parsed config (the TOML document as a dict) and build a :class:`FitConfig`.
@@ -890,6 +1004,15 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                              f"with kind = \"crystal\"); remove it")
     if "systems" in data:
         return _systems_config(data, base, path)
+    return _single_config(data, base, path)
+
+
+def _single_config(data: dict, base: Path, path: str | None,
+                   gases: dict[str, GasSystemConfig] | None = None,
+                   systems: Sequence[str] = ()) -> FitConfig:
+    """A config of one system at one state point (:func:`config_from_dict` without
+    ``[[systems]]``, or one state point of a ``[[systems]]`` table: ``gases`` are then the
+    config's gas systems by name, ``systems`` the names of all its systems)."""
     for name, f in _SECTIONS.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in data:
@@ -941,6 +1064,7 @@ def config_from_dict(data: dict, base_dir: str | os.PathLike = ".",
                for i, t in enumerate(raw_targets)]
     for i, t in enumerate(targets):
         _check_target_schedule(t, schedule, simulation, system, f"targets[{i}]")
+        _check_gas(t, simulation.temperature, gases, systems, f"targets[{i}]")
         for key in ("temperature", "pressure"):
             if getattr(t, key) is not None:
                 raise InputError(f"targets[{i}].{key}: only [[systems.targets]] select state "
@@ -1010,16 +1134,20 @@ def _check_systems(systems) -> None:
 
 
 def _system_head(table: dict, fields_of: type, where: str, name_hint: str,
-                 temperature_hint: str, content: tuple[str, str]) -> tuple[str, list[float]]:
+                 temperature_hint: str, content: tuple[str, str], targets: bool = True
+                 ) -> tuple[str, list[float]]:
     """The keys every ``[[systems]]`` table shares: no unknown key (the fields of
-    ``fields_of``), ``name``, ``temperature`` (K), ``targets`` and the system's ``content``
-    key (``(key, hint)``) present; returns the name and the temperatures."""
+    ``fields_of``), ``name``, ``temperature`` (K), ``targets`` (unless ``targets`` is False)
+    and the system's ``content`` key (``(key, hint)``) present; returns the name and the
+    temperatures."""
     known = [f.name for f in dataclasses.fields(fields_of)]
     for key in table:
         if key not in known:
             raise _unknown(key, known, f"{where}.{key}")
-    for key, hint in (("name", name_hint), ("temperature", temperature_hint), content,
-                      ("targets", "at least one [[systems.targets]] table")):
+    required = [("name", name_hint), ("temperature", temperature_hint), content]
+    if targets:
+        required.append(("targets", "at least one [[systems.targets]] table"))
+    for key, hint in required:
         if key not in table:
             raise InputError(f"{where}.{key}: required key is missing ({hint})")
     name = table["name"]
@@ -1028,11 +1156,13 @@ def _system_head(table: dict, fields_of: type, where: str, name_hint: str,
     return name, _numbers(table["temperature"], f"{where}.temperature", "K")
 
 
-def _system_entry(table, shared: dict, base: Path, where: str
+def _system_entry(table, shared: dict, base: Path, where: str,
+                  gases: dict[str, GasSystemConfig], systems: Sequence[str]
                   ) -> tuple[FitSystemConfig, FitConfig]:
     """One validated ``[[systems]]`` table, and the config of its first state point: each
-    state point's single-system config is checked in full by :func:`config_from_dict`, its
-    errors named inside the table."""
+    state point's single-system config is checked in full by :func:`_single_config` (with
+    the config's gas systems ``gases`` and system names ``systems``), its errors named inside
+    the table."""
     if not isinstance(table, dict):
         raise InputError(f"{where}: must be a table ([[systems]]), got {type(table).__name__}")
     name, temperatures = _system_head(
@@ -1079,7 +1209,7 @@ def _system_entry(table, shared: dict, base: Path, where: str
         if "system" in table:
             piece["system"] = table["system"]
         try:
-            config = config_from_dict(piece, base)
+            config = _single_config(piece, base, None, gases, systems)
         except InputError as exc:
             raise _renamed(exc, where, chosen, state) from None
         first = first or config
@@ -1108,15 +1238,86 @@ def _systems_config(data: dict, base: Path, path: str | None) -> FitConfig:
                              f"points ({key} = [...] in its [[systems]] table); remove it "
                              "from [simulation]")
     shared = {k: v for k, v in data.items() if k != "systems"}
-    entries = [_system_entry(table, shared, base, f"systems[{i}]")
-               for i, table in enumerate(raw)]
+    is_gas = [isinstance(t, dict) and t.get("kind") == "gas" for t in raw]
+    names = [t.get("name") if isinstance(t, dict) else None for t in raw]
+    liquids = [n for n, gas in zip(names, is_gas, strict=True) if not gas]
+    if all(is_gas):
+        raise InputError("systems: every system is of kind = \"gas\"; a gas system gives "
+                         "⟨E_gas⟩ to the enthalpy_of_vaporization target of a liquid system "
+                         "(gas = \"<its name>\"): add the liquid's [[systems]] table")
+    gases = {entry.name: entry for entry in
+             (_gas_entry(t, liquids, base, f"systems[{i}]")
+              for i, (t, gas) in enumerate(zip(raw, is_gas, strict=True)) if gas)}
+    entries = [_system_entry(table, shared, base, f"systems[{i}]", gases, names)
+               for i, (table, gas) in enumerate(zip(raw, is_gas, strict=True)) if not gas]
     systems = [entry for entry, _ in entries]
-    _check_systems(systems)
+    _check_systems(systems + list(gases.values()))
+    used = {t.gas for s in systems for t in s.targets}
+    for i, name in enumerate(names):
+        if is_gas[i] and name not in used:
+            raise InputError(f"systems[{i}]: no enthalpy_of_vaporization target names the gas "
+                             f"system {name!r}; give one gas = {json.dumps(name)}, or "
+                             "remove the gas system")
     # The shared tables were validated with every state point; keep them, without one.
     first = entries[0][1]
     return dataclasses.replace(
-        first, structure=None, system=SystemConfig(), targets=[], systems=systems, path=path,
+        first, structure=None, system=SystemConfig(), targets=[], systems=systems,
+        gases=list(gases.values()), path=path,
         simulation=dataclasses.replace(first.simulation, temperature=None, pressure=None))
+
+
+def _gas_entry(table: dict, liquids: list, base: Path, where: str) -> GasSystemConfig:
+    """One validated ``[[systems]]`` table of ``kind = "gas"`` (``liquids``: the names of the
+    config's other systems, which ``structure.molecule_of`` may name)."""
+    for key, why in GAS_REFUSED.items():
+        table_name, _, sub = key.rpartition(".")
+        inner = table.get(table_name, {}) if table_name else table
+        if isinstance(inner, dict) and sub in inner and not (
+                key == "system.nonbonded_method" and inner[sub] == "NoCutoff"):
+            raise InputError(f"{where}.{key}: {why}")
+    name, temperatures = _system_head(
+        table, GasSystemConfig, where, 'a label for logs, e.g. name = "vapour"',
+        "K, one per state point, e.g. temperature = [298.15]",
+        ("structure", "[systems.structure] with pdb (one molecule) or molecule_of (a liquid "
+                      "system's name)"), targets=False)
+    if len(set(temperatures)) != len(temperatures):
+        raise InputError(f"{where}.temperature: a temperature is listed twice; list each once")
+    raw = table["structure"]
+    if isinstance(raw, dict):
+        for key in raw:
+            if key in {f.name for f in dataclasses.fields(StructureConfig)} - {"pdb"}:
+                raise InputError(f"{where}.structure.{key}: a gas system is one molecule "
+                                 "without a box; give structure.pdb (a single molecule) or "
+                                 "structure.molecule_of = \"<liquid system>\", not "
+                                 f"{key}")
+    structure = _build(GasStructureConfig, raw, f"{where}.structure")
+    if (structure.pdb is None) == (structure.molecule_of is None):
+        raise InputError(f"{where}.structure: give exactly one of 'pdb' (a single molecule) or "
+                         "'molecule_of' (the name of a liquid system: its first molecule)")
+    system = None
+    if structure.molecule_of is not None:
+        if structure.molecule_of not in liquids:
+            close = difflib.get_close_matches(structure.molecule_of, liquids, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else \
+                f"the liquid systems: {', '.join(map(str, liquids)) or 'none'}"
+            raise InputError(f"{where}.structure.molecule_of = {structure.molecule_of!r}: no "
+                             f"liquid system has this name; {hint}")
+        if "system" in table:
+            raise InputError(f"{where}.system: the molecule of structure.molecule_of keeps the "
+                             f"[systems.system] settings of {structure.molecule_of!r}; remove "
+                             "it (or give structure.pdb with settings of its own)")
+    else:
+        pdb = _resolve(structure.pdb, base)
+        if not os.path.isfile(pdb):
+            raise InputError(f"{where}.structure.pdb: {pdb} does not exist")
+        structure = dataclasses.replace(structure, pdb=pdb)
+        system = dataclasses.replace(
+            _build(SystemConfig, table.get("system", {}), f"{where}.system"),
+            nonbonded_method="NoCutoff")
+    sampling = _build(GasSystemConfig, {k: table[k] for k in ("frames", "every") if k in table}
+                      | {"name": name, "temperature": temperatures, "structure": structure},
+                      where)
+    return dataclasses.replace(sampling, system=system)
 
 
 _CRYSTAL_REFUSED = {
@@ -1135,10 +1336,19 @@ _CRYSTAL_SIMULATION = ("friction", "timestep", "seed")
 """The ``[simulation]`` keys a fit of crystal systems uses (its dynamics run in torch)."""
 
 
+SYSTEM_KINDS = ("crystal", "gas")
+"""The ``kind`` of a ``[[systems]]`` table; a ForceField liquid, box or solution has none."""
+
+
 def _has_crystals(data: dict) -> bool:
-    """Whether a document's ``[[systems]]`` name a ``kind`` (only crystal systems do)."""
+    """Whether a document's ``[[systems]]`` hold a crystal (each ``kind`` checked)."""
     raw = data.get("systems")
-    return isinstance(raw, list) and any(isinstance(t, dict) and "kind" in t for t in raw)
+    tables = raw if isinstance(raw, list) else []
+    for i, t in enumerate(tables):
+        if isinstance(t, dict) and "kind" in t and t["kind"] not in SYSTEM_KINDS:
+            raise InputError(f"systems[{i}].kind = {t['kind']!r}: must be \"crystal\" or "
+                             "\"gas\" (a ForceField liquid, box or solution has no kind)")
+    return any(isinstance(t, dict) and t.get("kind") == "crystal" for t in tables)
 
 
 def _model_table(table, where: str, classes: dict, cls):
@@ -1178,7 +1388,7 @@ def _crystal_entry(table, where: str) -> CrystalSystemConfig:
         raise InputError(f"{where}: must be a table ([[systems]]), got {type(table).__name__}")
     if table.get("kind") != "crystal":
         given = (f".kind = {table['kind']!r}: must be \"crystal\" (a ForceField system has no "
-                 "kind)" if "kind" in table
+                 "kind, or kind = \"gas\")" if "kind" in table
                  else ".kind: required key is missing (kind = \"crystal\")")
         raise InputError(f"{where}{given}; a fit of crystal systems trains one ML model, so "
                          "every system is a crystal (fit ForceField systems in a config of "

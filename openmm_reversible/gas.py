@@ -3,7 +3,8 @@
 ΔH_vap = ⟨E_gas⟩ − ⟨E_liquid⟩/N + RT needs the mean potential energy of one molecule in vacuum.
 For a rigid molecule it is 0 and for a purely harmonic one k_B T/2 per internal mode, but a
 molecule with torsions, intramolecular 1-4 pairs or other anharmonic terms has to be sampled.
-:class:`GasPhase` builds the liquid's first molecule alone (same force-field files and tagged
+:class:`GasPhase` builds the liquid's first molecule alone (``gas = "simulate"``), or the
+molecule of a ``[[systems]]`` table of ``kind = "gas"`` (same force-field files and tagged
 sites, ``NoCutoff``, no box), samples it with OpenMM (Langevin-middle NVT at the state
 point's temperature) and evaluates each frame with its torch twin, whose sites are the
 liquid's (same keys and start values, so the same scaled variables). Its
@@ -118,12 +119,19 @@ class GasPhase:
         checkpoint); without it the molecule is minimised and given velocities at
         ``temperature``. Every random number of the sampling comes from the seed of each
         :meth:`sample`.
+    deterministic : bool
+        Repeatable OpenMM sampling (one CPU thread, deterministic forces:
+        :class:`~openmm_reversible.sampler.Sampler`).
+    molecule : str
+        How the error of a molecule without the liquid's trainable sites names it.
     """
 
     def __init__(self, forcefield_files, topology: app.Topology, positions: np.ndarray,
                  create_system_kwargs: dict, trainable_keys, temperature: float,
                  friction: float, timestep: float, platform: str = "auto",
-                 start: SampledState | None = None):
+                 start: SampledState | None = None, deterministic: bool = False,
+                 molecule: str = "gas = \"simulate\": the gas molecule (the structure's first "
+                                 "molecule)"):
         kwargs = {k: v for k, v in create_system_kwargs.items()
                   if k not in ("nonbondedCutoff", "ewaldErrorTolerance", "switchDistance",
                                "useDispersionCorrection")}
@@ -132,14 +140,14 @@ class GasPhase:
         if trainable_keys is not None and \
                 list(self.parameters.trainable_keys) != list(trainable_keys):
             raise InputError(
-                "gas = \"simulate\": the gas molecule (the structure's first molecule) has the "
-                f"trainable sites {self.parameters.trainable_keys}, the liquid "
-                f"{list(trainable_keys)}; simulate the gas phase of a pure liquid whose "
-                "molecule holds every tagged site, or give gas_energy instead")
+                f"{molecule} has the trainable sites {self.parameters.trainable_keys}, the "
+                f"liquid {list(trainable_keys)}; simulate the gas phase of a molecule that "
+                "holds every tagged site, or give gas_energy instead")
         self.potential = TorchPotential(self.parameters.system, parameters=self.parameters)
         self.temperature = float(temperature)
         self.sampler = Sampler(self.parameters.system, positions, None, temperature, friction,
                                timestep, platform=platform, seed=1,
+                               deterministic=deterministic,
                                max_temperature=MAX_TEMPERATURE_FACTOR * temperature)
         if start is None:
             self.sampler.minimize()

@@ -5,8 +5,9 @@ Beside ``log.jsonl`` (everything, one JSON object per epoch) a fit writes
 - ``state_data.csv``: one row per epoch in the layout of OpenMM's ``StateDataReporter``
   (``#"Epoch","Step","Time (ps)","Potential Energy (kJ/mole)",...``): the OpenMM state the epoch
   ended in, then the loss, each loss term and each scalar observable (RDF curves stay in the
-  log). Rewritten whole, atomically, from the epoch records after every epoch, so it always
-  matches the checkpoint: a resumed fit continues it without gaps or repeated rows.
+  log), and columns a fit adds (a gas system's ⟨E_gas⟩ and its standard error). Rewritten
+  whole, atomically, from the epoch records after every epoch, so it always matches the
+  checkpoint: a resumed fit continues it without gaps or repeated rows.
 - ``trajectory/epoch_NNNN.dcd`` (or ``.xtc``): frames of the epoch's OpenMM sampling, unwrapped
   positions and the box, with ``trajectory/topology.pdb`` to read them with mdtraj
   (``mdtraj.load("epoch_0001.dcd", top="topology.pdb")``), VMD or PyMOL. Each file is written
@@ -58,10 +59,10 @@ def state_values(sampler: Sampler) -> dict[str, float]:
     return values
 
 
-def state_data_columns(targets: Sequence[TargetConfig], state_points: bool = False
-                       ) -> list[str]:
+def state_data_columns(targets: Sequence[TargetConfig], state_points: bool = False,
+                       extra: Sequence[str] = ()) -> list[str]:
     """Column names of ``state_data.csv``: StateDataReporter's, then the fit's (with
-    ``state_points``, a ``State point`` column after ``Epoch``)."""
+    ``state_points``, a ``State point`` column after ``Epoch``), then ``extra``."""
     columns = ["Epoch", *(["State point"] if state_points else []), "Step", "Time (ps)",
                "Potential Energy (kJ/mole)",
                "Kinetic Energy (kJ/mole)", "Total Energy (kJ/mole)", "Temperature (K)",
@@ -69,23 +70,25 @@ def state_data_columns(targets: Sequence[TargetConfig], state_points: bool = Fal
     columns += [f"Loss {t.label}" for t in targets if t.weight > 0]
     columns += [f"{t.label} ({SCALAR_UNITS[t.observable]})" for t in targets
                 if t.observable != "rdf"]
-    return columns
+    return columns + list(extra)
 
 
 def state_data_csv(records: Sequence[dict], targets: Sequence[TargetConfig],
-                   state_points: bool = False) -> str:
+                   state_points: bool = False, extra: Sequence[str] = ()) -> str:
     """The epoch records as StateDataReporter-style CSV text (header line starts with ``#``).
 
     Each record needs ``epoch``, ``loss``, ``terms``, ``observables`` and ``state`` (the
     StateDataReporter-named values of :func:`state_values`), and ``state_point`` (its label)
-    with ``state_points``: one row per epoch and state point. Values are written at full
+    with ``state_points``: one row per epoch and state point. The ``extra`` columns take their
+    values from a record's ``columns`` (a dict by column name). Values are written at full
     precision (``repr``); a missing value (a non-periodic box, a target of another state
-    point) is an empty field.
+    point, a loss of a system without targets) is an empty field.
     """
-    columns = state_data_columns(targets, state_points)
+    columns = state_data_columns(targets, state_points, extra)
     lines = ["#" + ",".join(f'"{c}"' for c in columns)]
     for record in records:
-        values = {"Epoch": record["epoch"], "Loss": record["loss"], **record["state"]}
+        values = {"Epoch": record["epoch"], "Loss": record["loss"], **record["state"],
+                  **record.get("columns", {})}
         if state_points:
             values["State point"] = record["state_point"]
         for t in targets:

@@ -87,10 +87,10 @@ import openmm
 import torch
 from tqdm.auto import tqdm
 
-from .config import SCALAR_UNITS, FitConfig, StatePoint, to_dict, with_defaults
+from .config import SCALAR_UNITS, FitConfig, GasSystemConfig, StatePoint, to_dict, with_defaults
 from .errors import InputError, structure_errors
 from .export import xml_writes
-from .files import atomic_write_all, text_writer
+from .files import atomic_write_all, read_structure, text_writer
 from .gas import GasEstimate, GasPhase, first_molecule
 from .geometry import box_widths
 from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimulation
@@ -403,12 +403,13 @@ class Objective:
 
     @property
     def simulated_gas(self) -> list:
-        """The ΔHvap targets whose gas phase is simulated (``gas = "simulate"``)."""
+        """The ΔHvap targets whose gas phase is simulated (``gas = "simulate"``, or a gas
+        system's name)."""
         return [t for t in self.targets
-                if t.observable == "enthalpy_of_vaporization" and t.gas == "simulate"]
+                if t.observable == "enthalpy_of_vaporization" and t.gas is not None]
 
     def set_gas_energies(self, energies: dict[str, float]) -> None:
-        """Set the simulated ⟨E_gas⟩ (kJ/mol) of ``gas = "simulate"`` targets, by label."""
+        """Set the simulated ⟨E_gas⟩ (kJ/mol) of :attr:`simulated_gas` targets, by label."""
         for label, value in energies.items():
             self.gas_energy[label] = float(value)
 
@@ -1027,7 +1028,47 @@ def _replica_of(legs: Sequence[Leg], piece: ReplicaPiece) -> SampledReplica:
 
 
 GAS_STREAM = 7
-"""Seed stream of the simulated gas phases (after the epoch and attempt)."""
+"""Seed stream of the simulated gas phases (after the epoch and attempt; a gas system's state
+points: before their position)."""
+GAS_ENERGY = "Gas energy (kJ/mole)"
+GAS_STDERR = "Gas energy stderr (kJ/mole)"
+"""``state_data.csv`` columns of a gas system's rows: ⟨E_gas⟩ and its standard error."""
+
+
+def _stream(seed: int, *stream: int) -> int:
+    """``seed`` followed down the counter streams ``stream`` (:func:`counter_seed`)."""
+    for s in stream:
+        seed = counter_seed(seed, s)
+    return seed
+
+
+@dataclass
+class GasPoint:
+    """One state point of a gas system (``[[systems]]`` of ``kind = "gas"``): its molecule in
+    OpenMM, sampled once per epoch for the ΔHvap targets that name the system.
+
+    Attributes
+    ----------
+    system : GasSystemConfig
+    temperature : float, K
+    seed : int
+        Its seed stream; an epoch's sampling takes ``(seed, epoch, attempt)``.
+    phase : GasPhase
+    state : SampledState
+        Where the next epoch's sampling starts (every attempt of it: a failed attempt leaves
+        the molecule where it failed).
+    """
+
+    system: GasSystemConfig
+    temperature: float
+    seed: int
+    phase: GasPhase
+    state: SampledState
+
+    @property
+    def label(self) -> str:
+        """``"vapour 298.15 K"``, as a liquid's state point is labelled."""
+        return f"{self.system.name} {self.temperature:g} K"
 
 
 @dataclass
@@ -1151,6 +1192,9 @@ class Trainer:
                     f"{', '.join(self.parameters.trainable_keys)}; the systems of one fit "
                     "must share one set of tagged parameters (fit them separately)")
         self.regularization = Regularization(self.parameters, config.parameters)
+        self.gas_points = [self._gas_point(gas, temperature, len(self.legs) + j)
+                           for j, (gas, temperature) in enumerate(
+                               (g, t) for g in config.gases for t in g.temperature)]
         self.potential = first.model.potential
         self.objective = first.model.objective
         self.sampler = first.sampler
@@ -1197,6 +1241,10 @@ class Trainer:
 
     # -- setup and checkpoints ------------------------------------------------------------------
 
+    gas_points: Sequence[GasPoint] = ()
+    """Each state point of the config's gas systems (``[[systems]]`` of ``kind = "gas"``),
+    systems in order, then their temperatures."""
+
     CHECKPOINT_ENTRIES: tuple[str, ...] = _CHECKPOINT_ENTRIES
     """The entries :meth:`_checkpoint` writes (a trainer of other legs writes others)."""
 
@@ -1229,6 +1277,47 @@ class Trainer:
             sampler = Sampler.from_config(point.config, model.parameters.system,
                                           model.positions, model.topology)
         return Leg(point, model, sampler)
+
+    def _gas_point(self, gas: GasSystemConfig, temperature: float, index: int) -> GasPoint:
+        """State point ``temperature`` of a gas system, its molecule built, minimised and
+        given velocities (``index``: its position after the legs, for its seed).
+
+        Raises
+        ------
+        InputError
+            A ``structure.pdb`` that is not one molecule, or a molecule without the
+            liquid's trainable sites, named by the gas system.
+        """
+        config, sim = self.config, self.config.simulation
+        where = f"{gas.name} (kind = \"gas\")"
+        try:
+            with structure_errors(gas.structure.source, config.forcefield.files):
+                if gas.structure.molecule_of is not None:
+                    model = next(leg.model for leg in self.legs
+                                 if leg.point.system == gas.structure.molecule_of)
+                    topology, positions = first_molecule(model.topology, model.positions,
+                                                         model.parameters.system)
+                    kwargs = model.parameters.create_system_kwargs
+                else:
+                    pdb = read_structure(gas.structure.pdb)
+                    topology = pdb.topology
+                    positions = np.asarray(pdb.positions.value_in_unit(openmm.unit.nanometer),
+                                           dtype=float)
+                    kwargs = create_system_kwargs(dataclasses.replace(config, system=gas.system))
+                phase = GasPhase(config.forcefield.files, topology, positions, kwargs,
+                                 self.parameters.trainable_keys, temperature, sim.friction,
+                                 sim.timestep, sim.platform, deterministic=sim.deterministic,
+                                 molecule=f"the gas molecule ({gas.structure.source})")
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        count = len(molecules(topology, phase.parameters.system))
+        if count != 1:
+            raise InputError(f"{where}: structure.pdb {gas.structure.pdb} holds {count} "
+                             "molecules; a gas system is one molecule: give a PDB file of one, "
+                             "or structure.molecule_of = \"<liquid system>\" for the first "
+                             "molecule of a liquid")
+        return GasPoint(gas, temperature, _stream(sim.seed, GAS_STREAM, index), phase,
+                        phase.state)
 
     @staticmethod
     def _initial_state(leg: Leg) -> SampledState:
@@ -1305,13 +1394,21 @@ class Trainer:
         # The simulated gas molecules continue where they were (absent before they existed).
         self._gas_starts = {(int(k), label): _state_from(entry)
                             for (k, label), entry in checkpoint.get("gas_states", [])}
+        saved = dict(checkpoint.get("gas_system_states", []))
+        for point in self.gas_points:
+            if point.label not in saved:
+                raise InputError(f"{path} holds no state of the gas system's {point.label}; "
+                                 "pass the config the fit used, or start a new fit")
+            point.state = _state_from(saved[point.label])
 
     def _checkpoint(self) -> dict:
         """The checkpoint's entries; ``state`` is one state (a dict) for a config without
         ``[[systems]]``, else a list with one per state point; ``replica_states``, with
         ``schedule.replicas`` > 1, holds the end states of replicas 2, 3, ... of each state
         point (a list per state point); ``gas_states``, with ``gas = "simulate"`` targets,
-        ``((state point, label), state)`` of each simulated gas molecule."""
+        ``((state point, label), state)`` of each simulated gas molecule;
+        ``gas_system_states``, with gas systems, ``(label, state)`` of each of their state
+        points."""
         states = [_state_entry(leg.state) for leg in self.legs]
         replicas = ({"replica_states": [[_state_entry(r) for r in leg.replica_states]
                                         for leg in self.legs]}
@@ -1319,6 +1416,9 @@ class Trainer:
         if self._gas_phases:
             replicas["gas_states"] = [(key, _state_entry(phase.state))
                                       for key, phase in self._gas_phases.items()]
+        if self.gas_points:
+            replicas["gas_system_states"] = [(point.label, _state_entry(point.state))
+                                             for point in self.gas_points]
         return {
             "version": CHECKPOINT_VERSION, "epoch": self.epoch,
             "sites": self.parameters.names,
@@ -1338,10 +1438,7 @@ class Trainer:
 
     @staticmethod
     def _seed(leg: Leg, *stream: int) -> int:
-        seed = leg.point.config.simulation.seed
-        for s in stream:
-            seed = counter_seed(seed, s)
-        return seed
+        return _stream(leg.point.config.simulation.seed, *stream)
 
     def _replica_seed(self, leg: Leg, epoch: int, attempt: int, replica: int, *stream: int
                       ) -> int:
@@ -1401,7 +1498,7 @@ class Trainer:
             timings[key] = sum(replica.timings[key] for replica in sampled)
         timings.update(forward_s=0.0, backward_s=0.0)
         t = time.perf_counter()
-        gas = self._sample_gas(scaled, epoch, attempt)
+        gas, gas_systems = self._sample_gas(scaled, epoch, attempt)
         timings["gas_s"] = time.perf_counter() - t
         gas_values = [tuple((label, e.energy) for label, e in g.items()) for g in gas]
         count = sched.windows * sched.replicas
@@ -1494,8 +1591,12 @@ class Trainer:
             "rdf_bins": self.rdf_notes,
         }
         if any(gas):
+            # Each ΔHvap target's ⟨E_gas⟩ and d⟨E_gas⟩/d(scaled parameters).
             record["gas"] = {leg.point.key(label): {"energy": e.energy, "stderr": e.stderr,
-                                                    "frames": e.frames}
+                                                    "frames": e.frames,
+                                                    "gradient": dict(zip(
+                                                        keys, e.gradient.tolist(),
+                                                        strict=True))}
                              for leg, g in zip(self.legs, gas, strict=True)
                              for label, e in g.items()}
         if self._several:
@@ -1506,6 +1607,12 @@ class Trainer:
                                   "reconstruction_error": t["reconstruction_error"],
                                   "state": replica.state}
                 for leg, t, replica in zip(self.legs, legs, first, strict=True)}
+            record["state_points"].update({
+                point.label: {"system": point.system.name, "kind": "gas",
+                              "temperature": point.temperature, "pressure": None,
+                              "gas_energy": e.energy, "gas_energy_stderr": e.stderr,
+                              "frames": e.frames, "state": state_values(point.phase.sampler)}
+                for point, e in zip(self.gas_points, gas_systems, strict=True)})
         else:
             record["state"] = first[0].state
         if sched.replicas > 1:
@@ -1520,21 +1627,40 @@ class Trainer:
         ends = [[] for _ in self.legs]  # per leg, its replicas' end states in replica order
         for piece, replica in zip(replicas, sampled, strict=True):
             ends[piece.state_point].append(replica.end)
+        if self.gas_points:
+            record["gas_end_states"] = [point.phase.state for point in self.gas_points]
         record.update(end_states=ends,
                       frames=[replica.frames for replica in first], timings=timings)
         return record
 
     def _sample_gas(self, scaled: torch.Tensor, epoch: int, attempt: int
-                    ) -> list[dict[str, GasEstimate]]:
-        """Each leg's simulated gas phases (``gas = "simulate"`` targets) sampled by OpenMM at
-        the scaled values ``scaled``: per leg, by target label, ⟨E_gas⟩ with its standard
-        error and gradient. Each gas molecule continues from its last sampling; it is built
-        (:func:`~openmm_reversible.gas.first_molecule` of the leg's structure) on first use."""
+                    ) -> tuple[list[dict[str, GasEstimate]], list[GasEstimate]]:
+        """The simulated gas phases sampled by OpenMM at the scaled values ``scaled``, each
+        ⟨E_gas⟩ with its standard error and gradient: per leg, by target label, those its
+        ΔHvap targets use; and each gas system's state point (:attr:`gas_points`, sampled
+        first, once each, whichever targets name it). Each gas molecule continues from its
+        last sampling; that of a ``gas = "simulate"`` target is built
+        (:func:`~openmm_reversible.gas.first_molecule` of the leg's structure) on first
+        use."""
+        systems = []
+        for point in self.gas_points:
+            point.phase.sampler.restart(point.state, 1)  # sample() reseeds it
+            systems.append(estimate := point.phase.sample(
+                scaled, point.system.frames, point.system.every,
+                _stream(point.seed, epoch, attempt)))
+            tqdm.write(f"epoch {epoch} of {point.label}: gas energy {estimate.energy:.3f} ± "
+                       f"{estimate.stderr:.3f} kJ/mol ({estimate.frames} frames)")
         estimates = []
         for k, leg in enumerate(self.legs):
             found = {}
             sim = leg.point.config.simulation
             for t in leg.model.objective.simulated_gas:
+                if t.gas != "simulate":  # a gas system's, at the leg's temperature
+                    (found[t.label],) = [
+                        e for point, e in zip(self.gas_points, systems, strict=True)
+                        if point.system.name == t.gas
+                        and math.isclose(point.temperature, sim.temperature)]
+                    continue
                 phase = self._gas_phases.get((k, t.label))
                 if phase is None:
                     model = leg.model
@@ -1544,7 +1670,8 @@ class Trainer:
                                      model.parameters.create_system_kwargs,
                                      model.parameters.trainable_keys, sim.temperature,
                                      sim.friction, sim.timestep, sim.platform,
-                                     self._gas_starts.get((k, t.label)))
+                                     self._gas_starts.get((k, t.label)),
+                                     deterministic=sim.deterministic)
                     self._gas_phases[(k, t.label)] = phase
                 found[t.label] = estimate = phase.sample(
                     scaled, t.gas_frames, t.gas_every,
@@ -1553,7 +1680,7 @@ class Trainer:
                            f"{estimate.energy:.3f} ± {estimate.stderr:.3f} kJ/mol "
                            f"({estimate.frames} frames)")
             estimates.append(found)
-        return estimates
+        return estimates, systems
 
     def _label(self, state_point: int) -> dict:
         """``{"state_point": label}`` for the timings of a config with ``[[systems]]``."""
@@ -1657,6 +1784,8 @@ class Trainer:
         self._constrain_parameters()
         for leg, (state, *others) in zip(self.legs, record.pop("end_states"), strict=True):
             leg.state, leg.replica_states = state, others
+        for point, state in zip(self.gas_points, record.pop("gas_end_states", []), strict=True):
+            point.state = state
         frames = record.pop("frames")
         if equilibration:
             record["equilibration"] = equilibration
@@ -1729,7 +1858,15 @@ class Trainer:
                              **{key: {k[len(prefix):]: v for k, v in record[key].items()
                                       if k.startswith(prefix)}
                                 for key in ("terms", "observables")}})
-        return state_data_csv(rows, list(targets.values()), state_points=True)
+            for point in self.gas_points:  # no loss of their own: their energy and its error
+                part = record["state_points"][point.label]
+                rows.append({"epoch": record["epoch"], "state_point": point.label,
+                             "loss": None, "state": part["state"], "terms": {},
+                             "observables": {}, "columns": {
+                                 GAS_ENERGY: part["gas_energy"],
+                                 GAS_STDERR: part["gas_energy_stderr"]}})
+        extra = (GAS_ENERGY, GAS_STDERR) if self.gas_points else ()
+        return state_data_csv(rows, list(targets.values()), state_points=True, extra=extra)
 
     def panels(self) -> list[Panel]:
         """What :func:`plot_training` draws: each target of each leg, keyed as in the log."""

@@ -12,7 +12,7 @@ import openmm
 import pytest
 import torch
 from openmm import app, unit
-from water_systems import TAGGED_TIP3P
+from water_systems import TAGGED_TIP3P, water_fit_files
 
 from openmm_reversible.config import load_config
 from openmm_reversible.errors import InputError
@@ -127,36 +127,6 @@ def test_gas_energy_gradient_against_finite_differences_of_openmm_runs(tmp_path)
     assert abs(grad - fd) < 3 * np.hypot(fd_err, grad_err), (grad, grad_err, fd, fd_err)
 
 
-WATER_XML = """<ForceField>
- <AtomTypes>
-  <Type name="tip3p-O" class="OW" element="O" mass="15.99943"/>
-  <Type name="tip3p-H" class="HW" element="H" mass="1.007947"/>
- </AtomTypes>
- <Residues>
-  <Residue name="HOH">
-   <Atom name="O" type="tip3p-O"/>
-   <Atom name="H1" type="tip3p-H"/>
-   <Atom name="H2" type="tip3p-H"/>
-   <Bond atomName1="O" atomName2="H1"/>
-   <Bond atomName1="O" atomName2="H2"/>
-  </Residue>
- </Residues>
- <HarmonicBondForce>
-  <Bond class1="OW" class2="HW" length="0.09572" k="462750.4" parameterize="k"/>
- </HarmonicBondForce>
- <HarmonicAngleForce>
-  <Angle class1="HW" class2="OW" class3="HW" angle="1.82421813418" k="836.8"/>
- </HarmonicAngleForce>
- <NonbondedForce coulomb14scale="0.833333" lj14scale="0.5">
-  <Atom type="tip3p-O" charge="-0.834" sigma="0.31507524065751241" epsilon="0.635968"
-        parameterize="charge, epsilon"/>
-  <Atom type="tip3p-H" charge="0.417" sigma="1" epsilon="0"
-        parameter_eval="charge=-0.5*PARM['Atom/charge/tip3p-O']"/>
- </NonbondedForce>
-</ForceField>
-"""
-"""Flexible TIP3P (OpenMM's values) with the bond k, O charge and O epsilon trainable."""
-
 CONFIG = """
 [forcefield]
 files = ["{xml}"]
@@ -193,20 +163,8 @@ gas_every = 10
 """
 
 
-def _fit_files(tmp_path: Path, config: str) -> Path:
-    """A 32-water box (water.pdb), WATER_XML and the config, in tmp_path."""
-    modeller = app.Modeller(app.Topology(), [])
-    modeller.addSolvent(app.ForceField("tip3p.xml"), model="tip3p", numAdded=32,
-                        neutralize=False)
-    with open(tmp_path / "water.pdb", "w") as f:
-        app.PDBFile.writeFile(modeller.topology, modeller.positions, f)
-    (tmp_path / "water.xml").write_text(WATER_XML)
-    (tmp_path / "fit.toml").write_text(config)
-    return tmp_path / "fit.toml"
-
-
 def test_liquid_and_gas_fit_epoch_logs_both_and_chains_the_gas_gradient(tmp_path):
-    config = load_config(_fit_files(tmp_path, CONFIG.format(xml="water.xml")))
+    config = load_config(water_fit_files(tmp_path, CONFIG.format(xml="water.xml")))
     trainer = Trainer(config, tmp_path / "out", progress=False)
     try:
         record = trainer.run_epoch()
@@ -239,12 +197,12 @@ def test_gas_key_errors_name_the_key(tmp_path):
              r"targets\[0\]\.gas: only enthalpy_of_vaporization targets take it"),
             ('gas = "simulate"\n', '', r"targets\[0\]\.gas_frames: only a target with gas")):
         with pytest.raises(InputError, match=message):
-            load_config(_fit_files(tmp_path, good.replace(old, new)))
+            load_config(water_fit_files(tmp_path, good.replace(old, new)))
 
 
 def test_fit_with_a_simulated_gas_resumes_exactly(tmp_path):
     """The gas molecule's state is in the checkpoint: 1 + 1 resumed epochs = 2 epochs."""
-    config = load_config(_fit_files(tmp_path, CONFIG.format(xml="water.xml").replace(
+    config = load_config(water_fit_files(tmp_path, CONFIG.format(xml="water.xml").replace(
         "gas_frames = 200", "gas_frames = 50")))
     config = dataclasses.replace(config, schedule=dataclasses.replace(config.schedule, epochs=2))
     straight = fit(config, tmp_path / "straight", progress=False)
