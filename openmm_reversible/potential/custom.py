@@ -47,11 +47,12 @@ from openmm import unit
 from ..errors import InputError
 from ..geometry import CutoffPairs, minimum_image
 from ..methods import PAIRWISE_METHODS
-from . import register
+from . import fused, register
 from .base import ParameterTable, Term, UnsupportedForceError
 from .bonded import bond_angle, bond_length, dihedral_angle
 from .expression import Expression, ExpressionError, TabulatedFunction, tabulated_function
 from .nonbonded import switching_function
+from .symbolic import CustomPairLaw, UntranslatableError, custom_pair_law
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -395,6 +396,8 @@ class CustomNonbondedTerm(Term):
             else CutoffPairs(self.cutoff, skin, n, self.excluded_keys)
         self._classes: tuple | None = None  # (binding count, representatives, pair counts)
         self._levels: tuple | None = None   # (parameter values, quadrature levels)
+        self._translation: tuple | None = None  # (CustomPairLaw or None, why not)
+        self._fused_pairs: tuple | None = None  # (candidates, fused.PairList) per list build
 
     # ---- construction helpers
 
@@ -554,10 +557,71 @@ class CustomNonbondedTerm(Term):
         n = float(self.n_particles)
         return 2.0 * math.pi * n * n * (weights * integral).sum() / (n * (n + 1) / 2)
 
+    # ---- fused kernels
+
+    def _fused_translation(self) -> tuple[CustomPairLaw | None, str]:
+        """The energy as a fused pair law (:mod:`.symbolic`, made on first use), or None and
+        why not."""
+        if self._translation is None:
+            if self.groups:
+                self._translation = (None, "interaction groups are not on the fused path")
+            else:
+                tabulated = tuple((name, f.n_args) for name, f in
+                                  zip(self.energy.function_names, self.energy.tabulated,
+                                      strict=True))
+                try:
+                    law = custom_pair_law(self.energy.text, self.tables["particles"].columns,
+                                          self.tables["globals"].columns, self.switch_distance,
+                                          self.cutoff, tabulated)
+                    self._translation = (law, "")
+                except UntranslatableError as error:
+                    self._translation = (None, str(error))
+        return self._translation
+
+    @property
+    def has_fused(self) -> bool:
+        """Whether the energy translates into a fused pair law (no tabulated functions, no
+        interaction groups)."""
+        return self._fused_translation()[0] is not None
+
+    def fused_fallback_reason(self) -> str:
+        return self._fused_translation()[1]
+
+    def _fused_pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                           particles: torch.Tensor, globals_row: torch.Tensor) -> torch.Tensor:
+        """The pair sum of :meth:`forward` by the generated pair kernel: the candidate pairs
+        (excluded ones left out), the kernel selecting those within the cutoff; the global
+        parameters ride in every particle row (their derivatives summed back by autograd)."""
+        translation, reason = self._fused_translation()
+        if translation is None:
+            raise NotImplementedError(f"{self.name} (force {self.force_index}) has no fused "
+                                      f"kernel: {reason}")
+        shifts = wraps = None
+        suspect = math.inf
+        if self.cutoff_pairs is not None:
+            i, j, shifts, wraps, suspect = self.cutoff_pairs.candidates(positions, box)
+        else:
+            i, j = self.fixed_first, self.fixed_second
+        if self._fused_pairs is None or self._fused_pairs[0] is not i:
+            self._fused_pairs = (i, fused.pair_list(i, j, shifts))
+        rows = torch.cat([particles, globals_row.expand(particles.shape[0], -1)], 1)
+        return fused.pair_energy(translation.law, positions, box, self._fused_pairs[1], rows,
+                                 translation.constants, self.cutoff, wraps, suspect)
+
     # ---- energy
 
     def forward(self, positions: torch.Tensor, box: torch.Tensor | None,
                 sites: torch.Tensor | None = None) -> torch.Tensor:
+        return self._energy(positions, box, sites, use_fused=False)
+
+    def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     sites: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` with the pair sum by the generated pair kernel (:mod:`.fused`); the
+        long-range correction by autograd."""
+        return self._energy(positions, box, sites, use_fused=True)
+
+    def _energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                sites: torch.Tensor | None, use_fused: bool) -> torch.Tensor:
         if self.periodic:
             if box is None:
                 raise InputError(f"{self.name} (force {self.force_index}) uses CutoffPeriodic "
@@ -568,8 +632,22 @@ class CustomNonbondedTerm(Term):
                                  "larger box or a shorter cutoff")
         dtype = positions.dtype
         particles = self.tables["particles"](sites).to(dtype)
-        global_env = _table_env(self.tables["globals"](sites).to(dtype)[0],
-                                self.tables["globals"].columns)
+        globals_row = self.tables["globals"](sites).to(dtype)
+        global_env = _table_env(globals_row[0], self.tables["globals"].columns)
+        box_used = box if self.periodic else None
+        if use_fused:
+            energy = self._fused_pair_energy(positions, box_used, particles, globals_row)
+        else:
+            energy = self._pair_energy(positions, box, particles, global_env)
+        if self.long_range_correction:
+            volume = box[0, 0] * box[1, 1] * box[2, 2]
+            energy = energy + self.long_range_coefficient(particles, global_env) / volume
+        return energy
+
+    def _pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     particles: torch.Tensor, global_env: Mapping[str, torch.Tensor]
+                     ) -> torch.Tensor:
+        """Σ over interacting pairs of the (switched) expression, by autograd, kJ/mol."""
         first, second, d = self.pairs(positions, box)
         r = torch.linalg.vector_norm(d, dim=-1)
         env = dict(global_env)
@@ -579,11 +657,7 @@ class CustomNonbondedTerm(Term):
         pair_energy = torch.broadcast_to(self.energy(env), r.shape)
         if self.switch_distance is not None:
             pair_energy = pair_energy * switching_function(r, self.switch_distance, self.cutoff)
-        energy = pair_energy.sum()
-        if self.long_range_correction:
-            volume = box[0, 0] * box[1, 1] * box[2, 2]
-            energy = energy + self.long_range_coefficient(particles, global_env) / volume
-        return energy
+        return pair_energy.sum()
 
 
 # --------------------------------------------------------------------------- registry

@@ -157,6 +157,9 @@ def _sympy_classes() -> tuple:
         def _print_Erfcx(self, expr) -> str:
             return f"erfcx({self._print(expr.args[0])})"
 
+        def _print_Detached(self, expr) -> str:  # lawmath.detach: a value, no derivative
+            return f"({self._print(expr.args[0])})"
+
     return Erfcx, Printer
 
 
