@@ -52,7 +52,7 @@ from .base import ParameterTable, Term, UnsupportedForceError
 from .bonded import bond_angle, bond_length, dihedral_angle
 from .expression import Expression, ExpressionError, TabulatedFunction, tabulated_function
 from .nonbonded import switching_function
-from .symbolic import CustomPairLaw, UntranslatableError, custom_pair_law
+from .symbolic import CustomPairLaw, UntranslatableError, custom_pair_law, inert_columns
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -397,7 +397,7 @@ class CustomNonbondedTerm(Term):
         self._classes: tuple | None = None  # (binding count, representatives, pair counts)
         self._levels: tuple | None = None   # (parameter values, quadrature levels)
         self._translation: tuple | None = None  # (CustomPairLaw or None, why not)
-        self._fused_pairs: tuple | None = None  # (candidates, fused.PairList) per list build
+        self._fused_pairs: tuple | None = None  # (candidates, off 1, off 2, fused.PairList)
 
     # ---- construction helpers
 
@@ -602,10 +602,22 @@ class CustomNonbondedTerm(Term):
             i, j, shifts, wraps, suspect = self.cutoff_pairs.candidates(positions, box)
         else:
             i, j = self.fixed_first, self.fixed_second
-        if self._fused_pairs is None or self._fused_pairs[0] is not i:
-            self._fused_pairs = (i, fused.pair_list(i, j, shifts))
         rows = torch.cat([particles, globals_row.expand(particles.shape[0], -1)], 1)
-        return fused.pair_energy(translation.law, positions, box, self._fused_pairs[1], rows,
+        # Pairs that a zero parameter switches off entirely (inert_columns) are left
+        # out, as the NonbondedForce kernels leave out pairs without Lennard-Jones.
+        live = torch.cat([self.tables["particles"].bound_columns,
+                          self.tables["globals"].bound_columns + particles.shape[1]])
+        inert = inert_columns(translation, tuple(torch.unique(live).tolist()))
+        detached = rows.detach()
+        off1, off2 = ((detached[:, list(columns)] == 0).any(1) for columns in inert)
+        cache = self._fused_pairs
+        if (cache is None or cache[0] is not i or not torch.equal(cache[1], off1)
+                or not torch.equal(cache[2], off2)):
+            keep = torch.nonzero(~(off1[i] | off2[j])).squeeze(1)
+            cache = (i, off1, off2, fused.pair_list(i[keep], j[keep],
+                                                    None if shifts is None else shifts[keep]))
+            self._fused_pairs = cache
+        return fused.pair_energy(translation.law, positions, box, cache[3], rows,
                                  translation.constants, self.cutoff, wraps, suspect)
 
     # ---- energy

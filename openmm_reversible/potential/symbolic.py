@@ -20,6 +20,10 @@ derivative):
   branches; ``abs``: derivative 0 at 0; ``min``/``max``: torch's values and derivatives, the
   derivative split in halves at a tie; ``floor``/``ceil``: detached.
 
+One difference is left, at a single point: at an exponent of exactly 0, torch's ``pow`` gives
+``∂²(x^y)/∂x∂y = 0`` (its ``∂/∂x`` is masked to 0 there) where the true value, which the fused
+path gives, is ``1/x``.
+
 A guard that sympy's assumptions decide (``r > 0``, a positive literal) is dropped, so the
 common ``.../r^6`` costs no branch. Literal numbers that are not integers are passed to the
 kernels as constants (their exact float64 values), integers stay symbolic (exact powers).
@@ -296,10 +300,55 @@ def custom_pair_law(text: str, columns: tuple[str, ...], global_names: tuple[str
     return CustomPairLaw(law, constants)
 
 
+@functools.cache
+def inert_columns(pair_law: CustomPairLaw, live: tuple[int, ...]
+                  ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Columns that switch a pair off: a zero there makes the pair contribute nothing.
+
+    A column ``m`` is inert for the first particle when, with ``a[m] = 0``, the law and every
+    derivative the kernels use vanish identically in the other variables: ``u``, ``u'``,
+    ``u''`` and, for every ``live`` column ``p`` (of either particle), ``∂u/∂p``, ``∂u'/∂p``
+    and ``∂²u/∂p∂q``. Derivatives with respect to the other columns are not needed: nothing
+    receives them (their cotangents are zero too). Pairs with such a zero can be left out of
+    the kernels without changing any result (water hydrogens with zero well depth: eight pairs
+    in nine). Decided by sympy, once per law and live set; a vanishing it cannot prove keeps
+    the pairs.
+
+    Parameters
+    ----------
+    pair_law : CustomPairLaw
+    live : tuple of int
+        Row columns (per-particle, then global) whose derivatives are needed.
+
+    Returns
+    -------
+    (tuple of int, tuple of int)
+        The inert columns for the first and for the second particle of a pair.
+    """
+    sympy = _sympy()
+    spec = pair_law.law
+    r = sympy.Symbol("r", positive=True)
+    a, b = (tuple(sympy.Symbol(f"{s}{m}", real=True) for m in range(spec.n_params))
+            for s in "ab")
+    c = tuple(sympy.Symbol(f"c{m}", real=True) for m in range(spec.n_consts))
+    u = sympy.sympify(spec.law(r, a, b, c))
+    variables = [a[m] for m in live] + [b[m] for m in live]
+    first = [u, sympy.diff(u, r)] + [sympy.diff(u, p) for p in variables]
+    needed = first + [sympy.diff(first[1], r)] + [sympy.diff(f, p) for f in first[1:]
+                                                  for p in variables]
+
+    def inert(symbol) -> bool:
+        return all(sympy.sympify(e).subs(symbol, 0) == 0 for e in needed)
+
+    return (tuple(m for m in range(spec.n_params) if inert(a[m])),
+            tuple(m for m in range(spec.n_params) if inert(b[m])))
+
+
 def _placeholders(root: expression.Node) -> dict:
     """A symbol for every free variable (to check that a tree translates)."""
     sympy = _sympy()
     return {name: sympy.Symbol(name, real=True) for name in expression.free_variables(root)}
 
 
-__all__ = ["CustomPairLaw", "UntranslatableError", "custom_pair_law", "literals", "to_sympy"]
+__all__ = ["CustomPairLaw", "UntranslatableError", "custom_pair_law", "inert_columns", "literals",
+           "to_sympy"]
