@@ -3,11 +3,13 @@ forces, Hessian-vector products and parameter VJPs (float64, ≤ 1e-12 relative)
 three functional forms (global shape parameters trained as well), a switched form under every
 cutoff method, and every Lepton built-in at the points where the safe functions matter; the
 pairs a zero parameter switches off; the autograd fallback and why; bitwise determinism
-whatever the thread count.
+whatever the thread count; CustomBondForce, CustomAngleForce and CustomTorsionForce through
+the generated chain kernel.
 
 Systems: 20 flexible waters from the paper's force fields (examples/paper/forcefields), reaction
 field with a 0.4 nm cutoff; a 40-particle periodic box of random particles (two classes,
-exclusions) built with the OpenMM API.
+exclusions) built with the OpenMM API; the 48-atom chain molecule of tests/test_fused.py for
+the bonded forms.
 """
 
 import warnings
@@ -232,3 +234,46 @@ def test_reversible_matches_bptt_with_a_custom_form(kernel_calls):
     assert err < TOL
     assert info["reconstruction_error"] < 1e-12
     assert kernel_calls
+
+
+CUSTOM_BONDED = [
+    (openmm.CustomBondForce, "Bond", 2,
+     "D*(1-exp(-a*(r-r0)))^2 + c*step(r-r0)*(r-r0)^3", ("D", "a", "r0"), {"c": 50.0}),
+    (openmm.CustomAngleForce, "Angle", 3,
+     "0.5*k*(cos(theta)-cos(theta0))^2 + b*abs(theta-theta0)", ("k", "theta0"), {"b": 0.3}),
+    (openmm.CustomTorsionForce, "Torsion", 4,
+     "k*(1+cos(n*theta-phase)) + g*min(theta, 0.5)^2", ("k", "n", "phase"), {"g": 0.7}),
+]
+
+
+@pytest.mark.parametrize("periodic", [False, True])
+def test_custom_bonded_forces_match_autograd(periodic, kernel_calls):
+    """CustomBondForce, CustomAngleForce and CustomTorsionForce on the chain molecule through
+    the generated chain kernel, per-item and global parameters bound."""
+    system, x, box = test_fused.chain_system("CutoffPeriodic", periodic_bonds=periodic,
+                                             box=TRICLINIC if periodic else None)
+    rng = np.random.default_rng(7)
+    n = x.shape[0]
+    for cls, kind, width, energy, per_item, global_values in CUSTOM_BONDED:
+        force = cls(energy)
+        for name in per_item:
+            getattr(force, f"addPer{kind}Parameter")(name)
+        for name, value in global_values.items():
+            force.addGlobalParameter(name, value)
+        for k in range(n - width + 1):
+            values = {"D": 300.0, "a": 20.0, "r0": 0.14 + 0.02 * rng.random(),
+                      "k": 50.0 + 10 * rng.random(), "theta0": 1.9, "n": float(1 + k % 3),
+                      "phase": rng.random()}
+            getattr(force, f"add{kind}")(*range(k, k + width), [values[p] for p in per_item])
+        force.setUsesPeriodicBoundaryConditions(periodic)
+        system.addForce(force)
+    terms = TorchPotential(system).terms[-3:]
+    assert [t.name for t in terms] == ["CustomBondForce", "CustomAngleForce",
+                                       "CustomTorsionForce"]
+    for term in terms:
+        assert term.has_fused
+        sites = bind_all(term)
+        reference = derivatives(lambda y, s, t=term: t(y, box, s), x, sites)
+        assert_close(derivatives(lambda y, s, t=term: t.fused_energy(y, box, s), x, sites),
+                     reference)
+    assert len(kernel_calls) == 3

@@ -47,12 +47,11 @@ from openmm import unit
 from ..errors import InputError
 from ..geometry import CutoffPairs, minimum_image
 from ..methods import PAIRWISE_METHODS
-from . import fused, register
+from . import fused, register, symbolic
 from .base import ParameterTable, Term, UnsupportedForceError
 from .bonded import bond_angle, bond_length, dihedral_angle
 from .expression import Expression, ExpressionError, TabulatedFunction, tabulated_function
 from .nonbonded import switching_function
-from .symbolic import CustomPairLaw, UntranslatableError, custom_pair_law, inert_columns
 
 # --------------------------------------------------------------------------- shared pieces
 
@@ -83,6 +82,12 @@ def _table_env(table: torch.Tensor, columns: Sequence[str], rows: torch.Tensor |
     None)."""
     values = table if rows is None else table[rows]
     return {name + suffix: values[..., k] for k, name in enumerate(columns)}
+
+
+def _arities(energy: Expression) -> tuple[tuple[str, int], ...]:
+    """``(name, number of arguments)`` of the tabulated functions an expression may call."""
+    return tuple((name, f.n_args) for name, f in
+                 zip(energy.function_names, energy.tabulated, strict=True))
 
 
 def _check_variables(owner: str, energy: Expression, defined: Iterable[str]) -> None:
@@ -149,6 +154,7 @@ class CustomBondedTerm(Term):
         self.tables["globals"] = _globals_table(global_names, global_values)
         _check_variables(self.name, self.energy,
                          [self.coordinate, *parameter_names, *global_names])
+        self._translation: tuple | None = None  # ((fused.ChainLaw, constants) or None, why)
 
     @property
     def n_items(self) -> int:
@@ -174,13 +180,56 @@ class CustomBondedTerm(Term):
                    tabulated_functions(force), force.usesPeriodicBoundaryConditions(),
                    force_index)
 
+    def _fused_translation(self) -> tuple[tuple | None, str]:
+        """``(fused.ChainLaw, constants)`` of the energy (:mod:`.symbolic`, made on first
+        use), or None and why not."""
+        if self._translation is None:
+            try:
+                law = symbolic.custom_chain_law(
+                    self.energy.text, self.coordinate, self.atoms_per_item,
+                    self.tables[self.table_name].columns, self.tables["globals"].columns,
+                    _arities(self.energy))
+                self._translation = (law, "")
+            except symbolic.UntranslatableError as error:
+                self._translation = (None, str(error))
+        return self._translation
+
+    @property
+    def has_fused(self) -> bool:
+        """Whether the energy translates into a fused chain law (no tabulated functions)."""
+        return self._fused_translation()[0] is not None
+
+    def fused_fallback_reason(self) -> str:
+        return self._fused_translation()[1]
+
+    def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     sites: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` by the generated chain kernel (:mod:`.fused`); the global
+        parameters ride in every item's row (their derivatives summed back by autograd)."""
+        translation, reason = self._fused_translation()
+        if translation is None:
+            raise NotImplementedError(f"{self.name} (force {self.force_index}) has no fused "
+                                      f"kernel: {reason}")
+        if self.n_items == 0:
+            return positions.new_zeros(())
+        self._check_box(box)
+        law, constants = translation
+        dtype = positions.dtype
+        rows = torch.cat([self.tables[self.table_name](sites).to(dtype),
+                          self.tables["globals"](sites).to(dtype).expand(self.n_items, -1)], 1)
+        return fused.chain_energy(law, positions, box, self.atoms, rows, constants,
+                                  periodic=self.periodic)
+
+    def _check_box(self, box: torch.Tensor | None) -> None:
+        if self.periodic and box is None:
+            raise InputError(f"{self.name} (force {self.force_index}) uses periodic boundary "
+                             "conditions but no box was given; pass the periodic box vectors")
+
     def forward(self, positions: torch.Tensor, box: torch.Tensor | None,
                 sites: torch.Tensor | None = None) -> torch.Tensor:
         if self.n_items == 0:
             return positions.new_zeros(())
-        if self.periodic and box is None:
-            raise InputError(f"{self.name} (force {self.force_index}) uses periodic boundary "
-                             "conditions but no box was given; pass the periodic box vectors")
+        self._check_box(box)
         x = positions[self.atoms]
         chain = x[:, 1:] - x[:, :-1]
         if self.periodic:
@@ -396,7 +445,7 @@ class CustomNonbondedTerm(Term):
             else CutoffPairs(self.cutoff, skin, n, self.excluded_keys)
         self._classes: tuple | None = None  # (binding count, representatives, pair counts)
         self._levels: tuple | None = None   # (parameter values, quadrature levels)
-        self._translation: tuple | None = None  # (CustomPairLaw or None, why not)
+        self._translation: tuple | None = None  # (symbolic.CustomPairLaw or None, why)
         self._fused_pairs: tuple | None = None  # (candidates, off 1, off 2, fused.PairList)
 
     # ---- construction helpers
@@ -559,22 +608,20 @@ class CustomNonbondedTerm(Term):
 
     # ---- fused kernels
 
-    def _fused_translation(self) -> tuple[CustomPairLaw | None, str]:
+    def _fused_translation(self) -> tuple[symbolic.CustomPairLaw | None, str]:
         """The energy as a fused pair law (:mod:`.symbolic`, made on first use), or None and
         why not."""
         if self._translation is None:
             if self.groups:
                 self._translation = (None, "interaction groups are not on the fused path")
             else:
-                tabulated = tuple((name, f.n_args) for name, f in
-                                  zip(self.energy.function_names, self.energy.tabulated,
-                                      strict=True))
                 try:
-                    law = custom_pair_law(self.energy.text, self.tables["particles"].columns,
-                                          self.tables["globals"].columns, self.switch_distance,
-                                          self.cutoff, tabulated)
+                    law = symbolic.custom_pair_law(
+                        self.energy.text, self.tables["particles"].columns,
+                        self.tables["globals"].columns, self.switch_distance, self.cutoff,
+                        _arities(self.energy))
                     self._translation = (law, "")
-                except UntranslatableError as error:
+                except symbolic.UntranslatableError as error:
                     self._translation = (None, str(error))
         return self._translation
 
@@ -603,11 +650,11 @@ class CustomNonbondedTerm(Term):
         else:
             i, j = self.fixed_first, self.fixed_second
         rows = torch.cat([particles, globals_row.expand(particles.shape[0], -1)], 1)
-        # Pairs that a zero parameter switches off entirely (inert_columns) are left
+        # Pairs that a zero parameter switches off entirely (symbolic.inert_columns) are left
         # out, as the NonbondedForce kernels leave out pairs without Lennard-Jones.
         live = torch.cat([self.tables["particles"].bound_columns,
                           self.tables["globals"].bound_columns + particles.shape[1]])
-        inert = inert_columns(translation, tuple(torch.unique(live).tolist()))
+        inert = symbolic.inert_columns(translation, tuple(torch.unique(live).tolist()))
         detached = rows.detach()
         off1, off2 = ((detached[:, list(columns)] == 0).any(1) for columns in inert)
         cache = self._fused_pairs

@@ -3,7 +3,9 @@
 :mod:`.expression` parses a ``Custom*Force`` energy into a tree (:class:`~.expression.Number`,
 :class:`~.expression.Name`, :class:`~.expression.Call`) and evaluates it with torch. Here the
 same tree becomes a sympy expression with the *same* values and derivatives, so that
-:mod:`.fused` can differentiate it and generate its kernels (:func:`custom_pair_law`).
+:mod:`.fused` can differentiate it and generate its kernels: a ``CustomNonbondedForce`` energy
+as a pair law (:func:`custom_pair_law`), a custom bond, angle or torsion energy as a chain law
+of its internal coordinate (:func:`custom_chain_law`).
 
 The torch evaluation uses :mod:`openmm_reversible.safe_math` (every derivative 0 where the
 plain one is infinite or undefined) and Lepton's piecewise functions; each has an exact
@@ -38,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import expression, fused, lawmath
+from .bonded import bond_angle, bond_length, dihedral_angle
 from .expression import Call, Name, Number
 from .nonbonded import switching_function
 
@@ -344,11 +347,74 @@ def inert_columns(pair_law: CustomPairLaw, live: tuple[int, ...]
             tuple(m for m in range(spec.n_params) if inert(b[m])))
 
 
+# --------------------------------------------------------------------------- chain laws
+
+_GEOMETRY = {2: bond_length, 3: bond_angle, 4: dihedral_angle}
+"""The internal coordinate of a chain of 2, 3 or 4 atoms (the custom bonded terms' own)."""
+
+
+def _chain_law(text: str, coordinate: str, width: int, columns: tuple[str, ...],
+               global_names: tuple[str, ...], vectors, p, c):
+    """The law of :func:`custom_chain_law` at the generator's symbols (``c``: literals)."""
+    sympy = _sympy()
+    root = expression.parse(text)
+    values = literals(root)
+    known = [sympy.Symbol(f"k{m}", positive=True) if v > 0 else
+             sympy.Symbol(f"k{m}", negative=True) for m, v in enumerate(values)]
+    # a bond length is positive (guards on it dropped); angles are only real
+    value = sympy.Symbol("value", positive=True) if width == 2 else sympy.Symbol("value",
+                                                                                 real=True)
+    names = {g: p[len(columns) + m] for m, g in enumerate(global_names)}
+    names.update({name: p[m] for m, name in enumerate(columns)})
+    names[coordinate] = value
+    energy = to_sympy(root, names, known)
+    return energy.xreplace({value: _GEOMETRY[width](*vectors), **dict(zip(known, c, strict=True))})
+
+
+@functools.cache
+def custom_chain_law(text: str, coordinate: str, width: int, columns: tuple[str, ...],
+                     global_names: tuple[str, ...], tabulated: tuple[tuple[str, int], ...] = ()
+                     ) -> tuple[fused.ChainLaw, tuple[float, ...]]:
+    """The fused chain law of a ``CustomBondForce``/``CustomAngleForce``/``CustomTorsionForce``
+    energy (cached per arguments), and its constants (the expression's literals).
+
+    Parameters
+    ----------
+    text : str
+        The Lepton energy of one item.
+    coordinate : str
+        Its variable: ``"r"`` (bond length, nm) or ``"theta"`` (angle or dihedral, rad).
+    width : int
+        Atoms per item: 2, 3 or 4.
+    columns, global_names : tuple of str
+        Per-item and global parameter names; the law's rows hold the per-item values, then
+        the global ones (the same in every row).
+    tabulated : tuple of (str, int)
+        The force's tabulated functions and their numbers of arguments.
+
+    Raises
+    ------
+    UntranslatableError
+        An expression without a symbolic form (tabulated functions).
+    """
+    root = expression.parse(text, dict(tabulated))
+    n_literals = len(literals(root))
+    to_sympy(root, _placeholders(root), [_sympy().Symbol(f"k{m}") for m in range(n_literals)],
+             frozenset(name for name, _ in tabulated))
+    digest = hashlib.sha256(repr((text, coordinate, width, columns, global_names)).encode())
+    law = fused.ChainLaw(
+        f"custom_chain{width}_{digest.hexdigest()[:16]}",
+        functools.partial(_chain_law, text, coordinate, width, columns, global_names),
+        width=width, n_params=len(columns) + len(global_names), n_consts=n_literals,
+        sources=(_chain_law, expression.parse, *_GEOMETRY.values()))
+    return law, literals(root)
+
+
 def _placeholders(root: expression.Node) -> dict:
     """A symbol for every free variable (to check that a tree translates)."""
     sympy = _sympy()
     return {name: sympy.Symbol(name, real=True) for name in expression.free_variables(root)}
 
 
-__all__ = ["CustomPairLaw", "UntranslatableError", "custom_pair_law", "inert_columns", "literals",
-           "to_sympy"]
+__all__ = ["CustomPairLaw", "UntranslatableError", "custom_chain_law", "custom_pair_law",
+           "inert_columns", "literals", "to_sympy"]
