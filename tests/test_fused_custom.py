@@ -9,7 +9,7 @@ the generated chain kernel.
 Systems: 20 flexible waters from the paper's force fields (examples/paper/forcefields), reaction
 field with a 0.4 nm cutoff; a 40-particle periodic box of random particles (two classes,
 exclusions) built with the OpenMM API; the 48-atom chain molecule of tests/test_fused.py for
-the bonded forms.
+the bonded forms; the `benchmark forces --forcefield` path at a small box.
 """
 
 import warnings
@@ -277,3 +277,15 @@ def test_custom_bonded_forces_match_autograd(periodic, kernel_calls):
         assert_close(derivatives(lambda y, s, t=term: t.fused_energy(y, box, s), x, sites),
                      reference)
     assert len(kernel_calls) == 3
+
+
+def test_forces_benchmark_times_a_paper_form_on_the_fused_path(kernel_calls):
+    from openmm_reversible.benchmarks import forces
+
+    record = forces.measure(box_size=1.5, cutoff=0.7, repeats=1, openmm_steps=2,
+                            forcefield=str(FORCEFIELDS / "double_exponential.xml"),
+                            progress=False)
+    assert record["forcefield"].endswith("double_exponential.xml")
+    assert record["fused_force_vjp_ms"] > 0 and record["torch_force_vjp_ms"] > 0
+    assert any(evaluation.kernels["forward"].__module__.startswith("fused_custom_nonbonded")
+               for evaluation in kernel_calls)
