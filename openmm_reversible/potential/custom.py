@@ -20,6 +20,12 @@ parameter (tables ``"bonds"``, ``"angles"``, ``"torsions"``, ``"particles"``), a
 System). Autograd then gives forces, Hessian-vector products and derivatives with respect to
 every parameter, global ones included.
 
+Fused path (``fused_energy``): the same expression translated into a sympy law
+(:mod:`.symbolic`) runs through the generated kernels of :mod:`.fused` — the pair kernel over
+the same candidate pairs for a nonbonded energy, the chain kernel for a bonded one — with the
+global parameters appended to every row. Expressions with tabulated functions and forces with
+interaction groups have no fused kernel (:meth:`fused_fallback_reason` says which).
+
 Long-range correction (``CutoffPeriodic`` with ``setUseLongRangeCorrection(True)``): OpenMM
 assumes a uniform fluid beyond the cutoff. Particles are grouped into classes of identical
 parameters; for each pair of classes (a, b) with ``n_ab`` counted pairs the integral
