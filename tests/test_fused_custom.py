@@ -9,7 +9,8 @@ the generated chain kernel.
 Systems: 20 flexible waters from the paper's force fields (examples/paper/forcefields), reaction
 field with a 0.4 nm cutoff; a 40-particle periodic box of random particles (two classes,
 exclusions) built with the OpenMM API; the 48-atom chain molecule of tests/test_fused.py for
-the bonded forms; the `benchmark forces --forcefield` path at a small box.
+the bonded forms; the `benchmark forces --forcefield` path at a small box; one tiny epoch
+of the reduced paper fit (tests/test_paper.py).
 """
 
 import warnings
@@ -289,3 +290,28 @@ def test_forces_benchmark_times_a_paper_form_on_the_fused_path(kernel_calls):
     assert record["fused_force_vjp_ms"] > 0 and record["torch_force_vjp_ms"] > 0
     assert any(evaluation.kernels["forward"].__module__.startswith("fused_custom_nonbonded")
                for evaluation in kernel_calls)
+
+
+def test_tiny_paper_epoch_gradient_is_the_autograd_one(tmp_path, kernel_calls):
+    """One tiny epoch of the reduced paper fit with the double exponential (RDF and ΔHvap
+    losses, the gas-phase molecule included): the same loss and gradient, α and β included,
+    on the fused and the autograd path."""
+    from test_paper import PAPER, tiny
+
+    from openmm_reversible.config import config_from_dict
+    from openmm_reversible.train import Trainer
+
+    records = []
+    for use_fused in (False, True):
+        data = tiny("double_exponential")
+        data["simulation"]["fused"] = use_fused
+        trainer = Trainer(config_from_dict(data, PAPER), tmp_path / f"out{use_fused}",
+                          progress=False)
+        records.append(trainer.run_epoch())
+        assert bool(kernel_calls) == use_fused
+    keys = list(records[0]["gradient"])
+    assert "GlobalParameter/defaultValue/alpha" in keys
+    reference, fast = (torch.tensor([r["gradient"][k] for k in keys]) for r in records)
+    assert bool((reference != 0).all())
+    assert float((fast - reference).abs().max()) <= 1e-9 * float(reference.abs().max())
+    assert abs(records[1]["loss"] - records[0]["loss"]) <= 1e-12 * abs(records[0]["loss"])
