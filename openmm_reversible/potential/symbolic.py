@@ -249,8 +249,7 @@ def _pair_law(text: str, columns: tuple[str, ...], global_names: tuple[str, ...]
     values = literals(root)
     # Symbols with the signs of the literals and r > 0 let sympy drop the guards it can
     # decide; they are replaced by the generator's symbols afterwards.
-    known = [sympy.Symbol(f"k{m}", positive=True) if v > 0 else
-             sympy.Symbol(f"k{m}", negative=True) for m, v in enumerate(values)]
+    known = _signed_symbols(values)
     radius = sympy.Symbol("radius", positive=True)
     names = {g: a[len(columns) + m] for m, g in enumerate(global_names)}
     names.update({f"{name}1": a[m] for m, name in enumerate(columns)})
@@ -288,10 +287,8 @@ def custom_pair_law(text: str, columns: tuple[str, ...], global_names: tuple[str
     UntranslatableError
         An expression without a symbolic form (tabulated functions).
     """
-    root = expression.parse(text, dict(tabulated))
+    root = _translatable_tree(text, tabulated)
     n_literals = len(literals(root))
-    to_sympy(root, _placeholders(root), [_sympy().Symbol(f"k{m}") for m in range(n_literals)],
-             frozenset(name for name, _ in tabulated))
     switched = switch_distance is not None and cutoff is not None
     digest = hashlib.sha256(repr((text, columns, global_names, switched)).encode())
     law = fused.PairLaw(
@@ -358,9 +355,7 @@ def _chain_law(text: str, coordinate: str, width: int, columns: tuple[str, ...],
     """The law of :func:`custom_chain_law` at the generator's symbols (``c``: literals)."""
     sympy = _sympy()
     root = expression.parse(text)
-    values = literals(root)
-    known = [sympy.Symbol(f"k{m}", positive=True) if v > 0 else
-             sympy.Symbol(f"k{m}", negative=True) for m, v in enumerate(values)]
+    known = _signed_symbols(literals(root))
     # a bond length is positive (guards on it dropped); angles are only real
     value = sympy.Symbol("value", positive=True) if width == 2 else sympy.Symbol("value",
                                                                                  real=True)
@@ -397,10 +392,8 @@ def custom_chain_law(text: str, coordinate: str, width: int, columns: tuple[str,
     UntranslatableError
         An expression without a symbolic form (tabulated functions).
     """
-    root = expression.parse(text, dict(tabulated))
+    root = _translatable_tree(text, tabulated)
     n_literals = len(literals(root))
-    to_sympy(root, _placeholders(root), [_sympy().Symbol(f"k{m}") for m in range(n_literals)],
-             frozenset(name for name, _ in tabulated))
     digest = hashlib.sha256(repr((text, coordinate, width, columns, global_names)).encode())
     law = fused.ChainLaw(
         f"custom_chain{width}_{digest.hexdigest()[:16]}",
@@ -410,10 +403,26 @@ def custom_chain_law(text: str, coordinate: str, width: int, columns: tuple[str,
     return law, literals(root)
 
 
-def _placeholders(root: expression.Node) -> dict:
-    """A symbol for every free variable (to check that a tree translates)."""
+def _signed_symbols(values: Sequence[float]) -> list:
+    """A symbol per literal, with the literal's sign (nonzero: literals are not integers)."""
     sympy = _sympy()
-    return {name: sympy.Symbol(name, real=True) for name in expression.free_variables(root)}
+    return [sympy.Symbol(f"k{m}", positive=True) if v > 0 else
+            sympy.Symbol(f"k{m}", negative=True) for m, v in enumerate(values)]
+
+
+def _translatable_tree(text: str, tabulated: tuple[tuple[str, int], ...]) -> expression.Node:
+    """The parsed energy, checked to translate (placeholder symbols for every variable).
+
+    Raises
+    ------
+    UntranslatableError
+    """
+    sympy = _sympy()
+    root = expression.parse(text, dict(tabulated))
+    names = {name: sympy.Symbol(name, real=True) for name in expression.free_variables(root)}
+    to_sympy(root, names, _signed_symbols(literals(root)),
+             frozenset(name for name, _ in tabulated))
+    return root
 
 
 __all__ = ["CustomPairLaw", "UntranslatableError", "custom_chain_law", "custom_pair_law",
