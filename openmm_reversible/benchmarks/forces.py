@@ -2,8 +2,10 @@
 
 System: the 3 nm flexible TIP3P box (2661 atoms, reaction field, 1.0 nm cutoff; ``--nonbonded
 PME`` for particle-mesh Ewald) with the water oxygen's charge, sigma and epsilon trainable
-(hydrogen charge tied to keep molecules neutral). Reported, in milliseconds (median of
-``repeats``), all measured in the same run:
+(hydrogen charge tied to keep molecules neutral); ``--forcefield`` puts a tagged water force
+field in its place (e.g. ``examples/paper/forcefields/double_exponential.xml``, whose
+CustomNonbondedForce runs on the fused pair kernel), trained as its tags say. Reported, in
+milliseconds (median of ``repeats``), all measured in the same run:
 
 - ``torch_force_ms``: energy and forces by autograd;
 - ``torch_force_vjp_ms``: forces with their graph, then both vector-Jacobian products the
@@ -46,7 +48,8 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
-            openmm_steps: int = 200, nonbonded: str = "RF", progress: bool = True) -> dict:
+            openmm_steps: int = 200, nonbonded: str = "RF", forcefield: str = "",
+            progress: bool = True) -> dict:
     """Time the twin (autograd and fused) and OpenMM on the same flexible water box.
 
     Parameters
@@ -61,6 +64,8 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
         OpenMM steps timed for ``openmm_step_ms``.
     nonbonded : {"RF", "PME"}
         Electrostatics: reaction field or particle-mesh Ewald.
+    forcefield : str
+        A tagged water ForceField XML (3-site, residue HOH) to time instead of TIP3P ("").
     progress : bool
         Show a progress bar of the three timings on a terminal.
 
@@ -78,8 +83,12 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
     msys = water_box(None, box_size=box_size, forcefield=("tip3p.xml",), nonbonded=nonbonded,
                      cutoff=cutoff, rigid=False)
     check_cutoff(msys.box, cutoff)
-    params = ParameterSet.select("tip3p.xml", msys.topology, select=WATER_SELECTION,
-                                 ties=WATER_TIES, **params_kwargs(cutoff, nonbonded))
+    if forcefield:
+        params = ParameterSet.from_forcefield([forcefield], msys.topology,
+                                              **params_kwargs(cutoff, nonbonded))
+    else:
+        params = ParameterSet.select("tip3p.xml", msys.topology, select=WATER_SELECTION,
+                                     ties=WATER_TIES, **params_kwargs(cutoff, nonbonded))
     potential = TorchPotential(params.system, parameters=params)
     x = torch.tensor(msys.positions, dtype=DTYPE)
     box = torch.tensor(msys.box, dtype=DTYPE)
@@ -119,6 +128,7 @@ def measure(box_size: float = 3.0, cutoff: float = 1.0, repeats: int = 5,
         "benchmark": "forces",
         "n_atoms": potential.n_atoms,
         "nonbonded": nonbonded,
+        "forcefield": forcefield or "tip3p.xml",
         "cutoff_nm": cutoff,
         "torch_threads": torch.get_num_threads(),
         "fused_threads": fused_threads(),

@@ -63,7 +63,9 @@ OPTIONS = {
                "rigid_water": (bool, "rigid molecules (constrained dynamics)")},
     "forces": {"box_size": (float, "edge of the water box, nm (3.0: 2661 atoms)"),
                "cutoff": (float, "nm"), "repeats": (int, "timed repeats (median)"),
-               "nonbonded": (str, "electrostatics: RF (reaction field) or PME")},
+               "nonbonded": (str, "electrostatics: RF (reaction field) or PME"),
+               "forcefield": (str, "tagged water force field XML to time instead of TIP3P "
+                                   "(e.g. examples/paper/forcefields/double_exponential.xml)")},
     "constraints": {"waters": (int, "water molecules"),
                     "steps": (int, "steps in each window"),
                     "repeats": (int, "measurements of each (the fastest is kept)"),

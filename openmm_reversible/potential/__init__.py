@@ -149,7 +149,8 @@ class TorchPotential(nn.Module):
         """Switch the fused kernels on or off (warns once about terms that have none)."""
         self.fused = bool(enabled)
         if self.fused:
-            without = sorted({t.name for t in self.terms if not t.has_fused})
+            without = sorted({t.name + (f" ({reason})" if (reason := t.fused_fallback_reason())
+                                        else "") for t in self.terms if not t.has_fused})
             if without:
                 self._warn_once(f"no fused kernel for {', '.join(without)}: "
                                 "these terms use the autograd path")

@@ -118,6 +118,11 @@ class Term(nn.Module):
         products and parameter VJPs. Only for terms with ``has_fused``."""
         raise NotImplementedError(f"{self.name} has no fused kernel; call it directly")
 
+    def fused_fallback_reason(self) -> str:
+        """Why a term of a family that has fused kernels cannot use them ("" otherwise; e.g. a
+        custom expression calling a tabulated function)."""
+        return ""
+
 
 class UnsupportedForceError(ValueError):
     """An OpenMM force that the torch twin cannot represent."""

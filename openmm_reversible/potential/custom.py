@@ -20,6 +20,12 @@ parameter (tables ``"bonds"``, ``"angles"``, ``"torsions"``, ``"particles"``), a
 System). Autograd then gives forces, Hessian-vector products and derivatives with respect to
 every parameter, global ones included.
 
+Fused path (``fused_energy``): the same expression translated into a sympy law
+(:mod:`.symbolic`) runs through the generated kernels of :mod:`.fused` — the pair kernel over
+the same candidate pairs for a nonbonded energy, the chain kernel for a bonded one — with the
+global parameters appended to every row. Expressions with tabulated functions and forces with
+interaction groups have no fused kernel (:meth:`fused_fallback_reason` says which).
+
 Long-range correction (``CutoffPeriodic`` with ``setUseLongRangeCorrection(True)``): OpenMM
 assumes a uniform fluid beyond the cutoff. Particles are grouped into classes of identical
 parameters; for each pair of classes (a, b) with ``n_ab`` counted pairs the integral
@@ -47,7 +53,7 @@ from openmm import unit
 from ..errors import InputError
 from ..geometry import CutoffPairs, minimum_image
 from ..methods import PAIRWISE_METHODS
-from . import register
+from . import fused, register, symbolic
 from .base import ParameterTable, Term, UnsupportedForceError
 from .bonded import bond_angle, bond_length, dihedral_angle
 from .expression import Expression, ExpressionError, TabulatedFunction, tabulated_function
@@ -82,6 +88,12 @@ def _table_env(table: torch.Tensor, columns: Sequence[str], rows: torch.Tensor |
     None)."""
     values = table if rows is None else table[rows]
     return {name + suffix: values[..., k] for k, name in enumerate(columns)}
+
+
+def _arities(energy: Expression) -> tuple[tuple[str, int], ...]:
+    """``(name, number of arguments)`` of the tabulated functions an expression may call."""
+    return tuple((name, f.n_args) for name, f in
+                 zip(energy.function_names, energy.tabulated, strict=True))
 
 
 def _check_variables(owner: str, energy: Expression, defined: Iterable[str]) -> None:
@@ -148,6 +160,7 @@ class CustomBondedTerm(Term):
         self.tables["globals"] = _globals_table(global_names, global_values)
         _check_variables(self.name, self.energy,
                          [self.coordinate, *parameter_names, *global_names])
+        self._translation: tuple | None = None  # ((fused.ChainLaw, constants) or None, why)
 
     @property
     def n_items(self) -> int:
@@ -173,13 +186,56 @@ class CustomBondedTerm(Term):
                    tabulated_functions(force), force.usesPeriodicBoundaryConditions(),
                    force_index)
 
+    def _fused_translation(self) -> tuple[tuple | None, str]:
+        """``(fused.ChainLaw, constants)`` of the energy (:mod:`.symbolic`, made on first
+        use), or None and why not."""
+        if self._translation is None:
+            try:
+                law = symbolic.custom_chain_law(
+                    self.energy.text, self.coordinate, self.atoms_per_item,
+                    self.tables[self.table_name].columns, self.tables["globals"].columns,
+                    _arities(self.energy))
+                self._translation = (law, "")
+            except symbolic.UntranslatableError as error:
+                self._translation = (None, str(error))
+        return self._translation
+
+    @property
+    def has_fused(self) -> bool:
+        """Whether the energy translates into a fused chain law (no tabulated functions)."""
+        return self._fused_translation()[0] is not None
+
+    def fused_fallback_reason(self) -> str:
+        return self._fused_translation()[1]
+
+    def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     sites: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` by the generated chain kernel (:mod:`.fused`); the global
+        parameters ride in every item's row (their derivatives summed back by autograd)."""
+        translation, reason = self._fused_translation()
+        if translation is None:
+            raise NotImplementedError(f"{self.name} (force {self.force_index}) has no fused "
+                                      f"kernel: {reason}")
+        if self.n_items == 0:
+            return positions.new_zeros(())
+        self._check_box(box)
+        law, constants = translation
+        dtype = positions.dtype
+        rows = torch.cat([self.tables[self.table_name](sites).to(dtype),
+                          self.tables["globals"](sites).to(dtype).expand(self.n_items, -1)], 1)
+        return fused.chain_energy(law, positions, box, self.atoms, rows, constants,
+                                  periodic=self.periodic)
+
+    def _check_box(self, box: torch.Tensor | None) -> None:
+        if self.periodic and box is None:
+            raise InputError(f"{self.name} (force {self.force_index}) uses periodic boundary "
+                             "conditions but no box was given; pass the periodic box vectors")
+
     def forward(self, positions: torch.Tensor, box: torch.Tensor | None,
                 sites: torch.Tensor | None = None) -> torch.Tensor:
         if self.n_items == 0:
             return positions.new_zeros(())
-        if self.periodic and box is None:
-            raise InputError(f"{self.name} (force {self.force_index}) uses periodic boundary "
-                             "conditions but no box was given; pass the periodic box vectors")
+        self._check_box(box)
         x = positions[self.atoms]
         chain = x[:, 1:] - x[:, :-1]
         if self.periodic:
@@ -395,6 +451,8 @@ class CustomNonbondedTerm(Term):
             else CutoffPairs(self.cutoff, skin, n, self.excluded_keys)
         self._classes: tuple | None = None  # (binding count, representatives, pair counts)
         self._levels: tuple | None = None   # (parameter values, quadrature levels)
+        self._translation: tuple | None = None  # (symbolic.CustomPairLaw or None, why)
+        self._fused_pairs: tuple | None = None  # (candidates, off 1, off 2, fused.PairList)
 
     # ---- construction helpers
 
@@ -554,10 +612,81 @@ class CustomNonbondedTerm(Term):
         n = float(self.n_particles)
         return 2.0 * math.pi * n * n * (weights * integral).sum() / (n * (n + 1) / 2)
 
+    # ---- fused kernels
+
+    def _fused_translation(self) -> tuple[symbolic.CustomPairLaw | None, str]:
+        """The energy as a fused pair law (:mod:`.symbolic`, made on first use), or None and
+        why not."""
+        if self._translation is None:
+            if self.groups:
+                self._translation = (None, "interaction groups are not on the fused path")
+            else:
+                try:
+                    law = symbolic.custom_pair_law(
+                        self.energy.text, self.tables["particles"].columns,
+                        self.tables["globals"].columns, self.switch_distance, self.cutoff,
+                        _arities(self.energy))
+                    self._translation = (law, "")
+                except symbolic.UntranslatableError as error:
+                    self._translation = (None, str(error))
+        return self._translation
+
+    @property
+    def has_fused(self) -> bool:
+        """Whether the energy translates into a fused pair law (no tabulated functions, no
+        interaction groups)."""
+        return self._fused_translation()[0] is not None
+
+    def fused_fallback_reason(self) -> str:
+        return self._fused_translation()[1]
+
+    def _fused_pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                           particles: torch.Tensor, globals_row: torch.Tensor) -> torch.Tensor:
+        """The pair sum of :meth:`forward` by the generated pair kernel: the candidate pairs
+        (excluded ones left out), the kernel selecting those within the cutoff; the global
+        parameters ride in every particle row (their derivatives summed back by autograd)."""
+        translation, reason = self._fused_translation()
+        if translation is None:
+            raise NotImplementedError(f"{self.name} (force {self.force_index}) has no fused "
+                                      f"kernel: {reason}")
+        shifts = wraps = None
+        suspect = math.inf
+        if self.cutoff_pairs is not None:
+            i, j, shifts, wraps, suspect = self.cutoff_pairs.candidates(positions, box)
+        else:
+            i, j = self.fixed_first, self.fixed_second
+        rows = torch.cat([particles, globals_row.expand(particles.shape[0], -1)], 1)
+        # Pairs that a zero parameter switches off entirely (symbolic.inert_columns) are left
+        # out, as the NonbondedForce kernels leave out pairs without Lennard-Jones.
+        live = torch.cat([self.tables["particles"].bound_columns,
+                          self.tables["globals"].bound_columns + particles.shape[1]])
+        inert = symbolic.inert_columns(translation, tuple(torch.unique(live).tolist()))
+        detached = rows.detach()
+        off1, off2 = ((detached[:, list(columns)] == 0).any(1) for columns in inert)
+        cache = self._fused_pairs
+        if (cache is None or cache[0] is not i or not torch.equal(cache[1], off1)
+                or not torch.equal(cache[2], off2)):
+            keep = torch.nonzero(~(off1[i] | off2[j])).squeeze(1)
+            cache = (i, off1, off2, fused.pair_list(i[keep], j[keep],
+                                                    None if shifts is None else shifts[keep]))
+            self._fused_pairs = cache
+        return fused.pair_energy(translation.law, positions, box, cache[3], rows,
+                                 translation.constants, self.cutoff, wraps, suspect)
+
     # ---- energy
 
     def forward(self, positions: torch.Tensor, box: torch.Tensor | None,
                 sites: torch.Tensor | None = None) -> torch.Tensor:
+        return self._energy(positions, box, sites, use_fused=False)
+
+    def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     sites: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` with the pair sum by the generated pair kernel (:mod:`.fused`); the
+        long-range correction by autograd."""
+        return self._energy(positions, box, sites, use_fused=True)
+
+    def _energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                sites: torch.Tensor | None, use_fused: bool) -> torch.Tensor:
         if self.periodic:
             if box is None:
                 raise InputError(f"{self.name} (force {self.force_index}) uses CutoffPeriodic "
@@ -568,8 +697,22 @@ class CustomNonbondedTerm(Term):
                                  "larger box or a shorter cutoff")
         dtype = positions.dtype
         particles = self.tables["particles"](sites).to(dtype)
-        global_env = _table_env(self.tables["globals"](sites).to(dtype)[0],
-                                self.tables["globals"].columns)
+        globals_row = self.tables["globals"](sites).to(dtype)
+        global_env = _table_env(globals_row[0], self.tables["globals"].columns)
+        box_used = box if self.periodic else None
+        if use_fused:
+            energy = self._fused_pair_energy(positions, box_used, particles, globals_row)
+        else:
+            energy = self._pair_energy(positions, box, particles, global_env)
+        if self.long_range_correction:
+            volume = box[0, 0] * box[1, 1] * box[2, 2]
+            energy = energy + self.long_range_coefficient(particles, global_env) / volume
+        return energy
+
+    def _pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
+                     particles: torch.Tensor, global_env: Mapping[str, torch.Tensor]
+                     ) -> torch.Tensor:
+        """Σ over interacting pairs of the (switched) expression, by autograd, kJ/mol."""
         first, second, d = self.pairs(positions, box)
         r = torch.linalg.vector_norm(d, dim=-1)
         env = dict(global_env)
@@ -579,11 +722,7 @@ class CustomNonbondedTerm(Term):
         pair_energy = torch.broadcast_to(self.energy(env), r.shape)
         if self.switch_distance is not None:
             pair_energy = pair_energy * switching_function(r, self.switch_distance, self.cutoff)
-        energy = pair_energy.sum()
-        if self.long_range_correction:
-            volume = box[0, 0] * box[1, 1] * box[2, 2]
-            energy = energy + self.long_range_coefficient(particles, global_env) / volume
-        return energy
+        return pair_energy.sum()
 
 
 # --------------------------------------------------------------------------- registry

@@ -157,6 +157,16 @@ def _sympy_classes() -> tuple:
         def _print_Erfcx(self, expr) -> str:
             return f"erfcx({self._print(expr.args[0])})"
 
+        def _print_Detached(self, expr) -> str:  # lawmath.detach: a value, no derivative
+            return f"({self._print(expr.args[0])})"
+
+        def _print_Pow(self, expr, rational=False) -> str:
+            # numba raises ZeroDivisionError for 0.0 ** -n; 1.0 / 0.0 ** n is inf (the
+            # kernels' error model), as in torch: a law's unused branch may meet it
+            if expr.exp.is_Integer and expr.exp < 0:
+                return f"(1.0/({self._print(expr.base ** -expr.exp)}))"
+            return super()._print_Pow(expr, rational)
+
     return Erfcx, Printer
 
 

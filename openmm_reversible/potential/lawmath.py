@@ -10,6 +10,8 @@ Vectors are torch tensors of shape (..., 3) or sympy column matrices of shape (3
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -22,6 +24,29 @@ def _sympy():
     import sympy  # deferred: only the kernel generator needs it
 
     return sympy
+
+
+@functools.cache
+def detached_class():
+    """The sympy function ``Detached(x)``: the value of ``x`` with derivative 0 (made on first
+    use; the kernel printer writes it as its argument)."""
+    sympy = _sympy()
+
+    class Detached(sympy.Function):
+        @classmethod
+        def eval(cls, x):
+            return x if x.is_Number else None  # a constant has no derivative anyway
+
+        def fdiff(self, argindex=1):
+            return sympy.S.Zero
+
+    return Detached
+
+
+def detach(x):
+    """The value of ``x`` without its derivative (``Tensor.detach``; symbolically
+    :func:`detached_class`)."""
+    return detached_class()(x) if is_symbolic(x) else x.detach()
 
 
 def erfc(x):
