@@ -148,7 +148,8 @@ def test_list_is_kept_while_the_two_largest_moves_fit_in_the_skin():
     def within(positions):
         i, j = neighbors.pairs(torch.from_numpy(positions), b)
         d = minimum_image(torch.from_numpy(positions[j.numpy()] - positions[i.numpy()]), b)
-        return {(int(p), int(q)) for p, q, r in zip(i, j, d.norm(dim=-1), strict=True) if r < cutoff}
+        close = d.norm(dim=-1) < cutoff
+        return set(zip(i[close].tolist(), j[close].tolist(), strict=True))
 
     within(x)
     assert neighbors.n_builds == 1
