@@ -3,8 +3,8 @@
 The list only decides *which pairs are candidates*; energies always mask pairs beyond the
 cutoff, so any list that contains every pair within the cutoff gives the same interaction set.
 That is what makes forward and reverse dynamics see identical interactions: a rebuild (triggered
-when the two atoms that moved most since the last build moved more than ``skin`` together) can
-only add or remove pairs that contribute exactly zero.
+when some atom moved more than ``skin / 2`` since the last build) can only add or remove pairs
+that contribute exactly zero.
 
 Candidate pairs come from a compiled O(N) cell list (any box shape) that emits the half list
 sorted by ``(i, j)`` directly. Displacements are recomputed
@@ -65,8 +65,7 @@ class NeighborList:
     cutoff : float, nm
         Interaction cutoff.
     skin : float, nm
-        Extra margin; the list stays valid while the two largest atom displacements since
-        the build add up to at most ``skin`` (no pair can have crossed into the cutoff).
+        Extra margin; the list stays valid until an atom moves more than ``skin / 2``.
     exclusions : (n, 2) int array, optional
         Pairs never to return (OpenMM exclusions are handled by the caller; this only saves work).
 
@@ -97,13 +96,7 @@ class NeighborList:
         d = x - self._ref_positions
         if box is not None:
             d = minimum_image(torch.from_numpy(d), torch.from_numpy(box)).numpy()
-        # A pair left out was at least cutoff + skin apart at the build; it can have come
-        # within the cutoff only if its two atoms moved by more than skin together, so the two
-        # largest displacements bound every pair's approach.
-        moved = np.einsum("ij,ij->i", d, d)
-        if moved.shape[0] < 2:
-            return False  # no pairs
-        return float(np.sqrt(np.partition(moved, moved.shape[0] - 2)[-2:]).sum()) > self.skin
+        return float(np.max(np.einsum("ij,ij->i", d, d))) > (0.5 * self.skin) ** 2
 
     def pairs(self, positions: torch.Tensor, box: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:

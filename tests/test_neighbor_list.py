@@ -133,32 +133,3 @@ def test_fused_pair_list_codes_equal_the_reference(name):
     np.testing.assert_array_equal(listed.lattice[listed.codes.astype(np.int64)], shifts.numpy())
     assert listed.codes.dtype == (np.uint8 if lattice.shape[0] <= 256 else np.uint16)
 
-
-def test_list_is_kept_while_the_two_largest_moves_fit_in_the_skin():
-    """The worst case of the rebuild rule: two atoms just outside ``cutoff + skin`` moving
-    straight at each other. Kept while their moves add up to at most the skin (the pair is
-    then still outside the cutoff), rebuilt as soon as they exceed it, and a fresh build
-    lists the pair too."""
-    cutoff, skin = 0.5, 0.1
-    box = np.diag([3.0, 3.0, 3.0])
-    x = np.array([[1.0, 1.0, 1.0], [1.0 + cutoff + skin + 1e-9, 1.0, 1.0], [2.2, 2.2, 2.2]])
-    neighbors = NeighborList(cutoff, skin)
-    b = torch.from_numpy(box)
-
-    def within(positions):
-        i, j = neighbors.pairs(torch.from_numpy(positions), b)
-        d = minimum_image(torch.from_numpy(positions[j.numpy()] - positions[i.numpy()]), b)
-        close = d.norm(dim=-1) < cutoff
-        return set(zip(i[close].tolist(), j[close].tolist(), strict=True))
-
-    within(x)
-    assert neighbors.n_builds == 1
-    moved = x.copy()
-    moved[0, 0] += 0.07  # more than skin / 2 (the old rule rebuilt here) ...
-    moved[1, 0] -= 0.0299  # ... but under 0.1 together: the pair is still beyond the cutoff
-    assert within(moved) == set() and neighbors.n_builds == 1
-    moved[1, 0] -= 0.0002  # together beyond the skin: now inside the cutoff, rebuilt
-    assert within(moved) == {(0, 1)} and neighbors.n_builds == 2
-    fresh = NeighborList(cutoff, skin)
-    i, j = fresh.pairs(torch.from_numpy(moved), b)
-    assert (0, 1) in set(zip(i.tolist(), j.tolist(), strict=True))

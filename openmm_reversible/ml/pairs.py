@@ -95,8 +95,7 @@ class PairSearch(nn.Module):
     cutoff : float, nm
         Pairs with ``r < cutoff`` are returned.
     skin : float, nm
-        Verlet skin of the eager neighbour list (rebuilt when the two atoms that moved most
-        since the build moved more than skin together).
+        Verlet skin of the eager neighbour list (rebuilt when an atom moves more than skin/2).
 
     Notes
     -----
