@@ -132,4 +132,3 @@ def test_fused_pair_list_codes_equal_the_reference(name):
     np.testing.assert_array_equal(listed.lattice, lattice)
     np.testing.assert_array_equal(listed.lattice[listed.codes.astype(np.int64)], shifts.numpy())
     assert listed.codes.dtype == (np.uint8 if lattice.shape[0] <= 256 else np.uint16)
-
