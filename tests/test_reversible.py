@@ -191,6 +191,24 @@ def test_bitwise_determinism_and_window_continuation():
     assert torch.equal(half.trajectory.steps, torch.tensor([100]))
 
 
+def test_second_backward_evaluates_the_loss_again():
+    """The loss graph kept by the forward pass serves one backward; a second one
+    (``retain_graph=True``) evaluates the loss again and gives the same gradient."""
+    x0, v0 = lj_cluster(seed=4)
+    pot = LennardJones(n_atoms=8)
+    sim = ReversibleSimulation(pot, LangevinMiddleIntegrator(0.002, 1.0, 120.0, seed=3), 40,
+                               20, kinetic_and_energy_loss)
+    pot.zero_grad()
+    x = x0.clone().requires_grad_(True)
+    loss = sim(x, v0)
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in pot.parameters()] + [x.grad.clone()]
+    loss.backward()
+    second = [p.grad for p in pot.parameters()] + [x.grad]
+    assert all(bool(a.abs().max() > 0) for a in first)
+    assert all(torch.equal(2 * a, b) for a, b in zip(first, second, strict=True))
+
+
 def test_rejects_bad_input():
     pot = LennardJones(n_atoms=8)
     integrator = LangevinMiddleIntegrator(0.002, 1.0, 120.0)

@@ -10,7 +10,8 @@ start minimised. Reported, in seconds unless named otherwise:
 - ``epoch_s``: the whole epoch (:meth:`~openmm_reversible.train.Trainer.run_epoch`: sampling,
   windows, optimiser step and the epoch's files);
 - ``sampling_s``: OpenMM (parameter push, equilibration and bulk steps) on the config's
-  ``platform``, and ``sampling_step_ms`` per step;
+  ``platform``, and ``sampling_step_ms`` per step; ``push_s``: the parameter push alone
+  (once per epoch, counted in the per-step cost here);
 - ``windows_s``: the window phase; ``forward_s`` and ``reverse_s``: the reversible windows'
   forward runs and their reverse (gradient) passes, summed over the windows, and per step
   ``forward_step_ms`` / ``reverse_step_ms``;
@@ -151,7 +152,7 @@ def measure(config: str, waters: int | None = None, windows: int | None = None,
         "platform": trainer.sampler.platform_name, "fused": fit_config.simulation.fused,
         "windows": sched.windows, "window_steps": sched.window_steps,
         "sampling_steps": sampling_steps, "torch_threads": torch.get_num_threads(),
-        "epoch_s": timings["total_s"], "sampling_s": sampling_s,
+        "epoch_s": timings["total_s"], "sampling_s": sampling_s, "push_s": timings["push_s"],
         "windows_s": timings["windows_s"], "forward_s": timings["forward_s"],
         "reverse_s": timings["backward_s"],
         "windows_fraction": timings["windows_s"] / timings["total_s"],

@@ -109,14 +109,31 @@ def frame_cotangents(loss_of_frames: Callable[[torch.Tensor, torch.Tensor], torc
         ``∂ℓ/∂θ`` through the loss's explicit dependence (fresh tensors, accumulated into by
         the sweep).
     """
+    return loss_cotangents(*loss_of_leaf_frames(loss_of_frames, xs, vs), params, grad_loss)
+
+
+def loss_of_leaf_frames(loss_of_frames: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                        xs: torch.Tensor, vs: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of the frames, with its graph, from detached copies of them that require
+    grad: ``(loss, frames_x, frames_v)`` for :func:`loss_cotangents` (so that a loss computed
+    in the forward pass serves the backward pass without a second evaluation)."""
     frames_x = xs.detach().requires_grad_(True)
     frames_v = vs.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_of_frames(frames_x, frames_v)
-        grads = torch.autograd.grad(loss, [frames_x, frames_v, *params], grad_loss,
-                                    allow_unused=True)
+    return loss, frames_x, frames_v
+
+
+def loss_cotangents(loss: torch.Tensor, frames_x: torch.Tensor, frames_v: torch.Tensor,
+                    params: Sequence[torch.Tensor], grad_loss: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """:func:`frame_cotangents` of a loss already computed by :func:`loss_of_leaf_frames`
+    (its graph is consumed)."""
+    grads = torch.autograd.grad(loss, [frames_x, frames_v, *params], grad_loss,
+                                allow_unused=True)
     param_grads = [or_zeros(g, p) for g, p in zip(grads[2:], params, strict=True)]
-    return or_zeros(grads[0], xs), or_zeros(grads[1], vs), param_grads
+    return or_zeros(grads[0], frames_x), or_zeros(grads[1], frames_v), param_grads
 
 
 def inject(adjoints: dict[int, Adjoint], n: int, start: int, truncation: int | None,
@@ -229,4 +246,5 @@ def initial_state_grads(at_start: Adjoint | None, like: torch.Tensor,
 
 
 __all__ = ["Adjoint", "ReverseDynamics", "adjoint_kick", "first_needed_step",
-           "frame_cotangents", "initial_state_grads", "inject", "or_zeros", "reverse_sweep"]
+           "frame_cotangents", "initial_state_grads", "inject", "loss_cotangents",
+           "loss_of_leaf_frames", "or_zeros", "reverse_sweep"]

@@ -11,7 +11,8 @@ How (the same shape as an adjoint ODE solver):
   ``snapshot_every`` steps) and, optionally, sparse resynchronisation states (every
   ``resync_every`` steps). Memory is independent of the number of steps between them.
 - **Backward** differentiates the loss with respect to the stored frames (``g_x``, ``g_v``, and
-  its direct parameter dependence), then runs the dynamics backward with the exact algebraic
+  its direct parameter dependence; through the graph the forward pass kept of the loss, so
+  the loss is evaluated once), then runs the dynamics backward with the exact algebraic
   inverse of each step (:class:`~.langevin.LangevinMiddleIntegrator`), reconstructing every
   state, while the adjoint state ``(λx, λv)`` is carried back. For the step producing state
   ``n`` from ``(x, v)`` with ``v' = v + Δt·a(x)``::
@@ -51,7 +52,14 @@ from torch import nn
 from ..errors import InputError
 from ..trajectory import Trajectory
 from ..units import box_tensor, positions_tensor, velocities_tensor
-from .adjoint import first_needed_step, frame_cotangents, initial_state_grads, reverse_sweep
+from .adjoint import (
+    first_needed_step,
+    frame_cotangents,
+    initial_state_grads,
+    loss_cotangents,
+    loss_of_leaf_frames,
+    reverse_sweep,
+)
 from .constrained import ConstrainedLangevin
 from .constraints import Constraints
 from .forces import accelerations
@@ -329,12 +337,16 @@ class _ReversibleFunction(torch.autograd.Function):
             elif sim.resync_every and k % sim.resync_every == 0 and first_needed < k < last:
                 resync[start_step + k] = (x, v)
         xs, vs = torch.stack(xs), torch.stack(vs)
-        with torch.enable_grad():
-            loss = sim._loss(sim._trajectory(xs, vs, box, start_step)).detach()
+        # The loss keeps its graph from leaf copies of the frames: the backward pass takes its
+        # cotangents from it instead of evaluating the loss a second time.
+        graph = loss_of_leaf_frames(
+            lambda fx, fv: sim._loss(sim._trajectory(fx, fv, box, start_step)), xs, vs)
+        loss = graph[0].detach()
         sim._remember(xs, vs, box, start_step, x, v)
         sim.info = {"mode": "reversible", "forward_s": time.perf_counter() - t0}
         ctx.sim, ctx.start_step, ctx.box, ctx.resync = sim, start_step, box, resync
         ctx.initial = (positions.detach(), velocities.detach())
+        ctx.loss_graph = graph
         ctx.save_for_backward(xs, vs, *params)
         return loss
 
@@ -343,9 +355,13 @@ class _ReversibleFunction(torch.autograd.Function):
         t0 = time.perf_counter()
         sim, start, box = ctx.sim, ctx.start_step, ctx.box
         xs, vs, *params = ctx.saved_tensors
-        g_x, g_v, param_grads = frame_cotangents(
-            lambda fx, fv: sim._loss(sim._trajectory(fx, fv, box, start)), xs, vs, params,
-            grad_loss)
+        if ctx.loss_graph is not None:  # the forward pass's loss, used once
+            g_x, g_v, param_grads = loss_cotangents(*ctx.loss_graph, params, grad_loss)
+            ctx.loss_graph = None
+        else:  # a second backward (retain_graph): the loss again
+            g_x, g_v, param_grads = frame_cotangents(
+                lambda fx, fv: sim._loss(sim._trajectory(fx, fv, box, start)), xs, vs, params,
+                grad_loss)
         every = sim.snapshot_every
         stored = {start + (i + 1) * every: (xs[i], vs[i]) for i in range(xs.shape[0])}
         top = start + sim.n_snapshots * every

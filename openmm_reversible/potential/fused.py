@@ -505,7 +505,7 @@ def _module(spec: PairLaw | ChainLaw) -> ModuleType:
 # ------------------------------------------------------------------------------- autograd
 
 
-def _ordered_sum(chunks: np.ndarray) -> np.ndarray:
+def ordered_sum(chunks: np.ndarray) -> np.ndarray:
     """Sum of per-chunk buffers in chunk order (fixed order: bitwise reproducible)."""
     total = chunks[0].copy()
     for part in chunks[1:]:
@@ -534,8 +534,8 @@ class _Evaluation:
         g = np.zeros((N_CHUNKS, *x.shape))
         gp = np.zeros(params.shape if self.per_item else (N_CHUNKS, *params.shape))
         self.kernels["forward"](self._moved(x), *self.fixed, N_CHUNKS, energy, g, gp)
-        return (float(_ordered_sum(energy)), _ordered_sum(g),
-                gp if self.per_item else _ordered_sum(gp))
+        return (float(ordered_sum(energy)), ordered_sum(g),
+                gp if self.per_item else ordered_sum(gp))
 
     def backward(self, x: np.ndarray, vx: np.ndarray, vp: np.ndarray | None,
                  params_shape: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -546,7 +546,7 @@ class _Evaluation:
                                      np.zeros((0, 0)), hx, hp)
         else:
             self.kernels["backward_vp"](self._moved(x), *self.fixed, N_CHUNKS, vx, vp, hx, hp)
-        return _ordered_sum(hx), hp if self.per_item else _ordered_sum(hp)
+        return ordered_sum(hx), hp if self.per_item else ordered_sum(hp)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
