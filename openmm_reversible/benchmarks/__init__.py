@@ -19,3 +19,23 @@
 The command line is ``openmm-reversible benchmark NAME``
 (:mod:`openmm_reversible.commands.benchmark`).
 """
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from ..files import atomic_write_all, text_writer
+
+
+def save_record(record: dict, output: str | Path, name: str,
+                plot: Callable[[dict, str], None]) -> tuple[Path, Path]:
+    """Write a benchmark's record as ``output/name.json`` and its figure as ``output/name.png``,
+    both or neither (atomic); ``plot(record, path)`` draws the figure. Returns the two paths."""
+    directory = Path(output)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = directory / f"{name}.json", directory / f"{name}.png"
+    atomic_write_all([(paths[0], text_writer(json.dumps(record, indent=1) + "\n")),
+                      (paths[1], lambda temporary: plot(record, temporary))])
+    return paths

@@ -30,7 +30,6 @@ RDF's relaxation. The spread over runs is what the figure compares.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -44,6 +43,7 @@ from ..errors import check_at_least
 from ..gradcheck import rdf_loss, reweighting_gradient
 from ..integrators import LangevinMiddleIntegrator, ReversibleSimulation
 from ..units import positions_tensor, velocities_tensor
+from . import save_record
 from .water import FRICTION, TEMPERATURE, TIMESTEP, flexible_water
 
 METHODS = ("reversible", "reweighting")
@@ -145,10 +145,7 @@ def measure(waters: int = 64, runs: int = 8, steps: int = 200, snapshot_every: i
               "losses": losses, "frames": frames,
               "seconds": time.perf_counter() - t0}
     if output:
-        directory = Path(output)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "gradient_noise.json").write_text(json.dumps(record, indent=1) + "\n")
-        plot(record, directory / "gradient_noise.png")
+        save_record(record, output, "gradient_noise", plot)
     return record
 
 
@@ -176,5 +173,5 @@ def plot(record: dict, path: str | Path) -> None:
     fig.suptitle(f"RDF-loss gradient over {record['runs']} runs: {record['waters']} waters, "
                  f"{record['steps']}-step windows, {record['frames']} frames each", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, format="png")
     plt.close(fig)

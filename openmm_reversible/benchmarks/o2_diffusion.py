@@ -33,7 +33,6 @@ their standard errors over windows. ``--output`` writes ``o2_diffusion.json`` an
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from ..reweighting import start_reweighting_gradient
 from ..sampler import Sampler
 from ..systems import O2_FORCEFIELD, o2_in_water
 from ..trajectory import Trajectory
+from . import save_record
 from .water import FRICTION, TIMESTEP, check_cutoff
 
 TEMPERATURE = 298.15  # K
@@ -271,10 +271,7 @@ def measure(n_o2: int = 8, box_size: float = 1.9, cutoff: float = 0.9, epochs: i
             float(values[k]) for k in chain.parameters.trainable_keys]}
     record["seconds"] = time.perf_counter() - t0
     if output:
-        directory = Path(output)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "o2_diffusion.json").write_text(json.dumps(record, indent=1) + "\n")
-        plot(record, directory / "o2_diffusion.png")
+        save_record(record, output, "o2_diffusion", plot)
     return record
 
 
@@ -333,5 +330,5 @@ def plot(record: dict, path: str | Path) -> None:
     fig.suptitle(f"O$_2$ in water ({record['n_atoms']} atoms): {record['windows']} windows of "
                  f"{record['window_steps']} fs an epoch", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
