@@ -105,10 +105,38 @@ def _check_variables(owner: str, energy: Expression, defined: Iterable[str]) -> 
             "Add them to the force as per-item or global parameters")
 
 
+class _TranslatedEnergy:
+    """The fused-path side of a custom term: its energy translated by :mod:`.symbolic` on
+    first use (``_translate``, which raises :class:`symbolic.UntranslatableError` or returns
+    the law), kept with why not when it cannot be."""
+
+    _translation: tuple | None = None
+
+    def _translate(self):
+        raise NotImplementedError
+
+    def _fused_translation(self) -> tuple:
+        """``(law, "")``, or ``(None, why not)``; computed once."""
+        if self._translation is None:
+            try:
+                self._translation = (self._translate(), "")
+            except symbolic.UntranslatableError as error:
+                self._translation = (None, str(error))
+        return self._translation
+
+    @property
+    def has_fused(self) -> bool:
+        """Whether the energy translates into a fused law."""
+        return self._fused_translation()[0] is not None
+
+    def fused_fallback_reason(self) -> str:
+        return self._fused_translation()[1]
+
+
 # --------------------------------------------------------------------------- bonded
 
 
-class CustomBondedTerm(Term):
+class CustomBondedTerm(_TranslatedEnergy, Term):
     """Common machinery of the custom bond, angle and torsion terms.
 
     Parameters
@@ -186,27 +214,12 @@ class CustomBondedTerm(Term):
                    tabulated_functions(force), force.usesPeriodicBoundaryConditions(),
                    force_index)
 
-    def _fused_translation(self) -> tuple[tuple | None, str]:
-        """``(fused.ChainLaw, constants)`` of the energy (:mod:`.symbolic`, made on first
-        use), or None and why not."""
-        if self._translation is None:
-            try:
-                law = symbolic.custom_chain_law(
-                    self.energy.text, self.coordinate, self.atoms_per_item,
-                    self.tables[self.table_name].columns, self.tables["globals"].columns,
-                    _arities(self.energy))
-                self._translation = (law, "")
-            except symbolic.UntranslatableError as error:
-                self._translation = (None, str(error))
-        return self._translation
-
-    @property
-    def has_fused(self) -> bool:
-        """Whether the energy translates into a fused chain law (no tabulated functions)."""
-        return self._fused_translation()[0] is not None
-
-    def fused_fallback_reason(self) -> str:
-        return self._fused_translation()[1]
+    def _translate(self):
+        """``(fused.ChainLaw, constants)`` of the energy (no tabulated functions)."""
+        return symbolic.custom_chain_law(
+            self.energy.text, self.coordinate, self.atoms_per_item,
+            self.tables[self.table_name].columns, self.tables["globals"].columns,
+            _arities(self.energy))
 
     def fused_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
                      sites: torch.Tensor | None = None) -> torch.Tensor:
@@ -351,7 +364,7 @@ def midpoint_integral(integrand: Integrand, levels: np.ndarray,
     return result
 
 
-class CustomNonbondedTerm(Term):
+class CustomNonbondedTerm(_TranslatedEnergy, Term):
     """``CustomNonbondedForce``: E = Σ_pairs S(r) f(r, params1, params2, globals) [+ LRC].
 
     Parameters
@@ -614,31 +627,13 @@ class CustomNonbondedTerm(Term):
 
     # ---- fused kernels
 
-    def _fused_translation(self) -> tuple[symbolic.CustomPairLaw | None, str]:
-        """The energy as a fused pair law (:mod:`.symbolic`, made on first use), or None and
-        why not."""
-        if self._translation is None:
-            if self.groups:
-                self._translation = (None, "interaction groups are not on the fused path")
-            else:
-                try:
-                    law = symbolic.custom_pair_law(
-                        self.energy.text, self.tables["particles"].columns,
-                        self.tables["globals"].columns, self.switch_distance, self.cutoff,
-                        _arities(self.energy))
-                    self._translation = (law, "")
-                except symbolic.UntranslatableError as error:
-                    self._translation = (None, str(error))
-        return self._translation
-
-    @property
-    def has_fused(self) -> bool:
-        """Whether the energy translates into a fused pair law (no tabulated functions, no
-        interaction groups)."""
-        return self._fused_translation()[0] is not None
-
-    def fused_fallback_reason(self) -> str:
-        return self._fused_translation()[1]
+    def _translate(self) -> symbolic.CustomPairLaw:
+        """The energy as a fused pair law (no tabulated functions, no interaction groups)."""
+        if self.groups:
+            raise symbolic.UntranslatableError("interaction groups are not on the fused path")
+        return symbolic.custom_pair_law(
+            self.energy.text, self.tables["particles"].columns, self.tables["globals"].columns,
+            self.switch_distance, self.cutoff, _arities(self.energy))
 
     def _fused_pair_energy(self, positions: torch.Tensor, box: torch.Tensor | None,
                            particles: torch.Tensor, globals_row: torch.Tensor) -> torch.Tensor:
