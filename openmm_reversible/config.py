@@ -1482,13 +1482,17 @@ def _crystal_config(data: dict, path: str | None) -> FitConfig:
         evaluation=evaluation, path=path)
 
 
-def load_config(path: str | os.PathLike) -> FitConfig:
+def load_config(path: str | os.PathLike,
+                forcefield: Sequence[str | os.PathLike] | None = None) -> FitConfig:
     """Read and validate a TOML fitting config.
 
     Parameters
     ----------
     path : path
         The TOML file. Relative paths inside it are relative to its directory.
+    forcefield : sequence of path, optional
+        Replace ``forcefield.files`` (paths relative to the working directory, or OpenMM's
+        bundled names): the same fit with another force field, e.g. another functional form.
 
     Raises
     ------
@@ -1504,6 +1508,10 @@ def load_config(path: str | os.PathLike) -> FitConfig:
             data = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML ({exc})") from None
+    if forcefield is not None:
+        files = [_resolve_forcefield(str(name), Path.cwd(), f"--forcefield {name}")
+                 for name in forcefield]
+        data.setdefault("forcefield", {})["files"] = files
     return config_from_dict(data, path.resolve().parent, str(path.resolve()))
 
 

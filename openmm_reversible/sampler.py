@@ -10,7 +10,11 @@ written into the force-field text, OpenMM builds a System from it exactly as it 
 exported file (:meth:`ParameterSet.create_system`), and the per-item parameters of that System
 are copied into the sampling System's forces and pushed with ``updateParametersInContext``
 (:func:`copy_parameters`). The Context — and with it the barostat, the neighbour lists and the
-random-number stream — survives parameter updates. Each epoch starts with
+random-number stream — survives parameter updates. The sampling System differs from the
+exported one in one way that changes no result: pairs that a zero parameter switches off in
+a CustomNonbondedForce (water hydrogens in the paper's custom forms) are left out by an
+interaction group (:func:`skip_switched_off_pairs`), which OpenMM would otherwise evaluate
+for nothing. Each epoch starts with
 :meth:`Sampler.restart` from a saved state and a seed derived from the epoch, so a resumed
 training run samples the same ensemble as an uninterrupted one, and the same trajectory bit for
 bit when the sampling is deterministic (``simulation.deterministic = true``: one CPU thread with
@@ -306,6 +310,91 @@ def copy_parameters(source: openmm.System, target: openmm.System,
             dst.updateParametersInContext(context)
 
 
+def _switched_off(force: openmm.CustomNonbondedForce) -> np.ndarray | None:
+    """Which particles of ``force`` a zero parameter switches off, or None when unknown.
+
+    A particle is switched off when it has a zero in a column that, zero in either particle
+    of a pair, makes the energy and its first two derivatives vanish identically
+    (:func:`.potential.symbolic.inert_columns`: water hydrogens with W = 0 or A = B = C = 0 in
+    the paper's custom forms). None (nothing known, every pair kept) for a force with
+    tabulated functions, computed values or a long-range correction (whose pair counts an
+    interaction group would change), and for an energy without a symbolic form. Interaction
+    groups are the caller's to check.
+    """
+    from .potential import symbolic
+
+    if (force.getNumTabulatedFunctions() or force.getNumComputedValues()
+            or force.getUseLongRangeCorrection() or force.getNumParticles() == 0):
+        return None
+    columns = tuple(force.getPerParticleParameterName(k)
+                    for k in range(force.getNumPerParticleParameters()))
+    global_names = tuple(force.getGlobalParameterName(k)
+                         for k in range(force.getNumGlobalParameters()))
+    try:
+        law = symbolic.custom_pair_law(force.getEnergyFunction(), columns, global_names,
+                                       None, None)
+    except ValueError:
+        return None
+    first, second = symbolic.inert_columns(law, ())
+    inert = sorted(set(first) & set(second) & set(range(len(columns))))
+    if not inert:
+        return None
+    n = force.getNumParticles()
+    values = np.array([force.getParticleParameters(i) for i in range(n)],
+                      dtype=float).reshape(n, len(columns))
+    return (values[:, inert] == 0.0).any(axis=1)
+
+
+def skip_switched_off_pairs(system: openmm.System) -> dict[int, np.ndarray]:
+    """Restrict each CustomNonbondedForce of ``system`` to the pairs that can contribute.
+
+    Pairs with a particle that a zero parameter switches off (:func:`_switched_off`) add
+    nothing to the energy or the forces, but OpenMM evaluates every pair of a
+    CustomNonbondedForce within the cutoff. One interaction group of the other particles
+    with themselves leaves them out: the same energy and forces to round-off, and 2.5–4×
+    faster steps for the paper's water forms on the CPU platform, where the hydrogens make
+    eight pairs in nine. Forces that have interaction groups already, or where nothing (or
+    everything) is switched off, are left as they are.
+
+    Returns
+    -------
+    dict of int to ndarray of bool
+        Force index → the switched-off mask its group was built from
+        (:func:`update_switched_off_pairs` keeps it current as parameters change).
+    """
+    restricted = {}
+    for index, force in enumerate(system.getForces()):
+        if not isinstance(force, openmm.CustomNonbondedForce) \
+                or force.getNumInteractionGroups():
+            continue
+        off = _switched_off(force)
+        if off is None or not off.any() or off.all():
+            continue
+        kept = np.flatnonzero(~off).tolist()
+        force.addInteractionGroup(kept, kept)
+        restricted[index] = off
+    return restricted
+
+
+def update_switched_off_pairs(system: openmm.System, restricted: dict[int, np.ndarray]) -> bool:
+    """Re-fit the interaction group of each force in ``restricted`` (from
+    :func:`skip_switched_off_pairs`; updated in place) to the particles its current
+    parameters switch off, e.g. after a trained parameter moved away from zero. Returns
+    whether a group changed: the Context must then be reinitialised."""
+    changed = False
+    for index, before in restricted.items():
+        force = system.getForce(index)
+        off = _switched_off(force)
+        if off is None:
+            off = np.zeros_like(before)
+        if not np.array_equal(off, before):
+            kept = np.flatnonzero(~off).tolist()
+            force.setInteractionGroupParameters(0, kept, kept)
+            restricted[index] = off
+            changed = True
+    return changed
+
+
 def _openmm_seed(seed: int) -> int:
     """A positive 31-bit seed (OpenMM draws a random one for 0)."""
     return int(seed) % 2147483646 + 1
@@ -348,6 +437,7 @@ class Sampler:
                  platform: str = "auto", seed: int = 1, deterministic: bool = False,
                  max_temperature: float | None = None, check_every: int = 100):
         self.system = openmm.XmlSerializer.clone(system)
+        self._restricted = skip_switched_off_pairs(self.system)
         if pressure is not None:
             barostat = openmm.MonteCarloBarostat(pressure * unit.bar, temperature * unit.kelvin,
                                                  barostat_interval)
@@ -391,6 +481,8 @@ class Sampler:
     def update_parameters(self, system: openmm.System) -> None:
         """Take the per-item parameters of ``system`` (same structure) into the simulation."""
         copy_parameters(system, self.system, self.context)
+        if update_switched_off_pairs(self.system, self._restricted):
+            self.context.reinitialize(preserveState=True)
 
     def kinetic_temperature(self) -> float:
         """Instantaneous kinetic temperature, K."""

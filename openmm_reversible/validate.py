@@ -31,6 +31,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import mdtraj
@@ -40,9 +41,9 @@ import torch
 from openmm import app, unit
 from tqdm.auto import tqdm
 
-from .config import SCALAR_UNITS, FitConfig
+from .config import SCALAR_UNITS, FitConfig, GasSystemConfig
 from .errors import InputError, structure_errors
-from .files import atomic_write_all, text_writer
+from .files import atomic_write_all, read_structure, text_writer
 from .observables.blocking import block_average, block_slices
 from .observables.density import G_CM3_PER_AMU_NM3
 from .observables.diffusion import M2_PER_S_PER_NM2_PER_PS, yeh_hummer_correction
@@ -261,8 +262,74 @@ def diffusion_coefficient(frames: Frames, groups: list[np.ndarray],
     return float(slope / 6.0)
 
 
+def simulated_gas_energies(config: FitConfig, files: list[str], topology: app.Topology,
+                           positions: np.ndarray, system: openmm.System, platform: str,
+                           seed: int, gases: Mapping[str, GasSystemConfig] | None = None,
+                           structures: Mapping[str, FitConfig] | None = None
+                           ) -> dict[str, tuple[float, float, str]]:
+    """⟨E_gas⟩ of each ΔH_vap target with ``gas``, sampled in plain OpenMM from ``files``.
+
+    ``gas = "simulate"``: the run's first molecule alone (NoCutoff, the run's constraints);
+    ``gas = "<gas system>"``: that system's molecule (its PDB, or the first molecule of the
+    liquid ``structure.molecule_of``, whose config ``structures`` gives when it is not the
+    one validated), with its ``frames`` and ``every``. Each is a Langevin-middle NVT run at
+    the config's temperature (:class:`~openmm_reversible.gas.GasPhase`, seeded by ``seed``).
+
+    Returns
+    -------
+    dict
+        Target label → (⟨E_gas⟩ kJ/mol, its standard error kJ/mol, how it was obtained).
+    """
+    from .gas import GasPhase, first_molecule
+
+    sim = config.simulation
+    found = {}
+    for t in config.targets:
+        if t.observable != "enthalpy_of_vaporization" or t.gas is None:
+            continue
+        kwargs = create_system_kwargs(config)
+        n_frames, every = t.gas_frames, t.gas_every
+        if t.gas == "simulate":
+            molecule = first_molecule(topology, positions, system)
+            how = "simulated: the first molecule in vacuum"
+        else:
+            if gases is None or t.gas not in gases:
+                raise InputError(f"{t.label}: gas = {t.gas!r} names a gas system, which only "
+                                 "a config with [[systems]] has; validate with that config")
+            gas = gases[t.gas]
+            n_frames, every = gas.frames, gas.every
+            how = f"simulated: {gas.name} ({gas.structure.source})"
+            if gas.structure.pdb is not None:
+                pdb = read_structure(gas.structure.pdb)
+                molecule = (pdb.topology, np.asarray(
+                    pdb.positions.value_in_unit(unit.nanometer), dtype=float))
+                own = dataclasses.replace(gas.system, rigid_water=config.system.rigid_water,
+                                          constraints=config.system.constraints)
+                kwargs = create_system_kwargs(dataclasses.replace(config, system=own))
+            else:
+                source = (structures or {}).get(gas.structure.molecule_of)
+                if source is None or source.structure == config.structure:
+                    molecule = first_molecule(topology, positions, system)
+                else:
+                    kwargs = create_system_kwargs(source)
+                    with structure_errors(source.structure.source, files):
+                        liquid, xyz = build_structure(source)
+                        liquid_system = ParameterSet.from_forcefield(files, liquid,
+                                                                     **kwargs).system
+                    molecule = first_molecule(liquid, xyz, liquid_system)
+        with structure_errors(f"the gas molecule of {t.label}", files):
+            phase = GasPhase(files, *molecule, kwargs, None, sim.temperature, sim.friction,
+                             sim.timestep, platform)
+        estimate = phase.sample(phase.parameters.scaled.detach().clone(), n_frames, every,
+                                seed)
+        found[t.label] = (estimate.energy, estimate.stderr, how)
+    return found
+
+
 def observables(config: FitConfig, topology: app.Topology, system: openmm.System,
-                frames: Frames, rigid: bool, blocks: int = 5) -> list[dict]:
+                frames: Frames, rigid: bool, blocks: int = 5,
+                gas_energies: Mapping[str, tuple[float, float, str]] | None = None
+                ) -> list[dict]:
     """One row per target (and density / diffusion always, with ``target`` None when the
     config has no such target): name, value, target, error (value − target; RMS of the
     difference for an RDF), unit and ``stderr``.
@@ -272,6 +339,11 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
     of the per-frame values for density, ΔH_vap and pressure, of the per-block estimates for
     the diffusion coefficient and, bin by bin (a list), for g(r). It is trustworthy when a
     block is longer than the observable's correlation time.
+
+    ΔH_vap takes ⟨E_gas⟩ from ``gas_energies`` (:func:`simulated_gas_energies`, for targets
+    with ``gas``), else the target's ``gas_energy``, else k_B T/2 per internal mode; the row
+    says which (``gas``) and its value (``gas_energy``), and ``stderr`` includes the gas
+    energy's.
     """
     groups = molecules(topology, system)
     masses = np.array([system.getParticleMass(i).value_in_unit(unit.dalton)
@@ -323,11 +395,23 @@ def observables(config: FitConfig, topology: app.Topology, system: openmm.System
                        error=float(np.sqrt(np.mean((g - grid.g) ** 2))), unit="rms",
                        stderr=np.broadcast_to(g_stderr, g.shape).tolist())
         elif t.observable == "enthalpy_of_vaporization":
-            gas = t.gas_energy if t.gas_energy is not None else \
-                harmonic_gas_energy(topology, config.simulation.temperature, rigid, system)
+            gas_stderr = 0.0
+            if t.label in (gas_energies or {}):
+                gas, gas_stderr, row["gas"] = gas_energies[t.label]
+            elif t.gas is not None:
+                raise InputError(f"{t.label}: gas = {t.gas!r} but no gas-phase energy was "
+                                 "sampled; give gas_energies (simulated_gas_energies)")
+            elif t.gas_energy is not None:
+                gas, row["gas"] = t.gas_energy, "the target's gas_energy"
+            else:
+                gas = harmonic_gas_energy(topology, config.simulation.temperature, rigid,
+                                          system)
+                row["gas"] = "k_B T/2 per internal mode"
+            row["gas_energy"] = float(gas)
             row["value"] = float(gas - np.mean(frames.energies) / len(groups)
                                  + KB * config.simulation.temperature)
-            row["stderr"] = float(stderr(frames.energies)) / len(groups)
+            row["stderr"] = float(math.hypot(float(stderr(frames.energies)) / len(groups),
+                                             gas_stderr))
         elif t.observable == "diffusion" and t.viscosity is not None:
             def corrected(part, eta=t.viscosity):
                 d = diffusion(part) * M2_PER_S_PER_NM2_PER_PS
@@ -452,7 +536,8 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
              equilibration: int = 2000, every: int = 50, rigid: bool = False,
              nonbonded: str | None = None, pressure: float | None = None,
              platform: str | None = None, seed: int = 1, progress: bool = True,
-             blocks: int = 5) -> dict:
+             blocks: int = 5, gases: Mapping[str, GasSystemConfig] | None = None,
+             structures: Mapping[str, FitConfig] | None = None) -> dict:
     """Run both checks; returns a report dict (``round_trip``, ``observables``, ``settings``).
 
     Parameters
@@ -477,6 +562,10 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
         Show a progress bar of the OpenMM run (on a terminal only).
     blocks : int
         Blocks of the standard errors (:func:`observables`).
+    gases, structures : mapping, optional
+        The config's gas systems and its liquid systems' configs by name, for ΔH_vap targets
+        with ``gas = "<gas system>"`` (:func:`simulated_gas_energies`;
+        :func:`validate_state_points` passes them).
 
     Raises
     ------
@@ -509,8 +598,11 @@ def validate(trained: list[str], config: FitConfig, steps: int = 5000,
         run_config.simulation, pressure=pressure))
     frames = simulate(system, topology, positions, run_config, steps, equilibration, every,
                       pressure, platform or sim_cfg.platform, seed, progress)
+    gas_energies = simulated_gas_energies(run_config, files, topology, positions, system,
+                                          platform or sim_cfg.platform, seed, gases,
+                                          structures)
     rows = observables(run_config, topology, system, frames, rigid=system_cfg.rigid_water,
-                       blocks=blocks)
+                       blocks=blocks, gas_energies=gas_energies)
     return {"round_trip": check, "observables": rows,
             "settings": {"files": files, "steps": steps, "equilibration": equilibration,
                          "every": every, "rigid": system_cfg.rigid_water,
@@ -537,10 +629,14 @@ def validate_state_points(trained: list[str], config: FitConfig, **settings) -> 
         ``state_points``: one report per state point, in order, each :func:`validate`'s with
         ``label``, ``system``, ``temperature`` (K) and ``pressure`` (bar or None) added.
     """
+    points = config.state_points()
+    gases = {gas.name: gas for gas in config.gases}
+    structures = {point.system: point.config for point in points}
     return {"state_points": [
         {"label": point.label, "system": point.system, "temperature": point.temperature,
-         "pressure": point.pressure, **validate(trained, point.config, **settings)}
-        for point in config.state_points()]}
+         "pressure": point.pressure,
+         **validate(trained, point.config, gases=gases, structures=structures, **settings)}
+        for point in points]}
 
 
 def plot_state_points(report: dict, path: str | os.PathLike) -> None:

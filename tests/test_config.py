@@ -183,6 +183,23 @@ def test_missing_forcefield_file(base):
     assert config_from_dict(data, where).forcefield.files == ["amber14/tip3p.xml"]
 
 
+def test_forcefield_override_replaces_the_configs_files(tmp_path, monkeypatch):
+    """``fit --forcefield XML``: the same config with another force field; the path is the
+    working directory's, and a missing one is named by its option."""
+    paper = EXAMPLE.parent / "paper"
+    monkeypatch.chdir(paper)
+    config = load_config(paper / "water_lj_reduced.toml", ["forcefields/buckingham.xml"])
+    assert config.forcefield.files == [str(paper / "forcefields" / "buckingham.xml")]
+    assert config.schedule == load_config(paper / "water_lj_reduced.toml").schedule
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match="--forcefield forcefields/buckingham.xml: file "):
+        load_config(paper / "water_lj_reduced.toml", ["forcefields/buckingham.xml"])
+    parser = argparse.ArgumentParser()
+    fit_cli.add_arguments(parser)
+    args = parser.parse_args(["c.toml", "--forcefield", "a.xml", "--forcefield", "b.xml"])
+    assert args.forcefield == ["a.xml", "b.xml"]
+
+
 def test_bad_toml_and_missing_file(tmp_path):
     (tmp_path / "bad.toml").write_text("[schedule\nepochs = 2\n")
     with pytest.raises(InputError, match="not valid TOML"):

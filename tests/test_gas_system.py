@@ -193,6 +193,21 @@ def test_gas_system_in_state_data_and_resume(two_epochs):
     assert energies[0] != energies[1]
 
 
+def test_validate_samples_the_named_gas_system(tmp_path):
+    """``validate`` of a liquid + gas config: ΔHvap's ⟨E_gas⟩ is the gas system's molecule
+    sampled in plain OpenMM with its frames, not k_B T/2 per mode."""
+    from openmm_reversible.validate import validate_state_points
+
+    config = load_config(_config(tmp_path))
+    report = validate_state_points(config.forcefield.files, config, steps=40,
+                                   equilibration=10, every=10, progress=False)
+    ((row,),) = [[r for r in point["observables"] if r["name"] == "enthalpy_of_vaporization"]
+                 for point in report["state_points"]]
+    assert row["gas"] == "simulated: vapour (the first molecule of liquid)"
+    assert row["gas_energy"] != pytest.approx(3 * 0.5 * KB * TEMPERATURE, rel=1e-6)
+    assert row["gas_energy"] == pytest.approx(3 * 0.5 * KB * TEMPERATURE, abs=2.0)
+
+
 def test_gas_system_from_a_one_molecule_pdb(tmp_path):
     """``structure.pdb`` of one water, flexible by default: its molecule alone, NoCutoff."""
     config_path = _config(tmp_path, gas_system=GAS.replace('molecule_of = "liquid"',

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -232,3 +233,33 @@ def test_rigid_validation_of_a_model_with_trained_bond_lengths(tmp_path):
     distances = {round(rigid.getConstraintParameters(k)[2]._value, 12)
                  for k in range(rigid.getNumConstraints())}
     assert 0.0980 in distances
+
+
+def test_simulated_gas_phase_in_delta_h_vap(trained, tmp_path):
+    """``gas = "simulate"``: validate samples the first molecule alone in plain OpenMM (as the
+    fit does) instead of taking k_B T/2 per mode; a flexible water is nearly harmonic, so its
+    ⟨E_gas⟩ lands near 3/2 k_B T. A gas system's name needs the [[systems]] config."""
+    config, xml, path = trained
+    text = CONFIG.replace('value = 44.0\n', 'value = 44.0\ngas = "simulate"\ngas_frames = 400\n'
+                          'gas_every = 10\n')
+    (tmp_path / "fit.toml").write_text(text)
+    simulating = load_config(tmp_path / "fit.toml")
+    report = validate([str(xml)], simulating, steps=100, equilibration=20, every=20)
+    plain = validate([str(xml)], config, steps=100, equilibration=20, every=20)
+    (row,) = [r for r in report["observables"] if r["name"] == "enthalpy_of_vaporization"]
+    (approx,) = [r for r in plain["observables"] if r["name"] == "enthalpy_of_vaporization"]
+    assert row["gas"].startswith("simulated: the first molecule")
+    assert approx["gas"] == "k_B T/2 per internal mode"
+    half_kt = 0.5 * 0.0083144626 * 295.15
+    assert approx["gas_energy"] == pytest.approx(3 * half_kt)
+    assert row["gas_energy"] != approx["gas_energy"]
+    assert row["gas_energy"] == pytest.approx(3 * half_kt, abs=1.0)
+    # the same liquid frames (same seed): ΔHvap differs by the gas energies alone
+    assert row["value"] - approx["value"] == pytest.approx(
+        row["gas_energy"] - approx["gas_energy"], abs=1e-9)
+    assert row["stderr"] > approx["stderr"]
+    named = dataclasses.replace(simulating, targets=[
+        dataclasses.replace(simulating.targets[1], gas="vapour")])
+    with pytest.raises(InputError, match="gas = 'vapour' names a gas system"):
+        validate_lib.simulated_gas_energies(named, simulating.forcefield.files,
+                                            *build_structure(simulating), None, "Reference", 1)

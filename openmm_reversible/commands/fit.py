@@ -1,5 +1,5 @@
-"""``openmm-reversible fit CONFIG.toml [--resume] [--output DIR] [--workers N | --scheduler ADDR]``:
-train force-field parameters.
+"""``openmm-reversible fit CONFIG.toml [--resume] [--output DIR] [--forcefield XML]
+[--workers N | --scheduler ADDR]``: train force-field parameters.
 
 The config (:mod:`openmm_reversible.config`) is validated in full before anything runs or is
 written; the training loop is :class:`openmm_reversible.train.Trainer`. After every epoch DIR
@@ -38,6 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None,
                         help="override schedule.epochs, e.g. to extend a finished fit "
                              "(default: the config's)")
+    parser.add_argument("--forcefield", action="append", default=None, metavar="XML",
+                        help="fit this ForceField XML instead of the config's "
+                             "forcefield.files (repeat for several files), e.g. another "
+                             "functional form: examples/paper/forcefields/buckingham.xml "
+                             "(default: the config's)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--workers", default=None, metavar="N",
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..train import Trainer
 
-    config = with_epochs(load_config(args.config), args.epochs)
+    config = with_epochs(load_config(args.config, args.forcefield), args.epochs)
     output = fit_directory(args.config, args.output)
     if config.crystals:
         return _fit_crystals(config, output, args)
