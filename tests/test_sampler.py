@@ -105,22 +105,22 @@ def test_forces_without_a_provable_switch_are_left_alone(box):
     assert skip_switched_off_pairs(with_correction) == {}
     assert _custom(with_correction).getNumInteractionGroups() == 0
     # r-only energy: no parameter can switch a pair off
-    plain = openmm.System()
-    force = openmm.CustomNonbondedForce("W1*W2 + 1/r")
-    force.addPerParticleParameter("W")
-    for value in (0.0, 1.0, 1.0):
-        plain.addParticle(1.0)
-        force.addParticle([value])
-    plain.addForce(force)
-    assert skip_switched_off_pairs(plain) == {}
+    assert skip_switched_off_pairs(_three_particles("W1*W2 + 1/r")) == {}
     # W1*W2*exp(-r): W = 0 switches off; restricted to the two others
-    switched = openmm.System()
-    force = openmm.CustomNonbondedForce("W1*W2*exp(-r)")
-    force.addPerParticleParameter("W")
-    for value in (0.0, 1.0, 1.0):
-        switched.addParticle(1.0)
-        force.addParticle([value])
-    switched.addForce(force)
+    switched = _three_particles("W1*W2*exp(-r)")
     (off,) = skip_switched_off_pairs(switched).values()
     assert off.tolist() == [True, False, False]
-    assert [sorted(s) for s in force.getInteractionGroupParameters(0)] == [[1, 2], [1, 2]]
+    assert [sorted(s) for s in _custom(switched).getInteractionGroupParameters(0)] == \
+        [[1, 2], [1, 2]]
+
+
+def _three_particles(energy: str) -> openmm.System:
+    """Three particles in one CustomNonbondedForce of ``energy``, W = 0, 1, 1."""
+    system = openmm.System()
+    force = openmm.CustomNonbondedForce(energy)
+    force.addPerParticleParameter("W")
+    for value in (0.0, 1.0, 1.0):
+        system.addParticle(1.0)
+        force.addParticle([value])
+    system.addForce(force)
+    return system
