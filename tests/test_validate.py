@@ -158,6 +158,26 @@ def test_command_line(trained, capsys):
     assert (path / "report" / "validation.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_forcefield_option_names_the_files_the_fit_ran_with(trained, tmp_path, capsys):
+    """``validate --forcefield XML``: a fit run with ``fit --forcefield`` is validated with the
+    same override; without it the trained file matches none of the config's."""
+    _, xml, path = trained
+    other = tmp_path / "other.xml"
+    other.write_text((EXAMPLE / "water_flexible.xml").read_text())
+    config = tmp_path / "fit.toml"
+    config.write_text((path / "fit.toml").read_text().replace(
+        str(EXAMPLE / "water_flexible.xml"), str(other)))
+    parser = argparse.ArgumentParser()
+    validate_cli.add_arguments(parser)
+    common = [str(xml), "--config", str(config), "--steps", "40", "--equilibration", "0",
+              "--every", "20", "--output", str(tmp_path / "report")]
+    with pytest.raises(InputError, match="water_flexible.xml matches none of the config's"):
+        validate_cli.run(parser.parse_args(common))
+    args = parser.parse_args(common + ["--forcefield", str(EXAMPLE / "water_flexible.xml")])
+    assert validate_cli.run(args) == 0
+    assert ": ok" in capsys.readouterr().out
+
+
 def test_standard_errors_by_block_averaging(trained):
     """Per-frame energies, pressures and boxes with hand-computable block errors."""
     config, xml, _ = trained

@@ -21,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     default = defaults(validate)
     parser.add_argument("trained", nargs="+", help="trained ForceField XML file(s)")
     parser.add_argument("--config", required=True, help="the fitting config (TOML)")
+    parser.add_argument("--forcefield", action="append", default=None, metavar="XML",
+                        help="the force field the fit ran with when it replaced the config's "
+                             "(fit --forcefield; repeat for several files): the trained "
+                             "files take their places by name (default: the config's "
+                             "forcefield.files)")
     parser.add_argument("--steps", type=int, default=default["steps"], help="production steps")
     parser.add_argument("--equilibration", type=int, default=default["equilibration"],
                         help="equilibration steps")
@@ -65,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         validate_state_points,
     )
 
-    config = load_config(args.config)
+    config = load_config(args.config, args.forcefield)
     output = Path(args.output) if args.output else Path(args.trained[0]).resolve().parent
     settings = dict(steps=args.steps, equilibration=args.equilibration, every=args.every,
                     rigid=args.rigid, nonbonded=args.nonbonded, pressure=args.pressure,
