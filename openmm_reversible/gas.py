@@ -23,9 +23,10 @@ from dataclasses import dataclass
 import numpy as np
 import openmm
 import torch
-from openmm import app
+from openmm import app, unit
 
 from .errors import InputError
+from .files import read_structure
 from .observables.blocking import block_average
 from .observables.selection import molecules
 from .parameters import ParameterSet
@@ -63,6 +64,12 @@ class GasEstimate:
     stderr: float
     gradient: torch.Tensor
     frames: int
+
+
+def pdb_molecule(path: str) -> tuple[app.Topology, np.ndarray]:
+    """The topology and positions (nm) of a gas system's ``structure.pdb``."""
+    pdb = read_structure(path)
+    return pdb.topology, np.asarray(pdb.positions.value_in_unit(unit.nanometer), dtype=float)
 
 
 def first_molecule(topology: app.Topology, positions: np.ndarray,

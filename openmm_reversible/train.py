@@ -90,8 +90,8 @@ from tqdm.auto import tqdm
 from .config import SCALAR_UNITS, FitConfig, GasSystemConfig, StatePoint, to_dict, with_defaults
 from .errors import InputError, structure_errors
 from .export import xml_writes
-from .files import atomic_write_all, read_structure, text_writer
-from .gas import GasEstimate, GasPhase, first_molecule
+from .files import atomic_write_all, text_writer
+from .gas import GasEstimate, GasPhase, first_molecule, pdb_molecule
 from .geometry import box_widths
 from .integrators import Constraints, LangevinMiddleIntegrator, ReversibleSimulation
 from .integrators.noise import counter_seed
@@ -1299,10 +1299,7 @@ class Trainer:
                                                          model.parameters.system)
                     kwargs = model.parameters.create_system_kwargs
                 else:
-                    pdb = read_structure(gas.structure.pdb)
-                    topology = pdb.topology
-                    positions = np.asarray(pdb.positions.value_in_unit(openmm.unit.nanometer),
-                                           dtype=float)
+                    topology, positions = pdb_molecule(gas.structure.pdb)
                     kwargs = create_system_kwargs(dataclasses.replace(config, system=gas.system))
                 phase = GasPhase(config.forcefield.files, topology, positions, kwargs,
                                  self.parameters.trainable_keys, temperature, sim.friction,

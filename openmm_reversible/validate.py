@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .config import SCALAR_UNITS, FitConfig, GasSystemConfig
 from .errors import InputError, structure_errors
-from .files import atomic_write_all, read_structure, text_writer
+from .files import atomic_write_all, text_writer
 from .observables.blocking import block_average, block_slices
 from .observables.density import G_CM3_PER_AMU_NM3
 from .observables.diffusion import M2_PER_S_PER_NM2_PER_PS, yeh_hummer_correction
@@ -280,7 +280,7 @@ def simulated_gas_energies(config: FitConfig, files: list[str], topology: app.To
     dict
         Target label → (⟨E_gas⟩ kJ/mol, its standard error kJ/mol, how it was obtained).
     """
-    from .gas import GasPhase, first_molecule
+    from .gas import GasPhase, first_molecule, pdb_molecule
 
     sim = config.simulation
     found = {}
@@ -300,9 +300,7 @@ def simulated_gas_energies(config: FitConfig, files: list[str], topology: app.To
             n_frames, every = gas.frames, gas.every
             how = f"simulated: {gas.name} ({gas.structure.source})"
             if gas.structure.pdb is not None:
-                pdb = read_structure(gas.structure.pdb)
-                molecule = (pdb.topology, np.asarray(
-                    pdb.positions.value_in_unit(unit.nanometer), dtype=float))
+                molecule = pdb_molecule(gas.structure.pdb)
                 own = dataclasses.replace(gas.system, rigid_water=config.system.rigid_water,
                                           constraints=config.system.constraints)
                 kwargs = create_system_kwargs(dataclasses.replace(config, system=own))
